@@ -1,0 +1,148 @@
+"""Typed dataclass configs: defaults in code, a YAML file on top, `key=value` overrides last.
+
+    cfg = load_config(CaptionerTrainConfig, "train.yaml", ["optim.lr=0.02", "epochs=3"])
+
+Nested dataclasses are addressed with dots. Values are parsed as YAML scalars and checked
+against the field's type, so `epochs=three` is a ConfigError naming the key, not a crash later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Iterable, TypeVar
+
+import yaml
+
+from ray_updown.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as exc:
+                errors.append(exc.problem)
+        raise ConfigError(f"{value!r} does not fit {tp}", file=source, record=key)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"expected a mapping, got {value!r}", file=source, record=key)
+        return _build(tp, value, source, prefix=key + ".")
+    if origin in (list, tuple) or tp in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in (s.strip() for s in value.split(",")) if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"expected a list, got {value!r}", file=source, record=key)
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, key, source) for v in value]
+        return tuple(items) if (origin is tuple or tp is tuple) else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"expected a mapping, got {value!r}", file=source, record=key)
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"expected true or false, got {value!r}", file=source, record=key)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"expected an integer, got {value!r}", file=source, record=key)
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"expected an integer, got {value!r}", file=source, record=key) from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"expected a number, got {value!r}", file=source, record=key)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"expected a number, got {value!r}", file=source, record=key) from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"expected a string, got {value!r}", file=source, record=key)
+        return str(value)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"expected one of {list(args)}, got {value!r}", file=source, record=key)
+        return value
+    return value
+
+
+def _build(cls: type[T], data: dict, source: str | None, prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown}; known: {sorted(names)}", file=source,
+                          record=prefix.rstrip(".") or None)
+    kwargs = {k: _coerce(v, hints[k], prefix + k, source) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{k} is not a section", record=dotted)
+    node[keys[-1]] = value
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(cls: type[T], path: str | None = None, overrides: Iterable[str] = ()) -> T:
+    """Defaults of `cls`, then the YAML file at `path`, then `key=value` overrides."""
+    data: dict = to_dict(cls())
+    if path:
+        from ray_updown import storage
+
+        try:
+            loaded = yaml.safe_load(storage.read_text(path)) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"malformed YAML: {exc}", file=path) from None
+        if not isinstance(loaded, dict):
+            raise ConfigError("expected a mapping at the top level", file=path)
+        _merge(data, loaded)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set(data, key.strip(), value)
+    return _build(cls, data, path)
+
+
+def _merge(base: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+
+
+def dump_config(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
