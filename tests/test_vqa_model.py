@@ -1,0 +1,193 @@
+"""The Up-Down VQA model at tiny sizes: shapes, masking, eq. 12-14, GloVe init, training, ensembles."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from ray_updown.errors import ConfigError, DataError
+from ray_updown.models.vqa import (GatedTanh, VqaConfig, VqaModel, ensemble_scores,
+                                   soft_accuracy, vqa_loss)
+
+TINY = dict(num_tokens=12, num_answers=5, embed_dim=8, hidden=16, feat_dim=6, question_len=5)
+CONFIGS = {
+    "paper": VqaConfig.paper(**TINY),
+    "reimplementation": VqaConfig.reimplementation(**{**TINY, "hidden": 16}),
+}
+
+
+def make_batch(batch_size=4, num_regions=7, seed=0, config=CONFIGS["paper"]):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, config.num_tokens, (batch_size, config.question_len), generator=g)
+    tokens[0, 3:] = config.pad_index          # back-padded question
+    tokens[1, :2] = config.pad_index          # front-padded question
+    feats = torch.randn(batch_size, num_regions, config.region_dim, generator=g)
+    mask = torch.ones(batch_size, num_regions, dtype=torch.bool)
+    mask[0, 4:] = False
+    mask[2, 1:] = False
+    return tokens, feats, mask
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_shapes_and_attention_sums_to_one(name):
+    model = VqaModel(CONFIGS[name], seed=0)
+    tokens, feats, mask = make_batch()
+    logits, attention = model(tokens, feats, mask, return_attention=True)
+    assert logits.shape == (4, 5) and attention.shape == (4, 7)
+    assert torch.allclose(attention.sum(1), torch.ones(4))
+    scores = model.predict(tokens, feats, mask)
+    assert scores.shape == (4, 5) and ((scores > 0) & (scores < 1)).all()
+
+
+def test_variant_layout_matches_reimplementation():
+    relu = VqaModel(CONFIGS["reimplementation"], seed=0)
+    paper = VqaModel(CONFIGS["paper"], seed=0)
+    # Weight norm over the whole matrix: a scalar gain per layer.
+    assert relu.classifier.parametrizations.weight.original0.numel() == 1
+    assert relu.output_layer.linear.out_features == 2 * 16
+    assert isinstance(paper.attention_layer, GatedTanh)
+    assert not hasattr(paper.classifier, "parametrizations")
+
+
+def test_padded_regions_get_zero_attention_and_do_not_change_output():
+    model = VqaModel(CONFIGS["paper"], seed=1)
+    tokens, feats, mask = make_batch()
+    logits, attention = model(tokens, feats, mask, return_attention=True)
+    assert (attention[~mask] == 0).all()
+    assert (attention[mask] > 0).all()
+    assert attention[2, 0] == 1.0  # the only real region takes all the weight
+    changed = feats.clone()
+    changed[~mask] = torch.randn(int((~mask).sum()), feats.shape[2]) * 100
+    changed[0, 5] = float("nan")
+    assert torch.equal(model(tokens, changed, mask), logits)
+    # Without the mask, the padded regions would matter: the test can fail.
+    assert not torch.allclose(model(tokens, changed.nan_to_num(), None), logits)
+
+
+def test_no_real_region_attends_to_nothing_without_nan():
+    model = VqaModel(CONFIGS["paper"], seed=1)
+    tokens, feats, mask = make_batch()
+    mask[3] = False
+    logits, attention = model(tokens, feats, mask, return_attention=True)
+    assert torch.isfinite(logits).all() and (attention[3] == 0).all()
+
+
+def test_question_padding_side_does_not_matter():
+    model = VqaModel(CONFIGS["paper"], seed=2)
+    _, feats, mask = make_batch()
+    front = torch.tensor([[0, 0, 3, 7, 5]]).repeat(4, 1)
+    back = torch.tensor([[3, 7, 5, 0, 0]]).repeat(4, 1)
+    assert torch.allclose(model(front, feats, mask), model(back, feats, mask), atol=1e-6)
+    other = torch.tensor([[5, 7, 3, 0, 0]]).repeat(4, 1)
+    assert not torch.allclose(model(other, feats, mask), model(back, feats, mask))
+
+
+def test_gated_tanh_on_hand_set_weights():
+    layer = GatedTanh(2, 2)
+    with torch.no_grad():
+        layer.linear.weight.copy_(torch.tensor([[1.0, 2.0], [-1.0, 0.5]]))
+        layer.linear.bias.copy_(torch.tensor([0.1, -0.2]))
+        layer.gate.weight.copy_(torch.tensor([[0.3, -1.0], [2.0, 1.0]]))
+        layer.gate.bias.copy_(torch.tensor([0.0, 0.5]))
+    x = torch.tensor([[0.5, -1.0]])
+    y = layer(x)
+    # By hand: Wx+b = [0.5-2+0.1, -0.5-0.5-0.2] = [-1.4, -1.2]; W'x+b' = [0.15+1, 1-1+0.5]
+    expected = torch.tanh(torch.tensor([-1.4, -1.2])) * torch.sigmoid(torch.tensor([1.15, 0.5]))
+    assert torch.allclose(y[0], expected, atol=1e-6)
+
+
+def test_glove_init_copies_matrix_and_rejects_wrong_dim():
+    model = VqaModel(CONFIGS["paper"], seed=0)
+    matrix = np.random.default_rng(0).standard_normal((12, 8)).astype(np.float32)
+    model.load_embeddings(matrix)
+    assert np.array_equal(model.word_embedding.weight.detach().numpy(), matrix)
+    with pytest.raises(DataError, match=r"glove\.50d\.txt.*\(12, 50\).*\(12, 8\)"):
+        model.load_embeddings(np.zeros((12, 50)), source="glove.50d.txt")
+    with pytest.raises(DataError):
+        model.load_embeddings(np.zeros((11, 8)))
+
+
+def test_bad_configs_are_config_errors():
+    with pytest.raises(ConfigError, match="empty"):
+        VqaConfig(**{**TINY, "num_answers": 0})
+    with pytest.raises(ConfigError, match="nonlinearity"):
+        VqaConfig(**{**TINY, "nonlinearity": "swish"})
+    with pytest.raises(ConfigError, match="unknown"):
+        VqaConfig.from_dict({**TINY, "hiden": 3})
+    assert VqaConfig.from_dict(CONFIGS["reimplementation"].to_dict()) == CONFIGS["reimplementation"]
+
+
+def test_wrong_feature_dim_is_data_error():
+    model = VqaModel(CONFIGS["paper"], seed=0)
+    tokens, feats, mask = make_batch()
+    with pytest.raises(DataError, match="feat_dim"):
+        model(tokens, feats[:, :, :5], mask)
+
+
+def test_loss_matches_reimplementation_scaling():
+    logits = torch.tensor([[0.2, -1.0, 3.0], [0.0, 0.5, -0.5]])
+    targets = torch.tensor([[1.0, 0.0, 0.3], [0.0, 0.6, 0.9]])
+    p = torch.sigmoid(logits)
+    by_hand = -(targets * p.log() + (1 - targets) * (1 - p).log()).sum() / 2
+    assert torch.allclose(vqa_loss(logits, targets), by_hand, atol=1e-6)
+    assert soft_accuracy(logits, targets).tolist() == pytest.approx([0.3, 0.6])
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_trains_on_toy_problem(name):
+    """The answer is the class of the region holding a marker; loss must fall."""
+    config = CONFIGS[name]
+    torch.manual_seed(0)
+    n, k = 64, 4
+    feats = torch.randn(n, k, config.region_dim) * 0.1
+    answer = torch.randint(0, config.num_answers, (n,))
+    marked = torch.randint(0, k, (n,))
+    feats[torch.arange(n), marked, answer] += 3.0
+    tokens = torch.randint(1, config.num_tokens, (n, config.question_len))
+    targets = torch.zeros(n, config.num_answers)
+    targets[torch.arange(n), answer] = 1.0
+    mask = torch.ones(n, k, dtype=torch.bool)
+    model = VqaModel(config, seed=0)
+    optimizer = torch.optim.Adamax(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(60):
+        loss = vqa_loss(model(tokens, feats, mask), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    accuracy = soft_accuracy(model.predict(tokens, feats, mask), targets).mean()
+    assert accuracy > 0.8
+
+
+def test_ensemble_of_identical_models_equals_single_and_averages():
+    model = VqaModel(CONFIGS["reimplementation"], seed=3)
+    tokens, feats, mask = make_batch(config=CONFIGS["reimplementation"])
+    batch = {"question_tokens": tokens, "feats": feats, "mask": mask}
+    single = model.predict(tokens, feats, mask)
+    assert torch.allclose(ensemble_scores([model, copy.deepcopy(model), model], batch), single)
+    other = VqaModel(CONFIGS["reimplementation"], seed=4)
+    mean = (single + other.predict(tokens, feats, mask)) / 2
+    assert torch.allclose(ensemble_scores([model, other], batch), mean)
+    assert model.training  # predict restored the mode
+    with pytest.raises(ConfigError):
+        ensemble_scores([], batch)
+
+
+def test_seed_makes_initialisation_deterministic_and_leaves_global_rng():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = VqaModel(CONFIGS["paper"], seed=7)
+    assert torch.equal(torch.rand(1), before)  # fork_rng: the global stream is untouched
+    b = VqaModel(CONFIGS["paper"], seed=7)
+    c = VqaModel(CONFIGS["paper"], seed=8)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    assert not torch.equal(a.classifier.weight, c.classifier.weight)
+    tokens, feats, mask = make_batch()
+    assert torch.equal(a(tokens, feats, mask), b(tokens, feats, mask))
