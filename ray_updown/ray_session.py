@@ -1,0 +1,25 @@
+"""Connecting to Ray: the cluster a job was submitted to, or an embedded local one.
+
+Under `ray job submit` RAY_ADDRESS points at the cluster; run as a plain script the same code
+starts a local Ray on this machine. S3 endpoint and wandb settings travel to the workers.
+"""
+
+from __future__ import annotations
+
+import os
+
+_FORWARDED = ("AWS_ENDPOINT_URL", "RAY_UPDOWN_S3_ENDPOINT", "WANDB_MODE", "WANDB_PROJECT")
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Initialise Ray once; a no-op when a driver (or a test fixture) already did."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in _FORWARDED if k in os.environ}
+    kwargs = {"runtime_env": {"env_vars": env}} if env else {}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
