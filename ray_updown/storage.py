@@ -154,7 +154,8 @@ def read_json(uri: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        what = "truncated JSON" if exc.pos >= len(text.rstrip()) else "malformed JSON"
+        cut_off = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string")
+        what = "truncated JSON" if cut_off else "malformed JSON"
         raise DataError(f"{what}: {exc.msg} at line {exc.lineno} column {exc.colno}", file=uri) from None
 
 
