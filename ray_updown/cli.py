@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from ray_updown.errors import RayUpdownError
+from ray_updown.errors import ConfigError, RayUpdownError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -36,6 +36,22 @@ def _cmd_world(args: argparse.Namespace) -> None:
           f"{stats['questions']} questions, {stats['objects']} objects written to {args.out}")
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    if args.task == "vqa":
+        from ray_updown.metrics.vqa_eval import evaluate_vqa
+
+        if not args.questions or not args.annotations:
+            raise ConfigError("evaluate vqa needs --questions and --annotations")
+        result = evaluate_vqa(args.questions, args.annotations, args.results)
+    else:
+        from ray_updown.metrics.caption_eval import evaluate_caption_files
+
+        if not args.references:
+            raise ConfigError("evaluate captions needs --references")
+        result = evaluate_caption_files(args.references, args.results)
+    print(json.dumps(result, indent=2, sort_keys=True))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ray-updown", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed (same seed, same world)")
     _add_config_args(p)
     p.set_defaults(run=_cmd_world)
+
+    p = sub.add_parser("evaluate", help="score a results file as the official tools do")
+    p.add_argument("task", choices=["captions", "vqa"])
+    p.add_argument("--results", required=True, help="results file (COCO or VQA server format)")
+    p.add_argument("--references", help="captions: official captions_*.json")
+    p.add_argument("--questions", help="vqa: v2_OpenEnded_mscoco_*_questions.json")
+    p.add_argument("--annotations", help="vqa: v2_mscoco_*_annotations.json")
+    p.set_defaults(run=_cmd_evaluate)
     return parser
 
 

@@ -1,0 +1,14 @@
+"""`ray job submit --working-dir . -- python jobs/world.py …` (or plain `python jobs/world.py …`).
+
+A thin entry: the flags are those of `ray-updown world` (see `--help`).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir, under ray job submit
+
+from ray_updown.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["world", *sys.argv[1:]]))

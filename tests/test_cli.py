@@ -1,0 +1,55 @@
+"""The command line: summaries on success, one line and exit status 2 on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ray_updown import storage
+from ray_updown.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("cli") / "world")
+    assert main(["world", "--out", out, "--images", "16", "--seed", "3", "image_size=80"]) == 0
+    return out
+
+
+def test_evaluate_vqa_scores_the_majority_answers(world, tmp_path, capsys):
+    annotations = storage.read_json(f"{world}/vqa/v2_mscoco_val2014_annotations.json")["annotations"]
+    results = [{"question_id": a["question_id"], "answer": a["multiple_choice_answer"]} for a in annotations]
+    results_file = tmp_path / "results.json"
+    results_file.write_text(json.dumps(results))
+    capsys.readouterr()
+    code = main(["evaluate", "vqa", "--questions", f"{world}/vqa/v2_OpenEnded_mscoco_val2014_questions.json",
+                 "--annotations", f"{world}/vqa/v2_mscoco_val2014_annotations.json",
+                 "--results", str(results_file)])
+    assert code == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert set(scores) == {"overall", "perAnswerType", "perQuestionType"}
+    assert 80.0 < scores["overall"] <= 100.0
+
+
+def test_bad_input_is_one_line_and_exit_2(world, tmp_path):
+    bad = tmp_path / "results.json"
+    bad.write_text('[{"question_id": 1, "answer": ')
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "evaluate.py"), "vqa",
+                           "--questions", f"{world}/vqa/v2_OpenEnded_mscoco_val2014_questions.json",
+                           "--annotations", f"{world}/vqa/v2_mscoco_val2014_annotations.json",
+                           "--results", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "results.json" in proc.stderr and "truncated JSON" in proc.stderr
+
+
+def test_jobs_document_their_flags():
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "world.py"), "--help"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "--images" in proc.stdout and "--seed" in proc.stdout
