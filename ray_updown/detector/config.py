@@ -1,0 +1,210 @@
+"""The detector's typed configuration.
+
+`DetectorConfig()` is the released Caffe model of the paper (section 3.1, supp. 6.1): ResNet-101
+C4, 1601 classes (background first), 401 attributes ("no attribute" first), 12 Caffe anchors,
+RoIPool 14x14, res5 with stride 1 / dilation 2, legacy "+1" box arithmetic and delta weights
+(1, 1, 1, 1). `world_config()` and `tiny_config()` are narrow, shallow variants for the
+synthetic world (128-px images, 14-60 px objects) and the tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ray_updown.errors import ConfigError
+
+# Blocks per stage (res2, res3, res4, res5) and the block type of each supported depth.
+RESNET_STAGES: dict[int, tuple[tuple[int, int, int, int], str]] = {
+    10: ((1, 1, 1, 1), "basic"),
+    18: ((2, 2, 2, 2), "basic"),
+    34: ((3, 4, 6, 3), "basic"),
+    50: ((3, 4, 6, 3), "bottleneck"),
+    101: ((3, 4, 23, 3), "bottleneck"),
+    152: ((3, 8, 36, 3), "bottleneck"),
+}
+
+# Caffe's BGR means of the released model (design.md).
+CAFFE_PIXEL_MEAN_BGR = (102.9801, 115.9465, 122.7717)
+
+
+@dataclass
+class DetectorConfig:
+    """Everything that fixes the detector's architecture and its test/train behaviour."""
+
+    name: str = "bua-caffe-r101"
+    # Class index 0 = background, vocabulary line i -> i + 1 (1600 VG objects -> 1601).
+    num_classes: int = 1601
+    # Attribute index 0 = "no attribute", vocabulary line i -> i + 1 (400 VG attributes -> 401).
+    num_attributes: int = 401
+    depth: int = 101
+    # Stem channels = res2 bottleneck width; res5 output (the region feature D) is 32x this
+    # for bottleneck blocks (2048 at 64) and 8x for basic blocks.
+    width: int = 64
+    stride_in_1x1: bool = True  # MSRA/Caffe ResNets put the stride in the first 1x1 conv
+    norm: Literal["frozen_bn", "bn", "gn"] = "frozen_bn"
+    freeze_at: int = 2  # 0 nothing, 1 stem, 2 stem+res2, ... (frozen parameters)
+    res5_dilation: int = 2
+
+    # Input: RGB uint8 -> BGR float minus the Caffe means, no std; resized like Caffe.
+    pixel_mean: tuple[float, float, float] = CAFFE_PIXEL_MEAN_BGR
+    input_format: Literal["BGR", "RGB"] = "BGR"
+    min_size: int = 600
+    max_size: int = 1000
+
+    # RPN: 3x3 conv, objectness (Caffe 2-way softmax or detectron2 single logit), deltas.
+    rpn_channels: int = 512
+    anchor_sizes: tuple[float, ...] = (64.0, 128.0, 256.0, 512.0)
+    anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    # "caffe": generate_anchors (16-px base box, ratio-major, rounded sides);
+    # "detectron2": exact sizes centred on the cell origin, size-major.
+    anchor_style: Literal["caffe", "detectron2"] = "caffe"
+    rpn_objectness: Literal["softmax2", "sigmoid"] = "softmax2"
+    rpn_pre_nms_test: int = 6000
+    rpn_post_nms_test: int = 300
+    rpn_pre_nms_train: int = 12000
+    rpn_post_nms_train: int = 2000
+    rpn_nms: float = 0.7
+    rpn_min_size: float = 16.0  # in original-image pixels (Caffe scales it by im_scale)
+    rpn_box_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+
+    # RoI heads.
+    pooler: Literal["roipool", "roialign"] = "roipool"
+    pooler_resolution: int = 14
+    pooler_sampling_ratio: int = 0  # RoIAlign only
+    box_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+    # Caffe/MILVLG measure a box as x2 - x1 + 1; detectron2 and HF as x2 - x1.
+    box_plus_one: bool = True
+    attr_embed_dim: int = 256
+    attr_hidden_dim: int = 512
+    res5_chunk: int = 100  # RoIs per res5 call at inference (bounds memory; 0 = all at once)
+
+    # Region selection (generate_tsv): per-class NMS, confidence threshold, count clamp.
+    select_nms: float = 0.3
+    select_conf: float = 0.2
+    min_boxes: int = 10
+    max_boxes: int = 100
+
+    # Training (section 3.1): four Faster R-CNN losses + attribute loss.
+    rpn_batch_per_image: int = 256
+    rpn_positive_fraction: float = 0.5
+    rpn_iou_thresholds: tuple[float, float] = (0.3, 0.7)
+    rpn_boundary_thresh: float = 0.0  # anchors crossing the border by more are ignored; <0 keeps all
+    rpn_smooth_l1_beta: float = 1.0 / 9.0  # Caffe sigma 3
+    roi_batch_per_image: int = 64
+    roi_positive_fraction: float = 0.5
+    roi_iou_threshold: float = 0.5
+    roi_smooth_l1_beta: float = 1.0  # Caffe sigma 1
+    attr_loss_weight: float = 0.5
+
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance (converter, source)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- derived quantities --------------------------------------------------------------
+    @property
+    def stage_blocks(self) -> tuple[int, int, int, int]:
+        return RESNET_STAGES[self.depth][0]
+
+    @property
+    def block_type(self) -> str:
+        return RESNET_STAGES[self.depth][1]
+
+    @property
+    def feature_dim(self) -> int:
+        """D, the region feature size: res5's output channels (2048 for ResNet-101)."""
+        return self.width * (32 if self.block_type == "bottleneck" else 8)
+
+    @property
+    def res4_channels(self) -> int:
+        return self.feature_dim // 2
+
+    @property
+    def num_anchors(self) -> int:
+        return len(self.anchor_sizes) * len(self.anchor_ratios)
+
+    @property
+    def feature_stride(self) -> int:
+        return 16
+
+    def validate(self) -> None:
+        if self.depth not in RESNET_STAGES:
+            raise ConfigError(f"depth must be one of {sorted(RESNET_STAGES)}, got {self.depth}",
+                              record="depth")
+        for key in ("num_classes", "num_attributes", "width", "rpn_channels", "min_size",
+                    "max_size", "pooler_resolution", "attr_embed_dim", "attr_hidden_dim"):
+            if int(getattr(self, key)) < 1:
+                raise ConfigError(f"must be positive, got {getattr(self, key)}", record=key)
+        if self.num_classes < 2:
+            raise ConfigError("needs background plus at least one class", record="num_classes")
+        if not 0 < self.min_boxes <= self.max_boxes:
+            raise ConfigError(f"need 0 < min_boxes <= max_boxes, got {self.min_boxes}, {self.max_boxes}",
+                              record="min_boxes")
+        if not self.anchor_sizes or not self.anchor_ratios:
+            raise ConfigError("anchor sizes and ratios must not be empty", record="anchor_sizes")
+        if self.res5_dilation not in (1, 2):
+            raise ConfigError("res5_dilation must be 1 or 2", record="res5_dilation")
+
+    # -- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str | None = None) -> "DetectorConfig":
+        """Build from a JSON/YAML mapping; lists become tuples, unknown keys are an error."""
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ConfigError(f"unknown detector config key(s) {unknown}", file=source)
+        kwargs = {}
+        for key, value in data.items():
+            default = getattr(cls(), key) if key != "extra" else None
+            if isinstance(default, tuple) and isinstance(value, (list, tuple)):
+                value = tuple(float(v) if isinstance(default[0], float) else v for v in value)
+            elif isinstance(default, bool):
+                value = bool(value)
+            elif isinstance(default, int) and not isinstance(default, bool):
+                value = int(value)
+            elif isinstance(default, float):
+                value = float(value)
+            kwargs[key] = value
+        return cls(**kwargs)
+
+    def hash(self) -> str:
+        """A short digest of the architecture-and-behaviour config (provenance in feature files)."""
+        payload = {k: v for k, v in self.to_dict().items() if k != "extra"}
+        text = json.dumps(payload, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def paper_config(**overrides: Any) -> DetectorConfig:
+    """The released Caffe model: ResNet-101 at 600/1000, 1601 classes, 401 attributes."""
+    return dataclasses.replace(DetectorConfig(), **overrides)
+
+
+def world_config(num_classes: int, num_attributes: int, **overrides: Any) -> DetectorConfig:
+    """A narrow ResNet C4 for the synthetic world's 128-px images with 14-60 px objects."""
+    base = DetectorConfig(
+        name="bua-world-r18-w16", num_classes=num_classes, num_attributes=num_attributes,
+        depth=18, width=16, norm="bn", freeze_at=0, min_size=128, max_size=213,
+        rpn_channels=64, anchor_sizes=(16.0, 32.0, 64.0), anchor_style="detectron2",
+        rpn_objectness="sigmoid", rpn_pre_nms_test=600, rpn_post_nms_test=50,
+        rpn_pre_nms_train=1000, rpn_post_nms_train=200, rpn_min_size=4.0,
+        rpn_boundary_thresh=-1.0, box_plus_one=False, box_weights=(10.0, 10.0, 5.0, 5.0),
+        attr_embed_dim=32, attr_hidden_dim=64, min_boxes=2, max_boxes=20,
+        roi_batch_per_image=64, roi_positive_fraction=0.25)
+    return dataclasses.replace(base, **overrides)
+
+
+def tiny_config(num_classes: int = 5, num_attributes: int = 4, **overrides: Any) -> DetectorConfig:
+    """The smallest sensible detector (tests): ResNet-10 basic blocks, width 8, 64-px input."""
+    base = world_config(num_classes, num_attributes, name="bua-tiny-r10-w8", depth=10, width=8,
+                        rpn_channels=16, min_size=64, max_size=107, rpn_pre_nms_test=200,
+                        rpn_post_nms_test=30, rpn_pre_nms_train=300, rpn_post_nms_train=60,
+                        attr_embed_dim=8, attr_hidden_dim=16, min_boxes=2, max_boxes=10,
+                        pooler_resolution=7, res5_chunk=16)
+    return dataclasses.replace(base, **overrides)
