@@ -1,0 +1,271 @@
+"""The stages of the extraction pipeline (extract.py wires them into Ray Data).
+
+Every stage keeps the rows it was given: a row that fails gets `stage` and `reason` set and
+rides along to the end, where it becomes an error row. So input rows = feature rows + error
+rows holds by construction, and one bad image never fails a batch.
+
+    read_stage     uri -> bytes (a thread pool: object stores answer slowly but in parallel)
+    decode_stage   bytes -> HxWx3 uint8 pixels + original size (images.decode_image)
+    DetectorActor  pixels -> one result row per input: feature columns, or the error
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+
+from ray_updown import storage
+from ray_updown.errors import CheckpointError, ConfigError, RayUpdownError
+from ray_updown.features.schema import StoreMeta, feature_schema
+from ray_updown.features.writer import FeatureRecord, records_to_table
+from ray_updown.images import DecodeLimits, ImageDecodeError, boxes_to_original, decode_image
+
+_EMPTY_PIXELS = np.zeros((0, 0, 3), dtype=np.uint8)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}" if not isinstance(exc, RayUpdownError) else str(exc)
+    return " ".join(text.split())[:500]
+
+
+def _strings(values: Any) -> list[str]:
+    return ["" if v is None else str(v) for v in values]
+
+
+# -- read ----------------------------------------------------------------------------------
+def read_stage(batch: dict[str, np.ndarray], threads: int = 16) -> dict[str, np.ndarray]:
+    """Adds `data` (the file's bytes; empty for rows that failed earlier or now)."""
+    uris = _strings(batch["uri"])
+    stages, reasons = _strings(batch["stage"]), _strings(batch["reason"])
+
+    def fetch(i: int) -> bytes:
+        if reasons[i]:
+            return b""
+        try:
+            return storage.read_bytes(uris[i])
+        except Exception as exc:  # missing object, permissions, network: this image only
+            stages[i], reasons[i] = "read", _one_line(exc)
+            return b""
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(uris)))) as pool:
+        data = list(pool.map(fetch, range(len(uris))))
+    out = dict(batch)
+    out["data"] = np.array(data + [None], dtype=object)[:-1]
+    out["stage"], out["reason"] = np.array(stages, dtype=object), np.array(reasons, dtype=object)
+    return out
+
+
+# -- decode --------------------------------------------------------------------------------
+def decode_stage(batch: dict[str, np.ndarray], limits: DecodeLimits) -> dict[str, np.ndarray]:
+    """Replaces `data` by `pixels` (uint8 HxWx3, downscaled to the detector's scale at most)
+    and the original size `image_w`, `image_h` (viewer frame, after EXIF rotation)."""
+    n = len(batch["uri"])
+    stages, reasons = _strings(batch["stage"]), _strings(batch["reason"])
+    pixels, widths, heights = [], np.zeros(n, np.int32), np.zeros(n, np.int32)
+    for i, data in enumerate(batch["data"]):
+        image = None
+        if not reasons[i]:
+            try:
+                image = decode_image(bytes(data), limits)
+            except ImageDecodeError as exc:
+                stages[i], reasons[i] = "decode", exc.problem
+            except Exception as exc:  # a decoder bug must not take the batch with it
+                stages[i], reasons[i] = "decode", _one_line(exc)
+        if image is None:
+            pixels.append(_EMPTY_PIXELS)
+        else:
+            pixels.append(image.pixels)
+            widths[i], heights[i] = image.width, image.height
+    out = {k: v for k, v in batch.items() if k != "data"}
+    out["pixels"] = np.array(pixels + [None], dtype=object)[:-1]
+    out["image_w"], out["image_h"] = widths, heights
+    out["stage"], out["reason"] = np.array(stages, dtype=object), np.array(reasons, dtype=object)
+    return out
+
+
+# -- the model -----------------------------------------------------------------------------
+@dataclass
+class ModelSpec:
+    """A picklable recipe for the model each actor builds.
+
+    kind "detector": `load_detector(checkpoint)`; kind "grid": the ResNet grid baseline
+    (paper 4.2) over that detector's trunk with `grid_size` x `grid_size` cells. `factory`
+    (a picklable callable returning any object with `extract_regions`, `name` and
+    `feature_dim`) replaces both, e.g. for other models or tests. min/max_boxes of 0 keep the
+    checkpoint's region-count clamp.
+    """
+
+    kind: str = "detector"
+    checkpoint: str = ""
+    grid_size: int = 7
+    min_boxes: int = 0
+    max_boxes: int = 0
+    half: bool = False
+    factory: Callable[[], Any] | None = None
+
+
+def build_model(spec: ModelSpec, device: str = "cpu") -> Any:
+    """Build the model of `spec` on `device`; CheckpointError/ConfigError for bad checkpoints."""
+    if spec.factory is not None:
+        model = spec.factory()
+        if hasattr(model, "prepare_inference"):
+            model.prepare_inference(device, spec.half)
+        return model
+    if spec.kind not in ("detector", "grid"):
+        raise ConfigError(f"model must be 'detector' or 'grid', got {spec.kind!r}", record="model")
+    if not spec.checkpoint:
+        raise ConfigError("a detector checkpoint URI is needed (checkpoint=...)", record="checkpoint")
+    from ray_updown.detector import GridFeatureExtractor, load_detector
+
+    try:
+        detector = load_detector(spec.checkpoint, device="cpu")
+    except RayUpdownError as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(exc.problem, file=exc.file or spec.checkpoint, record=exc.record) from None
+    except Exception as exc:
+        raise CheckpointError(f"cannot load ({_one_line(exc)})", file=spec.checkpoint) from None
+    if spec.min_boxes or spec.max_boxes:
+        cfg = detector.config
+        lo, hi = spec.min_boxes or cfg.min_boxes, spec.max_boxes or cfg.max_boxes
+        detector.config = dataclasses.replace(cfg, min_boxes=min(lo, hi), max_boxes=hi)
+    detector.prepare_inference(device, spec.half)
+    if spec.kind == "grid":
+        return GridFeatureExtractor(detector, spec.grid_size)
+    return detector
+
+
+def describe_model(model: Any) -> dict[str, Any]:
+    """name, feature_dim, config (dict) and checkpoint_hash of any model behind the interface."""
+    inner = getattr(model, "detector", None)  # the grid baseline wraps a detector
+    config = getattr(model, "config", None) or getattr(inner, "config", None)
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+    if inner is not None and hasattr(model, "grid_size"):
+        config = {"grid_size": int(model.grid_size), "detector": config}
+    return {"name": str(model.name), "feature_dim": int(model.feature_dim), "config": config,
+            "checkpoint_hash": str(getattr(model, "checkpoint_hash", None)
+                                   or getattr(inner, "checkpoint_hash", None) or "")}
+
+
+# -- detect --------------------------------------------------------------------------------
+def result_schema(meta: StoreMeta) -> pa.Schema:
+    """What the actor stage emits: the row's identity and outcome, then the feature columns
+    (null on error rows)."""
+    features = feature_schema(meta)
+    head = [features.field("image_id").with_nullable(True), pa.field("uri", pa.string()),
+            pa.field("row", pa.int64()), pa.field("shard", pa.int32()), pa.field("stage", pa.string()),
+            pa.field("reason", pa.string())]
+    return pa.schema(head + [f.with_nullable(True) for f in features if f.name != "image_id"])
+
+
+class DetectorActor:
+    """Holds one model per actor process; a batch of decoded rows -> a result table."""
+
+    def __init__(self, spec: ModelSpec, meta: StoreMeta, torch_threads: int = 1,
+                 use_gpu: bool = False):
+        import torch
+
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.model = build_model(spec, device)
+        self.meta = meta
+        self.schema = result_schema(meta)
+
+    def _run(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+        out = self.model.extract_regions(images)
+        if len(out) != len(images):
+            raise RuntimeError(f"model returned {len(out)} results for {len(images)} images")
+        return out
+
+    def _detect(self, images: list[np.ndarray]) -> list[dict[str, Any] | str]:
+        """One forward for the batch; if it raises, one image at a time (errors as reasons)."""
+        if not images:
+            return []
+        try:
+            return list(self._run(images))
+        except Exception:
+            pass
+        results: list[dict[str, Any] | str] = []
+        for image in images:
+            try:
+                results.append(self._run([image])[0])
+            except Exception as exc:
+                results.append(_one_line(exc))
+        return results
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        n = len(batch["uri"])
+        ids = list(batch["image_id"])
+        uris, shards = _strings(batch["uri"]), [int(s) for s in batch["shard"]]
+        plan_rows = [int(r) for r in batch["row"]]
+        stages, reasons = _strings(batch["stage"]), _strings(batch["reason"])
+        todo = [i for i in range(n) if not reasons[i]]
+        results = self._detect([np.asarray(batch["pixels"][i]) for i in todo])
+        records: dict[int, FeatureRecord] = {}
+        for i, result in zip(todo, results):
+            try:
+                if isinstance(result, str):
+                    raise RuntimeError(result)
+                records[i] = self._record(ids[i], batch, i, result)
+            except Exception as exc:
+                stages[i], reasons[i] = "detect", result if isinstance(result, str) else _one_line(exc)
+        ok = [i for i in range(n) if i in records]
+        bad = [i for i in range(n) if i not in records]
+        parts = []
+        if ok:
+            table = records_to_table([records[i] for i in ok], self.meta)
+            parts.append(self._with_row_columns(table, {
+                "uri": [uris[i] for i in ok], "row": [plan_rows[i] for i in ok],
+                "shard": [shards[i] for i in ok], "stage": [""] * len(ok), "reason": [""] * len(ok)}))
+        if bad:
+            parts.append(self._error_table([ids[i] for i in bad], {
+                "uri": [uris[i] for i in bad], "row": [plan_rows[i] for i in bad],
+                "shard": [shards[i] for i in bad], "stage": [stages[i] for i in bad],
+                "reason": [reasons[i] for i in bad]}))
+        return pa.concat_tables(parts) if parts else self.schema.empty_table()
+
+    def _record(self, image_id: Any, batch: dict[str, np.ndarray], i: int,
+                result: dict[str, Any]) -> FeatureRecord:
+        width, height = int(batch["image_w"][i]), int(batch["image_h"][i])
+        pixels = batch["pixels"][i]
+        scale_x, scale_y = pixels.shape[1] / width, pixels.shape[0] / height
+        features = np.asarray(result["features"])
+        if features.ndim == 2 and features.shape[1] != self.meta.feature_dim:
+            raise ValueError(f"model gave {features.shape[1]}-d features, the store holds "
+                             f"{self.meta.feature_dim}-d")
+        with np.errstate(over="ignore", invalid="ignore"):
+            if not np.isfinite(features.astype(np.float16)).all():
+                raise ValueError("features are not finite in float16 (NaN, inf or beyond 65504)")
+        return FeatureRecord(
+            image_id=image_id.item() if isinstance(image_id, np.generic) else image_id,
+            image_w=width, image_h=height,
+            boxes=boxes_to_original(result["boxes"], scale_x, scale_y, width, height),
+            features=features, object_ids=result.get("object_ids"),
+            object_conf=result.get("object_conf"), attr_ids=result.get("attr_ids"),
+            attr_conf=result.get("attr_conf"))
+
+    def _row_arrays(self, values: dict[str, list]) -> dict[str, pa.Array]:
+        return {name: pa.array(values[name], self.schema.field(name).type)
+                for name in ("uri", "row", "shard", "stage", "reason")}
+
+    def _with_row_columns(self, table: pa.Table, values: dict[str, list]) -> pa.Table:
+        columns = {"image_id": table.column("image_id"), **self._row_arrays(values)}
+        arrays = [columns[f.name] if f.name in columns else table.column(f.name)
+                  for f in self.schema]
+        return pa.Table.from_arrays(arrays, schema=self.schema)
+
+    def _error_table(self, ids: list, values: dict[str, list]) -> pa.Table:
+        id_type = self.schema.field("image_id").type
+        clean = [i.item() if isinstance(i, np.generic) else i for i in ids]
+        if pa.types.is_string(id_type):
+            clean = [None if i is None else str(i) for i in clean]
+        columns = {"image_id": pa.array(clean, id_type), **self._row_arrays(values)}
+        arrays = [columns[f.name] if f.name in columns else pa.nulls(len(ids), f.type)
+                  for f in self.schema]
+        return pa.Table.from_arrays(arrays, schema=self.schema)

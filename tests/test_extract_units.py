@@ -1,0 +1,176 @@
+"""Extraction pieces that need no Ray: inputs, ids, shard plans, the actor's logic, early errors."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ray_updown import storage
+from ray_updown.detector import BottomUpDetector, save_detector, tiny_config
+from ray_updown.errors import CheckpointError, ConfigError, DataError, StorageError
+from ray_updown.extract import ExtractConfig, run_extraction
+from ray_updown.extract_inputs import (InputImage, image_id_from_name, list_images, load_plan,
+                                       plan_shards, read_manifest, save_plan)
+from ray_updown.extract_stages import DetectorActor, ModelSpec, result_schema
+from ray_updown.features.store import FeatureRecord, StoreMeta, feature_shard_uri, write_feature_shard
+
+
+def test_image_ids_follow_coco_and_vg_file_names():
+    assert image_id_from_name("s3://b/val2014/COCO_val2014_000000391895.jpg") == 391895
+    assert image_id_from_name("/data/train2017/000000000009.jpg") == 9
+    assert image_id_from_name("VG_100K_2/2345.jpg") == 2345
+    assert image_id_from_name("holiday-photo.jpg") is None
+
+
+def test_listing_gives_int_ids_or_relative_paths(tmp_path):
+    for name in ("a/COCO_train2014_000000000003.jpg", "b/7.png", "notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    rows = list_images(str(tmp_path))
+    assert [(r.image_id, r.uri.endswith(("3.jpg", "7.png"))) for r in rows] == [(3, True), (7, True)]
+    (tmp_path / "b" / "cat.jpg").write_bytes(b"x")
+    assert [r.image_id for r in list_images(str(tmp_path))] == [
+        "a/COCO_train2014_000000000003.jpg", "b/7.png", "b/cat.jpg"]
+    assert [r.image_id for r in list_images(str(tmp_path / "b") + "/*.png")] == [7]
+
+
+def test_manifests_in_three_formats_resolve_relative_uris(tmp_path):
+    table = pa.table({"image_id": ["x1", "x2"], "uri": ["imgs/1.jpg", "s3://bucket/2.jpg"]})
+    pq.write_table(table, tmp_path / "m.parquet")
+    (tmp_path / "m.csv").write_text("image_id,uri\n5,imgs/5.jpg\n6,/abs/6.jpg\n")
+    (tmp_path / "m.jsonl").write_text('{"image_id": 8, "uri": "8.jpg"}\n')
+    rows = read_manifest(str(tmp_path / "m.parquet"))
+    assert [(r.image_id, r.uri) for r in rows] == [("x1", str(tmp_path / "imgs/1.jpg")),
+                                                   ("x2", "s3://bucket/2.jpg")]
+    rows = read_manifest(str(tmp_path / "m.csv"), images_root="s3://other")
+    assert [(r.image_id, r.uri) for r in rows] == [(5, "s3://other/imgs/5.jpg"), (6, "/abs/6.jpg")]
+    assert read_manifest(str(tmp_path / "m.jsonl"))[0].image_id == 8
+    (tmp_path / "bad.csv").write_text("id,path\n1,a.jpg\n")
+    with pytest.raises(DataError, match="lacks column"):
+        read_manifest(str(tmp_path / "bad.csv"))
+
+
+def _inputs(names):
+    return [InputImage(image_id_from_name(n), f"/img/{n}") for n in names]
+
+
+def test_shard_plan_is_deterministic_and_extends_without_moving_rows(tmp_path):
+    names = [f"{i}.jpg" for i in (5, 1, 4, 2, 3)]
+    plan = plan_shards(_inputs(names), rows_per_shard=2)
+    assert [(p.uri, p.shard) for p in plan] == [
+        ("/img/1.jpg", 0), ("/img/2.jpg", 0), ("/img/3.jpg", 1), ("/img/4.jpg", 1), ("/img/5.jpg", 2)]
+    assert plan == plan_shards(_inputs(reversed(names)), rows_per_shard=2)
+    save_plan(str(tmp_path), plan)
+    previous = load_plan(str(tmp_path))
+    assert [(p.image_id, p.uri, p.shard) for p in previous] == [(p.image_id, p.uri, p.shard) for p in plan]
+    # New images (one sorting first) go to new shards; old rows keep theirs; a repeated id errs.
+    grown = plan_shards(_inputs(names + ["0.jpg", "6.jpg"]) + [InputImage(3, "/img/copy/3.jpg")],
+                        rows_per_shard=2, previous=previous)
+    assert [(p.uri, p.shard) for p in grown[:5]] == [(p.uri, p.shard) for p in plan]
+    assert [(p.uri, p.shard) for p in grown[5:]] == [
+        ("/img/0.jpg", 3), ("/img/6.jpg", 3), ("/img/copy/3.jpg", 4)]
+    dup = grown[-1]
+    assert dup.stage == "list" and "duplicate image id 3" in dup.reason and "/img/3.jpg" in dup.reason
+    assert [p.row for p in grown] == list(range(8))
+    twice = plan_shards([InputImage(1, "/img/a.jpg"), InputImage(2, "/img/a.jpg")], 5)
+    assert twice[1].stage == "list" and "duplicate uri (already listed as image id 1)" in twice[1].reason
+    with pytest.raises(DataError, match="mix integers and strings"):
+        plan_shards([InputImage("a.jpg", "/img/a.jpg")], 2, previous)
+
+
+class PoisonModel:
+    """Deterministic model: one box (the whole image), features = mean colour; raises on an
+    image whose top-left pixel is 13 (and so fails any batch holding it)."""
+
+    name, feature_dim = "poison-test", 3
+
+    def extract_regions(self, images):
+        if any(int(im[0, 0, 0]) == 13 for im in images):
+            raise ValueError("poisoned pixel")
+        return [{"boxes": np.array([[0, 0, im.shape[1], im.shape[0]]], np.float32),
+                 "features": im.reshape(-1, 3).mean(0, keepdims=True).astype(np.float32),
+                 "object_ids": np.array([1], np.int32), "object_conf": np.array([0.5], np.float32),
+                 "attr_ids": np.array([2], np.int32), "attr_conf": np.array([0.25], np.float32),
+                 "image_w": im.shape[1], "image_h": im.shape[0]} for im in images]
+
+
+def test_actor_retries_one_by_one_and_maps_boxes_to_original_pixels():
+    meta = StoreMeta(feature_dim=3, image_id_type="int64", detector="poison-test")
+    actor = DetectorActor(ModelSpec(factory=PoisonModel), meta)
+    pixels = [np.full((10, 20, 3), v, np.uint8) for v in (50, 13, 90)] + [np.zeros((0, 0, 3), np.uint8)]
+    batch = {"image_id": np.array([1, 2, 3, 4]), "uri": np.array(["a", "b", "c", "d"], dtype=object),
+             "row": np.array([0, 1, 2, 3]), "shard": np.array([0, 0, 0, 0]), "stage": np.array(["", "", "", "decode"], dtype=object),
+             "reason": np.array(["", "", "", "truncated"], dtype=object),
+             "pixels": np.array(pixels + [None], dtype=object)[:-1],
+             "image_w": np.array([40, 40, 40, 0], np.int32), "image_h": np.array([20, 20, 20, 0], np.int32)}
+    table = actor(batch)
+    assert table.schema == result_schema(meta)
+    rows = {r["image_id"]: r for r in table.to_pylist()}
+    assert set(rows) == {1, 2, 3, 4}
+    assert (rows[2]["stage"], rows[2]["reason"]) == ("detect", "ValueError: poisoned pixel")
+    assert (rows[4]["stage"], rows[4]["reason"], rows[4]["features"]) == ("decode", "truncated", None)
+    for i, colour in ((1, 50), (3, 90)):
+        assert rows[i]["reason"] == "" and rows[i]["image_w"] == 40 and rows[i]["image_h"] == 20
+        assert rows[i]["boxes"] == [[0, 0, 40, 20]]  # decoded at half size: boxes doubled
+        assert rows[i]["features"] == [[colour] * 3] and rows[i]["attr_ids"] == [2]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    uri = str(tmp_path_factory.mktemp("ckpt") / "tiny")
+    save_detector(BottomUpDetector(tiny_config()), uri)
+    return uri
+
+
+def test_unwritable_output_fails_before_any_work(tmp_path, s3_bucket):
+    (tmp_path / "a-file").write_text("x")
+    for out in (str(tmp_path / "a-file" / "store"), "s3://no-such-bucket-for-ray-updown/store"):
+        cfg = ExtractConfig(images=str(tmp_path), out=out, checkpoint=str(tmp_path / "missing"))
+        with pytest.raises(StorageError, match="output cannot be written") as info:
+            run_extraction(cfg)  # the missing checkpoint is never reached
+        assert info.value.file == out
+
+
+def test_checkpoint_that_does_not_match_its_config_fails_before_any_work(tmp_path, checkpoint):
+    bad = str(tmp_path / "bad")
+    for name in ("detector.safetensors", "detector.json"):
+        storage.write_bytes(storage.join(bad, name), storage.read_bytes(storage.join(checkpoint, name)))
+    meta = json.loads(storage.read_text(storage.join(bad, "detector.json")))
+    meta["config"]["num_classes"] = 9  # the weights hold 5 classes
+    storage.write_json(storage.join(bad, "detector.json"), meta)
+    out = tmp_path / "store"
+    with pytest.raises(CheckpointError, match="does not match the model"):
+        run_extraction(ExtractConfig(images=str(tmp_path), out=str(out), checkpoint=bad))
+    with pytest.raises(CheckpointError, match="no such file"):
+        run_extraction(ExtractConfig(images=str(tmp_path), out=str(out), checkpoint=str(tmp_path / "nope")))
+    assert not (out / "features").exists() and not (out / "extract_plan.parquet").exists()
+
+
+def test_a_store_of_another_model_is_not_extended(tmp_path, checkpoint):
+    out = str(tmp_path / "store")
+    other = StoreMeta(feature_dim=64, image_id_type="int64", detector="someone-else")
+    write_feature_shard([FeatureRecord(1, 4, 4, np.zeros((1, 4)), np.zeros((1, 64)))],
+                        feature_shard_uri(out, 0), other)
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "2.jpg").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="already holds features of someone-else"):
+        run_extraction(ExtractConfig(images=str(tmp_path / "imgs"), out=out, checkpoint=checkpoint))
+
+
+def test_config_errors_are_named():
+    with pytest.raises(ConfigError, match="out"):
+        ExtractConfig(images="x").validate()
+    with pytest.raises(ConfigError, match="half"):
+        ExtractConfig(images="x", out="y", half=True).validate()
+    with pytest.raises(ConfigError, match="model"):
+        ExtractConfig(images="x", out="y", model="yolo").validate()
+    spec = ExtractConfig(images="x", out="y", model="grid", grid_size=3).model_spec(
+        functools.partial(PoisonModel))
+    assert (spec.kind, spec.grid_size, spec.factory is not None) == ("grid", 3, True)
