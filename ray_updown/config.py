@@ -146,3 +146,13 @@ def _merge(base: dict, new: dict) -> None:
 
 def dump_config(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(cls: type[T], data: dict, source: str | None = None) -> T:
+    """Defaults of `cls` with `data` merged on top (nested), type-checked like `load_config`.
+
+    For configs that travel as plain dicts (Ray Tune trial configs, checkpoint config.json).
+    """
+    merged: dict = to_dict(cls())
+    _merge(merged, dict(data))
+    return _build(cls, merged, source)
