@@ -1,6 +1,7 @@
 """`ray job submit --working-dir . -- python jobs/world.py …` (or plain `python jobs/world.py …`).
 
-A thin entry: the flags are those of `ray-updown world` (see `--help`).
+A thin entry: the flags are those of `ray-updown world` (see `--help`). Under ray job submit
+it runs on the cluster (RAY_ADDRESS); as a plain script it starts an embedded local Ray.
 """
 
 import sys

@@ -1,39 +1,133 @@
 """`ray-updown <stage>`: one subcommand per stage of the data's way.
 
 Each subcommand parses its flags, builds the stage's typed config (defaults, then `--config`
-YAML, then `key=value` overrides) and calls the stage's one entry function. Errors of the
-package are printed as one line on stderr with exit status 2; no stack trace.
+YAML, then the convenience flags, then `key=value` overrides) and calls the stage's one entry
+function, which ends with a summary of what it wrote where. Errors of the package are printed
+as one line on stderr with exit status 2; no stack trace.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
+from typing import Any, Callable
 
 from ray_updown.errors import ConfigError, RayUpdownError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with config values (applied before overrides)")
+    p.add_argument("--show-config", action="store_true",
+                   help="print every config field with its resolved value as YAML, then exit")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, dotted for nested fields (e.g. optim.lr=0.02)")
 
 
-def _cmd_world(args: argparse.Namespace) -> None:
-    from ray_updown.config import load_config
-    from ray_updown.data.world import WorldConfig, build_world
+def _load(path: str) -> Any:
+    """`module:attribute`, imported when the subcommand runs (keeps `--help` fast)."""
+    module, attr = path.split(":")
+    return getattr(importlib.import_module(module), attr)
 
-    overrides = list(args.overrides)
-    if args.images is not None:
-        overrides.append(f"num_images={args.images}")
-    if args.seed is not None:
-        overrides.append(f"seed={args.seed}")
-    cfg = load_config(WorldConfig, args.config, overrides)
-    stats = build_world(cfg, args.out)
-    print(json.dumps(stats, indent=2))
-    print(f"world: {stats['images']} images, {stats['captions']} captions, "
-          f"{stats['questions']} questions, {stats['objects']} objects written to {args.out}")
+
+def _config(args: argparse.Namespace, config_cls: str, flags: dict[str, str]):
+    """The stage's config: YAML, then flags given on the command line, then key=value."""
+    from ray_updown.config import load_config
+
+    overrides = [f"{field}={getattr(args, dest)}" for dest, field in flags.items()
+                 if getattr(args, dest, None) is not None]
+    return load_config(_load(config_cls), args.config, overrides + list(args.overrides))
+
+
+def _print_summary(summary: Any) -> None:
+    print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+
+
+# A stage: (help, config class, entry function, {flag: (config field, help)}).
+_STAGES: dict[str, tuple[str, str, str, dict[str, tuple[str, str]]]] = {
+    "world": ("write a synthetic world in the real dataset formats",
+              "ray_updown.data.world:WorldConfig", "ray_updown.data.world:build_world",
+              {"--images": ("num_images", "number of images"),
+               "--seed": ("seed", "random seed (same seed, same world)")}),
+    "train-detector": ("train the bottom-up detector on Visual Genome-format data (Ray Train)",
+                       "ray_updown.train.detector:DetectorTrainConfig",
+                       "ray_updown.train.detector:train_detector",
+                       {"--root": ("data.root", "dataset root (e.g. a synthetic world)"),
+                        "--storage-path": ("storage_path", "where runs and checkpoints go"),
+                        "--name": ("name", "run name (re-run the same name to resume)"),
+                        "--workers": ("num_workers", "Ray Train workers")}),
+    "extract": ("images in object storage -> Parquet region features (Ray Data)",
+                "ray_updown.extract:ExtractConfig", "ray_updown.extract:run_extraction",
+                {"--images": ("images", "image URI prefix or glob"),
+                 "--manifest": ("manifest", "Parquet/CSV/JSON-lines manifest with image_id, uri"),
+                 "--out": ("out", "feature store URI"),
+                 "--checkpoint": ("checkpoint", "detector checkpoint (ours, see README)"),
+                 "--model": ("model", "detector (regions) or grid (baseline)"),
+                 "--actors": ("num_actors", "detector actors"),
+                 "--gpus-per-actor": ("num_gpus_per_actor", "GPUs per detector actor")}),
+    "train-captioner": ("train the Up-Down captioner, XE or SCST (Ray Train)",
+                        "ray_updown.train.captioner:CaptionTrainConfig",
+                        "ray_updown.train.captioner:train_captioner",
+                        {"--objective": ("objective", "xe or scst"),
+                         "--storage-path": ("storage_path", "where runs and checkpoints go"),
+                         "--name": ("name", "run name (re-run the same name to resume)"),
+                         "--workers": ("num_workers", "Ray Train workers")}),
+    "train-vqa": ("train the Up-Down VQA model (Ray Train)",
+                  "ray_updown.train.vqa:VqaTrainConfig", "ray_updown.train.vqa:train_vqa",
+                  {"--storage-path": ("storage_path", "where runs and checkpoints go"),
+                   "--name": ("name", "run name (re-run the same name to resume)"),
+                   "--workers": ("num_workers", "Ray Train workers")}),
+}
+
+
+def _run_stage(stage: str) -> Callable[[argparse.Namespace], None]:
+    _, config_cls, entry, flags = _STAGES[stage]
+
+    def run(args: argparse.Namespace) -> None:
+        cfg = _config(args, config_cls, {f.lstrip("-").replace("-", "_"): field
+                                         for f, (field, _) in flags.items()})
+        if args.show_config:
+            from ray_updown.config import dump_config
+
+            print(dump_config(cfg), end="")
+            return
+        if stage == "world":
+            if not args.out:
+                raise ConfigError("world needs --out")
+            summary = _load(entry)(cfg, args.out)
+        else:
+            summary = _load(entry)(cfg)
+        _print_summary(summary)
+
+    return run
+
+
+def _cmd_ensemble(args: argparse.Namespace) -> None:
+    from ray_updown.train.ensemble import train_ensemble
+
+    manifest = train_ensemble(args.config or _vqa_defaults(), members=args.members,
+                              overrides=args.overrides, cpus_per_trial=args.cpus_per_trial,
+                              gpus_per_trial=args.gpus_per_trial)
+    _print_summary({"manifest": manifest.get("uri"), "members": len(manifest["members"])})
+
+
+def _cmd_tune(args: argparse.Namespace) -> None:
+    from ray_updown.config import to_dict
+    from ray_updown.train.sweep import best_config_uri, run_sweep
+
+    if not args.space:
+        raise ConfigError("tune needs --space (a YAML file of the search space)")
+    best = run_sweep(args.config or _vqa_defaults(), args.space, num_samples=args.samples,
+                     max_concurrent=args.max_concurrent, overrides=args.overrides,
+                     cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial)
+    _print_summary({"best_config": best_config_uri(best), "config": to_dict(best)})
+
+
+def _vqa_defaults():
+    from ray_updown.train.vqa import VqaTrainConfig
+
+    return VqaTrainConfig()
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -52,16 +146,52 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2, sort_keys=True))
 
 
+def _cmd_tsv(args: argparse.Namespace) -> None:
+    from ray_updown.features.tsv import export_tsv, import_tsv
+
+    if args.command == "import-tsv":
+        result = import_tsv(args.tsv, args.store, variant=args.variant)
+    else:
+        result = export_tsv(args.store, args.tsv, variant=args.variant)
+    _print_summary({"command": args.command, "tsv": args.tsv, "store": args.store, "result": result})
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from ray_updown.config import load_config
+    from ray_updown.demo import DemoConfig, run_demo
+
+    overrides = [f"out={args.out}"] if args.out else []
+    if args.scale is not None:
+        overrides.append(f"scale={args.scale}")
+    _print_summary(run_demo(load_config(DemoConfig, args.config, overrides + list(args.overrides))))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ray-updown", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("world", help="write a synthetic world in the real dataset formats")
-    p.add_argument("--out", required=True, help="output URI (local path, s3://, gs://)")
-    p.add_argument("--images", type=int, help="number of images")
-    p.add_argument("--seed", type=int, help="random seed (same seed, same world)")
-    _add_config_args(p)
-    p.set_defaults(run=_cmd_world)
+    for stage, (help_text, _, _, flags) in _STAGES.items():
+        p = sub.add_parser(stage, help=help_text, description=help_text)
+        if stage == "world":
+            p.add_argument("--out", help="output URI (local path, s3://, gs://)")
+        for flag, (field, flag_help) in flags.items():
+            p.add_argument(flag, help=f"{flag_help} (config field {field})")
+        _add_config_args(p)
+        p.set_defaults(run=_run_stage(stage))
+
+    for name, help_text in (("ensemble", "train an N-member VQA ensemble as Ray Tune trials"),
+                            ("tune", "ASHA hyperparameter sweep of the VQA model (Ray Tune)")):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "ensemble":
+            p.add_argument("--members", type=int, default=30, help="ensemble size (paper: 30)")
+        else:
+            p.add_argument("--space", help="YAML search space, e.g. {lr: {loguniform: [0.1, 2]}}")
+            p.add_argument("--samples", type=int, default=8, help="trials")
+            p.add_argument("--max-concurrent", type=int, default=0, help="0 = as resources allow")
+        p.add_argument("--cpus-per-trial", type=float, default=1.0)
+        p.add_argument("--gpus-per-trial", type=float, default=None, help="fractions allowed")
+        _add_config_args(p)
+        p.set_defaults(run=_cmd_ensemble if name == "ensemble" else _cmd_tune)
 
     p = sub.add_parser("evaluate", help="score a results file as the official tools do")
     p.add_argument("task", choices=["captions", "vqa"])
@@ -70,6 +200,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--questions", help="vqa: v2_OpenEnded_mscoco_*_questions.json")
     p.add_argument("--annotations", help="vqa: v2_mscoco_*_annotations.json")
     p.set_defaults(run=_cmd_evaluate)
+
+    for name, help_text in (("import-tsv", "bring released bottom-up TSV features into a store"),
+                            ("export-tsv", "write a store as the original (or LXMERT) TSV")):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--tsv", required=True, help="TSV URI")
+        p.add_argument("--store", required=True, help="feature store URI")
+        p.add_argument("--variant", choices=["original", "lxmert"], default="original")
+        p.set_defaults(run=_cmd_tsv)
+
+    p = sub.add_parser("demo", help="the whole paper on a synthetic world, with a report")
+    p.add_argument("--out", help="output folder (default runs/demo)")
+    p.add_argument("--scale", type=float, help="world and training size multiplier (1 = default)")
+    _add_config_args(p)
+    p.set_defaults(run=_cmd_demo)
     return parser
 
 
