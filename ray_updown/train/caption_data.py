@@ -1,0 +1,252 @@
+"""The captioner's data: Karpathy split + caption vocabulary + region-feature store -> batches.
+
+One item is one image with all its reference captions (up to `captions_per_image`), so its
+region features are read once per step whatever the objective: cross-entropy (eq. 9) trains on
+every caption of the image, SCST (eq. 10-11) scores candidates against all of them. A batch
+(`CaptionBatch`) holds the padded regions of its B images and the N captions of those images:
+
+    feats [B, K, D(+7)] float32   region features (+ spatial box features when configured)
+    mask  [B, K] bool             True = a real region (images have different region counts)
+    caption_image [N] long        the batch row (image) of each caption
+    inputs  [N, T] long           BOS, w_1 .. w_{T-1}        (teacher forcing inputs)
+    targets [N, T] long           w_1 .. w_n, EOS, PAD ...   (as Vocab.encode writes them)
+    image_ids, references         per image: its id and reference captions (tokens joined)
+
+Each Ray Train worker reads its own shard of the images (`make_loader(rank, world_size)`),
+equal-sized on every worker so that DDP steps stay in lockstep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from ray_updown.data.coco import (KARPATHY_SPLITS, CaptionImage, Vocab, build_vocab,
+                                  images_in_split, load_karpathy)
+from ray_updown.errors import ConfigError, DataError
+from ray_updown.features.store import FeatureStore, pad_regions
+from ray_updown.features.spatial import SPATIAL_DIM, spatial_features
+
+
+@dataclass
+class CaptionDataConfig:
+    """Where the captions and features are and how they become tensors."""
+
+    karpathy: str = ""  # dataset_coco.json URI (Karpathy splits)
+    features: str = ""  # region-feature store URI (bottom-up regions or grid cells)
+    vocab_min_count: int = 5  # paper 3.2: training words seen >= 5 times
+    max_len: int = 16  # words per caption (longer captions are clipped; EOS follows)
+    max_regions: int = 100  # regions kept per image, the detector's best-ranked first
+    spatial: bool = False  # append the 7 spatial box features (features/spatial.py)
+    captions_per_image: int = 5  # references per image used as XE targets
+    train_splits: list[str] = field(default_factory=lambda: ["train", "restval"])
+    val_split: str = "val"
+    val_images: int = 100  # images of val_split scored each epoch (greedy CIDEr-D); 0 = none
+    train_images: int = 0  # 0 = every training image; n > 0 = the first n (overfit runs)
+    features_in_memory: bool = False  # decode the whole store once (small stores only)
+    loader_workers: int = 0  # DataLoader worker processes per Ray Train worker
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_min_count", "max_len", "max_regions", "captions_per_image"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"must be positive, got {getattr(self, name)}",
+                                  record=f"data.{name}")
+        for name in ("val_images", "train_images", "loader_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"must be >= 0, got {getattr(self, name)}", record=f"data.{name}")
+        for split in list(self.train_splits) + [self.val_split]:
+            if split not in KARPATHY_SPLITS:
+                raise ConfigError(f"unknown split '{split}' (expected one of "
+                                  f"{', '.join(KARPATHY_SPLITS)})", record="data")
+
+    @property
+    def spatial_dim(self) -> int:
+        return SPATIAL_DIM if self.spatial else 0
+
+
+def reference_strings(image: CaptionImage) -> list[str]:
+    """An image's references as CIDEr-D sees them: lowercase tokens joined by spaces."""
+    return [" ".join(tokens) for tokens in image.tokens]
+
+
+@dataclass
+class CaptionData:
+    """The Karpathy images by id, the caption vocabulary and the image ids of each use."""
+
+    config: CaptionDataConfig
+    vocab: Vocab
+    images: dict[int, CaptionImage]
+    train_ids: list[int]
+    val_ids: list[int]  # the per-epoch validation subset
+
+    @classmethod
+    def load(cls, config: CaptionDataConfig, vocab: Vocab | None = None,
+             check_features: bool = True) -> "CaptionData":
+        """Read the Karpathy file, build the vocabulary from the training splits (paper 3.2)
+        unless one is given, and check that every image used has references and features."""
+        if not config.karpathy:
+            raise ConfigError("no Karpathy file given", record="data.karpathy")
+        if not config.features:
+            raise ConfigError("no feature store given", record="data.features")
+        all_images = load_karpathy(config.karpathy)
+        train = images_in_split(all_images, config.train_splits)
+        if config.train_images:
+            train = train[:config.train_images]
+        if not train:
+            raise DataError(f"no images in splits {list(config.train_splits)}",
+                            file=config.karpathy)
+        val = images_in_split(all_images, config.val_split)[:config.val_images]
+        for image in train + val:
+            if not image.tokens:
+                raise DataError("has no reference captions", file=config.karpathy,
+                                record=f"image {image.image_id}")
+        if vocab is None:
+            vocab = build_vocab(train, config.vocab_min_count, splits=config.train_splits)
+        data = cls(config, vocab, {im.image_id: im for im in all_images},
+                   [im.image_id for im in train], [im.image_id for im in val])
+        if check_features:
+            store = data.open_store()
+            check_features_present(store, data.train_ids + data.val_ids)
+        return data
+
+    def split_ids(self, split: str) -> list[int]:
+        """Every image id of one Karpathy split, in file order (DataError if unknown)."""
+        return [im.image_id for im in images_in_split(self.images.values(), split)]
+
+    def open_store(self) -> FeatureStore:
+        return FeatureStore(self.config.features, in_memory=self.config.features_in_memory)
+
+    def training_references(self) -> list[list[str]]:
+        """References of the training images: the corpus of CIDEr-D's document frequencies
+        for the SCST reward (eq. 10-11)."""
+        return [reference_strings(self.images[i]) for i in self.train_ids]
+
+    def references(self, image_ids: Sequence[int]) -> list[list[str]]:
+        return [reference_strings(self.images[i]) for i in image_ids]
+
+
+def check_features_present(store: FeatureStore, image_ids: Sequence[Any]) -> None:
+    """DataError naming the first image without features (and the store's reason, if any)."""
+    missing = [i for i in image_ids if i not in store]
+    if not missing:
+        return
+    reason = ""
+    for row in store.errors():
+        if row.get("image_id") is not None and str(row["image_id"]) == str(missing[0]):
+            reason = f" (the extraction failed at {row.get('stage')}: {row.get('reason')})"
+            break
+    more = f"; {len(missing) - 1} more image(s) lack features too" if len(missing) > 1 else ""
+    raise DataError(f"image {missing[0]} has no region features in the store{reason}{more}",
+                    file=store.uri, record=f"image {missing[0]}")
+
+
+@dataclass
+class CaptionBatch:
+    """B images and the N captions of those images, padded (see the module docstring)."""
+
+    image_ids: list[int]
+    feats: Tensor
+    mask: Tensor
+    caption_image: Tensor
+    inputs: Tensor
+    targets: Tensor
+    references: list[list[str]]
+
+    def to(self, device: torch.device) -> "CaptionBatch":
+        return CaptionBatch(self.image_ids, self.feats.to(device), self.mask.to(device),
+                            self.caption_image.to(device), self.inputs.to(device),
+                            self.targets.to(device), self.references)
+
+    @property
+    def num_captions(self) -> int:
+        return int(self.targets.shape[0])
+
+
+def region_tensors(records: Sequence, max_regions: int, spatial: bool) -> tuple[Tensor, Tensor]:
+    """(feats [B, K, D(+7)], mask [B, K]) from feature-store records, K = the batch's largest
+    region count capped at max_regions."""
+    k = min(max(r.num_boxes for r in records), max_regions)
+    feats, boxes, mask = pad_regions(records, k)
+    if spatial:
+        w = torch.tensor([float(r.image_w) for r in records])
+        h = torch.tensor([float(r.image_h) for r in records])
+        box_feats = spatial_features(boxes, w, h) * mask.unsqueeze(-1)
+        feats = torch.cat([feats, box_feats.to(feats.dtype)], dim=-1)
+    return feats, mask
+
+
+class CaptionImageDataset(Dataset):
+    """Map-style dataset: item i = image_ids[i] with its features and encoded captions."""
+
+    def __init__(self, data: CaptionData, store: FeatureStore, image_ids: Sequence[int]):
+        self.data = data
+        self.store = store
+        self.image_ids = list(image_ids)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image = self.data.images[self.image_ids[i]]
+        cfg = self.data.config
+        try:
+            record = self.store.get(image.image_id)
+        except DataError as exc:
+            raise DataError(f"image {image.image_id} has no region features in the store "
+                            f"({exc.problem})", file=self.store.uri,
+                            record=f"image {image.image_id}") from None
+        captions = [self.data.vocab.encode(t, cfg.max_len)
+                    for t in image.tokens[:cfg.captions_per_image]]
+        return {"image_id": image.image_id, "record": record, "captions": captions,
+                "references": reference_strings(image)}
+
+
+def collate_captions(items: Sequence[dict[str, Any]], config: CaptionDataConfig,
+                     bos_id: int, pad_id: int) -> CaptionBatch:
+    """Pad regions and captions of a list of dataset items into one CaptionBatch."""
+    feats, mask = region_tensors([it["record"] for it in items], config.max_regions,
+                                 config.spatial)
+    captions = [(row, ids) for row, it in enumerate(items) for ids in it["captions"]]
+    length = max((len(ids) for _, ids in captions), default=1)  # trim to the batch's longest
+    targets = torch.full((len(captions), length), pad_id, dtype=torch.long)
+    for n, (_, ids) in enumerate(captions):
+        targets[n, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    inputs = torch.cat([torch.full((len(captions), 1), bos_id, dtype=torch.long),
+                        targets[:, :-1]], dim=1)
+    caption_image = torch.tensor([row for row, _ in captions], dtype=torch.long)
+    return CaptionBatch([it["image_id"] for it in items], feats, mask, caption_image, inputs,
+                        targets, [it["references"] for it in items])
+
+
+class _Collate:
+    """Picklable collate function (DataLoader worker processes)."""
+
+    def __init__(self, config: CaptionDataConfig, vocab: Vocab):
+        self.config, self.bos_id, self.pad_id = config, vocab.bos_id, vocab.pad_id
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> CaptionBatch:
+        return collate_captions(items, self.config, self.bos_id, self.pad_id)
+
+
+def make_loader(data: CaptionData, store: FeatureStore, image_ids: Sequence[int],
+                images_per_batch: int, rank: int = 0, world_size: int = 1,
+                shuffle: bool = True, seed: int = 0) -> DataLoader:
+    """This worker's shard of `image_ids` in batches of `images_per_batch` images.
+
+    A DistributedSampler gives every worker the same number of images (repeating a few when
+    the count does not divide), so all workers run the same number of DDP steps; call
+    `loader.sampler.set_epoch(epoch)` for a new order each epoch.
+    """
+    if images_per_batch <= 0:
+        raise ConfigError(f"must be positive, got {images_per_batch}", record="batch_size")
+    dataset = CaptionImageDataset(data, store, image_ids)
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
+                                 seed=seed, drop_last=False)
+    workers = data.config.loader_workers
+    return DataLoader(dataset, batch_size=images_per_batch, sampler=sampler,
+                      collate_fn=_Collate(data.config, data.vocab), num_workers=workers,
+                      persistent_workers=workers > 0)
