@@ -156,6 +156,15 @@ def _cmd_tsv(args: argparse.Namespace) -> None:
     _print_summary({"command": args.command, "tsv": args.tsv, "store": args.store, "result": result})
 
 
+def _cmd_convert(args: argparse.Namespace) -> None:
+    from ray_updown.detector import load_published, save_detector
+
+    model = load_published(args.published, layout=args.layout)
+    digest = save_detector(model, args.out)
+    _print_summary({"published": args.published, "layout": args.layout, "out": args.out,
+                    "detector": model.name, "sha256": digest})
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from ray_updown.config import load_config
     from ray_updown.demo import DemoConfig, run_demo
@@ -208,6 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--store", required=True, help="feature store URI")
         p.add_argument("--variant", choices=["original", "lxmert"], default="original")
         p.set_defaults(run=_cmd_tsv)
+
+    p = sub.add_parser("convert-detector",
+                       help="convert published bottom-up weights (pkl/pth/bin) to our checkpoint")
+    p.add_argument("--published", required=True,
+                   help="faster_rcnn_from_caffe_attr.pkl, bua-caffe-frcn-r101*.pth or pytorch_model.bin")
+    p.add_argument("--out", required=True, help="checkpoint directory URI to write")
+    p.add_argument("--layout", default="auto",
+                   choices=["auto", "py-bottom-up-attention", "milvlg", "hf-frcnn"])
+    p.set_defaults(run=_cmd_convert)
 
     p = sub.add_parser("demo", help="the whole paper on a synthetic world, with a report")
     p.add_argument("--out", help="output folder (default runs/demo)")

@@ -283,3 +283,15 @@ def test_replaced_weights_fail_the_digest(tmp_path):
     (tmp_path / "ckpt" / "detector.safetensors").write_bytes(save({"x": torch.zeros(2)}))
     with pytest.raises(CheckpointError, match="digest"):
         load_detector(uri)
+
+
+def test_cli_converts_a_published_pickle(tmp_path, capsys):
+    from ray_updown.cli import main
+
+    source = _write_published(tmp_path, "py-bottom-up-attention", small_published("py-bottom-up-attention"))
+    out = str(tmp_path / "converted")
+    assert main(["convert-detector", "--published", source, "--out", out]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["out"] == out and len(summary["sha256"]) == 64
+    model = load_detector(out)
+    assert model.config.extra["converted_from"] == "py-bottom-up-attention"
