@@ -42,3 +42,17 @@ def test_strict_load_reports_every_problem(tmp_path):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError):
         common.load_checkpoint_dir(str(tmp_path))
+
+
+def test_wandb_is_off_when_disabled_and_offline_when_configured(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert common.init_wandb("proj", {"a": 1}) is None
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    assert common.init_wandb(None, {"a": 1}) is None  # no project configured: no run
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_PROJECT", "ray-updown-test")
+    run = common.init_wandb(None, {"lr": 0.1}, name="t")
+    run.log({"loss": 1.0})
+    run.finish()
+    assert list(tmp_path.glob("wandb/offline-run-*"))

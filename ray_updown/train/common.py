@@ -127,7 +127,10 @@ def report_with_checkpoint(metrics: dict[str, Any], model: torch.nn.Module, conf
 
 
 def init_wandb(project: str | None, config: dict, name: str | None = None):
-    """A wandb run on rank 0 when a project is configured (WANDB_MODE offline by default)."""
+    """A wandb run on rank 0 when a project is configured, by the config's `wandb_project` or
+    the WANDB_PROJECT variable (WANDB_MODE offline by default, so nothing leaves the machine
+    unless the user asks; `wandb sync` uploads later)."""
+    project = project or os.environ.get("WANDB_PROJECT")
     if not project or os.environ.get("WANDB_MODE") == "disabled":
         return None
     import wandb
