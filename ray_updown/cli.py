@@ -146,6 +146,42 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2, sort_keys=True))
 
 
+def _cmd_predict(args: argparse.Namespace) -> None:
+    """Leaderboard files: COCO caption server JSON or VQA server JSON for a split."""
+    from ray_updown import storage
+
+    if args.task == "captions":
+        from ray_updown.features.reader import FeatureStore
+        from ray_updown.metrics.caption_eval import results_filename, write_caption_results
+        from ray_updown.train.caption_predict import load_captioner, predict_captions
+
+        captioners = [load_captioner(uri) for uri in args.checkpoint]
+        store = FeatureStore(args.features)
+        if args.karpathy:
+            from ray_updown.data.coco import images_in_split, load_karpathy
+
+            image_ids = [im.image_id for im in images_in_split(load_karpathy(args.karpathy), args.split)]
+        else:
+            image_ids = list(store.image_ids)
+        captions = predict_captions([c.model for c in captioners], store, image_ids,
+                                    captioners[0].vocab, beam_size=args.beam_size,
+                                    max_regions=captioners[0].max_regions)
+        uri = storage.join(args.out, results_filename(args.split, args.name))
+        write_caption_results(uri, captions)
+        _print_summary({"results": uri, "images": len(captions), "models": len(captioners)})
+        return
+    from ray_updown.train.ensemble import predict_ensemble, write_server_results
+
+    if not args.questions:
+        raise ConfigError("predict vqa needs --questions")
+    # One .json is an ensemble manifest; anything else is a list of checkpoint directories.
+    single_manifest = len(args.checkpoint) == 1 and args.checkpoint[0].endswith(".json")
+    members = args.checkpoint[0] if single_manifest else list(args.checkpoint)
+    answers = predict_ensemble(members, args.questions, args.features)
+    uri = write_server_results(answers, args.out, args.name, subset=args.split)
+    _print_summary({"results": uri, "questions": len(answers)})
+
+
 def _cmd_tsv(args: argparse.Namespace) -> None:
     from ray_updown.features.tsv import export_tsv, import_tsv
 
@@ -209,6 +245,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--questions", help="vqa: v2_OpenEnded_mscoco_*_questions.json")
     p.add_argument("--annotations", help="vqa: v2_mscoco_*_annotations.json")
     p.set_defaults(run=_cmd_evaluate)
+
+    p = sub.add_parser("predict", help="write leaderboard result files (COCO / VQA server format)")
+    p.add_argument("task", choices=["captions", "vqa"])
+    p.add_argument("--checkpoint", required=True, nargs="+",
+                   help="captioner checkpoint(s) (several = ensemble) or VQA checkpoint(s) / "
+                        "ensemble.json manifest")
+    p.add_argument("--features", required=True, help="feature store URI")
+    p.add_argument("--out", required=True, help="folder for the results file")
+    p.add_argument("--name", default="updown", help="method name in the results file name")
+    p.add_argument("--split", default="test",
+                   help="captions: Karpathy split (val/test); vqa: test-dev2015, test2015, val2014")
+    p.add_argument("--karpathy", help="captions: dataset_coco.json (else every image of the store)")
+    p.add_argument("--questions", help="vqa: v2_OpenEnded_mscoco_*_questions.json")
+    p.add_argument("--beam-size", type=int, default=5)
+    p.set_defaults(run=_cmd_predict)
 
     for name, help_text in (("import-tsv", "bring released bottom-up TSV features into a store"),
                             ("export-tsv", "write a store as the original (or LXMERT) TSV")):
