@@ -1,0 +1,238 @@
+"""`make demo`: the whole paper on the synthetic world, in one go, on an embedded local Ray.
+
+    ray-updown demo --out runs/demo --scale 1        (or: make demo)
+
+`run_demo` reads top to bottom as the paper does:
+
+1. world       a synthetic world in the real formats (COCO/Karpathy, VQA v2, Visual Genome,
+               GloVe): `data/world.py`.
+2. detector    bottom-up attention: Faster R-CNN (ResNet C4) + attribute head trained on the
+               world's Visual Genome files on Ray Train (paper 3.1), under a time budget.
+3. features    Ray Data extraction with that detector: bottom-up regions, and the ResNet
+               grid baseline from the same backbone (paper 4.2) at 1x1, 7x7, 10x10, 14x14.
+4. captioner   Up-Down captioner (eq. 2-7) on region features and on the grid baseline:
+               cross-entropy (eq. 9), then SCST (eq. 10-11) from the XE checkpoint, on Ray
+               Train; beam search (5) on the Karpathy test split, the COCO server results
+               file, BLEU/METEOR/ROUGE-L/CIDEr through pycocoevalcap (the paper's Table 1).
+5. VQA         the Up-Down VQA model (eq. 12-17) on the grids 1x1, 7x7, 14x14 (Ray Tune trials)
+               and an ensemble on regions whose first member is the single Up-Down model;
+               official accuracy per answer type on VQA val (the paper's Table 4).
+6. report      <out>/report.md with the training curves, the miniature Tables 1 and 4, the
+               targets and whether each was met, and attention pictures (figures 5-7).
+
+Each stage prints when it starts and finishes; a finished stage leaves <out>/stages/<name>.json
+so a second run reuses it (see demo_stages.StageBook). `scale` multiplies the world's images,
+the detector's time budget and the training epochs; `scale` 0.05 runs everything in minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+from ray_updown import storage
+from ray_updown.config import to_dict
+from ray_updown.demo_stages import (StageBook, WorldFiles, detector_history, evaluate_caption_model,
+                                    evaluate_vqa_model, extract, local_or_uri, log, mean_regions,
+                                    side_by_side, train_caption_model, train_vqa_ensemble,
+                                    train_vqa_trials, vqa_config)
+from ray_updown.errors import ConfigError
+
+
+@dataclass
+class DemoConfig:
+    """The demo; sizes are those of scale 1 (`scale` multiplies images, minutes and epochs)."""
+
+    out: str = "runs/demo"
+    scale: float = 1.0
+    seed: int = 0
+    num_cpus: int = 0  # CPUs of an embedded local Ray; 0 = the machine's
+    # 1. world
+    images: int = 1000  # 128-px images: Karpathy 85% train+restval / 7.5% val / 7.5% test
+    # 2. detector: its training budget (evaluation comes on top); 0 = demo_detector_config's
+    detector_minutes: float = 0.0
+    detector_epochs: int = 0
+    detector_train_images: int = 0  # 0 = all; n = the first n (tiny runs)
+    # 3. features
+    extract_threads: int = 2  # torch threads of the one extraction actor
+    # Regions kept per image: the paper keeps 10-100 above a 0.2 confidence; the world's
+    # 2-5 objects leave the rest to lower-ranked boxes, which carry the background and context.
+    min_regions: int = 10
+    max_regions: int = 36
+    # 4. captioner (M = H = E = caption_dim; the paper has 1000/512/1000)
+    caption_grid: int = 10  # the paper's captioning baseline is ResNet 10x10
+    caption_dim: int = 256
+    caption_dropout: float = 0.3
+    caption_batch_size: int = 20  # images per step (x 5 captions)
+    caption_lr: float = 2e-3  # Adam, falling linearly to 0 (the paper: SGD 0.01)
+    caption_xe_epochs: int = 15
+    scst_lr: float = 1e-4
+    scst_epochs: int = 4
+    caption_val_images: int = 100  # val images scored (greedy CIDEr-D) after each epoch
+    # 5. VQA
+    vqa_grids: list[int] = field(default_factory=lambda: [1, 7, 14])
+    vqa_hidden: int = 256  # the paper: 512
+    vqa_optimizer: str = "adamax"  # "adadelta" (paper) or "adamax" (re-implementation)
+    vqa_lr: float = 0.0  # 0 = the optimizer's default
+    vqa_epochs: int = 12
+    vqa_patience: int = 3
+    vqa_batch_size: int = 128
+    vqa_answer_min_count: int = 9  # the paper's threshold
+    ensemble_members: int = 4
+    # stages 4 and 5 run as three tracks (captioner on regions, on the grid, VQA); 1 = in turn
+    parallel_tracks: int = 3
+    # 6. report
+    attention_examples: int = 3  # test images with caption attention pictures
+
+    def validate(self) -> None:
+        if not self.out:
+            raise ConfigError("an output folder is needed", record="out")
+        if not 0 < self.scale <= 100:
+            raise ConfigError(f"must be in (0, 100], got {self.scale}", record="scale")
+        for key in ("images", "caption_dim", "caption_batch_size",
+                    "caption_xe_epochs", "scst_epochs", "vqa_hidden", "vqa_epochs",
+                    "vqa_batch_size", "ensemble_members", "caption_grid", "extract_threads",
+                    "parallel_tracks"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"must be >= 1, got {getattr(self, key)}", record=key)
+        if self.min_regions < 0 or self.max_regions < 0 or (
+                self.max_regions and self.min_regions > self.max_regions):
+            raise ConfigError(f"need 0 <= min_regions <= max_regions, got {self.min_regions}, "
+                              f"{self.max_regions}", record="min_regions")
+        if self.detector_minutes < 0 or self.detector_epochs < 0:
+            raise ConfigError("must be >= 0 (0 = the demo detector's default)",
+                              record="detector_minutes")
+        if not self.vqa_grids or min(self.vqa_grids) < 1:
+            raise ConfigError(f"needs grid sizes >= 1, got {self.vqa_grids}", record="vqa_grids")
+        if self.vqa_optimizer not in ("adadelta", "adamax"):
+            raise ConfigError(f"expected adadelta or adamax, got {self.vqa_optimizer!r}",
+                              record="vqa_optimizer")
+
+    def world_images(self) -> int:
+        return max(40, round(self.images * self.scale))
+
+    def epochs(self, base: int) -> int:
+        return max(1, round(base * self.scale))
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Run (or finish) the demo into `cfg.out`; returns the summary (tables, targets, times)."""
+    from ray_updown.data.world import WorldConfig, build_world
+    from ray_updown.ray_session import ensure_ray
+    from ray_updown.report import targets_met, write_report
+    from ray_updown.train.detector import demo_detector_config, train_detector
+
+    started = time.perf_counter()
+    cfg.validate()
+    out = local_or_uri(cfg.out)
+    book = StageBook(out)
+    book.check_config(to_dict(cfg))
+    log(f"the paper on a synthetic world at scale {cfg.scale:g} into {out}")
+    ensure_ray(cfg.num_cpus or None)
+    world = WorldFiles(storage.join(out, "world"))
+    runs, results = storage.join(out, "runs"), storage.join(out, "results")
+
+    def features(name: str) -> str:
+        return storage.join(out, "features", name)
+
+    # 1. The world, in the real datasets' formats.
+    world_summary = book.run("world", lambda: build_world(
+        WorldConfig(num_images=cfg.world_images(), seed=cfg.seed), world.root))
+
+    # 2. Bottom-up attention: the detector with its attribute head (paper 3.1).
+    def train_the_detector() -> dict:
+        det_cfg = demo_detector_config(world.root, runs, "detector", keep_checkpoints=0,
+                                       seed=cfg.seed)
+        det_cfg = dataclasses.replace(
+            det_cfg, max_minutes=(cfg.detector_minutes or det_cfg.max_minutes) * cfg.scale,
+            epochs=cfg.detector_epochs or det_cfg.epochs)
+        det_cfg = dataclasses.replace(det_cfg, data=dataclasses.replace(
+            det_cfg.data, train_images=cfg.detector_train_images))
+        summary = train_detector(det_cfg)
+        return {"detector": summary["detector"], "metrics": summary["metrics"],
+                "history": detector_history(summary), "train_minutes": summary["train_minutes"]}
+
+    detector = book.run("detector", train_the_detector)
+
+    # 3. Region features and the grid baseline from the same backbone (paper 4.2).
+    grid_sizes = sorted(set(cfg.vqa_grids) | {cfg.caption_grid})
+    stores = {"regions": features("regions"), **{f"grid{g}": features(f"grid{g}") for g in grid_sizes}}
+    extraction = {}
+    for name, store in stores.items():
+        grid = None if name == "regions" else int(name[len("grid"):])
+        extraction[name] = book.run(f"extract_{name}", lambda: {
+            **extract(world, store, detector["detector"], grid, cfg.extract_threads,
+                      (cfg.min_regions, cfg.max_regions)),
+            "mean_regions": mean_regions(store)})
+
+    # 4. The captioner: XE then SCST, on regions and on the grid (Table 1).
+    caption_models = {"regions": "Up-Down", f"grid{cfg.caption_grid}":
+                      f"ResNet {cfg.caption_grid}x{cfg.caption_grid}"}
+
+    def captioner(feat: str) -> dict:
+        xe = book.run(f"caption_xe_{feat}", lambda: train_caption_model(
+            cfg, world, stores[feat], runs, f"caption-xe-{feat}", "xe",
+            cfg.epochs(cfg.caption_xe_epochs)))
+        scst = book.run(f"caption_scst_{feat}", lambda: train_caption_model(
+            cfg, world, stores[feat], runs, f"caption-scst-{feat}", "scst",
+            cfg.epochs(cfg.scst_epochs), init_from=xe["checkpoint"]))
+        for objective, run in (("xe", xe), ("scst", scst)):
+            run["test"] = book.run(f"caption_test_{objective}_{feat}", lambda: evaluate_caption_model(
+                world, stores[feat], run["checkpoint"], f"{objective}-{feat}", results))
+        return {"label": caption_models[feat], "xe": xe, "scst": scst}
+
+    # 5. VQA: the grids as single models, the ensemble on regions (its first member is the
+    # single Up-Down model), the official accuracy of each (Table 4).
+    def vqa() -> dict:
+        epochs = cfg.epochs(cfg.vqa_epochs)
+        detector_boxes = cfg.max_regions or int(storage.read_json(storage.join(
+            detector["detector"], "detector.json"))["config"].get("max_boxes", 100))
+        grid_configs = {f"grid{g}": vqa_config(cfg, world, stores[f"grid{g}"], g * g, runs,
+                                               f"vqa-grid{g}", epochs) for g in cfg.vqa_grids}
+        grids = book.run("vqa_grids", lambda: train_vqa_trials(grid_configs, runs, "vqa-grids"))
+        ensemble_cfg = vqa_config(cfg, world, stores["regions"], detector_boxes, runs,
+                                  "vqa-ensemble", epochs)
+        ensemble = book.run("vqa_ensemble", lambda: train_vqa_ensemble(ensemble_cfg,
+                                                                        cfg.ensemble_members))
+
+        def score() -> dict:
+            members = {f"member{m['seed']}": [m["checkpoint"]] for m in ensemble["members"]}
+            models = {**members, "ensemble": [m["checkpoint"] for m in ensemble["members"]]}
+            scores = {name: evaluate_vqa_model(world, checkpoints, stores["regions"], name, results)
+                      for name, checkpoints in models.items()}
+            for name, run in grids.items():
+                scores[name] = evaluate_vqa_model(world, [run["checkpoint"]], stores[name], name,
+                                                  results)
+            return scores
+
+        return {"grids": grids, "ensemble": ensemble, "scores": book.run("vqa_val", score)}
+
+    # 4 and 5 share the cluster: a captioner run takes one CPU, a VQA trial one; Ray queues
+    # what does not fit, so both CPUs stay busy until the last run ends.
+    tracks = side_by_side({"caption_regions": lambda: captioner("regions"),
+                           "caption_grid": lambda: captioner(f"grid{cfg.caption_grid}"),
+                           "vqa": vqa}, cfg.parallel_tracks)
+    captioning = {"regions": tracks["caption_regions"],
+                  f"grid{cfg.caption_grid}": tracks["caption_grid"]}
+    vqa_grids, ensemble = tracks["vqa"]["grids"], tracks["vqa"]["ensemble"]
+    vqa_scores = tracks["vqa"]["scores"]
+
+    # 6. The report: curves, Tables 1 and 4, targets, attention pictures.
+    state = {"config": to_dict(cfg), "world": world_summary, "detector": detector,
+             "extraction": extraction, "stores": stores, "captioning": captioning,
+             "vqa_grids": vqa_grids, "ensemble": ensemble, "vqa_scores": vqa_scores}
+    report = book.run("report", lambda: write_report(out, world, state, dict(book.seconds),
+                                                     dict(book.previous_seconds)))
+    minutes = (time.perf_counter() - started) / 60
+    summary = {"report": report["report"], "minutes": round(minutes, 2),
+               "stage_seconds": {k: round(v, 1) for k, v in book.seconds.items()},
+               "skipped": list(book.skipped),
+               "previous_stage_seconds": {k: round(v, 1) for k, v in book.previous_seconds.items()},
+               "detector": {k: detector["metrics"].get(k) for k in
+                            ("val_map50", "val_attr_acc", "test_map50", "test_attr_acc", "epoch")},
+               "table1": report["table1"], "table4": report["table4"],
+               "targets": targets_met(report["table1"], report["table4"])}
+    log(f"demo finished in {minutes:.1f} min ({len(book.skipped)} stages reused); "
+        f"report: {report['report']}")
+    return summary

@@ -1,0 +1,344 @@
+"""The demo's report: `<out>/report.md` with its PNGs beside it (in `<out>/figures/`).
+
+`write_report(out, world, state, seconds, previous_seconds)` turns what the demo's stages
+returned (demo.py) into: the targets and whether each was met, the stages and their times,
+the detector's scores, the miniature Table 1 (captioning: Up-Down vs the grid baseline under
+XE and SCST, all metrics) and Table 4 (VQA: Up-Down vs grids 1x1/7x7/14x14 per answer type,
+single model vs ensemble), training curves (viz/plots.py) and attention pictures in the style
+of the paper's Figures 5-7 (viz/attention.py) on a few test images: pixels from the world's
+JPEGs, boxes from the feature store, attention from the trained models.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any
+
+import numpy as np
+
+from ray_updown import storage
+from ray_updown.viz.plots import plot_bars, plot_curves
+
+FIGURES_DIR = "figures"
+CAPTION_METRICS = (("Bleu_1", "BLEU-1"), ("Bleu_2", "BLEU-2"), ("Bleu_3", "BLEU-3"),
+                   ("Bleu_4", "BLEU-4"), ("METEOR", "METEOR"), ("ROUGE_L", "ROUGE-L"),
+                   ("CIDEr", "CIDEr"), ("SPICE", "SPICE"))
+ANSWER_TYPES = ("yes/no", "number", "other")
+PAPER_TABLE1 = {"xe": {"Bleu_4": 36.2, "CIDEr": 113.5}, "scst": {"Bleu_4": 36.3, "CIDEr": 120.1}}
+PAPER_TABLE4 = {"overall": 63.2, "yes/no": 80.3, "number": 42.8, "other": 55.8}
+
+
+# ------------------------------------------------------------------------------- tables
+def build_table1(captioning: dict) -> dict:
+    """{objective: {model label: {metric: value x 100}}}: the paper's Table 1 layout."""
+    table: dict[str, dict] = {"xe": {}, "scst": {}}
+    for feat in sorted(captioning, key=lambda f: f == "regions"):  # grid first, as the paper
+        run = captioning[feat]
+        for objective in ("xe", "scst"):
+            metrics = run[objective]["test"]["metrics"]
+            table[objective][run["label"]] = {k: round(100 * float(metrics[k]), 1)
+                                              for k, _ in CAPTION_METRICS if k in metrics}
+    return table
+
+
+def build_table4(vqa_scores: dict, ensemble: dict, grid_names: list[str]) -> dict:
+    """{"rows": {label: {overall, yes/no, number, other}}, "members": {label: overall},
+    "single": label, "ensemble": label}: the paper's Table 4 plus single vs ensemble."""
+    def row(scores: dict) -> dict:
+        return {"overall": scores["overall"],
+                **{t: scores["per_answer_type"].get(t) for t in ANSWER_TYPES}}
+
+    members = ensemble["members"]
+    rows: dict[str, dict] = {}
+    for name in sorted(grid_names, key=lambda n: int(n[len("grid"):])):
+        g = int(name[len("grid"):])
+        rows[f"ResNet {g}x{g}"] = row(vqa_scores[name])
+    single = f"Up-Down (single model, seed {members[0]['seed']})"
+    rows[single] = row(vqa_scores[f"member{members[0]['seed']}"])
+    ens = f"Up-Down ensemble of {len(members)}"
+    rows[ens] = row(vqa_scores["ensemble"])
+    member_scores = {f"seed {m['seed']}": vqa_scores[f"member{m['seed']}"]["overall"]
+                     for m in members}
+    return {"rows": rows, "members": member_scores, "single": single, "ensemble": ens}
+
+
+def targets_met(table1: dict, table4: dict) -> dict[str, dict]:
+    """The issues' targets, each {"met": bool, "detail": the numbers compared}."""
+    out: dict[str, dict] = {}
+    labels = list(table1["xe"])
+    updown = next(l for l in labels if l == "Up-Down")
+    grid = next(l for l in labels if l != "Up-Down")
+    for objective in ("xe", "scst"):
+        a, b = table1[objective][updown]["CIDEr"], table1[objective][grid]["CIDEr"]
+        out[f"captioning: Up-Down CIDEr > {grid} under {objective.upper()}"] = {
+            "met": a > b, "detail": f"{a:.1f} vs {b:.1f}"}
+    for label in (grid, updown):
+        a, b = table1["scst"][label]["CIDEr"], table1["xe"][label]["CIDEr"]
+        out[f"captioning: SCST CIDEr > XE CIDEr for {label}"] = {
+            "met": a > b, "detail": f"{a:.1f} vs {b:.1f}"}
+    rows = table4["rows"]
+    single = rows[table4["single"]]
+    grids = {k: v for k, v in rows.items() if k.startswith("ResNet")}
+    for key in ("overall", "number"):
+        best_label = max(grids, key=lambda k: grids[k][key])
+        out[f"VQA: Up-Down > every grid baseline ({key})"] = {
+            "met": all(single[key] > v[key] for v in grids.values()),
+            "detail": f"{single[key]:.2f} vs best grid {best_label} {grids[best_label][key]:.2f}"}
+    best_member = max(table4["members"], key=table4["members"].get)
+    ens = rows[table4["ensemble"]]["overall"]
+    best = table4["members"][best_member]
+    out["VQA: ensemble > its best member (overall)"] = {
+        "met": ens > best, "detail": f"{ens:.2f} vs {best:.2f} ({best_member})"}
+    return out
+
+
+# ------------------------------------------------------------------------------- curves
+def _series(history: list[dict], key: str, offset: int = 0) -> list[tuple[float, float]]:
+    return [(offset + int(m["epoch"]), float(m[key])) for m in history
+            if m.get(key) is not None and m.get("epoch") is not None]
+
+
+def draw_curves(state: dict, figures: str) -> dict[str, str]:
+    """Training curves as PNGs; {title: file name relative to the report}."""
+    out: dict[str, str] = {}
+
+    def save(name: str, title: str, series: dict, xlabel: str, ylabel: str) -> None:
+        if any(series.values()):
+            plot_curves(series, title, xlabel, ylabel, storage.join(figures, name))
+            out[title] = f"{FIGURES_DIR}/{name}"
+
+    history = state["detector"]["history"]
+    save("detector_losses.png", "Detector training losses",
+         {k: _series(history, k) for k in ("loss_rpn_cls", "loss_rpn_box", "loss_cls",
+                                           "loss_box", "loss_attr")}, "epoch", "mean loss")
+    save("detector_val.png", "Detector on VG val",
+         {"object mAP@0.5": _series(history, "val_map50"),
+          "attribute accuracy": _series(history, "val_attr_acc")}, "epoch", "score")
+    captioning = state["captioning"]
+    save("caption_xe_loss.png", "Captioner XE loss (eq. 9)",
+         {run["label"]: _series(run["xe"]["history"], "loss") for run in captioning.values()},
+         "epoch", "cross-entropy per caption")
+    save("caption_scst.png", "Captioner SCST: mean CIDEr-D reward of the beam (eq. 10-11)",
+         {run["label"]: _series(run["scst"]["history"], "train_reward") for run in captioning.values()},
+         "SCST epoch", "reward")
+    cider = {}
+    for run in captioning.values():
+        xe_epochs = max((int(m["epoch"]) for m in run["xe"]["history"]), default=0)
+        cider[f"{run['label']} XE"] = _series(run["xe"]["history"], "val_cider_d")
+        cider[f"{run['label']} SCST"] = _series(run["scst"]["history"], "val_cider_d", xe_epochs)
+    save("caption_val_cider.png", "Captioner val CIDEr-D (greedy), XE then SCST", cider,
+         "epoch", "CIDEr-D")
+    vqa = {f"ResNet {name[len('grid'):]}x{name[len('grid'):]}": _series(run["history"], "val_accuracy")
+           for name, run in state["vqa_grids"].items()}
+    vqa.update({f"Up-Down seed {m['seed']}": _series(m.get("history", []), "val_accuracy")
+                for m in state["ensemble"]["members"]})
+    save("vqa_val_accuracy.png", "VQA val accuracy (soft score of the top answer)", vqa,
+         "epoch", "accuracy")
+    return out
+
+
+def draw_bars(table1: dict, table4: dict, figures: str) -> dict[str, str]:
+    out = {}
+    groups = {objective.upper(): {label: m["CIDEr"] for label, m in rows.items()}
+              for objective, rows in table1.items()}
+    plot_bars(groups, "Table 1 (miniature): CIDEr on the test split", "CIDEr",
+              storage.join(figures, "table1_cider.png"))
+    out["Table 1: CIDEr"] = f"{FIGURES_DIR}/table1_cider.png"
+    groups = {key: {label: row[key] for label, row in table4["rows"].items()}
+              for key in ("overall", *ANSWER_TYPES)}
+    plot_bars(groups, "Table 4 (miniature): VQA val accuracy", "accuracy",
+              storage.join(figures, "table4_accuracy.png"))
+    out["Table 4: accuracy"] = f"{FIGURES_DIR}/table4_accuracy.png"
+    return out
+
+
+# ---------------------------------------------------------------------- attention pictures
+ZOOM = 2  # the world's 128-px images drawn at 256 px, so the word labels stay readable
+
+
+def _image(uri: str) -> np.ndarray:
+    """An image's pixels, enlarged ZOOM times."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(storage.read_bytes(uri))) as im:
+        im = im.convert("RGB")
+        return np.asarray(im.resize((im.width * ZOOM, im.height * ZOOM), Image.BILINEAR))
+
+
+def caption_attention_pictures(world, state: dict, figures: str, prefix: str,
+                               count: int | None = None) -> list[dict]:
+    """Figure 5/7 style: each generated word's attention (beam search, `return_attention`),
+    for the SCST captioner on regions and on the grid, on the same test images."""
+    from ray_updown.data.coco import images_in_split, load_karpathy
+    from ray_updown.train.caption_predict import load_captioner, predict_with_attention
+    from ray_updown.viz.attention import caption_attention_figure, save_png
+
+    count = count or int(state["config"]["attention_examples"])
+    ids = [im.image_id for im in images_in_split(load_karpathy(world.karpathy), "test")][:count]
+    paths = world.image_paths()
+    out = []
+    for feat, run in state["captioning"].items():
+        loaded = load_captioner(run["scst"]["checkpoint"])
+        predictions = predict_with_attention(loaded.model, state["stores"][feat], ids,
+                                             loaded.vocab, beam_size=5,
+                                             max_regions=loaded.max_regions)
+        for image_id in ids:
+            p = predictions[image_id]
+            words = p.words or ["<empty>"]
+            attention = p.attention[:max(1, len(p.words))]
+            picture = caption_attention_figure(_image(paths[image_id]), p.boxes * ZOOM, words,
+                                               attention, columns=6)
+            name = f"caption_attention_{feat}_{image_id}.png"
+            save_png(picture, storage.join(figures, name))
+            out.append({"title": f"{run['label']} (SCST), test image {image_id}",
+                        "caption": p.caption, "path": f"{prefix}/{name}"})
+    return out
+
+
+def vqa_attention_pictures(world, state: dict, figures: str, prefix: str) -> list[dict]:
+    """Figure 6 style: the attention of VqaModel.forward(..., return_attention=True) for one
+    val question of each answer type, Up-Down (first ensemble member) and the largest grid."""
+    from ray_updown.data.vqa import load_vqa
+    from ray_updown.features.store import FeatureStore
+    from ray_updown.train.ensemble import load_vqa_checkpoint
+    from ray_updown.train.vqa_data import questions_dataset
+    from ray_updown.viz.attention import save_png, vqa_attention_figure
+
+    questions = load_vqa(world.questions("val"), world.annotations("val"))
+    chosen = []
+    for answer_type in ANSWER_TYPES:
+        chosen += [q for q in questions if q.answer_type == answer_type][:1]
+    largest = max(state["vqa_grids"], key=lambda n: int(n[len("grid"):]))
+    g = largest[len("grid"):]
+    models = {"regions": ("Up-Down", state["ensemble"]["members"][0]["checkpoint"]),
+              largest: (f"ResNet {g}x{g}", state["vqa_grids"][largest]["checkpoint"])}
+    loaded = {feat: (label, load_vqa_checkpoint(checkpoint, "cpu"),
+                     FeatureStore(state["stores"][feat]))
+              for feat, (label, checkpoint) in models.items()}
+    paths = world.image_paths()
+    out = []
+    for q in chosen:
+        for feat, (label, trained, store) in loaded.items():
+            data_cfg = trained.train_config.data
+            batch = questions_dataset([q], trained.vocabs, store, trained.model.config.question_len,
+                                      data_cfg.max_boxes, data_cfg.spatial).__getitems__([0])
+            scores, attention = trained.model.predict(batch["question_tokens"], batch["feats"],
+                                                      batch["mask"], return_attention=True)
+            k = int(batch["mask"][0].sum())
+            answer = trained.vocabs.answers.itos[int(scores[0].argmax())]
+            boxes = store.get(q.image_id).boxes[:k] * ZOOM
+            picture = vqa_attention_figure(_image(paths[q.image_id]), boxes, q.question, answer,
+                                           attention[0, :k].cpu().numpy())
+            name = f"vqa_attention_{feat}_{q.question_id}.png"
+            save_png(picture, storage.join(figures, name))
+            out.append({"title": f"{label}, {q.answer_type} question {q.question_id}",
+                        "question": q.question, "answer": answer,
+                        "truth": q.multiple_choice_answer, "path": f"{prefix}/{name}"})
+    return out
+
+
+# ------------------------------------------------------------------------------ markdown
+def _fmt(value: Any, digits: int = 1) -> str:
+    return "—" if value is None else f"{float(value):.{digits}f}"
+
+
+def table1_markdown(table1: dict) -> list[str]:
+    lines = ["| objective | features | " + " | ".join(n for _, n in CAPTION_METRICS) + " |",
+             "|---|---|" + "---|" * len(CAPTION_METRICS)]
+    for objective, rows in table1.items():
+        for label, m in rows.items():
+            lines.append(f"| {objective.upper()} | {label} | " +
+                         " | ".join(_fmt(m.get(k)) for k, _ in CAPTION_METRICS) + " |")
+    return lines
+
+
+def table4_markdown(table4: dict) -> list[str]:
+    lines = ["| model | overall | yes/no | number | other |", "|---|---|---|---|---|"]
+    for label, row in table4["rows"].items():
+        lines.append(f"| {label} | " + " | ".join(_fmt(row.get(k), 2) for k in
+                                                   ("overall", *ANSWER_TYPES)) + " |")
+    return lines
+
+
+def write_report(out: str, world, state: dict, seconds: dict[str, float],
+                 previous_seconds: dict[str, float]) -> dict:
+    """Write <out>/report.md and its figures; returns {"report", "table1", "table4", ...}."""
+    from ray_updown.metrics.caption_eval import spice_available, spice_jar_dir
+    figures = storage.join(out, FIGURES_DIR)
+    table1 = build_table1(state["captioning"])
+    table4 = build_table4(state["vqa_scores"], state["ensemble"], list(state["vqa_grids"]))
+    targets = targets_met(table1, table4)
+    curves = draw_curves(state, figures)
+    bars = draw_bars(table1, table4, figures)
+    caption_pictures = caption_attention_pictures(world, state, figures, FIGURES_DIR)
+    vqa_pictures = vqa_attention_pictures(world, state, figures, FIGURES_DIR)
+
+    cfg, det = state["config"], state["detector"]
+    met = sum(t["met"] for t in targets.values())
+    lines = [f"# Bottom-up and top-down attention on a synthetic world (scale {cfg['scale']:g})", "",
+             f"Written {time.strftime('%Y-%m-%d %H:%M')} by `ray-updown demo` (ray_updown/demo.py). "
+             f"World: {state['world']['images']} images of {state['world']['image_size'][0]} px "
+             f"(Karpathy splits {state['world']['splits']}); everything below was trained and "
+             "scored on it by this run, on Ray on this machine.", "",
+             f"## Targets: {met} of {len(targets)} met", "",
+             "| target | met | numbers |", "|---|---|---|"]
+    lines += [f"| {name} | {'yes' if t['met'] else '**no**'} | {t['detail']} |"
+              for name, t in targets.items()]
+    lines += ["", "## Stages", "", "| stage | seconds (this run) | seconds (when it ran) |",
+              "|---|---|---|"]
+    for name in list(seconds):
+        then = previous_seconds.get(name)
+        lines.append(f"| {name} | {seconds[name]:.0f} | {'' if then is None else f'{then:.0f}'} |")
+    total = sum(seconds.values())
+    lines += [f"| total before the report | {total:.0f} ({total / 60:.1f} min) | |", ""]
+    m = det["metrics"]
+    lines += ["## 1. Bottom-up attention: the detector (paper 3.1)", "",
+              f"Faster R-CNN ResNet C4 with the attribute head, trained {det['train_minutes']:.1f} "
+              f"min ({m.get('epoch')} epochs) on the world's Visual Genome files. Held-out VG "
+              f"images: object mAP@0.5 val {_fmt(m.get('val_map50'), 3)}, test "
+              f"{_fmt(m.get('test_map50'), 3)}; attribute accuracy val "
+              f"{_fmt(m.get('val_attr_acc'), 3)}, test {_fmt(m.get('test_attr_acc'), 3)}.", ""]
+    lines += ["| features | images | regions per image | feature dim | extraction s |",
+              "|---|---|---|---|---|"]
+    for name, ex in state["extraction"].items():
+        lines.append(f"| {name} | {ex['features']} (+{ex['errors']} errors) | "
+                     f"{ex['mean_regions']:.1f} | {ex['feature_dim']} | {_fmt(ex['seconds'])} |")
+    test_images = next(iter(state["captioning"].values()))["xe"]["test"]["num_images"]
+    spice_note = ("SPICE ran." if spice_available() else
+                  f"SPICE skipped: Stanford CoreNLP 3.6.0 jars not found in {spice_jar_dir()}.")
+    lines += ["", "## 2. Captioning: Table 1 in miniature", "",
+              f"Karpathy test split ({test_images} images), beam search 5, scores x100 through "
+              f"pycocoevalcap (PTB tokenizer). {spice_note} The paper (COCO, single model): "
+              "XE BLEU-4 36.2 / CIDEr 113.5, SCST BLEU-4 36.3 / CIDEr 120.1.", ""]
+    lines += table1_markdown(table1)
+    val_q = next(iter(state["vqa_scores"].values()))
+    lines += ["", "## 3. VQA: Table 4 in miniature", "",
+              "VQA val, official accuracy (vqaEval normalisation, min(1, matches/3) over the 10 "
+              "leave-one-out subsets). Each model's checkpoint is its best epoch by val accuracy "
+              "(the world has no other annotated split), so all rows share that optimism. The "
+              "paper (VQA v2 val, single model): 63.2 overall, 80.3 yes/no, 42.8 number, 55.8 "
+              "other; ResNet 7x7 59.4.", ""]
+    lines += table4_markdown(table4)
+    lines += ["", "Ensemble members (overall): " + ", ".join(
+        f"{k} {v:.2f}" for k, v in table4["members"].items()) + f"; results files in "
+              f"`{storage.join(out, 'results')}` (e.g. `{val_q['results_file'].rsplit('/', 1)[-1]}`).", ""]
+    lines += ["## Training curves", ""]
+    lines += [f"![{title}]({path})" for title, path in {**curves, **bars}.items()]
+    lines += ["", "## Attention (in the style of the paper's Figures 5-7)", "",
+              "Each panel: the image darkened where attention is low, the most attended regions "
+              "outlined (line width by weight), the strongest in red. Captions: one panel per "
+              "generated word (beam search 5, SCST models); Up-Down attends to detected "
+              "objects, the baseline to grid cells.", ""]
+    for item in caption_pictures:
+        lines += [f"**{item['title']}**: \"{item['caption']}\"", "", f"![{item['title']}]({item['path']})", ""]
+    lines += ["VQA: the attention of the question over the regions (Figure 6 style), Up-Down "
+              "single model and the largest grid baseline on the same questions.", ""]
+    for item in vqa_pictures:
+        lines += [f"**{item['title']}**: Q: {item['question']} A: {item['answer']} "
+                  f"(humans: {item['truth']})", "", f"![{item['title']}]({item['path']})", ""]
+    report_uri = storage.join(out, "report.md")
+    storage.write_text(report_uri, "\n".join(lines) + "\n")
+    pictures = [i["path"] for i in caption_pictures + vqa_pictures]
+    return {"report": report_uri, "table1": table1, "table4": table4, "targets": targets,
+            "figures": list(curves.values()) + list(bars.values()) + pictures}
