@@ -109,7 +109,7 @@ def test_config_from_yaml_and_overrides(tmp_path):
     cfg = load_config(DetectorTrainConfig, str(path), ["optim.optimizer=sgd", "max_minutes=3"])
     assert cfg.model.depth == 34 and cfg.model.anchor_sizes == (8.0, 16.0)
     assert cfg.optim.optimizer == "sgd" and cfg.max_minutes == 3.0
-    assert cfg.data.root == "runs/world" and cfg.model.pooler_resolution == 7
+    assert cfg.data.root == "runs/world" and cfg.model.pooler_resolution == 5
     with pytest.raises(ConfigError, match="optim.optimizer"):
         load_config(DetectorTrainConfig, None, ["optim.optimizer=adagrad"])
     with pytest.raises(ConfigError, match="depth"):
