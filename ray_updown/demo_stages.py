@@ -188,7 +188,7 @@ def train_caption_model(cfg, world: WorldFiles, features: str, runs: str, name: 
     from ray_updown.train.captioner import (CaptionDataConfig, CaptionModelConfig,
                                             CaptionTrainConfig, OptimConfig, train_captioner)
 
-    # max_regions only caps: batches pad to their largest image (<= 20 regions, 196 cells).
+    # max_regions only caps: batches pad to their largest image (<= 36 regions, 196 cells).
     data = CaptionDataConfig(karpathy=world.karpathy, features=features, max_len=16,
                              max_regions=256, val_images=cfg.caption_val_images,
                              features_in_memory=True)
@@ -225,7 +225,7 @@ def evaluate_caption_model(world: WorldFiles, features: str, checkpoint: str, na
 # ---------------------------------------------------------------------------------- VQA
 def vqa_config(cfg, world: WorldFiles, features: str, max_boxes: int, runs: str, name: str,
                epochs: int):
-    """The demo's VQA run (paper 3.3: gated tanh, GloVe, AdaDelta unless configured)."""
+    """The demo's VQA run: the paper's model (3.3: gated tanh, GloVe) at the demo's sizes."""
     from ray_updown.train.vqa import VqaModelOptions, VqaTrainConfig
     from ray_updown.train.vqa_data import VqaDataConfig
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import os
 
-_FORWARDED = ("AWS_ENDPOINT_URL", "RAY_UPDOWN_S3_ENDPOINT", "WANDB_MODE", "WANDB_PROJECT")
+_FORWARDED = ("AWS_ENDPOINT_URL", "RAY_UPDOWN_S3_ENDPOINT", "WANDB_MODE", "WANDB_PROJECT",
+              "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
