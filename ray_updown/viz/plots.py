@@ -31,8 +31,8 @@ def plot_curves(series: dict[str, list[tuple[float, float]]], title: str, xlabel
 
 def plot_bars(groups: dict[str, dict[str, float]], title: str, ylabel: str, uri: str) -> None:
     """Grouped bars: {group: {bar: value}} (e.g. {"overall": {"up-down": 71.2, "grid 7x7": 60.1}})."""
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
-    bars = sorted({b for g in groups.values() for b in g})
+    fig, ax = plt.subplots(figsize=(8, 3.2), dpi=110)
+    bars = list(dict.fromkeys(b for g in groups.values() for b in g))  # the tables' row order
     width = 0.8 / max(1, len(bars))
     for j, bar in enumerate(bars):
         xs = [i + j * width for i in range(len(groups))]
@@ -40,7 +40,7 @@ def plot_bars(groups: dict[str, dict[str, float]], title: str, ylabel: str, uri:
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], list(groups))
     ax.set_title(title)
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # never over a bar
     _save(fig, uri)
 
 
