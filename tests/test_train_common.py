@@ -56,3 +56,25 @@ def test_wandb_is_off_when_disabled_and_offline_when_configured(tmp_path, monkey
     run.log({"loss": 1.0})
     run.finish()
     assert list(tmp_path.glob("wandb/offline-run-*"))
+
+
+def test_tune_runs_log_to_wandb_through_rays_callback_when_a_project_is_configured(tmp_path,
+                                                                                   monkeypatch):
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    from ray_updown.train.vqa import VqaTrainConfig, tune_run_config
+
+    def wandb_callbacks(cfg):
+        run_config = tune_run_config(cfg, str(tmp_path), "exp")
+        return [c for c in run_config.callbacks or [] if isinstance(c, WandbLoggerCallback)]
+
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_callbacks(VqaTrainConfig()) == []
+    (callback,) = wandb_callbacks(VqaTrainConfig(wandb_project="from-config"))
+    assert callback.project == "from-config" and callback.group == "exp"
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")
+    (callback,) = wandb_callbacks(VqaTrainConfig())
+    assert callback.project == "from-env"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_callbacks(VqaTrainConfig()) == []

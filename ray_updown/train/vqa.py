@@ -396,10 +396,11 @@ def tune_run_config(cfg: VqaTrainConfig, root: str, experiment: str, callbacks=N
     from ray import tune
 
     callbacks = list(callbacks or [])
-    if cfg.wandb_project and os.environ.get("WANDB_MODE") != "disabled":
+    project = cfg.wandb_project or os.environ.get("WANDB_PROJECT")  # as common.init_wandb
+    if project and os.environ.get("WANDB_MODE") != "disabled":
         from ray.air.integrations.wandb import WandbLoggerCallback
 
-        callbacks.append(WandbLoggerCallback(project=cfg.wandb_project, group=experiment))
+        callbacks.append(WandbLoggerCallback(project=project, group=experiment))
     return tune.RunConfig(
         name=experiment, **storage_kwargs(root), callbacks=callbacks or None,
         failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
