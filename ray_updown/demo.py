@@ -74,6 +74,7 @@ class DemoConfig:
     caption_dim: int = 256
     caption_dropout: float = 0.3
     caption_batch_size: int = 20  # images per step (x 5 captions)
+    caption_max_len: int = 16  # words (the paper's 16); longer captions are clipped
     caption_lr: float = 2e-3  # Adam, falling linearly to 0 (the paper: SGD 0.01)
     caption_xe_epochs: int = 12
     scst_lr: float = 1e-4
@@ -104,7 +105,7 @@ class DemoConfig:
         for key in ("images", "caption_dim", "caption_batch_size",
                     "caption_xe_epochs", "scst_epochs", "vqa_hidden", "vqa_epochs",
                     "vqa_batch_size", "ensemble_members", "caption_grid", "extract_threads",
-                    "parallel_tracks"):
+                    "parallel_tracks", "caption_max_len"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"must be >= 1, got {getattr(self, key)}", record=key)
         if self.min_regions < 0 or self.max_regions < 0 or (

@@ -27,7 +27,10 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        # With the dashboard (when ray[default] is installed): progress at 127.0.0.1:8265, and
+        # Ray Train's placement-group cleaner needs its State API (without it, it warns every
+        # few seconds).
+        ray.init(num_cpus=num_cpus, **kwargs)
 
 
 def _submitted_job_env_vars() -> set[str]:
