@@ -248,8 +248,8 @@ def train_vqa_trials(configs: dict[str, Any], root: str, experiment: str) -> dic
     retained checkpoints)."""
     from ray import tune
 
-    from ray_updown.train.vqa import (METRIC, checkpoint_uri, tune_experiment_path,
-                                      tune_run_config, tune_trainable)
+    from ray_updown.train.common import checkpoint_uri
+    from ray_updown.train.vqa import METRIC, tune_experiment_path, tune_run_config, tune_trainable
 
     names = list(configs)
     first = next(iter(configs.values()))

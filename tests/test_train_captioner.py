@@ -81,13 +81,7 @@ def toy_config(karpathy, store, tmp_path, **kwargs) -> CaptionTrainConfig:
     return dataclasses.replace(cfg, **kwargs)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine: a second thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -275,13 +269,13 @@ def test_image_without_references_is_named(toy_world, tmp_path):
 def test_a_worker_error_reaches_the_caller_as_the_package_error():
     from ray.train.v2.api.exceptions import WorkerGroupError
 
-    from ray_updown.train.captioner import _package_error
+    from ray_updown.train.common import package_error
 
     failure = RuntimeError("wrapped")
     failure.__cause__ = CheckpointError("vocabulary does not match", file="ckpt/")
-    error = _package_error(WorkerGroupError("worker 1 failed", {1: failure}))
+    error = package_error(WorkerGroupError("worker 1 failed", {1: failure}))
     assert type(error) is CheckpointError and str(error) == "ckpt/: vocabulary does not match"
-    assert _package_error(WorkerGroupError("oom", {0: MemoryError()})) is None
+    assert package_error(WorkerGroupError("oom", {0: MemoryError()})) is None
 
 
 def test_unknown_split_is_refused(toy_world, tmp_path):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -29,14 +28,14 @@ import torch
 from ray_updown import storage
 from ray_updown.config import to_dict
 from ray_updown.data.coco import Vocab
-from ray_updown.errors import CheckpointError, ConfigError, RayUpdownError
+from ray_updown.errors import CheckpointError, ConfigError
 from ray_updown.models.captioner import CaptionerConfig, UpDownCaptioner
 from ray_updown.train.caption_data import CaptionData, CaptionDataConfig, make_loader
 from ray_updown.train.caption_objectives import (CiderReward, SCSTConfig, greedy_cider,
                                                  scst_loss, xe_loss)
-from ray_updown.train.common import (CONFIG_FILE, init_wandb, load_checkpoint_dir,
-                                     load_weights_strict, pick_device, report_with_checkpoint,
-                                     restore_from_ray)
+from ray_updown.train.common import (CONFIG_FILE, checkpoint_uri, fit, init_wandb,
+                                     load_checkpoint_dir, load_weights_strict, pick_device,
+                                     report_with_checkpoint, restore_from_ray, run_storage)
 
 CHECKPOINT_KIND = "updown_captioner"
 
@@ -279,31 +278,6 @@ def validate(cfg: CaptionTrainConfig) -> CaptionData:
     return data
 
 
-def _package_error(exc: BaseException) -> RayUpdownError | None:
-    """The package error a worker raised, if that is why the run failed."""
-    failures = list(getattr(exc, "worker_failures", {}).values()) or [exc]
-    for failure in failures:
-        seen = 0
-        while failure is not None and seen < 10:
-            cause = getattr(failure, "cause", None)
-            for candidate in (failure, cause):
-                if isinstance(candidate, RayUpdownError):
-                    base = next(c for c in type(candidate).__mro__
-                                if c.__module__ == "ray_updown.errors")
-                    return base(candidate.problem, file=candidate.file, record=candidate.record)
-            failure = cause if cause is not None else failure.__cause__
-            seen += 1
-    return None
-
-
-def _run_storage(uri: str):
-    """(storage_path, pyarrow filesystem or None) for RunConfig; remote URIs go through
-    the project's storage module (custom S3 endpoints)."""
-    if storage.is_remote(uri):
-        return storage.pyarrow_filesystem(uri)[1], storage.pyarrow_filesystem(uri)[0]
-    return os.path.abspath(uri), None
-
-
 def train_captioner(cfg: CaptionTrainConfig) -> dict:
     """Run (or resume) a captioner training run on the connected Ray cluster.
 
@@ -318,7 +292,7 @@ def train_captioner(cfg: CaptionTrainConfig) -> dict:
     started = time.perf_counter()
     validate(cfg)
     ensure_ray()
-    path, filesystem = _run_storage(cfg.storage_path)
+    path, filesystem = run_storage(cfg.storage_path)
     trainer = TorchTrainer(
         train_loop, train_loop_config={"cfg": cfg},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
@@ -326,16 +300,9 @@ def train_captioner(cfg: CaptionTrainConfig) -> dict:
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(
                                  num_to_keep=cfg.keep_checkpoints or None)))
-    try:
-        result = trainer.fit()
-    except Exception as exc:
-        error = _package_error(exc)
-        if error is not None:
-            raise error from None
-        raise
-    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
-    if checkpoint is not None and storage.is_remote(cfg.storage_path):
-        checkpoint = cfg.storage_path.split("://", 1)[0] + "://" + checkpoint.lstrip("/")
+    result = fit(trainer)
+    checkpoint = (checkpoint_uri(result.checkpoint, cfg.storage_path)
+                  if result.checkpoint is not None else None)
     history = sorted((m for _, m in (result.best_checkpoints or [])), key=lambda m: m["epoch"])
     return {"name": cfg.name, "storage_path": cfg.storage_path, "checkpoint": checkpoint,
             "metrics": dict(result.metrics or {}), "history": history,

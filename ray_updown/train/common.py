@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ray_updown import storage
-from ray_updown.errors import CheckpointError
+from ray_updown.errors import CheckpointError, RayUpdownError
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -137,3 +137,52 @@ def init_wandb(project: str | None, config: dict, name: str | None = None):
 
     os.environ.setdefault("WANDB_MODE", "offline")
     return wandb.init(project=project, name=name, config=config, reinit=True)
+
+
+# -- the driver side of a run: where Ray stores it, and what comes back ----------------------
+
+def run_storage(uri: str) -> tuple[str, Any]:
+    """(storage_path, pyarrow filesystem or None) for a Ray RunConfig; remote URIs go through
+    the project's storage module, so custom S3 endpoints work."""
+    if storage.is_remote(uri):
+        filesystem, path = storage.pyarrow_filesystem(uri)
+        return path, filesystem
+    if uri.startswith("file://"):  # Ray resolves file:// URIs itself
+        return uri, None
+    return os.path.abspath(uri), None
+
+
+def checkpoint_uri(checkpoint, storage_path: str) -> str:
+    """A Ray checkpoint's location as a URI of our storage module (Ray drops the scheme)."""
+    if storage.is_remote(storage_path):
+        scheme = storage_path.split("://", 1)[0]
+        return f"{scheme}://{checkpoint.path.lstrip('/')}"
+    return checkpoint.path
+
+
+def package_error(exc: BaseException) -> RayUpdownError | None:
+    """The package error a worker raised, if that is why the run failed (searched through
+    the workers' failures and their causes)."""
+    pending = list(getattr(exc, "worker_failures", {}).values()) or [exc]
+    seen = 0
+    while pending and seen < 50:
+        failure = pending.pop(0)
+        seen += 1
+        if isinstance(failure, RayUpdownError):
+            base = next(c for c in type(failure).__mro__ if c.__module__ == "ray_updown.errors")
+            return base(failure.problem, file=failure.file, record=failure.record)
+        pending += [c for c in (getattr(failure, "cause", None), failure.__cause__)
+                    if c is not None]
+    return None
+
+
+def fit(trainer):
+    """`trainer.fit()`, raising a worker's package error as itself (one clear line in the CLI)
+    rather than as Ray's wrapper around it."""
+    try:
+        return trainer.fit()
+    except Exception as exc:
+        error = package_error(exc)
+        if error is not None:
+            raise error from None
+        raise

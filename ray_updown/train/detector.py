@@ -21,7 +21,6 @@ time-budgeted run on a slow machine still ends annealed.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -32,8 +31,8 @@ from ray_updown.config import to_dict
 from ray_updown.detector.checkpoint import load_detector, save_detector
 from ray_updown.detector.config import DetectorConfig, world_config
 from ray_updown.detector.model import BottomUpDetector
-from ray_updown.errors import CheckpointError, ConfigError, RayUpdownError
-from ray_updown.train.common import init_wandb, pick_device
+from ray_updown.errors import CheckpointError, ConfigError
+from ray_updown.train.common import checkpoint_uri, fit, init_wandb, pick_device, run_storage
 from ray_updown.train.detector_checkpoints import (check_vocabularies, latest_checkpoint,
                                                    load_weights_from, read_meta,
                                                    read_trainer_state, save_training_checkpoint)
@@ -273,29 +272,6 @@ def validate(cfg: DetectorTrainConfig) -> DetectorData:
     return data
 
 
-def _package_error(exc: BaseException) -> RayUpdownError | None:
-    """The package error a worker raised, if that is why the run failed."""
-    pending = list(getattr(exc, "worker_failures", {}).values()) or [exc]
-    seen = 0
-    while pending and seen < 50:
-        failure = pending.pop(0)
-        seen += 1
-        if isinstance(failure, RayUpdownError):
-            base = next(c for c in type(failure).__mro__ if c.__module__ == "ray_updown.errors")
-            return base(failure.problem, file=failure.file, record=failure.record)
-        pending += [c for c in (getattr(failure, "cause", None), failure.__cause__)
-                    if c is not None]
-    return None
-
-
-def _run_storage(uri: str):
-    """(storage_path, pyarrow filesystem or None) for RunConfig."""
-    if storage.is_remote(uri):
-        filesystem, path = storage.pyarrow_filesystem(uri)
-        return path, filesystem
-    return os.path.abspath(uri), None
-
-
 def train_detector(cfg: DetectorTrainConfig) -> dict:
     """Run (or resume) a detector training run on the connected Ray cluster.
 
@@ -312,7 +288,7 @@ def train_detector(cfg: DetectorTrainConfig) -> dict:
     started = time.perf_counter()
     validate(cfg)
     ensure_ray()
-    path, filesystem = _run_storage(cfg.storage_path)
+    path, filesystem = run_storage(cfg.storage_path)
     trainer = TorchTrainer(
         train_loop, train_loop_config={"cfg": cfg},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
@@ -321,18 +297,10 @@ def train_detector(cfg: DetectorTrainConfig) -> dict:
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(
                                  num_to_keep=cfg.keep_checkpoints or None)))
-    try:
-        result = trainer.fit()
-    except Exception as exc:
-        error = _package_error(exc)
-        if error is not None:
-            raise error from None
-        raise
+    result = fit(trainer)
     if result.checkpoint is None:
         raise CheckpointError("the run reported no checkpoint", file=cfg.run_uri())
-    checkpoint = result.checkpoint.path
-    if storage.is_remote(cfg.storage_path):
-        checkpoint = cfg.storage_path.split("://", 1)[0] + "://" + checkpoint.lstrip("/")
+    checkpoint = checkpoint_uri(result.checkpoint, cfg.storage_path)
     detector_uri = cfg.detector_uri()
     save_detector(load_detector(checkpoint), detector_uri)
     metrics = dict(result.metrics or {})

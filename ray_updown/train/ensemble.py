@@ -33,7 +33,7 @@ from ray_updown.features.store import FeatureStore
 from ray_updown.metrics.vqa_eval import write_vqa_results
 from ray_updown.models.vqa import VqaConfig, VqaModel, ensemble_scores
 from ray_updown.train import common
-from ray_updown.train.vqa import (METRIC, VqaTrainConfig, checkpoint_uri, shard_batches,
+from ray_updown.train.vqa import (METRIC, VqaTrainConfig, shard_batches,
                                   tune_experiment_path, tune_run_config, tune_trainable)
 from ray_updown.train.vqa_data import VqaVocabularies, questions_dataset
 
@@ -147,7 +147,7 @@ def _collect(grid, experiment: str, cfg: VqaTrainConfig, manifest: dict) -> list
         if seed in done:
             continue
         manifest["members"].append({
-            "seed": seed, "checkpoint": checkpoint_uri(checkpoint, cfg.storage_path),
+            "seed": seed, "checkpoint": common.checkpoint_uri(checkpoint, cfg.storage_path),
             "val_accuracy": metrics.get(METRIC), "epoch": metrics.get("epoch"),
             "experiment": experiment, "trial": result.path.rstrip("/").rsplit("/", 1)[-1]})
         done.add(seed)

@@ -318,19 +318,9 @@ def vqa_trainable(config: dict) -> None:
 
 
 def storage_kwargs(storage_path: str) -> dict:
-    """`storage_path` (+ `storage_filesystem` for object stores, so custom endpoints work)."""
-    if storage.is_remote(storage_path):
-        fs, path = storage.pyarrow_filesystem(storage_path)
-        return {"storage_path": path, "storage_filesystem": fs}
-    return {"storage_path": absolute_uri(storage_path)}
-
-
-def checkpoint_uri(checkpoint, storage_path: str) -> str:
-    """A Ray checkpoint's location as a URI of our storage module."""
-    if storage.is_remote(storage_path):
-        scheme = storage_path.split("://", 1)[0]
-        return f"{scheme}://{checkpoint.path.lstrip('/')}"
-    return checkpoint.path
+    """RunConfig's `storage_path` (+ `storage_filesystem` for object stores)."""
+    path, filesystem = common.run_storage(storage_path)
+    return {"storage_path": path, **({"storage_filesystem": filesystem} if filesystem else {})}
 
 
 def checkpoint_retention(cfg: VqaTrainConfig) -> dict:
@@ -367,8 +357,8 @@ def train_vqa(cfg: VqaTrainConfig) -> dict:
     result = trainer.fit()
     best = _best_checkpoint(result.best_checkpoints) or result.checkpoint
     metrics = dict(result.metrics or {})
-    return {"best_checkpoint": checkpoint_uri(best, cfg.storage_path) if best else None,
-            "latest_checkpoint": checkpoint_uri(result.checkpoint, cfg.storage_path)
+    return {"best_checkpoint": common.checkpoint_uri(best, cfg.storage_path) if best else None,
+            "latest_checkpoint": common.checkpoint_uri(result.checkpoint, cfg.storage_path)
             if result.checkpoint else None,
             "best_val_accuracy": metrics.get("best_val_accuracy"), "metrics": metrics,
             "path": storage.join(cfg.storage_path, cfg.name)}
