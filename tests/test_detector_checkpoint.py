@@ -25,13 +25,7 @@ LAYOUTS = ["py-bottom-up-attention", "milvlg", "hf-frcnn"]
 STAGES = {101: (3, 4, 23, 3), 50: (3, 4, 6, 3)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is ~10x faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def published_spec(layout: str, depth: int = 101, width: int = 64, classes: int = 1601,

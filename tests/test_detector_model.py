@@ -17,13 +17,7 @@ KEYS = {"boxes", "features", "object_ids", "object_conf", "attr_ids", "attr_conf
         "image_h"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is ~10x faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _images(seed: int = 0) -> list[np.ndarray]:

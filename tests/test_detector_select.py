@@ -10,13 +10,7 @@ from ray_updown.detector import per_class_nms_best_scores, select_regions
 from ray_updown.detector.boxes import box_iou
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is ~10x faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _reference_best_scores(boxes: np.ndarray, scores: np.ndarray, thr: float) -> np.ndarray:

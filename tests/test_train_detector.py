@@ -24,12 +24,7 @@ from ray_updown.train.detector_data import (DetectorData, DetectorDataConfig, fl
                                             worker_batches)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -173,12 +168,18 @@ def test_rerun_resumes_from_the_last_checkpoint_and_stops_at_the_budget(local_ru
     assert m_again["step"] == 7 and m_again["resumed_from_epoch"] == 3
 
 
+def world_with_one_more_word(world: str, tmp_path, vocab_file: str, word: str) -> str:
+    """A copy of `world` whose Visual Genome vocabulary `vocab_file` has one word more."""
+    other = str(tmp_path / "world")
+    shutil.copytree(world, other)
+    with open(os.path.join(other, "visual_genome", vocab_file), "a") as f:
+        f.write(word + "\n")
+    return other
+
+
 def test_resuming_with_another_vocabulary_is_refused(local_runs, tiny_world, tmp_path):
     cfg, folder, _, _, _ = local_runs
-    other = str(tmp_path / "world")
-    shutil.copytree(tiny_world, other)
-    with open(os.path.join(other, "visual_genome", "objects_vocab.txt"), "a") as f:
-        f.write("pentagon\n")
+    other = world_with_one_more_word(tiny_world, tmp_path, "objects_vocab.txt", "pentagon")
     rerun = dataclasses.replace(cfg, data=DetectorDataConfig(root=other), epochs=6)
     with pytest.raises(CheckpointError, match="object_vocab does not match.*9 classes, the data 10"
                        ) as info:
@@ -188,10 +189,7 @@ def test_resuming_with_another_vocabulary_is_refused(local_runs, tiny_world, tmp
 
 def test_starting_checkpoint_with_another_vocabulary_is_refused(tiny_run, tiny_world, tmp_path):
     cfg, first = tiny_run
-    other = str(tmp_path / "world")
-    shutil.copytree(tiny_world, other)
-    with open(os.path.join(other, "visual_genome", "attributes_vocab.txt"), "a") as f:
-        f.write("shiny\n")
+    other = world_with_one_more_word(tiny_world, tmp_path, "attributes_vocab.txt", "shiny")
     bad = tiny_config(other, str(tmp_path / "runs"), init_from=first["detector"])
     with pytest.raises(CheckpointError, match="attribute_vocab does not match") as info:
         validate(bad)
@@ -202,10 +200,7 @@ def test_starting_checkpoint_with_another_vocabulary_is_refused(tiny_run, tiny_w
 
 def test_driver_refuses_a_rerun_with_another_vocabulary(tiny_run, tiny_world, tmp_path):
     cfg, _ = tiny_run
-    other = str(tmp_path / "world")
-    shutil.copytree(tiny_world, other)
-    with open(os.path.join(other, "visual_genome", "objects_vocab.txt"), "a") as f:
-        f.write("pentagon\n")
+    other = world_with_one_more_word(tiny_world, tmp_path, "objects_vocab.txt", "pentagon")
     rerun = dataclasses.replace(cfg, data=DetectorDataConfig(root=other), epochs=6)
     with pytest.raises(CheckpointError, match="object_vocab does not match") as info:
         validate(rerun)  # train_detector calls it before any worker starts
