@@ -354,7 +354,7 @@ def train_vqa(cfg: VqaTrainConfig) -> dict:
             name=cfg.name, **storage_kwargs(cfg.storage_path),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(**checkpoint_retention(cfg))))
-    result = trainer.fit()
+    result = common.fit(trainer)  # a worker's package error surfaces as itself
     best = _best_checkpoint(result.best_checkpoints) or result.checkpoint
     metrics = dict(result.metrics or {})
     return {"best_checkpoint": common.checkpoint_uri(best, cfg.storage_path) if best else None,
