@@ -1,6 +1,6 @@
 """Captioner training throughput on this machine (XE and both SCST forms), printed as JSON.
 
-One optimisation step = the loop body of ray_updown/train/captioner.py on one worker (loss,
+One optimisation step = the loop body of ray_updown/captioning/train.py on one worker (loss,
 backward, optimizer step), on random region features and captions of the stated sizes:
 
 - "paper": E = 1000, H = 512, M = 1000, 10,010 words, 36 regions x 2048-d, 16 words max;
@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from ray_updown.data.text import SPECIALS, Vocab
-from ray_updown.models.captioner import CaptionerConfig, UpDownCaptioner
-from ray_updown.train.caption_data import CaptionBatch
-from ray_updown.train.caption_objectives import CiderReward, SCSTConfig, scst_loss, xe_loss
+from ray_updown.captioning.model import CaptionerConfig, UpDownCaptioner
+from ray_updown.captioning.data import CaptionBatch
+from ray_updown.captioning.objectives import CiderReward, SCSTConfig, scst_loss, xe_loss
 
 CONFIGS = {
     "paper": dict(embed_dim=1000, hidden_dim=512, att_dim=1000, vocab_words=10006),

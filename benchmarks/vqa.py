@@ -28,8 +28,8 @@ import time
 import numpy as np
 import torch
 
-from ray_updown.models.vqa import VqaConfig, VqaModel
-from ray_updown.train.vqa import build_optimizer, train_step, VqaTrainConfig
+from ray_updown.vqa.model import VqaConfig, VqaModel
+from ray_updown.vqa.train import build_optimizer, train_step, VqaTrainConfig
 
 NUM_TOKENS, NUM_ANSWERS, REGIONS, FEAT_DIM, QUESTION_LEN = 19901, 3129, 36, 2048, 14
 
@@ -120,7 +120,7 @@ def write_toy_vqa(root: str, train_images: int, val_images: int, dim: int = 32, 
 def ensemble_wall_clock(members: int, epochs: int, num_cpus: int) -> dict:
     from ray_updown.metrics.vqa_eval import evaluate_vqa
     from ray_updown.ray_session import ensure_ray
-    from ray_updown.train.ensemble import predict_ensemble, train_ensemble
+    from ray_updown.vqa.ensemble import predict_ensemble, train_ensemble
 
     root = tempfile.mkdtemp(prefix="vqa-bench-")
     paths = write_toy_vqa(root, train_images=120, val_images=40)

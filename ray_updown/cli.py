@@ -51,14 +51,14 @@ _STAGES: dict[str, tuple[str, str, str, dict[str, tuple[str, str]]]] = {
               {"--images": ("num_images", "number of images"),
                "--seed": ("seed", "random seed (same seed, same world)")}),
     "train-detector": ("train the bottom-up detector on Visual Genome-format data (Ray Train)",
-                       "ray_updown.train.detector:DetectorTrainConfig",
-                       "ray_updown.train.detector:train_detector",
+                       "ray_updown.detector.train.loop:DetectorTrainConfig",
+                       "ray_updown.detector.train.loop:train_detector",
                        {"--root": ("data.root", "dataset root (e.g. a synthetic world)"),
                         "--storage-path": ("storage_path", "where runs and checkpoints go"),
                         "--name": ("name", "run name (re-run the same name to resume)"),
                         "--workers": ("num_workers", "Ray Train workers")}),
     "extract": ("images in object storage -> Parquet region features (Ray Data)",
-                "ray_updown.extract:ExtractConfig", "ray_updown.extract:run_extraction",
+                "ray_updown.extraction.pipeline:ExtractConfig", "ray_updown.extraction.pipeline:run_extraction",
                 {"--images": ("images", "image URI prefix or glob"),
                  "--manifest": ("manifest", "Parquet/CSV/JSON-lines manifest with image_id, uri"),
                  "--out": ("out", "feature store URI"),
@@ -67,14 +67,14 @@ _STAGES: dict[str, tuple[str, str, str, dict[str, tuple[str, str]]]] = {
                  "--actors": ("num_actors", "detector actors"),
                  "--gpus-per-actor": ("num_gpus_per_actor", "GPUs per detector actor")}),
     "train-captioner": ("train the Up-Down captioner, XE or SCST (Ray Train)",
-                        "ray_updown.train.captioner:CaptionTrainConfig",
-                        "ray_updown.train.captioner:train_captioner",
+                        "ray_updown.captioning.train:CaptionTrainConfig",
+                        "ray_updown.captioning.train:train_captioner",
                         {"--objective": ("objective", "xe or scst"),
                          "--storage-path": ("storage_path", "where runs and checkpoints go"),
                          "--name": ("name", "run name (re-run the same name to resume)"),
                          "--workers": ("num_workers", "Ray Train workers")}),
     "train-vqa": ("train the Up-Down VQA model (Ray Train)",
-                  "ray_updown.train.vqa:VqaTrainConfig", "ray_updown.train.vqa:train_vqa",
+                  "ray_updown.vqa.train:VqaTrainConfig", "ray_updown.vqa.train:train_vqa",
                   {"--storage-path": ("storage_path", "where runs and checkpoints go"),
                    "--name": ("name", "run name (re-run the same name to resume)"),
                    "--workers": ("num_workers", "Ray Train workers")}),
@@ -104,7 +104,7 @@ def _run_stage(stage: str) -> Callable[[argparse.Namespace], None]:
 
 
 def _cmd_ensemble(args: argparse.Namespace) -> None:
-    from ray_updown.train.ensemble import train_ensemble
+    from ray_updown.vqa.ensemble import train_ensemble
 
     manifest = train_ensemble(args.config or _vqa_defaults(), members=args.members,
                               overrides=args.overrides, cpus_per_trial=args.cpus_per_trial,
@@ -114,7 +114,7 @@ def _cmd_ensemble(args: argparse.Namespace) -> None:
 
 def _cmd_tune(args: argparse.Namespace) -> None:
     from ray_updown.config import to_dict
-    from ray_updown.train.sweep import best_config_uri, run_sweep
+    from ray_updown.vqa.sweep import best_config_uri, run_sweep
 
     if not args.space:
         raise ConfigError("tune needs --space (a YAML file of the search space)")
@@ -125,7 +125,7 @@ def _cmd_tune(args: argparse.Namespace) -> None:
 
 
 def _vqa_defaults():
-    from ray_updown.train.vqa import VqaTrainConfig
+    from ray_updown.vqa.train import VqaTrainConfig
 
     return VqaTrainConfig()
 
@@ -153,7 +153,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     if args.task == "captions":
         from ray_updown.features.reader import FeatureStore
         from ray_updown.metrics.caption_eval import results_filename, write_caption_results
-        from ray_updown.train.caption_predict import load_captioner, predict_captions
+        from ray_updown.captioning.predict import load_captioner, predict_captions
 
         captioners = [load_captioner(uri) for uri in args.checkpoint]
         store = FeatureStore(args.features)
@@ -170,7 +170,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         write_caption_results(uri, captions)
         _print_summary({"results": uri, "images": len(captions), "models": len(captioners)})
         return
-    from ray_updown.train.ensemble import predict_ensemble, write_server_results
+    from ray_updown.vqa.ensemble import predict_ensemble, write_server_results
 
     if not args.questions:
         raise ConfigError("predict vqa needs --questions")
@@ -203,7 +203,7 @@ def _cmd_convert(args: argparse.Namespace) -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     from ray_updown.config import load_config
-    from ray_updown.demo import DemoConfig, run_demo
+    from ray_updown.demo.run import DemoConfig, run_demo
 
     overrides = [f"out={args.out}"] if args.out else []
     if args.scale is not None:

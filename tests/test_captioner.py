@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ray_updown.errors import ConfigError, DataError
-from ray_updown.models.captioner import CaptionerConfig, UpDownCaptioner
-from ray_updown.models.decoding import (
+from ray_updown.captioning.model import CaptionerConfig, UpDownCaptioner
+from ray_updown.captioning.decoding import (
     DecodingRules,
     beam_search,
     function_word_ids,

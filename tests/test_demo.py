@@ -9,10 +9,10 @@ import re
 
 import pytest
 
-from ray_updown.demo import DemoConfig, run_demo
-from ray_updown.demo_stages import StageBook
+from ray_updown.demo.run import DemoConfig, run_demo
+from ray_updown.demo.stages import StageBook
 from ray_updown.errors import ConfigError
-from ray_updown.report import targets_met
+from ray_updown.demo.report import targets_met
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -14,10 +14,10 @@ import torch
 from ray_updown import storage
 from ray_updown.detector import BottomUpDetector, save_detector, tiny_config
 from ray_updown.errors import CheckpointError, ConfigError, DataError, StorageError
-from ray_updown.extract import ExtractConfig, run_extraction
-from ray_updown.extract_inputs import (InputImage, image_id_from_name, list_images, load_plan,
+from ray_updown.extraction.pipeline import ExtractConfig, run_extraction
+from ray_updown.extraction.inputs import (InputImage, image_id_from_name, list_images, load_plan,
                                        plan_shards, read_manifest, save_plan)
-from ray_updown.extract_stages import DetectorActor, ModelSpec, result_schema
+from ray_updown.extraction.stages import DetectorActor, ModelSpec, result_schema
 from ray_updown.features.store import FeatureRecord, StoreMeta, feature_shard_uri, write_feature_shard
 
 

@@ -22,13 +22,13 @@ import torch
 from ray_updown.errors import CheckpointError, ConfigError, DataError
 from ray_updown.features.store import (FeatureRecord, StoreMeta, feature_shard_uri,
                                        write_feature_shard)
-from ray_updown.models.captioner import UpDownCaptioner
-from ray_updown.train.caption_data import CaptionData, CaptionDataConfig, make_loader
-from ray_updown.train.caption_objectives import (CiderReward, SCSTConfig, greedy_cider,
+from ray_updown.captioning.model import UpDownCaptioner
+from ray_updown.captioning.data import CaptionData, CaptionDataConfig, make_loader
+from ray_updown.captioning.objectives import (CiderReward, SCSTConfig, greedy_cider,
                                                  scst_loss, xe_loss)
-from ray_updown.train.caption_predict import (evaluate_split, load_captioner,
+from ray_updown.captioning.predict import (evaluate_split, load_captioner,
                                               predict_captions, predict_with_attention)
-from ray_updown.train.captioner import (CaptionModelConfig, CaptionTrainConfig, OptimConfig,
+from ray_updown.captioning.train import (CaptionModelConfig, CaptionTrainConfig, OptimConfig,
                                         captioner_config, checkpoint_config, train_captioner)
 from ray_updown.train.common import save_checkpoint_dir
 
@@ -184,7 +184,7 @@ def test_scst_beam_form_raises_greedy_cider_on_an_overfit_set(toy_world):
 
 @pytest.mark.parametrize("baseline", ["greedy", "mean_of_others"])
 def test_scst_sample_form_raises_expected_cider(toy_world, baseline):
-    from ray_updown.models.decoding import sample_decode
+    from ray_updown.captioning.decoding import sample_decode
 
     model, batch, reward = _overfit_setup(toy_world, xe_steps=25)
 

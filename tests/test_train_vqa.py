@@ -19,14 +19,14 @@ from ray_updown import storage
 from ray_updown.config import load_config
 from ray_updown.errors import ConfigError, DataError
 from ray_updown.features.store import FeatureRecord, StoreMeta, feature_shard_uri, write_feature_shard
-from ray_updown.models.vqa import VqaModel, vqa_loss
-from ray_updown.train.ensemble import (load_vqa_checkpoint, predict_ensemble, read_manifest,
+from ray_updown.vqa.model import VqaModel, vqa_loss
+from ray_updown.vqa.ensemble import (load_vqa_checkpoint, predict_ensemble, read_manifest,
                                        score_questions, server_results_name, train_ensemble,
                                        write_server_results)
-from ray_updown.train.sweep import BEST_CONFIG_FILE, resolve_key, run_sweep, tune_param_space
+from ray_updown.vqa.sweep import BEST_CONFIG_FILE, resolve_key, run_sweep, tune_param_space
 from ray_updown.train import common
-from ray_updown.train.vqa import VqaTrainConfig, run_vqa_loop, shard_batches, train_vqa
-from ray_updown.train.vqa_data import prepare_vqa_data
+from ray_updown.vqa.train import VqaTrainConfig, run_vqa_loop, shard_batches, train_vqa
+from ray_updown.vqa.data import prepare_vqa_data
 
 COLORS = ("red", "blue", "green")
 D = 8
@@ -292,9 +292,9 @@ def _snapshot(folder: str) -> dict[str, float]:
 
 def _by_hand(checkpoints, cfg):
     """Average the members' sigmoid scores without the ensemble code."""
-    from ray_updown.models.vqa import VqaConfig
+    from ray_updown.vqa.model import VqaConfig
     from ray_updown.train import common
-    from ray_updown.train.vqa_data import VqaVocabularies
+    from ray_updown.vqa.data import VqaVocabularies
 
     total = None
     for uri in checkpoints:

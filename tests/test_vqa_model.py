@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ray_updown.errors import ConfigError, DataError
-from ray_updown.models.vqa import (GatedTanh, VqaConfig, VqaModel, ensemble_scores,
+from ray_updown.vqa.model import (GatedTanh, VqaConfig, VqaModel, ensemble_scores,
                                    soft_accuracy, vqa_loss)
 
 TINY = dict(num_tokens=12, num_answers=5, embed_dim=8, hidden=16, feat_dim=6, question_len=5)

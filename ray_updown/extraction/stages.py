@@ -23,7 +23,7 @@ from ray_updown import storage
 from ray_updown.errors import CheckpointError, ConfigError, RayUpdownError
 from ray_updown.features.schema import StoreMeta, feature_schema
 from ray_updown.features.writer import FeatureRecord, records_to_table
-from ray_updown.images import DecodeLimits, ImageDecodeError, boxes_to_original, decode_image
+from ray_updown.extraction.images import DecodeLimits, ImageDecodeError, boxes_to_original, decode_image
 
 _EMPTY_PIXELS = np.zeros((0, 0, 3), dtype=np.uint8)
 

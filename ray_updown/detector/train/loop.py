@@ -33,13 +33,13 @@ from ray_updown.detector.config import DetectorConfig, world_config
 from ray_updown.detector.model import BottomUpDetector
 from ray_updown.errors import CheckpointError, ConfigError
 from ray_updown.train.common import checkpoint_uri, fit, init_wandb, pick_device, run_storage
-from ray_updown.train.detector_checkpoints import (check_vocabularies, latest_checkpoint,
+from ray_updown.detector.train.checkpoints import (check_vocabularies, latest_checkpoint,
                                                    load_weights_from, read_meta,
                                                    read_trainer_state, save_training_checkpoint)
-from ray_updown.train.detector_data import (DetectorData, DetectorDataConfig, all_reduce,
+from ray_updown.detector.train.data import (DetectorData, DetectorDataConfig, all_reduce,
                                             evaluate_split, flips_for, steps_per_epoch,
                                             worker_batches)
-from ray_updown.train.detector_optim import (DetectorOptimConfig, build_optimizer,
+from ray_updown.detector.train.optim import (DetectorOptimConfig, build_optimizer,
                                              learning_rate)
 
 
@@ -141,7 +141,7 @@ def model_config_for(cfg: DetectorTrainConfig, data: DetectorData) -> DetectorCo
 # --------------------------------------------------------------------------- the loop
 def train_loop(loop_config: dict) -> None:
     """The Ray Train worker function."""
-    from ray_updown.train.detector_checkpoints import RayTrainSession
+    from ray_updown.detector.train.checkpoints import RayTrainSession
 
     run_detector_loop(loop_config["cfg"], RayTrainSession())
 

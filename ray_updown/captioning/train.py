@@ -29,9 +29,9 @@ from ray_updown import storage
 from ray_updown.config import to_dict
 from ray_updown.data.coco import Vocab
 from ray_updown.errors import CheckpointError, ConfigError
-from ray_updown.models.captioner import CaptionerConfig, UpDownCaptioner
-from ray_updown.train.caption_data import CaptionData, CaptionDataConfig, make_loader
-from ray_updown.train.caption_objectives import (CiderReward, SCSTConfig, greedy_cider,
+from ray_updown.captioning.model import CaptionerConfig, UpDownCaptioner
+from ray_updown.captioning.data import CaptionData, CaptionDataConfig, make_loader
+from ray_updown.captioning.objectives import (CiderReward, SCSTConfig, greedy_cider,
                                                  scst_loss, xe_loss)
 from ray_updown.train.common import (CONFIG_FILE, checkpoint_uri, fit, init_wandb,
                                      load_checkpoint_dir, load_weights_strict, pick_device,

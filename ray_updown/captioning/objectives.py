@@ -30,9 +30,9 @@ from torch import Tensor, nn
 from ray_updown.data.coco import Vocab
 from ray_updown.errors import ConfigError
 from ray_updown.metrics.cider import CiderD
-from ray_updown.models.decoding import (beam_search, greedy_decode, sample_decode,
+from ray_updown.captioning.decoding import (beam_search, greedy_decode, sample_decode,
                                         strip_special)
-from ray_updown.train.caption_data import CaptionBatch
+from ray_updown.captioning.data import CaptionBatch
 from ray_updown.train.common import unwrap
 
 SCST_FORMS = ("beam", "sample")

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ray_updown.errors import ConfigError
-from ray_updown.models.captioner import UpDownCaptioner
+from ray_updown.captioning.model import UpDownCaptioner
 
 # Words the original Up-Down decoder let repeat inside one caption.
 FUNCTION_WORDS: tuple[str, ...] = ("a", "the", "of", ",", "on", "in", "and", "with", "is", "an",

@@ -25,9 +25,9 @@ from ray_updown.features.spatial import SPATIAL_DIM
 from ray_updown.features.store import FeatureStore
 from ray_updown.metrics.caption_eval import (evaluate_captions, results_filename,
                                              write_caption_results)
-from ray_updown.models.captioner import CaptionerConfig, UpDownCaptioner
-from ray_updown.models.decoding import DecodingRules, beam_search
-from ray_updown.train.caption_data import check_features_present, region_tensors
+from ray_updown.captioning.model import CaptionerConfig, UpDownCaptioner
+from ray_updown.captioning.decoding import DecodingRules, beam_search
+from ray_updown.captioning.data import check_features_present, region_tensors
 from ray_updown.train.common import load_checkpoint_dir, load_weights_strict
 
 EVAL_SPLITS = ("val", "test")

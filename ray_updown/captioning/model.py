@@ -14,7 +14,7 @@ Images carry different numbers of regions, so features arrive padded to K with a
 (True = a real region). Padded regions are zeroed once in `encode` and get exactly zero attention,
 so nothing a padded row contains can change any output. Token ids: PAD = 0 always; BOS and EOS
 come from the caption vocabulary (ray_updown/data/coco.py) through the config.
-Decoders (greedy, sampling, beam search, ensembles) live in ray_updown/models/decoding.py and use
+Decoders (greedy, sampling, beam search, ensembles) live in ray_updown/captioning/decoding.py and use
 only `init_state` and `step`.
 """
 

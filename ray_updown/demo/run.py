@@ -22,7 +22,7 @@
                targets and whether each was met, and attention pictures (figures 5-7).
 
 Each stage prints when it starts and finishes; a finished stage leaves <out>/stages/<name>.json
-so a second run reuses it (see demo_stages.StageBook). `scale` multiplies the world's images,
+so a second run reuses it (see stages.StageBook). `scale` multiplies the world's images,
 the detector's time budget and the training epochs; `scale` 0.05 runs everything in minutes.
 """
 
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from ray_updown import storage
 from ray_updown.config import to_dict
-from ray_updown.demo_stages import (StageBook, WorldFiles, detector_history, evaluate_caption_model,
+from ray_updown.demo.stages import (StageBook, WorldFiles, detector_history, evaluate_caption_model,
                                     evaluate_vqa_model, extract, local_or_uri, log, mean_regions,
                                     side_by_side, train_caption_model, train_vqa_ensemble,
                                     train_vqa_trials, vqa_config)
@@ -132,8 +132,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     """Run (or finish) the demo into `cfg.out`; returns the summary (tables, targets, times)."""
     from ray_updown.data.world import WorldConfig, build_world
     from ray_updown.ray_session import ensure_ray
-    from ray_updown.report import targets_met, write_report
-    from ray_updown.train.detector import demo_detector_config, train_detector
+    from ray_updown.demo.report import targets_met, write_report
+    from ray_updown.detector.train.loop import demo_detector_config, train_detector
 
     started = time.perf_counter()
     cfg.validate()

@@ -8,7 +8,7 @@ reads top to bottom in `run_extraction`:
 1. Check before any work: the config, that the output can be written (StorageError), that the
    checkpoint loads and matches its config (CheckpointError), that an existing store was made
    by the same model.
-2. List the inputs (prefix, glob or manifest; extract_inputs.py) and cut them into
+2. List the inputs (prefix, glob or manifest; inputs.py) and cut them into
    deterministic shards by sorted URI. The plan is saved beside the output and reused, so a
    re-run sees the same shards.
 3. Skip shards that are complete. A shard is complete when both of its files exist:
@@ -48,15 +48,15 @@ import pyarrow.parquet as pq
 
 from ray_updown import storage
 from ray_updown.errors import ConfigError, DataError, StorageError
-from ray_updown.extract_inputs import (IMAGE_SUFFIXES, list_images, load_plan,
+from ray_updown.extraction.inputs import (IMAGE_SUFFIXES, list_images, load_plan,
                                        plan_shards, plan_table, read_manifest, save_plan)
-from ray_updown.extract_stages import (DetectorActor, ModelSpec, build_model, decode_stage,
+from ray_updown.extraction.stages import (DetectorActor, ModelSpec, build_model, decode_stage,
                                        describe_model, read_stage)
 from ray_updown.features.reader import build_index
 from ray_updown.features.schema import ERRORS_DIR, FEATURES_DIR, StoreMeta, feature_schema
 from ray_updown.features.writer import (error_shard_uri, feature_shard_uri, table_to_records,
                                         write_error_shard, write_feature_shard)
-from ray_updown.images import DecodeLimits
+from ray_updown.extraction.images import DecodeLimits
 
 SUMMARY_FILE = "extract_summary.json"
 

@@ -157,7 +157,7 @@ def extract(world: WorldFiles, store: str, detector_uri: str, grid_size: int | N
             torch_threads: int, boxes: tuple[int, int] = (0, 0)) -> dict:
     """Region (grid_size None) or grid features of every world image into `store`; `boxes`
     (min, max) clamps the number of regions kept per image (0 = the detector's own)."""
-    from ray_updown.extract import ExtractConfig, run_extraction
+    from ray_updown.extraction.pipeline import ExtractConfig, run_extraction
 
     min_side, max_side = detector_input_sides(detector_uri)
     cfg = ExtractConfig(images=world.images, out=store, checkpoint=detector_uri,
@@ -184,8 +184,8 @@ def mean_regions(store: str) -> float:
 def train_caption_model(cfg, world: WorldFiles, features: str, runs: str, name: str,
                         objective: str, epochs: int, init_from: str = "") -> dict:
     """One captioner run (XE, eq. 9, or SCST, eq. 10-11) on Ray Train; its per-epoch curve."""
-    from ray_updown.train.caption_objectives import SCSTConfig
-    from ray_updown.train.captioner import (CaptionDataConfig, CaptionModelConfig,
+    from ray_updown.captioning.objectives import SCSTConfig
+    from ray_updown.captioning.train import (CaptionDataConfig, CaptionModelConfig,
                                             CaptionTrainConfig, OptimConfig, train_captioner)
 
     # max_regions only caps: batches pad to their largest image (<= 36 regions, 196 cells).
@@ -213,7 +213,7 @@ def train_caption_model(cfg, world: WorldFiles, features: str, runs: str, name: 
 def evaluate_caption_model(world: WorldFiles, features: str, checkpoint: str, name: str,
                            results_dir: str) -> dict:
     """Beam search (5) on the Karpathy test split, the server results file, pycocoevalcap."""
-    from ray_updown.train.caption_predict import evaluate_split
+    from ray_updown.captioning.predict import evaluate_split
 
     out = evaluate_split(checkpoint, karpathy=world.karpathy, features=features, split="test",
                          name=name, out_dir=results_dir, beam_size=5)
@@ -226,8 +226,8 @@ def evaluate_caption_model(world: WorldFiles, features: str, checkpoint: str, na
 def vqa_config(cfg, world: WorldFiles, features: str, max_boxes: int, runs: str, name: str,
                epochs: int):
     """The demo's VQA run: the paper's model (3.3: gated tanh, GloVe) at the demo's sizes."""
-    from ray_updown.train.vqa import VqaModelOptions, VqaTrainConfig
-    from ray_updown.train.vqa_data import VqaDataConfig
+    from ray_updown.vqa.train import VqaModelOptions, VqaTrainConfig
+    from ray_updown.vqa.data import VqaDataConfig
 
     data = VqaDataConfig(train_questions=world.questions("train"),
                          train_annotations=world.annotations("train"),
@@ -249,7 +249,7 @@ def train_vqa_trials(configs: dict[str, Any], root: str, experiment: str) -> dic
     from ray import tune
 
     from ray_updown.train.common import checkpoint_uri
-    from ray_updown.train.vqa import METRIC, tune_experiment_path, tune_run_config, tune_trainable
+    from ray_updown.vqa.train import METRIC, tune_experiment_path, tune_run_config, tune_trainable
 
     names = list(configs)
     first = next(iter(configs.values()))
@@ -293,8 +293,8 @@ def _vqa_history(frame) -> list[dict]:
 
 
 def train_vqa_ensemble(cfg, members: int) -> dict:
-    """The ensemble (ray_updown.train.ensemble): N seeds as Tune trials; manifest + curves."""
-    from ray_updown.train.ensemble import ensemble_root, train_ensemble
+    """The ensemble (ray_updown.vqa.ensemble): N seeds as Tune trials; manifest + curves."""
+    from ray_updown.vqa.ensemble import ensemble_root, train_ensemble
 
     manifest = train_ensemble(cfg, members=members, cpus_per_trial=1.0)
     root = ensemble_root(cfg.absolute())
@@ -318,7 +318,7 @@ def evaluate_vqa_model(world: WorldFiles, checkpoints: list[str], features: str,
     """Official accuracy (overall and per answer type) on VQA val of one model or an
     ensemble (averaged sigmoid scores), and its results file in the server format."""
     from ray_updown.metrics.vqa_eval import evaluate_vqa
-    from ray_updown.train.ensemble import predict_ensemble, write_server_results
+    from ray_updown.vqa.ensemble import predict_ensemble, write_server_results
 
     predictions = predict_ensemble(checkpoints, world.questions("val"), features)
     results = write_server_results(predictions, results_dir, name, subset="val2014")

@@ -30,9 +30,9 @@ import torch
 from ray_updown import storage
 from ray_updown.config import from_dict, to_dict
 from ray_updown.errors import ConfigError
-from ray_updown.models.vqa import VqaConfig, VqaModel, soft_accuracy, vqa_loss
+from ray_updown.vqa.model import VqaConfig, VqaModel, soft_accuracy, vqa_loss
 from ray_updown.train import common
-from ray_updown.train.vqa_data import (PreparedVqa, VqaDataConfig, VqaDataset, VqaVocabularies,
+from ray_updown.vqa.data import (PreparedVqa, VqaDataConfig, VqaDataset, VqaVocabularies,
                                        absolute_uri, prepare_vqa_data)
 
 log = logging.getLogger(__name__)

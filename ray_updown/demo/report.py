@@ -171,7 +171,7 @@ def caption_attention_pictures(world, state: dict, figures: str, prefix: str,
     """Figure 5/7 style: each generated word's attention (beam search, `return_attention`),
     for the SCST captioner on regions and on the grid, on the same test images."""
     from ray_updown.data.coco import images_in_split, load_karpathy
-    from ray_updown.train.caption_predict import load_captioner, predict_with_attention
+    from ray_updown.captioning.predict import load_captioner, predict_with_attention
     from ray_updown.viz.attention import caption_attention_figure, save_png
 
     count = count or int(state["config"]["attention_examples"])
@@ -201,8 +201,8 @@ def vqa_attention_pictures(world, state: dict, figures: str, prefix: str) -> lis
     val question of each answer type, Up-Down (first ensemble member) and the largest grid."""
     from ray_updown.data.vqa import load_vqa
     from ray_updown.features.store import FeatureStore
-    from ray_updown.train.ensemble import load_vqa_checkpoint
-    from ray_updown.train.vqa_data import questions_dataset
+    from ray_updown.vqa.ensemble import load_vqa_checkpoint
+    from ray_updown.vqa.data import questions_dataset
     from ray_updown.viz.attention import save_png, vqa_attention_figure
 
     questions = load_vqa(world.questions("val"), world.annotations("val"))
@@ -277,7 +277,7 @@ def write_report(out: str, world, state: dict, seconds: dict[str, float],
     cfg, det = state["config"], state["detector"]
     met = sum(t["met"] for t in targets.values())
     lines = [f"# Bottom-up and top-down attention on a synthetic world (scale {cfg['scale']:g})", "",
-             f"Written {time.strftime('%Y-%m-%d %H:%M')} by `ray-updown demo` (ray_updown/demo.py). "
+             f"Written {time.strftime('%Y-%m-%d %H:%M')} by `ray-updown demo` (ray_updown/demo/run.py). "
              f"World: {state['world']['images']} images of {state['world']['image_size'][0]} px "
              f"(Karpathy splits {state['world']['splits']}); everything below was trained and "
              "scored on it by this run, on Ray on this machine.", "",

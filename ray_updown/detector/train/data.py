@@ -25,7 +25,7 @@ from ray_updown.data.vg import (ClassVocab, VgImage, load_class_vocab, load_visu
                                 split_visual_genome)
 from ray_updown.detector.roi_heads import DetectionTarget
 from ray_updown.errors import ConfigError, DataError
-from ray_updown.images import DecodeLimits, ImageDecodeError, decode_image
+from ray_updown.extraction.images import DecodeLimits, ImageDecodeError, decode_image
 from ray_updown.metrics.detection import DetectionMetrics, evaluate_detections
 
 if TYPE_CHECKING:
