@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from ray_updown.vqa.model import VqaConfig, VqaModel
-from ray_updown.vqa.train import build_optimizer, train_step, VqaTrainConfig
+from ray_updown.vqa.config import VqaTrainConfig
+from ray_updown.vqa.train import build_optimizer, train_step
 
 NUM_TOKENS, NUM_ANSWERS, REGIONS, FEAT_DIM, QUESTION_LEN = 19901, 3129, 36, 2048, 14
 

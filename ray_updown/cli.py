@@ -51,7 +51,7 @@ _STAGES: dict[str, tuple[str, str, str, dict[str, tuple[str, str]]]] = {
               {"--images": ("num_images", "number of images"),
                "--seed": ("seed", "random seed (same seed, same world)")}),
     "train-detector": ("train the bottom-up detector on Visual Genome-format data (Ray Train)",
-                       "ray_updown.detector.train.loop:DetectorTrainConfig",
+                       "ray_updown.detector.train.config:DetectorTrainConfig",
                        "ray_updown.detector.train.loop:train_detector",
                        {"--root": ("data.root", "dataset root (e.g. a synthetic world)"),
                         "--storage-path": ("storage_path", "where runs and checkpoints go"),
@@ -67,14 +67,14 @@ _STAGES: dict[str, tuple[str, str, str, dict[str, tuple[str, str]]]] = {
                  "--actors": ("num_actors", "detector actors"),
                  "--gpus-per-actor": ("num_gpus_per_actor", "GPUs per detector actor")}),
     "train-captioner": ("train the Up-Down captioner, XE or SCST (Ray Train)",
-                        "ray_updown.captioning.train:CaptionTrainConfig",
+                        "ray_updown.captioning.config:CaptionTrainConfig",
                         "ray_updown.captioning.train:train_captioner",
                         {"--objective": ("objective", "xe or scst"),
                          "--storage-path": ("storage_path", "where runs and checkpoints go"),
                          "--name": ("name", "run name (re-run the same name to resume)"),
                          "--workers": ("num_workers", "Ray Train workers")}),
     "train-vqa": ("train the Up-Down VQA model (Ray Train)",
-                  "ray_updown.vqa.train:VqaTrainConfig", "ray_updown.vqa.train:train_vqa",
+                  "ray_updown.vqa.config:VqaTrainConfig", "ray_updown.vqa.train:train_vqa",
                   {"--storage-path": ("storage_path", "where runs and checkpoints go"),
                    "--name": ("name", "run name (re-run the same name to resume)"),
                    "--workers": ("num_workers", "Ray Train workers")}),
@@ -125,7 +125,7 @@ def _cmd_tune(args: argparse.Namespace) -> None:
 
 
 def _vqa_defaults():
-    from ray_updown.vqa.train import VqaTrainConfig
+    from ray_updown.vqa.config import VqaTrainConfig
 
     return VqaTrainConfig()
 

@@ -12,7 +12,6 @@ import torch
 
 from ray_updown import storage
 from ray_updown.errors import DataError, StorageError
-from ray_updown.features import reader as reader_mod
 from ray_updown.features.spatial import spatial_features
 from ray_updown.features.store import (FeatureRecord, FeatureStore, StoreMeta, build_index,
                                        error_shard_uri, feature_shard_uri, pad_regions,

@@ -17,7 +17,7 @@ from ray_updown.features.writer import FeatureRecord, feature_shard_uri, write_f
 from ray_updown.captioning.model import CaptionerConfig, UpDownCaptioner
 from ray_updown.vqa.model import VqaConfig, VqaModel
 from ray_updown.train.common import save_checkpoint_dir
-from ray_updown.vqa.train import VqaTrainConfig
+from ray_updown.vqa.config import VqaTrainConfig
 
 D = 8
 

@@ -28,8 +28,8 @@ from ray_updown.captioning.objectives import (CiderReward, SCSTConfig, greedy_ci
                                                  scst_loss, xe_loss)
 from ray_updown.captioning.predict import (evaluate_split, load_captioner,
                                               predict_captions, predict_with_attention)
-from ray_updown.captioning.train import (CaptionModelConfig, CaptionTrainConfig, OptimConfig,
-                                        captioner_config, checkpoint_config, train_captioner)
+from ray_updown.captioning.config import CaptionModelConfig, CaptionTrainConfig, OptimConfig
+from ray_updown.captioning.train import captioner_config, checkpoint_config, train_captioner
 from ray_updown.train.common import save_checkpoint_dir
 
 OBJECTS = ["dog", "cat", "car", "tree", "boat", "bird", "horse", "ball"]

@@ -62,7 +62,8 @@ def test_tune_runs_log_to_wandb_through_rays_callback_when_a_project_is_configur
                                                                                    monkeypatch):
     from ray.air.integrations.wandb import WandbLoggerCallback
 
-    from ray_updown.vqa.train import VqaTrainConfig, tune_run_config
+    from ray_updown.vqa.config import VqaTrainConfig
+    from ray_updown.vqa.train import tune_run_config
 
     def wandb_callbacks(cfg):
         run_config = tune_run_config(cfg, str(tmp_path), "exp")

@@ -16,9 +16,8 @@ from ray_updown.config import load_config
 from ray_updown.data.world import WorldConfig, build_world
 from ray_updown.detector import load_detector
 from ray_updown.errors import CheckpointError, ConfigError
-from ray_updown.detector.train.loop import (DetectorOptimConfig, DetectorTrainConfig,
-                                       demo_detector_config, demo_model_config, learning_rate,
-                                       run_detector_loop, train_detector, validate)
+from ray_updown.detector.train.config import DetectorTrainConfig, demo_detector_config, demo_model_config
+from ray_updown.detector.train.loop import DetectorOptimConfig, learning_rate, run_detector_loop, train_detector, validate
 from ray_updown.detector.train.checkpoints import LocalSession
 from ray_updown.detector.train.data import (DetectorData, DetectorDataConfig, flips_for,
                                             worker_batches)

@@ -25,7 +25,8 @@ from ray_updown.vqa.ensemble import (load_vqa_checkpoint, predict_ensemble, read
                                        write_server_results)
 from ray_updown.vqa.sweep import BEST_CONFIG_FILE, resolve_key, run_sweep, tune_param_space
 from ray_updown.train import common
-from ray_updown.vqa.train import VqaTrainConfig, run_vqa_loop, shard_batches, train_vqa
+from ray_updown.vqa.config import VqaTrainConfig
+from ray_updown.vqa.train import run_vqa_loop, shard_batches, train_vqa
 from ray_updown.vqa.data import prepare_vqa_data
 
 COLORS = ("red", "blue", "green")

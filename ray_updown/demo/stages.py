@@ -185,8 +185,8 @@ def train_caption_model(cfg, world: WorldFiles, features: str, runs: str, name: 
                         objective: str, epochs: int, init_from: str = "") -> dict:
     """One captioner run (XE, eq. 9, or SCST, eq. 10-11) on Ray Train; its per-epoch curve."""
     from ray_updown.captioning.objectives import SCSTConfig
-    from ray_updown.captioning.train import (CaptionDataConfig, CaptionModelConfig,
-                                            CaptionTrainConfig, OptimConfig, train_captioner)
+    from ray_updown.captioning.config import CaptionModelConfig, CaptionTrainConfig, OptimConfig
+    from ray_updown.captioning.train import CaptionDataConfig, train_captioner
 
     # max_regions only caps: batches pad to their largest image (<= 36 regions, 196 cells).
     data = CaptionDataConfig(karpathy=world.karpathy, features=features,
@@ -226,7 +226,7 @@ def evaluate_caption_model(world: WorldFiles, features: str, checkpoint: str, na
 def vqa_config(cfg, world: WorldFiles, features: str, max_boxes: int, runs: str, name: str,
                epochs: int):
     """The demo's VQA run: the paper's model (3.3: gated tanh, GloVe) at the demo's sizes."""
-    from ray_updown.vqa.train import VqaModelOptions, VqaTrainConfig
+    from ray_updown.vqa.config import VqaModelOptions, VqaTrainConfig
     from ray_updown.vqa.data import VqaDataConfig
 
     data = VqaDataConfig(train_questions=world.questions("train"),
@@ -249,7 +249,8 @@ def train_vqa_trials(configs: dict[str, Any], root: str, experiment: str) -> dic
     from ray import tune
 
     from ray_updown.train.common import checkpoint_uri
-    from ray_updown.vqa.train import METRIC, tune_experiment_path, tune_run_config, tune_trainable
+    from ray_updown.vqa.config import METRIC
+    from ray_updown.vqa.train import tune_experiment_path, tune_run_config, tune_trainable
 
     names = list(configs)
     first = next(iter(configs.values()))

@@ -33,8 +33,8 @@ from ray_updown.features.store import FeatureStore
 from ray_updown.metrics.vqa_eval import write_vqa_results
 from ray_updown.vqa.model import VqaConfig, VqaModel, ensemble_scores
 from ray_updown.train import common
-from ray_updown.vqa.train import (METRIC, VqaTrainConfig, shard_batches,
-                                  tune_experiment_path, tune_run_config, tune_trainable)
+from ray_updown.vqa.config import METRIC, VqaTrainConfig
+from ray_updown.vqa.train import shard_batches, tune_experiment_path, tune_run_config, tune_trainable
 from ray_updown.vqa.data import VqaVocabularies, questions_dataset
 
 log = logging.getLogger(__name__)

@@ -26,8 +26,8 @@ import yaml
 from ray_updown import storage
 from ray_updown.config import dump_config, load_config
 from ray_updown.errors import ConfigError
-from ray_updown.vqa.train import (METRIC, VqaTrainConfig, tune_experiment_path, tune_run_config,
-                                  tune_trainable)
+from ray_updown.vqa.config import METRIC, VqaTrainConfig
+from ray_updown.vqa.train import tune_experiment_path, tune_run_config, tune_trainable
 
 log = logging.getLogger(__name__)
 

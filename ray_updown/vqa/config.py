@@ -1,0 +1,95 @@
+"""The VQA training run's typed config (paper 3.3, supplementary 6.3): data, model preset,
+optimiser, and how the run is spread over Ray."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field as dc_field
+
+from ray_updown.config import from_dict, to_dict
+from ray_updown.errors import ConfigError
+from ray_updown.vqa.data import VqaDataConfig, absolute_uri
+from ray_updown.vqa.model import VqaConfig
+
+METRIC = "val_accuracy"
+OPTIMIZERS = {"adadelta": 1.0, "adamax": 2e-3}  # name -> default learning rate
+PRESETS = ("paper", "reimplementation")
+
+
+@dataclass
+class VqaModelOptions:
+    """The model section: a preset plus the fields to change (None = the preset's value).
+
+    `num_tokens`, `num_answers`, `feat_dim` and `spatial_dim` come from the data.
+    """
+
+    preset: str = "paper"                # "paper" (gated tanh, 512) | "reimplementation"
+    hidden: int | None = None
+    embed_dim: int | None = None
+    question_len: int | None = None
+    nonlinearity: str | None = None
+    weight_norm: bool | None = None
+    classifier_hidden: int | None = None
+    dropout: float | None = None
+    classifier_dropout: float | None = None
+    l2_normalize_features: bool | None = None
+
+    def overrides(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "preset" and v is not None}
+
+    def base(self) -> VqaConfig:
+        """The preset with the overrides, before the data's sizes are known."""
+        if self.preset not in PRESETS:
+            raise ConfigError(f"must be one of {list(PRESETS)}, got {self.preset!r}",
+                              record="model.preset")
+        build = VqaConfig.paper if self.preset == "paper" else VqaConfig.reimplementation
+        return build(**self.overrides())
+
+
+@dataclass
+class VqaTrainConfig:
+    """Everything a VQA training run needs; loadable with `load_config(VqaTrainConfig, yaml)`."""
+
+    data: VqaDataConfig = dc_field(default_factory=VqaDataConfig)
+    model: VqaModelOptions = dc_field(default_factory=VqaModelOptions)
+    optimizer: str = "adadelta"          # paper: AdaDelta; re-implementation: adamax
+    lr: float | None = None              # None: 1.0 for adadelta, 2e-3 for adamax
+    weight_decay: float = 0.0
+    grad_clip: float = 0.25              # max gradient norm; 0 = no clipping
+    epochs: int = 20
+    batch_size: int = 512                # global: split across the Ray Train workers
+    patience: int = 3                    # epochs without a better val accuracy; 0 = never stop
+    seed: int = 0
+    num_workers: int = 1                 # Ray Train workers (DDP)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    loader_workers: int = 0              # DataLoader processes per worker
+    max_failures: int = 0                # worker/trial restarts from the last checkpoint
+    storage_path: str = "runs"           # URI: local path, s3://, gs://
+    name: str = "vqa"
+    wandb_project: str | None = None
+
+    def check(self) -> None:
+        self.data.check()
+        self.model.base()
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}",
+                              record="optimizer")
+        for name in ("epochs", "batch_size", "num_workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"must be >= 1, got {getattr(self, name)}", record=name)
+        if self.patience < 0 or self.grad_clip < 0 or (self.lr is not None and self.lr <= 0):
+            raise ConfigError("patience and grad_clip must be >= 0, lr > 0", record="optimizer")
+
+    def absolute(self) -> "VqaTrainConfig":
+        """A copy with local relative paths made absolute (Ray workers have their own cwd)."""
+        return dataclasses.replace(self, data=self.data.absolute(),
+                                   storage_path=absolute_uri(self.storage_path))
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str | None = None) -> "VqaTrainConfig":
+        return from_dict(cls, values, source)
+
