@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from ray_updown import storage
+from ray_updown.data.vqa_answers import normalize_answer, process_punctuation
 from ray_updown.errors import DataError
-from ray_updown.metrics.vqa_eval import (evaluate_vqa, normalize_answer, process_punctuation,
-                                         vqa_accuracy, write_vqa_results)
+from ray_updown.metrics.vqa_eval import evaluate_vqa, vqa_accuracy, write_vqa_results
 
 
 def _question(qid, image_id, text):

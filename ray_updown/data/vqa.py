@@ -20,15 +20,16 @@ Visual Genome question_answers.json (augmentation)::
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from ray_updown import storage
 from ray_updown.data.text import PAD_ID, UNK_ID, Vocab, field, records, vocab_from_counts
+from ray_updown.data.vqa_answers import normalize_answer
 from ray_updown.errors import DataError
-from ray_updown.metrics.vqa_eval import normalize_answer
 
 __all__ = ["VqaQuestion", "AnswerVocab", "load_vqa", "tokenize_question", "encode_question",
            "build_question_vocab", "build_answer_vocab", "soft_score", "soft_targets",
