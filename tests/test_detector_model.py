@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
-from ray_updown.detector import (BottomUpDetector, DetectionTarget, GridFeatureExtractor,
-                                 grid_boxes, paper_config, tiny_config)
+from ray_updown.detector import (
+    BottomUpDetector,
+    DetectionTarget,
+    GridFeatureExtractor,
+    grid_boxes,
+    paper_config,
+    tiny_config,
+)
 from ray_updown.detector.backbone import ResNetC4Trunk
 from ray_updown.detector.rpn import caffe_cell_anchors, detectron2_cell_anchors
 from ray_updown.detector.transform import ImageTransform, caffe_scale
@@ -63,6 +71,32 @@ def test_extract_regions_shapes_and_dtypes(tiny_model):
         assert (b[:, 1] >= 0).all() and (b[:, 3] <= image.shape[0]).all()
         assert (b[:, 2] >= b[:, 0]).all() and (b[:, 3] >= b[:, 1]).all()
         assert np.isfinite(record["features"]).all()
+        assert ((record["attr_conf"] > 0) & (record["attr_conf"] <= 1)).all()
+        assert len(np.unique(b, axis=0)) == k  # k distinct regions, not one repeated
+
+
+def test_extracted_rows_are_the_heads_outputs_of_one_region(tiny_model):
+    """Each record row is one proposal: its box (undone resize), pooled feature, best
+    foreground class and best real attribute, all taken from the same region."""
+    images = _images(3)
+    records = tiny_model.extract_regions(images)
+    for record, pred in zip(records, tiny_model.predict(images)):
+        regions = pred.regions
+        all_boxes = (regions.boxes.float() / pred.scale).numpy()
+        class_probs = regions.class_logits.float().softmax(dim=1).numpy()
+        attr_probs = regions.attr_logits.float().softmax(dim=1).numpy()
+        features = regions.features.float().numpy()
+        for j, box in enumerate(record["boxes"]):
+            matches = np.nonzero(np.abs(all_boxes - box).max(axis=1) < 1e-4)[0]
+            assert len(matches) >= 1, f"region {j} is not one of the proposals"
+            i = matches[0]
+            np.testing.assert_allclose(record["features"][j], features[i], rtol=1e-5, atol=1e-6)
+            assert record["object_ids"][j] == 1 + int(class_probs[i, 1:].argmax())
+            assert record["object_conf"][j] == pytest.approx(float(class_probs[i, 1:].max()),
+                                                             rel=1e-5)
+            assert record["attr_ids"][j] == 1 + int(attr_probs[i, 1:].argmax())
+            assert record["attr_conf"][j] == pytest.approx(float(attr_probs[i, 1:].max()),
+                                                           rel=1e-5)
 
 
 def test_extract_is_deterministic(tiny_model):
@@ -139,10 +173,43 @@ def test_transform_is_caffe_blob():
         ImageTransform(cfg)([np.zeros((20, 30, 3), np.float32)])
 
 
-def test_read_only_arrays_are_accepted(tiny_model):
-    image = _images()[0]
-    image.setflags(write=False)  # Ray Data hands out read-only blocks
-    assert len(tiny_model.extract_regions([image])) == 1
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.setflags(write=False)  # Ray Data hands out read-only blocks
+    return array
+
+
+def _assert_same_records(got: list[dict], expected: list[dict]) -> None:
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert set(a) == set(b) == KEYS
+        for key in KEYS:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_read_only_arrays_give_the_same_regions_as_writable_ones(tiny_model):
+    images = _images(4)
+    writable = tiny_model.extract_regions([im.copy() for im in images])
+    # A read-only strided view (every other row of a taller block) as well as plain arrays.
+    tall = np.repeat(images[1], 2, axis=0)
+    read_only = [_read_only(images[0].copy()), _read_only(tall)[::2], _read_only(images[2].copy())]
+    assert not read_only[1].flags.writeable and not read_only[1].flags.c_contiguous
+    before = [im.copy() for im in read_only]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = tiny_model.extract_regions(read_only)
+    assert not [w for w in caught if "writ" in str(w.message)], [str(w.message) for w in caught]
+    _assert_same_records(got, writable)
+    assert all(len(r["boxes"]) >= tiny_model.config.min_boxes for r in got)
+    for im, kept in zip(read_only, before):  # the caller's pixels are left alone
+        assert not im.flags.writeable and np.array_equal(im, kept)
+    # The grid baseline and classic detections take the same blocks.
+    grid = GridFeatureExtractor(tiny_model, 7)
+    _assert_same_records(grid.extract_regions(read_only), grid.extract_regions(images))
+    for a, b in zip(tiny_model.detect(read_only, score_threshold=0.0),
+                    tiny_model.detect(images, score_threshold=0.0)):
+        assert set(a) == set(b)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def test_paper_architecture_shapes():
@@ -210,12 +277,38 @@ def test_training_losses_fall():
 
 
 def test_detect_returns_classic_detections(tiny_model):
-    dets = tiny_model.detect(_images()[:2], score_threshold=0.0, max_per_image=7)
-    for det in dets:
+    images = _images()[:2]
+    cfg = tiny_model.config
+    dets = tiny_model.detect(images, score_threshold=0.0, max_per_image=7)
+    full = tiny_model.detect(images, score_threshold=0.0, max_per_image=1000)
+    for det, all_dets, image in zip(dets, full, images):
         n = len(det["scores"])
-        assert 0 < n <= 7 and det["boxes"].shape == (n, 4)
+        assert n == 7 < len(all_dets["scores"])
+        assert det["boxes"].shape == (n, 4) and det["boxes"].dtype == np.float32
+        for key in ("scores", "labels", "attr_ids", "attr_conf"):
+            assert det[key].shape == (n,)
         assert (np.diff(det["scores"]) <= 1e-6).all()  # sorted by score
-        assert (det["labels"] >= 1).all()
+        assert ((det["scores"] > 0) & (det["scores"] <= 1)).all()
+        assert ((det["labels"] >= 1) & (det["labels"] < cfg.num_classes)).all()
+        assert ((det["attr_ids"] >= 1) & (det["attr_ids"] < cfg.num_attributes)).all()
+        assert ((det["attr_conf"] > 0) & (det["attr_conf"] <= 1)).all()
+        b = all_dets["boxes"]  # regressed boxes clipped to the original image
+        assert (b[:, :2] >= 0).all() and (b[:, 2] <= image.shape[1]).all()
+        assert (b[:, 3] <= image.shape[0]).all()
+        assert (b[:, 2] >= b[:, 0]).all() and (b[:, 3] >= b[:, 1]).all()
+        # max_per_image keeps the best detections: the first n of the untruncated list.
+        for key in det:
+            np.testing.assert_array_equal(det[key], all_dets[key][:n], err_msg=key)
+    # A score threshold drops the detections below it and changes nothing else (NMS only
+    # ever suppresses a box for a better-scoring one, which the threshold keeps).
+    threshold = float(np.median(full[0]["scores"]))
+    if threshold >= 1.0:
+        threshold = float(np.unique(full[0]["scores"])[-2])
+    above = tiny_model.detect(images, score_threshold=threshold, max_per_image=1000)[0]
+    kept = full[0]["scores"] > threshold
+    assert 0 < kept.sum() < len(kept)
+    for key in above:
+        np.testing.assert_array_equal(above[key], full[0][key][kept], err_msg=key)
 
 
 @pytest.mark.parametrize("grid", [1, 7, 10, 14])
@@ -231,9 +324,37 @@ def test_grid_baseline_shapes(tiny_model, grid):
         assert record["boxes"][-1].tolist() == pytest.approx(
             [image.shape[1] * (grid - 1) / grid, image.shape[0] * (grid - 1) / grid,
              image.shape[1], image.shape[0]])
-        assert (record["object_ids"] == 0).all() and record["attr_conf"].shape == (k,)
+        np.testing.assert_allclose(record["boxes"], grid_boxes(*image.shape[:2], grid))
+        for key in ("object_ids", "attr_ids", "object_conf", "attr_conf"):
+            assert record[key].shape == (k,) and not record[key].any(), key
+        assert (record["image_h"], record["image_w"]) == image.shape[:2]
+        assert np.isfinite(record["features"]).all()
+        if grid > 1:  # the cells see different parts of the image
+            assert np.ptp(record["features"], axis=0).max() > 1e-3
     alone = extractor.extract_regions(images[1:])[0]
     np.testing.assert_allclose(out[1]["features"], alone["features"], rtol=1e-4, atol=1e-5)
+
+
+def test_grid_cells_are_the_res5_map_in_row_major_order(tiny_model):
+    """When the grid matches res5's own size the resize is the identity: cell r * g + c is
+    the res5 column at row r, column c, and its box is that tile of the image."""
+    image = _images(5)[0][:64, :64]
+    with torch.no_grad():
+        batch = tiny_model.transform([image])
+        res4, _ = tiny_model.backbone(batch.tensor, None)
+        res5 = tiny_model.roi_heads.res5(res4, None)[0][0]
+    g = res5.shape[-1]
+    assert res5.shape[-2] == g > 1
+    record = GridFeatureExtractor(tiny_model, g).extract_regions([image])[0]
+    expected = res5.permute(1, 2, 0).reshape(g * g, -1).numpy()
+    np.testing.assert_allclose(record["features"], expected, rtol=1e-5, atol=1e-5)
+    step = 64 / g
+    r, c = 0, 1  # the second cell is to the right of the first, not below it
+    assert record["boxes"][r * g + c].tolist() == pytest.approx(
+        [c * step, r * step, (c + 1) * step, (r + 1) * step])
+    # A 1x1 grid is one weighted average of the map: between its smallest and largest cell.
+    one = GridFeatureExtractor(tiny_model, 1).extract_regions([image])[0]["features"][0]
+    assert (one >= expected.min(axis=0) - 1e-5).all() and (one <= expected.max(axis=0) + 1e-5).all()
 
 
 def test_grid_boxes_tile_the_image():
@@ -241,3 +362,10 @@ def test_grid_boxes_tile_the_image():
     area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sum()
     assert boxes.shape == (9, 4) and area == pytest.approx(1200)
     assert boxes[0].tolist() == pytest.approx([0, 0, 40 / 3, 10])
+    assert boxes[1].tolist() == pytest.approx([40 / 3, 0, 80 / 3, 10])  # row-major
+    assert boxes[3].tolist() == pytest.approx([0, 10, 40 / 3, 20])
+    assert boxes[-1].tolist() == pytest.approx([80 / 3, 20, 40, 30])
+    # Neighbouring cells share edges: no gaps, no overlaps.
+    grid = boxes.reshape(3, 3, 4)
+    np.testing.assert_allclose(grid[:, 1:, 0], grid[:, :-1, 2])
+    np.testing.assert_allclose(grid[1:, :, 1], grid[:-1, :, 3])
