@@ -30,10 +30,10 @@ import time
 import numpy as np
 import torch
 
-from ray_updown.data.text import SPECIALS, Vocab
-from ray_updown.captioning.model import CaptionerConfig, UpDownCaptioner
 from ray_updown.captioning.data import CaptionBatch
+from ray_updown.captioning.model import CaptionerConfig, UpDownCaptioner
 from ray_updown.captioning.objectives import CiderReward, SCSTConfig, scst_loss, xe_loss
+from ray_updown.data.text import SPECIALS, Vocab
 
 CONFIGS = {
     "paper": dict(embed_dim=1000, hidden_dim=512, att_dim=1000, vocab_words=10006),

@@ -41,11 +41,10 @@ import torch
 
 from ray_updown import storage
 from ray_updown.data.world import WorldConfig, build_world
-from ray_updown.detector import (BottomUpDetector, load_detector, paper_config, save_detector,
-                                 world_config)
-from ray_updown.extraction.pipeline import ExtractConfig, run_extraction
-from ray_updown.extraction.inputs import list_images
+from ray_updown.detector import BottomUpDetector, load_detector, paper_config, save_detector, world_config
 from ray_updown.extraction.images import DecodeLimits, decode_image
+from ray_updown.extraction.inputs import list_images
+from ray_updown.extraction.pipeline import ExtractConfig, run_extraction
 
 CORES = os.cpu_count() or 1
 

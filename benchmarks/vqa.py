@@ -28,8 +28,8 @@ import time
 import numpy as np
 import torch
 
-from ray_updown.vqa.model import VqaConfig, VqaModel
 from ray_updown.vqa.config import VqaTrainConfig
+from ray_updown.vqa.model import VqaConfig, VqaModel
 from ray_updown.vqa.train import build_optimizer, train_step
 
 NUM_TOKENS, NUM_ANSWERS, REGIONS, FEAT_DIM, QUESTION_LEN = 19901, 3129, 36, 2048, 14
@@ -78,8 +78,7 @@ COLORS = ("red", "blue", "green", "yellow")
 def write_toy_vqa(root: str, train_images: int, val_images: int, dim: int = 32, seed: int = 0) -> dict:
     """VQA v2 question/annotation files + a feature store; regions encode the answers."""
     from ray_updown import storage
-    from ray_updown.features.store import (FeatureRecord, StoreMeta, feature_shard_uri,
-                                           write_feature_shard)
+    from ray_updown.features.store import FeatureRecord, StoreMeta, feature_shard_uri, write_feature_shard
 
     rng = np.random.default_rng(seed)
     records, paths = [], {}

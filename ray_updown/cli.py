@@ -151,9 +151,9 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     from ray_updown import storage
 
     if args.task == "captions":
+        from ray_updown.captioning.predict import load_captioner, predict_captions
         from ray_updown.features.reader import FeatureStore
         from ray_updown.metrics.caption_eval import results_filename, write_caption_results
-        from ray_updown.captioning.predict import load_captioner, predict_captions
 
         captioners = [load_captioner(uri) for uri in args.checkpoint]
         store = FeatureStore(args.features)

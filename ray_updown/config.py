@@ -4,6 +4,14 @@
 
 Nested dataclasses are addressed with dots. Values are parsed as YAML scalars and checked
 against the field's type, so `epochs=three` is a ConfigError naming the key, not a crash later.
+
+Every config class has one hook, `validate(self) -> None`, raising ConfigError with `record`
+naming the field relative to the config itself; it starts with `validate_fields(self)`, which
+checks the Literal-typed fields and validates the nested configs (their records put under the
+field's name, so an error reads `model.hidden`). `load_config` and `from_dict` validate what
+they build; code that builds a config itself calls `cfg.validate()` before using it. Defaults
+are valid: an input left empty (a data file, an output URI) is reported, naming its key, by
+the code that reads it, so any config can be loaded, shown and read back from a checkpoint.
 """
 
 from __future__ import annotations
@@ -36,7 +44,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
                 return _coerce(value, arg, key, source)
             except ConfigError as exc:
                 errors.append(exc.problem)
-        raise ConfigError(f"{value!r} does not fit {tp}", file=source, record=key)
+        # X | None: X's own message ("expected one of [...]") says more than the union's
+        problem = errors[0] if len(errors) == 1 else f"{value!r} does not fit {tp}"
+        raise ConfigError(problem, file=source, record=key)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -94,7 +104,60 @@ def _build(cls: type[T], data: dict, source: str | None, prefix: str = "") -> T:
         raise ConfigError(f"unknown key(s) {unknown}; known: {sorted(names)}", file=source,
                           record=prefix.rstrip(".") or None)
     kwargs = {k: _coerce(v, hints[k], prefix + k, source) for k, v in data.items()}
-    return cls(**kwargs)
+    cfg = cls(**kwargs)
+    if hasattr(cfg, "validate"):
+        validate_config(cfg, prefix.rstrip("."), source)
+    return cfg
+
+
+def validate_config(cfg: Any, prefix: str = "", source: str | None = None) -> None:
+    """`cfg.validate()`, its error's record put under `prefix` (where `cfg` sits in the config
+    it belongs to, e.g. "model") and naming `source` (the file it came from)."""
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        if not prefix and (exc.file or not source):
+            raise
+        record = ".".join(str(p) for p in (prefix, exc.record) if p is not None and p != "")
+        raise ConfigError(exc.problem, file=exc.file or source, record=record or None) from None
+
+
+def _has_literal(tp: Any) -> bool:
+    return typing.get_origin(tp) is typing.Literal or any(
+        _has_literal(arg) for arg in typing.get_args(tp) if not isinstance(arg, (str, int)))
+
+
+def validate_fields(cfg: Any) -> None:
+    """What every config's validate() starts with: Literal-typed fields hold one of their
+    values (configs built in code skip `_coerce`, so the annotation is checked here too), and
+    each nested config validates, its records under the field's name."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and hasattr(value, "validate"):
+            validate_config(value, f.name)
+        elif _has_literal(hints[f.name]):
+            _coerce(value, hints[f.name], f.name, None)
+
+
+def check_at_least(cfg: Any, minimum: float, *names: str) -> None:
+    """ConfigError naming the first of the fields `names` that is below `minimum`."""
+    for name in names:
+        if getattr(cfg, name) < minimum:
+            raise ConfigError(f"must be >= {minimum}, got {getattr(cfg, name)}", record=name)
+
+
+def check_training_run(cfg: Any) -> None:
+    """What every training config needs of `name`, `epochs`, `batch_size` and `num_workers`:
+    a run name that is one path segment, and at least one item per worker and step."""
+    check_at_least(cfg, 1, "epochs", "batch_size", "num_workers")
+    if cfg.batch_size < cfg.num_workers:
+        raise ConfigError(f"batch_size {cfg.batch_size} is smaller than num_workers "
+                          f"{cfg.num_workers}: every worker needs an item per step",
+                          record="batch_size")
+    if not cfg.name or "/" in cfg.name:
+        raise ConfigError(f"run name must be a non-empty word without '/', got {cfg.name!r}",
+                          record="name")
 
 
 def _set(data: dict, dotted: str, value: Any) -> None:
@@ -112,7 +175,7 @@ def to_dict(cfg: Any) -> dict:
 
 
 def load_config(cls: type[T], path: str | None = None, overrides: Iterable[str] = ()) -> T:
-    """Defaults of `cls`, then the YAML file at `path`, then `key=value` overrides."""
+    """Defaults of `cls`, then the YAML file at `path`, then `key=value` overrides; validated."""
     data: dict = to_dict(cls())
     if path:
         from ray_updown import storage

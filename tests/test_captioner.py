@@ -8,8 +8,6 @@ import itertools
 import pytest
 import torch
 
-from ray_updown.errors import ConfigError, DataError
-from ray_updown.captioning.model import CaptionerConfig, UpDownCaptioner
 from ray_updown.captioning.decoding import (
     DecodingRules,
     beam_search,
@@ -19,6 +17,8 @@ from ray_updown.captioning.decoding import (
     sequence_log_probs,
     strip_special,
 )
+from ray_updown.captioning.model import CaptionerConfig, UpDownCaptioner
+from ray_updown.errors import ConfigError, DataError
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -110,7 +110,9 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(DataError, match="token ids"):
         model(feats, mask, torch.tensor([[BOS, 99]] * 3))
     with pytest.raises(ConfigError):
-        CaptionerConfig(vocab_size=2)
+        CaptionerConfig(vocab_size=2).validate()
+    with pytest.raises(ConfigError):
+        UpDownCaptioner(CaptionerConfig(vocab_size=2))
     with pytest.raises(ConfigError):
         beam_search(model, feats, mask, rules=DecodingRules(banned_ids=(EOS,)))
 

@@ -8,9 +8,22 @@ import numpy as np
 import pytest
 
 from ray_updown import storage
-from ray_updown.data.coco import (BOS_ID, EOS_ID, PAD_ID, TRAIN_SPLITS, UNK_ID, Vocab, build_vocab,
-                                  caption_tokens, coco_split_map, encode_captions, image_files,
-                                  load_coco_captions, load_karpathy, references)
+from ray_updown.data.coco import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    TRAIN_SPLITS,
+    UNK_ID,
+    Vocab,
+    build_vocab,
+    caption_tokens,
+    coco_split_map,
+    encode_captions,
+    image_files,
+    load_coco_captions,
+    load_karpathy,
+    references,
+)
 from ray_updown.errors import DataError, StorageError
 
 

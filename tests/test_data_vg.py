@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from ray_updown import storage
-from ray_updown.data.vg import (load_class_vocab, load_visual_genome, split_visual_genome,
-                                vg_image_path)
+from ray_updown.data.vg import load_class_vocab, load_visual_genome, split_visual_genome, vg_image_path
 from ray_updown.errors import DataError, StorageError
 
 

@@ -7,9 +7,18 @@ import pytest
 
 from ray_updown import storage
 from ray_updown.data.text import PAD_ID, UNK_ID
-from ray_updown.data.vqa import (AnswerVocab, VqaQuestion, build_answer_vocab,
-                                 build_question_vocab, encode_question, load_vg_qa, load_vqa,
-                                 soft_score, soft_targets, tokenize_question)
+from ray_updown.data.vqa import (
+    AnswerVocab,
+    VqaQuestion,
+    build_answer_vocab,
+    build_question_vocab,
+    encode_question,
+    load_vg_qa,
+    load_vqa,
+    soft_score,
+    soft_targets,
+    tokenize_question,
+)
 from ray_updown.errors import DataError, StorageError
 
 

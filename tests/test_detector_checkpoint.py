@@ -16,8 +16,16 @@ import pytest
 import torch
 
 from ray_updown import storage
-from ray_updown.detector import (BottomUpDetector, convert_state, export_state, load_detector,
-                                 load_published, save_detector, state_dict_report, tiny_config)
+from ray_updown.detector import (
+    BottomUpDetector,
+    convert_state,
+    export_state,
+    load_detector,
+    load_published,
+    save_detector,
+    state_dict_report,
+    tiny_config,
+)
 from ray_updown.detector.converters import infer_config
 from ray_updown.errors import CheckpointError
 

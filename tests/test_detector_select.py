@@ -9,7 +9,6 @@ import torch
 from ray_updown.detector import per_class_nms_best_scores, select_regions
 from ray_updown.detector.boxes import box_iou
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

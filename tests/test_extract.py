@@ -16,15 +16,14 @@ import pytest
 import torch
 from PIL import Image
 from ray import cloudpickle
+from test_images import encode, halves, png_chunks, with_orientation  # noqa: E402
 
 from ray_updown import storage
 from ray_updown.data.world import WorldConfig, build_world
 from ray_updown.detector import BottomUpDetector, grid_boxes, load_detector, save_detector, tiny_config
+from ray_updown.extraction.images import decode_image
 from ray_updown.extraction.pipeline import ExtractConfig, run_extraction
 from ray_updown.features.store import FeatureStore
-from ray_updown.extraction.images import decode_image
-
-from test_images import encode, halves, png_chunks, with_orientation  # noqa: E402
 
 # Ray workers cannot import this test module: its model wrappers travel by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -14,9 +14,16 @@ import torch
 from ray_updown import storage
 from ray_updown.detector import BottomUpDetector, save_detector, tiny_config
 from ray_updown.errors import CheckpointError, ConfigError, DataError, StorageError
+from ray_updown.extraction.inputs import (
+    InputImage,
+    image_id_from_name,
+    list_images,
+    load_plan,
+    plan_shards,
+    read_manifest,
+    save_plan,
+)
 from ray_updown.extraction.pipeline import ExtractConfig, run_extraction
-from ray_updown.extraction.inputs import (InputImage, image_id_from_name, list_images, load_plan,
-                                       plan_shards, read_manifest, save_plan)
 from ray_updown.extraction.stages import DetectorActor, ModelSpec, result_schema
 from ray_updown.features.store import FeatureRecord, StoreMeta, feature_shard_uri, write_feature_shard
 
@@ -105,7 +112,8 @@ def test_actor_retries_one_by_one_and_maps_boxes_to_original_pixels():
     actor = DetectorActor(ModelSpec(factory=PoisonModel), meta)
     pixels = [np.full((10, 20, 3), v, np.uint8) for v in (50, 13, 90)] + [np.zeros((0, 0, 3), np.uint8)]
     batch = {"image_id": np.array([1, 2, 3, 4]), "uri": np.array(["a", "b", "c", "d"], dtype=object),
-             "row": np.array([0, 1, 2, 3]), "shard": np.array([0, 0, 0, 0]), "stage": np.array(["", "", "", "decode"], dtype=object),
+             "row": np.array([0, 1, 2, 3]), "shard": np.array([0, 0, 0, 0]),
+             "stage": np.array(["", "", "", "decode"], dtype=object),
              "reason": np.array(["", "", "", "truncated"], dtype=object),
              "pixels": np.array(pixels + [None], dtype=object)[:-1],
              "image_w": np.array([40, 40, 40, 0], np.int32), "image_h": np.array([20, 20, 20, 0], np.int32)}
@@ -166,7 +174,9 @@ def test_a_store_of_another_model_is_not_extended(tmp_path, checkpoint):
 
 def test_config_errors_are_named():
     with pytest.raises(ConfigError, match="out"):
-        ExtractConfig(images="x").validate()
+        run_extraction(ExtractConfig(images="x"))  # empty by default: checked before any work
+    with pytest.raises(ConfigError, match="images"):
+        run_extraction(ExtractConfig(out="y"))
     with pytest.raises(ConfigError, match="half"):
         ExtractConfig(images="x", out="y", half=True).validate()
     with pytest.raises(ConfigError, match="model"):

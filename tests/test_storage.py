@@ -39,7 +39,8 @@ def test_missing_uri_is_a_storage_error(tmp_path):
         storage.list_files(str(tmp_path / "nowhere"))
 
 
-@pytest.mark.parametrize("text,kind", [('{"a": 1,, }', "malformed"), ('{"a": [1, 2', "truncated"), ('{"a": "unfinis', "truncated")])
+@pytest.mark.parametrize("text,kind", [('{"a": 1,, }', "malformed"), ('{"a": [1, 2', "truncated"),
+                                       ('{"a": "unfinis', "truncated")])
 def test_bad_json_names_file_and_position(tmp_path, text, kind):
     path = tmp_path / "bad.json"
     path.write_text(text)

@@ -19,18 +19,17 @@ import numpy as np
 import pytest
 import torch
 
-from ray_updown.errors import CheckpointError, ConfigError, DataError
-from ray_updown.features.store import (FeatureRecord, StoreMeta, feature_shard_uri,
-                                       write_feature_shard)
-from ray_updown.captioning.model import UpDownCaptioner
-from ray_updown.captioning.data import CaptionData, CaptionDataConfig, make_loader
-from ray_updown.captioning.objectives import (CiderReward, SCSTConfig, greedy_cider,
-                                                 scst_loss, xe_loss)
-from ray_updown.captioning.predict import (evaluate_split, load_captioner,
-                                              predict_captions, predict_with_attention)
 from ray_updown.captioning.config import CaptionModelConfig, CaptionTrainConfig, OptimConfig
-from ray_updown.captioning.train import captioner_config, checkpoint_config, train_captioner
-from ray_updown.train.common import save_checkpoint_dir
+from ray_updown.captioning.data import CaptionData, CaptionDataConfig, make_loader
+from ray_updown.captioning.model import UpDownCaptioner
+from ray_updown.captioning.objectives import CiderReward, SCSTConfig, greedy_cider, scst_loss, xe_loss
+from ray_updown.captioning.predict import evaluate_split, load_captioner, predict_captions, predict_with_attention
+from ray_updown.captioning.train import checkpoint_config, model_config, run_captioner_loop, train_captioner
+from ray_updown.errors import CheckpointError, ConfigError, DataError
+from ray_updown.features.store import FeatureRecord, StoreMeta, feature_shard_uri, write_feature_shard
+from ray_updown.train.checkpoint import load_checkpoint_dir, save_checkpoint_dir
+from ray_updown.train.session import LocalSession
+from ray_updown.train.worker import shard_batches
 
 OBJECTS = ["dog", "cat", "car", "tree", "boat", "bird", "horse", "ball"]
 TEMPLATES = ["a {a} next to a {b}", "a {a} and a {b}", "the {a} is near the {b}",
@@ -103,9 +102,12 @@ def test_batches_pad_regions_and_captions(toy_world):
     data = CaptionData.load(CaptionDataConfig(karpathy=toy_world[0], features=toy_world[1],
                                               vocab_min_count=2, max_len=4, spatial=True))
     assert data.vocab.itos[:4] == ["<pad>", "<bos>", "<eos>", "<unk>"] and "dog" in data.vocab
-    loader = make_loader(data, data.open_store(), data.train_ids, 3, rank=1, world_size=2)
-    assert len(loader.sampler) == 16  # half of the 32 training images
+    # Worker 1 of 2 with 6 images a step: 3 images of each of the 5 full steps of 32 images.
+    batches = shard_batches(len(data.train_ids), 6, rank=1, world=2, seed=0)
+    loader = make_loader(data, data.open_store(), data.train_ids, batches)
+    assert len(loader) == 5
     batch = next(iter(loader))
+    assert batch.image_ids == [data.train_ids[i] for i in batches[0]]
     assert batch.feats.shape[0] == 3 and batch.feats.shape[2] == FEATURE_DIM + 7
     assert batch.mask.sum(1).min() >= 3 and not bool(batch.feats[~batch.mask].any())
     assert batch.num_captions == 15 and batch.caption_image.tolist() == [0] * 5 + [1] * 5 + [2] * 5
@@ -115,6 +117,22 @@ def test_batches_pad_regions_and_captions(toy_world):
     assert torch.equal(batch.inputs[:, 1:], batch.targets[:, :-1])
     words = data.vocab.decode(batch.targets[0].tolist())
     assert words == " ".join(data.images[batch.image_ids[0]].tokens[0][:4])
+
+
+def test_the_loop_runs_without_ray_and_resumes_from_its_last_checkpoint(toy_world, tmp_path):
+    cfg = toy_config(*toy_world, tmp_path, num_workers=1, epochs=1)
+    first = LocalSession(str(tmp_path / "local"))
+    run_captioner_loop(cfg, first)
+    (metrics, path), = first.reports
+    assert metrics["epoch"] == 1 and metrics["step"] == 8 and metrics["val_cider_d"] >= 0
+    weights, config, state = load_checkpoint_dir(path)
+    assert state["epoch"] == 1 and state["step"] == 8 and state["objective"] == "xe"
+    assert config["vocab"] and set(weights) == set(UpDownCaptioner(
+        model_config(cfg, CaptionData.load(cfg.data).vocab, FEATURE_DIM)).state_dict())
+    again = LocalSession(str(tmp_path / "local"))
+    run_captioner_loop(dataclasses.replace(cfg, epochs=2), again)
+    (metrics, _), = again.reports
+    assert metrics["epoch"] == 2 and metrics["resumed_from_epoch"] == 1 and metrics["step"] == 16
 
 
 def test_xe_on_two_workers_learns_and_resumes(xe_run):
@@ -153,8 +171,8 @@ def _overfit_setup(toy_world, xe_steps):
     store = data.open_store()
     cfg = toy_config(*toy_world, Path("unused"))
     torch.manual_seed(0)
-    model = UpDownCaptioner(captioner_config(cfg, data.vocab, store.feature_dim))
-    batch = next(iter(make_loader(data, store, data.train_ids, 8, shuffle=False)))
+    model = UpDownCaptioner(model_config(cfg, data.vocab, store.feature_dim))
+    batch = next(iter(make_loader(data, store, data.train_ids, [list(range(8))])))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     for _ in range(xe_steps):
         loss, _ = xe_loss(model, batch)
@@ -242,7 +260,7 @@ def test_checkpoint_with_another_vocabulary_is_refused(toy_world, tmp_path):
     cfg = toy_config(*toy_world, tmp_path)
     data = CaptionData.load(cfg.data)
     other = CaptionData.load(dataclasses.replace(cfg.data, vocab_min_count=40))  # fewer words
-    model = UpDownCaptioner(captioner_config(cfg, other.vocab, FEATURE_DIM))
+    model = UpDownCaptioner(model_config(cfg, other.vocab, FEATURE_DIM))
     save_checkpoint_dir(str(tmp_path / "ckpt"), model,
                         checkpoint_config(cfg, model.config, other.vocab))
     scst = dataclasses.replace(cfg, objective="scst",
@@ -259,7 +277,7 @@ def test_image_without_references_is_named(toy_world, tmp_path):
         CaptionData.load(CaptionDataConfig(karpathy=karpathy, features=store, vocab_min_count=2))
     cfg = toy_config(*toy_world, tmp_path)
     data = CaptionData.load(cfg.data)
-    model = UpDownCaptioner(captioner_config(cfg, data.vocab, FEATURE_DIM))
+    model = UpDownCaptioner(model_config(cfg, data.vocab, FEATURE_DIM))
     save_checkpoint_dir(str(tmp_path / "m"), model,
                         checkpoint_config(cfg, model.config, data.vocab))
     with pytest.raises(DataError, match="image 40: has no reference captions"):
@@ -269,7 +287,7 @@ def test_image_without_references_is_named(toy_world, tmp_path):
 def test_a_worker_error_reaches_the_caller_as_the_package_error():
     from ray.train.v2.api.exceptions import WorkerGroupError
 
-    from ray_updown.train.common import package_error
+    from ray_updown.train.trainer import package_error
 
     failure = RuntimeError("wrapped")
     failure.__cause__ = CheckpointError("vocabulary does not match", file="ckpt/")
@@ -281,7 +299,8 @@ def test_a_worker_error_reaches_the_caller_as_the_package_error():
 def test_unknown_split_is_refused(toy_world, tmp_path):
     with pytest.raises(ConfigError, match="unknown split 'testing'"):
         evaluate_split("no-such-checkpoint", *toy_world, split="testing")
-    with pytest.raises(ConfigError, match="unknown split 'bogus'"):
-        CaptionDataConfig(karpathy=toy_world[0], features=toy_world[1], val_split="bogus")
+    bad = CaptionDataConfig(karpathy=toy_world[0], features=toy_world[1], val_split="bogus")
+    with pytest.raises(ConfigError, match="data.val_split: expected one of .*'bogus'"):
+        CaptionData.load(bad)
     with pytest.raises(ConfigError, match="objective"):
-        CaptionTrainConfig(objective="rl")
+        CaptionTrainConfig(objective="rl").validate()

@@ -15,13 +15,12 @@ import torch
 from ray_updown.config import load_config
 from ray_updown.data.world import WorldConfig, build_world
 from ray_updown.detector import load_detector
-from ray_updown.errors import CheckpointError, ConfigError
 from ray_updown.detector.train.config import DetectorTrainConfig, demo_detector_config, demo_model_config
-from ray_updown.detector.train.loop import DetectorOptimConfig, learning_rate, run_detector_loop, train_detector, validate
-from ray_updown.detector.train.checkpoints import LocalSession
-from ray_updown.detector.train.data import (DetectorData, DetectorDataConfig, flips_for,
-                                            worker_batches)
-
+from ray_updown.detector.train.data import DetectorData, DetectorDataConfig, flips_for
+from ray_updown.detector.train.loop import check_inputs, run_detector_loop, train_detector
+from ray_updown.detector.train.optim import DetectorOptimConfig, learning_rate
+from ray_updown.errors import CheckpointError, ConfigError
+from ray_updown.train.session import LocalSession
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -75,16 +74,11 @@ def test_image_without_attributes_trains_as_no_attribute(tiny_world):
     assert target.attributes[:, 0].eq(0).all() and target.attributes.shape[1] == 1
 
 
-def test_worker_batches_are_equal_and_disjoint():
-    shards = [worker_batches(14, 4, epoch=2, rank=r, world=2, seed=0) for r in range(2)]
-    assert len(shards[0]) == len(shards[1]) == 3
-    assert all(len(b) == 2 for s in shards for b in s)
-    seen = [i for s in shards for b in s for i in b]
-    assert len(set(seen)) == len(seen) == 12
-    assert worker_batches(14, 4, 2, 0, 2, 0) == shards[0]  # reproducible on resume
-    assert worker_batches(14, 4, 3, 0, 2, 0) != shards[0]
-    assert len(worker_batches(3, 4, 0, 0, 1, 0)[0]) == 4  # fewer images than a batch
+def test_flips_are_seeded_and_can_be_off():
     assert flips_for([1, 2, 3], 0, 0, 0, 0, False) == [False] * 3
+    flips = flips_for(list(range(64)), 1, 2, 0, 0, True)
+    assert flips == flips_for(list(range(64)), 1, 2, 0, 0, True)  # reproducible on resume
+    assert 10 < sum(flips) < 54 and flips != flips_for(list(range(64)), 1, 3, 0, 0, True)
 
 
 def test_learning_rate_warms_up_and_decays():
@@ -191,10 +185,10 @@ def test_starting_checkpoint_with_another_vocabulary_is_refused(tiny_run, tiny_w
     other = world_with_one_more_word(tiny_world, tmp_path, "attributes_vocab.txt", "shiny")
     bad = tiny_config(other, str(tmp_path / "runs"), init_from=first["detector"])
     with pytest.raises(CheckpointError, match="attribute_vocab does not match") as info:
-        validate(bad)
+        check_inputs(bad)
     assert info.value.file == first["detector"]
     with pytest.raises(CheckpointError, match="not a detector checkpoint"):
-        validate(dataclasses.replace(bad, init_from=str(tmp_path)))
+        check_inputs(dataclasses.replace(bad, init_from=str(tmp_path)))
 
 
 def test_driver_refuses_a_rerun_with_another_vocabulary(tiny_run, tiny_world, tmp_path):
@@ -202,12 +196,12 @@ def test_driver_refuses_a_rerun_with_another_vocabulary(tiny_run, tiny_world, tm
     other = world_with_one_more_word(tiny_world, tmp_path, "objects_vocab.txt", "pentagon")
     rerun = dataclasses.replace(cfg, data=DetectorDataConfig(root=other), epochs=6)
     with pytest.raises(CheckpointError, match="object_vocab does not match") as info:
-        validate(rerun)  # train_detector calls it before any worker starts
+        check_inputs(rerun)  # train_detector calls it before any worker starts
     assert "the last checkpoint of run tiny" in info.value.file
 
 
 def test_bad_settings_are_config_errors(tiny_world, tmp_path):
     with pytest.raises(ConfigError, match="batch_size"):
-        tiny_config(tiny_world, str(tmp_path), batch_size=1)
+        tiny_config(tiny_world, str(tmp_path), batch_size=1).validate()
     with pytest.raises(ConfigError, match="data.root"):
-        validate(tiny_config("", str(tmp_path)))
+        check_inputs(tiny_config("", str(tmp_path)))

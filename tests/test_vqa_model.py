@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from ray_updown.errors import ConfigError, DataError
-from ray_updown.vqa.model import (GatedTanh, VqaConfig, VqaModel, ensemble_scores,
-                                   soft_accuracy, vqa_loss)
+from ray_updown.vqa.model import GatedTanh, VqaConfig, VqaModel, ensemble_scores, soft_accuracy, vqa_loss
 
 TINY = dict(num_tokens=12, num_answers=5, embed_dim=8, hidden=16, feat_dim=6, question_len=5)
 CONFIGS = {
@@ -112,9 +111,13 @@ def test_glove_init_copies_matrix_and_rejects_wrong_dim():
 
 def test_bad_configs_are_config_errors():
     with pytest.raises(ConfigError, match="empty"):
-        VqaConfig(**{**TINY, "num_answers": 0})
+        VqaConfig(**{**TINY, "num_answers": 0}).validate()
     with pytest.raises(ConfigError, match="nonlinearity"):
-        VqaConfig(**{**TINY, "nonlinearity": "swish"})
+        VqaConfig(**{**TINY, "nonlinearity": "swish"}).validate()
+    with pytest.raises(ConfigError, match="nonlinearity"):
+        VqaModel(VqaConfig(**{**TINY, "nonlinearity": "swish"}))
+    with pytest.raises(ConfigError, match="hidden"):
+        VqaConfig.from_dict({**TINY, "hidden": 0})
     with pytest.raises(ConfigError, match="unknown"):
         VqaConfig.from_dict({**TINY, "hiden": 3})
     assert VqaConfig.from_dict(CONFIGS["reimplementation"].to_dict()) == CONFIGS["reimplementation"]

@@ -9,6 +9,7 @@ import re
 from collections import Counter
 
 import pytest
+import yaml
 from PIL import Image
 
 from ray_updown import storage
@@ -250,7 +251,11 @@ def test_answers_agree_with_the_annotations(world):
     (["image_size=80", "max_objects=40"], "max_objects"),
 ])
 def test_bad_config_is_a_config_error(tmp_path, overrides, key):
-    cfg = load_config(WorldConfig, None, overrides)
+    with pytest.raises(ConfigError) as err:
+        load_config(WorldConfig, None, overrides)
+    assert err.value.record == key
+    # Built in code, the same config is refused before anything is written.
+    cfg = WorldConfig(**{k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides)})
     with pytest.raises(ConfigError) as err:
         build_world(cfg, str(tmp_path / "w"))
     assert err.value.record == key

@@ -126,7 +126,8 @@ def check_raycluster_spec(rep: Report, where: str, spec: Any, target: RayTarget)
         for k in bad:
             rep.add(f"{gw}.{k}", f"must be a non-negative integer, got {counts[k]!r}")
         if not bad and not counts["minReplicas"] <= counts["replicas"] <= counts["maxReplicas"]:
-            rep.add(gw, "needs minReplicas <= replicas <= maxReplicas, got {minReplicas}, {replicas}, {maxReplicas}".format(**counts))
+            rep.add(gw, "needs minReplicas <= replicas <= maxReplicas, got "
+                        "{minReplicas}, {replicas}, {maxReplicas}".format(**counts))
         containers = ((group.get("template") or {}).get("spec") or {}).get("containers") or [{}]
         limits = ((containers[0] if isinstance(containers[0], dict) else {}).get("resources") or {}).get("limits") or {}
         gpu = "nvidia.com/gpu" in limits or "gpu" in str(name).lower()

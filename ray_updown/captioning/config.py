@@ -6,10 +6,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ray_updown.captioning.data import CaptionDataConfig
+from ray_updown.captioning.model import CaptionerConfig
 from ray_updown.captioning.objectives import SCSTConfig
-from ray_updown.errors import ConfigError
+from ray_updown.config import check_training_run, validate_fields
 
 
 @dataclass
@@ -22,24 +24,33 @@ class CaptionModelConfig:
     att_dim: int = 1000
     dropout: float = 0.5
 
+    def validate(self) -> None:
+        # The model's own rules, on these sizes (the data's sizes are filled in at training)
+        validate_fields(self)
+        CaptionerConfig(embed_dim=self.embed_dim, hidden_dim=self.hidden_dim,
+                        att_dim=self.att_dim, dropout=self.dropout).validate()
+
 
 @dataclass
 class OptimConfig:
     """Cross-entropy optimisation (supplementary 6.2; Adam as an option)."""
 
-    optimizer: str = "sgd"  # "sgd" | "adam"
+    optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = 0.01
     momentum: float = 0.9  # SGD only
     weight_decay: float = 0.0
-    schedule: str = "linear"  # "linear" (to 0 at the end of the run) | "constant"
+    schedule: Literal["linear", "constant"] = "linear"  # linear: to 0 at the end of the run
     grad_clip: float = 0.0  # max gradient norm; 0 = no clipping
+
+    def validate(self) -> None:
+        validate_fields(self)
 
 
 @dataclass
 class CaptionTrainConfig:
     name: str = "captioner"  # run name: storage_path/name holds its checkpoints
     storage_path: str = "runs"  # local path or s3:// / gs:// URI
-    objective: str = "xe"  # "xe" (eq. 9) | "scst" (eq. 10-11)
+    objective: Literal["xe", "scst"] = "xe"  # xe: eq. 9; scst: eq. 10-11
     data: CaptionDataConfig = field(default_factory=CaptionDataConfig)
     model: CaptionModelConfig = field(default_factory=CaptionModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -53,23 +64,7 @@ class CaptionTrainConfig:
     seed: int = 0
     wandb_project: str | None = None  # None = no wandb
 
-    def __post_init__(self) -> None:
-        if self.objective not in ("xe", "scst"):
-            raise ConfigError(f"expected 'xe' or 'scst', got {self.objective!r}",
-                              record="objective")
-        if {self.optim.optimizer, self.scst.optimizer} - {"sgd", "adam"}:
-            raise ConfigError("optimizer must be 'sgd' or 'adam'", record="optim.optimizer")
-        if self.optim.schedule not in ("linear", "constant"):
-            raise ConfigError(f"expected 'linear' or 'constant', got {self.optim.schedule!r}",
-                              record="optim.schedule")
-        for name in ("epochs", "batch_size", "num_workers"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"must be positive, got {getattr(self, name)}", record=name)
-        if self.batch_size < self.num_workers:
-            raise ConfigError(f"batch_size {self.batch_size} is smaller than num_workers "
-                              f"{self.num_workers}: every worker needs an image per step",
-                              record="batch_size")
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"run name must be a non-empty word without '/', got "
-                              f"{self.name!r}", record="name")
+    def validate(self) -> None:
+        validate_fields(self)  # objective; data, model, optim and scst
+        check_training_run(self)
 

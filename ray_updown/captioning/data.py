@@ -12,24 +12,27 @@ every caption of the image, SCST (eq. 10-11) scores candidates against all of th
     targets [N, T] long           w_1 .. w_n, EOS, PAD ...   (as Vocab.encode writes them)
     image_ids, references         per image: its id and reference captions (tokens joined)
 
-Each Ray Train worker reads its own shard of the images (`make_loader(rank, world_size)`),
-equal-sized on every worker so that DDP steps stay in lockstep.
+Each worker reads its own share of every batch (`make_loader` over `shard_batches`), the same
+number of steps on every worker so that DDP steps stay in lockstep.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
-from ray_updown.data.coco import (KARPATHY_SPLITS, CaptionImage, Vocab, build_vocab,
-                                  images_in_split, load_karpathy)
+from ray_updown.config import validate_config, validate_fields
+from ray_updown.data.coco import CaptionImage, Vocab, build_vocab, images_in_split, load_karpathy
 from ray_updown.errors import ConfigError, DataError
-from ray_updown.features.store import FeatureStore, pad_regions
 from ray_updown.features.spatial import SPATIAL_DIM, spatial_features
+from ray_updown.features.store import FeatureStore, pad_regions
+
+# The splits of Karpathy's dataset_coco.json (data/coco.py KARPATHY_SPLITS) a config may name.
+KarpathySplit = Literal["train", "restval", "val", "test"]
 
 
 @dataclass
@@ -43,25 +46,21 @@ class CaptionDataConfig:
     max_regions: int = 100  # regions kept per image, the detector's best-ranked first
     spatial: bool = False  # append the 7 spatial box features (features/spatial.py)
     captions_per_image: int = 5  # references per image used as XE targets
-    train_splits: list[str] = field(default_factory=lambda: ["train", "restval"])
-    val_split: str = "val"
+    train_splits: list[KarpathySplit] = field(default_factory=lambda: ["train", "restval"])
+    val_split: KarpathySplit = "val"
     val_images: int = 100  # images of val_split scored each epoch (greedy CIDEr-D); 0 = none
     train_images: int = 0  # 0 = every training image; n > 0 = the first n (overfit runs)
     features_in_memory: bool = False  # decode the whole store once (small stores only)
     loader_workers: int = 0  # DataLoader worker processes per Ray Train worker
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        validate_fields(self)  # train_splits, val_split
         for name in ("vocab_min_count", "max_len", "max_regions", "captions_per_image"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"must be positive, got {getattr(self, name)}",
-                                  record=f"data.{name}")
+                raise ConfigError(f"must be positive, got {getattr(self, name)}", record=name)
         for name in ("val_images", "train_images", "loader_workers"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"must be >= 0, got {getattr(self, name)}", record=f"data.{name}")
-        for split in list(self.train_splits) + [self.val_split]:
-            if split not in KARPATHY_SPLITS:
-                raise ConfigError(f"unknown split '{split}' (expected one of "
-                                  f"{', '.join(KARPATHY_SPLITS)})", record="data")
+                raise ConfigError(f"must be >= 0, got {getattr(self, name)}", record=name)
 
     @property
     def spatial_dim(self) -> int:
@@ -88,6 +87,7 @@ class CaptionData:
              check_features: bool = True) -> "CaptionData":
         """Read the Karpathy file, build the vocabulary from the training splits (paper 3.2)
         unless one is given, and check that every image used has references and features."""
+        validate_config(config, "data")
         if not config.karpathy:
             raise ConfigError("no Karpathy file given", record="data.karpathy")
         if not config.features:
@@ -233,20 +233,10 @@ class _Collate:
 
 
 def make_loader(data: CaptionData, store: FeatureStore, image_ids: Sequence[int],
-                images_per_batch: int, rank: int = 0, world_size: int = 1,
-                shuffle: bool = True, seed: int = 0) -> DataLoader:
-    """This worker's shard of `image_ids` in batches of `images_per_batch` images.
-
-    A DistributedSampler gives every worker the same number of images (repeating a few when
-    the count does not divide), so all workers run the same number of DDP steps; call
-    `loader.sampler.set_epoch(epoch)` for a new order each epoch.
-    """
-    if images_per_batch <= 0:
-        raise ConfigError(f"must be positive, got {images_per_batch}", record="batch_size")
+                batches: Sequence[Sequence[int]]) -> DataLoader:
+    """A loader of CaptionBatches: batch n holds the images `image_ids[i]` for i in
+    `batches[n]` (this worker's share of an epoch, from `train.worker.shard_batches`)."""
     dataset = CaptionImageDataset(data, store, image_ids)
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
-                                 seed=seed, drop_last=False)
-    workers = data.config.loader_workers
-    return DataLoader(dataset, batch_size=images_per_batch, sampler=sampler,
-                      collate_fn=_Collate(data.config, data.vocab), num_workers=workers,
-                      persistent_workers=workers > 0)
+    return DataLoader(dataset, batch_sampler=[list(b) for b in batches],
+                      collate_fn=_Collate(data.config, data.vocab),
+                      num_workers=data.config.loader_workers)

@@ -24,8 +24,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ray_updown.errors import ConfigError
 from ray_updown.captioning.model import UpDownCaptioner
+from ray_updown.errors import ConfigError
 
 # Words the original Up-Down decoder let repeat inside one caption.
 FUNCTION_WORDS: tuple[str, ...] = ("a", "the", "of", ",", "on", "in", "and", "with", "is", "an",

@@ -45,7 +45,7 @@ class CaptionerConfig:
     bos_id: int = 1
     eos_id: int = 2
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         for name in ("vocab_size", "feat_dim", "embed_dim", "hidden_dim", "att_dim", "max_len"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"must be positive, got {getattr(self, name)}", record=name)
@@ -59,7 +59,7 @@ class CaptionerConfig:
                 raise ConfigError(f"{value} is outside the vocabulary of {self.vocab_size}",
                                   record=name)
         if len(set(ids.values())) != 3:
-            raise ConfigError(f"pad, bos and eos ids must differ, got {ids}")
+            raise ConfigError(f"pad, bos and eos ids must differ, got {ids}", record="pad_id")
 
     @property
     def input_dim(self) -> int:
@@ -106,6 +106,7 @@ class UpDownCaptioner(nn.Module):
 
     def __init__(self, config: CaptionerConfig):
         super().__init__()
+        config.validate()  # sizes come from the data or a checkpoint, not through load_config
         self.config = config
         c = config
         D, E, H, M, V = c.input_dim, c.embed_dim, c.hidden_dim, c.att_dim, c.vocab_size

@@ -20,49 +20,42 @@ frequencies from the training references (`CiderReward`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Literal, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ray_updown.captioning.data import CaptionBatch
+from ray_updown.captioning.decoding import beam_search, greedy_decode, sample_decode, strip_special
+from ray_updown.config import validate_fields
 from ray_updown.data.coco import Vocab
 from ray_updown.errors import ConfigError
 from ray_updown.metrics.cider import CiderD
-from ray_updown.captioning.decoding import (beam_search, greedy_decode, sample_decode,
-                                        strip_special)
-from ray_updown.captioning.data import CaptionBatch
-from ray_updown.train.common import unwrap
-
-SCST_FORMS = ("beam", "sample")
-SCST_BASELINES = ("greedy", "mean_of_others")
+from ray_updown.train.worker import unwrap
 
 
 @dataclass
 class SCSTConfig:
     """Self-critical training (eq. 10-11); starts from a cross-entropy checkpoint."""
 
-    form: str = "beam"  # "beam" (paper: the decoded beam) | "sample" (k samples)
+    form: Literal["beam", "sample"] = "beam"  # beam: the paper's decoded beam; sample: k samples
     num_candidates: int = 5  # beam size (beam form) or samples per image (sample form)
-    baseline: str = "greedy"  # sample form only: "greedy" | "mean_of_others"
+    baseline: Literal["greedy", "mean_of_others"] = "greedy"  # sample form only
     temperature: float = 1.0  # sample form only
-    optimizer: str = "adam"  # "adam" | "sgd"
+    optimizer: Literal["adam", "sgd"] = "adam"
     lr: float = 5e-5
     init_from: str = ""  # cross-entropy checkpoint directory/URI (required for a new SCST run)
 
-    def __post_init__(self) -> None:
-        if self.form not in SCST_FORMS:
-            raise ConfigError(f"expected one of {list(SCST_FORMS)}, got {self.form!r}",
-                              record="scst.form")
-        if self.baseline not in SCST_BASELINES:
-            raise ConfigError(f"expected one of {list(SCST_BASELINES)}, got {self.baseline!r}",
-                              record="scst.baseline")
+    def validate(self) -> None:
+        validate_fields(self)  # form, baseline, optimizer
         if self.num_candidates < 2:
             raise ConfigError(f"needs at least 2 candidates per image, got "
-                              f"{self.num_candidates}", record="scst.num_candidates")
-        if self.temperature <= 0 or self.lr <= 0:
-            raise ConfigError("temperature and lr must be positive", record="scst")
+                              f"{self.num_candidates}", record="num_candidates")
+        for name in ("temperature", "lr"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"must be positive, got {getattr(self, name)}", record=name)
 
 
 def xe_loss(model: nn.Module, batch: CaptionBatch, pad_id: int = 0) -> tuple[Tensor, dict]:

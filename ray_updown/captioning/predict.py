@@ -19,16 +19,16 @@ import numpy as np
 import torch
 
 from ray_updown import storage
+from ray_updown.captioning.data import check_features_present, region_tensors
+from ray_updown.captioning.decoding import DecodingRules, beam_search
+from ray_updown.captioning.model import CaptionerConfig, UpDownCaptioner
 from ray_updown.data.coco import Vocab, images_in_split, load_karpathy
 from ray_updown.errors import CheckpointError, ConfigError, DataError
 from ray_updown.features.spatial import SPATIAL_DIM
 from ray_updown.features.store import FeatureStore
-from ray_updown.metrics.caption_eval import (evaluate_captions, results_filename,
-                                             write_caption_results)
-from ray_updown.captioning.model import CaptionerConfig, UpDownCaptioner
-from ray_updown.captioning.decoding import DecodingRules, beam_search
-from ray_updown.captioning.data import check_features_present, region_tensors
-from ray_updown.train.common import load_checkpoint_dir, load_weights_strict
+from ray_updown.metrics.caption_eval import evaluate_captions, results_filename, write_caption_results
+from ray_updown.train.checkpoint import load_checkpoint_dir
+from ray_updown.weights import load_state_strict
 
 EVAL_SPLITS = ("val", "test")
 
@@ -66,13 +66,14 @@ def load_captioner(checkpoint_uri: str, device: torch.device | str | None = None
     try:
         vocab = Vocab(list(config["vocab"]))
         model_config = CaptionerConfig(**config["model"])
+        model_config.validate()
     except (TypeError, DataError, ConfigError) as exc:
         raise CheckpointError(f"malformed config.json ({exc})", file=checkpoint_uri) from None
     if model_config.vocab_size != len(vocab):
         raise CheckpointError(f"model vocab_size {model_config.vocab_size} differs from its "
                               f"vocabulary of {len(vocab)} words", file=checkpoint_uri)
     model = UpDownCaptioner(model_config)
-    load_weights_strict(model, weights, checkpoint_uri)
+    load_state_strict(model, weights, checkpoint_uri)
     model.to(device or "cpu").eval()
     max_regions = int(config.get("data", {}).get("max_regions", 100))
     return LoadedCaptioner(model, vocab, max_regions, checkpoint_uri, config)

@@ -1,9 +1,10 @@
-"""Training the Up-Down captioner on Ray Train: cross-entropy (eq. 9), then SCST (eq. 10-11).
+"""Training the Up-Down captioner: cross-entropy (eq. 9), then SCST (eq. 10-11).
 
     cfg = load_config(CaptionTrainConfig, "captioner.yaml", ["epochs=3", "num_workers=2"])
     summary = train_captioner(cfg)   # -> {"checkpoint": ..., "metrics": {...}, ...}
 
-One `TorchTrainer` runs `train_loop` on `num_workers` workers (DDP; gloo on CPU, NCCL on GPU).
+`run_captioner_loop(cfg, session)` is the whole loop (train/session.py: Ray Train, or one
+process without Ray); `train_captioner` runs it on `num_workers` Ray Train workers (DDP).
 Each epoch every worker trains on its shard of the training images, the workers score greedy
 captions of a small validation subset with CIDEr-D, and a checkpoint (weights, configs and the
 vocabulary; optimizer state) is reported to `storage_path/name`. Running again with the same
@@ -19,29 +20,30 @@ of the 113,287 Karpathy training images are ~62K steps, the paper's 60K iteratio
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 
 import torch
 
 from ray_updown import storage
+from ray_updown.captioning.config import CaptionTrainConfig
+from ray_updown.captioning.data import CaptionData, make_loader
+from ray_updown.captioning.model import CaptionerConfig, UpDownCaptioner
+from ray_updown.captioning.objectives import CiderReward, greedy_cider, scst_loss, xe_loss
 from ray_updown.config import to_dict
 from ray_updown.data.coco import Vocab
 from ray_updown.errors import CheckpointError, ConfigError
-from ray_updown.captioning.model import CaptionerConfig, UpDownCaptioner
-from ray_updown.captioning.config import CaptionTrainConfig
-from ray_updown.captioning.data import CaptionData, make_loader
-from ray_updown.captioning.objectives import (CiderReward, greedy_cider,
-                                                 scst_loss, xe_loss)
-from ray_updown.train.common import (CONFIG_FILE, checkpoint_uri, fit, init_wandb,
-                                     load_checkpoint_dir, load_weights_strict, pick_device,
-                                     report_with_checkpoint, restore_from_ray, run_storage)
+from ray_updown.train.checkpoint import CONFIG_FILE, check_vocabulary, load_checkpoint_dir, save_checkpoint_dir
+from ray_updown.train.session import RayTrainSession, Session
+from ray_updown.train.trainer import build_trainer, checkpoint_uri, fit, history
+from ray_updown.train.worker import all_reduce, init_wandb, pick_device, shard_batches
+from ray_updown.weights import load_state_strict
 
 CHECKPOINT_KIND = "updown_captioner"
+_SUMS = ("loss_sum", "captions", "reward_sum", "baseline_sum")  # what a step adds up
 
 
 # ----------------------------------------------------------------------------- building
-def captioner_config(cfg: CaptionTrainConfig, vocab: Vocab, feature_dim: int) -> CaptionerConfig:
+def model_config(cfg: CaptionTrainConfig, vocab: Vocab, feature_dim: int) -> CaptionerConfig:
     m = cfg.model
     return CaptionerConfig(vocab_size=len(vocab), feat_dim=feature_dim,
                            spatial_dim=cfg.data.spatial_dim, embed_dim=m.embed_dim,
@@ -50,10 +52,9 @@ def captioner_config(cfg: CaptionTrainConfig, vocab: Vocab, feature_dim: int) ->
                            eos_id=vocab.eos_id)
 
 
-def checkpoint_config(cfg: CaptionTrainConfig, model_config: CaptionerConfig,
-                      vocab: Vocab) -> dict:
+def checkpoint_config(cfg: CaptionTrainConfig, mcfg: CaptionerConfig, vocab: Vocab) -> dict:
     """config.json of a captioner checkpoint: everything needed to rebuild and feed it."""
-    return {"kind": CHECKPOINT_KIND, "model": dataclasses.asdict(model_config),
+    return {"kind": CHECKPOINT_KIND, "model": dataclasses.asdict(mcfg),
             "vocab": list(vocab.itos), "objective": cfg.objective,
             "data": {"features": cfg.data.features, "max_regions": cfg.data.max_regions,
                      "spatial": cfg.data.spatial, "max_len": cfg.data.max_len},
@@ -62,17 +63,7 @@ def checkpoint_config(cfg: CaptionTrainConfig, model_config: CaptionerConfig,
 
 def check_vocab(checkpoint_itos: list[str] | None, vocab: Vocab, source: str) -> None:
     """CheckpointError unless a checkpoint's vocabulary is the data's, word for word."""
-    if checkpoint_itos is None:
-        raise CheckpointError("has no vocabulary: not a captioner checkpoint", file=source)
-    if list(checkpoint_itos) == list(vocab.itos):
-        return
-    first = next((i for i, (a, b) in enumerate(zip(checkpoint_itos, vocab.itos)) if a != b),
-                 min(len(checkpoint_itos), len(vocab)))
-    ours = vocab.itos[first] if first < len(vocab) else "<none>"
-    theirs = checkpoint_itos[first] if first < len(checkpoint_itos) else "<none>"
-    raise CheckpointError(f"vocabulary does not match the data's: the checkpoint has "
-                          f"{len(checkpoint_itos)} words, the data {len(vocab)}; first "
-                          f"difference at id {first}: '{theirs}' vs '{ours}'", file=source)
+    check_vocabulary(checkpoint_itos, list(vocab.itos), "vocabulary", "words", source)
 
 
 def build_optimizer(params, cfg: CaptionTrainConfig) -> torch.optim.Optimizer:
@@ -95,115 +86,125 @@ def learning_rate(cfg: CaptionTrainConfig, step: int, total_steps: int) -> float
     return cfg.optim.lr * max(0.0, 1.0 - step / max(total_steps, 1))
 
 
-def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 # --------------------------------------------------------------------------- the loop
-def train_loop(loop_config: dict) -> None:
-    """One Ray Train worker: data shard, model (DDP), epochs of XE or SCST, reports."""
-    import ray.train
-    import ray.train.torch
+def train_step(model, optimizer, batch, cfg: CaptionTrainConfig, pad_id: int,
+               reward: CiderReward, generator: torch.Generator) -> dict[str, float]:
+    """One update with the run's objective: XE (eq. 9) or SCST (eq. 10-11). Returns the
+    step's sums (loss, captions, and for SCST reward and baseline)."""
+    if cfg.objective == "xe":
+        loss, stats = xe_loss(model, batch, pad_id)
+    else:
+        loss, stats = scst_loss(model, batch, reward, cfg.scst, generator)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    optimizer.step()
+    return stats
 
-    cfg: CaptionTrainConfig = loop_config["cfg"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+
+def evaluate(model, loader, reward: CiderReward, device: torch.device) -> dict[str, float]:
+    """Mean CIDEr-D of greedy captions over all the workers' validation shares."""
+    total, count = all_reduce(list(greedy_cider(model, loader, reward, device)))
+    return {"val_cider_d": total / count} if count > 0 else {}
+
+
+def restore(session: Session, cfg: CaptionTrainConfig, model: torch.nn.Module,
+            vocab: Vocab) -> dict:
+    """Weights from the run's last checkpoint (or, for a new SCST run, from its XE
+    checkpoint); returns the trainer state to continue from ({} for a new run)."""
+    with session.restore() as path:
+        if path is not None:
+            weights, config, state = load_checkpoint_dir(path)
+            source = f"the last checkpoint of run {cfg.name}"
+            check_vocab(config.get("vocab"), vocab, source)
+            if (state or {}).get("objective", cfg.objective) != cfg.objective:
+                raise CheckpointError(f"was trained with objective {state['objective']!r}, "
+                                      f"this run is {cfg.objective!r}: give the run a new name",
+                                      file=source)
+            load_state_strict(model, weights, source)
+            return state or {}
+    if cfg.objective == "scst":
+        weights, config, _ = load_checkpoint_dir(cfg.scst.init_from)
+        check_vocab(config.get("vocab"), vocab, cfg.scst.init_from)
+        load_state_strict(model, weights, cfg.scst.init_from)
+    return {}
+
+
+def run_captioner_loop(cfg: CaptionTrainConfig, session: Session) -> None:
+    """One worker: its shard of the images, the model (DDP), epochs of XE or SCST, reports."""
+    rank, world = session.rank, session.world
     torch.manual_seed(cfg.seed + rank)
     device = pick_device()
-
     data = CaptionData.load(cfg.data, check_features=False)  # the driver checked them
     store = data.open_store()
-    model_config = captioner_config(cfg, data.vocab, store.feature_dim)
-    model = UpDownCaptioner(model_config)
-    ckpt_config = checkpoint_config(cfg, model_config, data.vocab)
-    resume, start_epoch, step = restore_from_ray(), 0, 0
-    if resume is not None:
-        source = f"the last checkpoint of run {cfg.name}"
-        check_vocab(resume.config.get("vocab"), data.vocab, source)
-        if resume.trainer_state.get("objective", cfg.objective) != cfg.objective:
-            raise CheckpointError(f"was trained with objective "
-                                  f"{resume.trainer_state['objective']!r}, this run is "
-                                  f"{cfg.objective!r}: give the run a new name", file=source)
-        load_weights_strict(model, resume.weights, source)
-        start_epoch, step = int(resume.trainer_state["epoch"]), int(resume.trainer_state["step"])
-    elif cfg.objective == "scst":
-        weights, config, _ = load_checkpoint_dir(cfg.scst.init_from)
-        check_vocab(config.get("vocab"), data.vocab, cfg.scst.init_from)
-        load_weights_strict(model, weights, cfg.scst.init_from)
-    model = ray.train.torch.prepare_model(model.to(device))  # DDP when world > 1
+    mcfg = model_config(cfg, data.vocab, store.feature_dim)
+    model = UpDownCaptioner(mcfg)
+    ckpt_config = checkpoint_config(cfg, mcfg, data.vocab)
+    state = restore(session, cfg, model, data.vocab)
+    start_epoch, step = int(state.get("epoch", 0)), int(state.get("step", 0))
+    ddp_model = session.wrap(model.to(device))
     optimizer = build_optimizer(model.parameters(), cfg)
-    if resume is not None and "optimizer" in resume.trainer_state:
-        optimizer.load_state_dict(resume.trainer_state["optimizer"])
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
 
-    images_per_worker = math.ceil(cfg.batch_size / world)
-    loader = make_loader(data, store, data.train_ids, images_per_worker, rank, world,
-                         shuffle=True, seed=cfg.seed)
-    val_loader = make_loader(data, store, data.val_ids[rank::world], images_per_worker,
-                             shuffle=False) if data.val_ids[rank::world] else []
+    val_loader = make_loader(data, store, data.val_ids,
+                             shard_batches(len(data.val_ids), cfg.batch_size, rank, world))
     reward = CiderReward(data.training_references(), data.vocab)
-    total_steps = cfg.epochs * len(loader)
-    wandb_run = init_wandb(cfg.wandb_project, to_dict(cfg), cfg.name) if rank == 0 else None
-
+    total_steps = cfg.epochs * len(shard_batches(len(data.train_ids), cfg.batch_size, 0, 1, 0))
+    wandb_run = init_wandb(cfg.wandb_project, to_dict(cfg), cfg.name) \
+        if session.logs_to_wandb else None
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
-        loader.sampler.set_epoch(epoch)
+        loader = make_loader(data, store, data.train_ids, shard_batches(
+            len(data.train_ids), cfg.batch_size, rank, world, seed=cfg.seed, epoch=epoch))
         # SCST samples: reproducible per (seed, epoch, rank), so a resumed run draws the same
         generator = torch.Generator(device=device)
         generator.manual_seed(cfg.seed * 100_003 + epoch * 101 + rank)
         # SCST without dropout: candidates and their re-scored log-probs share one policy.
-        model.train(cfg.objective == "xe")
-        sums = {"loss_sum": 0.0, "captions": 0.0, "reward_sum": 0.0, "baseline_sum": 0.0}
+        ddp_model.train(cfg.objective == "xe")
+        sums = dict.fromkeys(_SUMS, 0.0)
         lr = learning_rate(cfg, step, total_steps)
         for batch in loader:
-            batch = batch.to(device)
             lr = learning_rate(cfg, step, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            if cfg.objective == "xe":
-                loss, stats = xe_loss(model, batch, data.vocab.pad_id)
-            else:
-                loss, stats = scst_loss(model, batch, reward, cfg.scst, generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
+            stats = train_step(ddp_model, optimizer, batch.to(device), cfg, data.vocab.pad_id,
+                               reward, generator)
             step += 1
             for key in sums:
                 sums[key] += stats.get(key, 0.0)
-        val_sum, val_count = greedy_cider(model, val_loader, reward, device)
-        totals = _all_reduce_sum([sums["loss_sum"], sums["captions"], sums["reward_sum"],
-                                  sums["baseline_sum"], val_sum, val_count], device)
+        totals = dict(zip(_SUMS, all_reduce([sums[k] for k in _SUMS])))
         seconds = time.perf_counter() - started
-        captions = max(totals[1], 1.0)
+        captions = max(totals["captions"], 1.0)
         metrics = {"epoch": epoch + 1, "step": step, "objective": cfg.objective, "lr": lr,
-                   "loss": totals[0] / captions, "epoch_seconds": seconds,
-                   "captions_per_second": totals[1] / seconds, "resumed_from_epoch": start_epoch}
+                   "loss": totals["loss_sum"] / captions, "epoch_seconds": seconds,
+                   "captions_per_second": totals["captions"] / seconds,
+                   "resumed_from_epoch": start_epoch}
         if cfg.objective == "scst":
-            metrics["train_reward"] = totals[2] / captions
-            metrics["train_baseline"] = totals[3] / captions
-        if totals[5] > 0:
-            metrics["val_cider_d"] = totals[4] / totals[5]
+            metrics["train_reward"] = totals["reward_sum"] / captions
+            metrics["train_baseline"] = totals["baseline_sum"] / captions
+        metrics.update(evaluate(ddp_model, val_loader, reward, device))
         if wandb_run is not None:
             wandb_run.log({k: v for k, v in metrics.items() if not isinstance(v, str)},
                           step=step)
-        report_with_checkpoint(metrics, model, ckpt_config,
-                               {"epoch": epoch + 1, "step": step, "objective": cfg.objective,
-                                "optimizer": optimizer.state_dict()})
+        trainer_state = {"epoch": epoch + 1, "step": step, "objective": cfg.objective,
+                         "optimizer": optimizer.state_dict()}
+        session.report(metrics, lambda path: save_checkpoint_dir(path, model, ckpt_config,
+                                                                 trainer_state))
     if wandb_run is not None:
         wandb_run.finish()
 
 
+def _train_worker(loop_config: dict) -> None:
+    run_captioner_loop(loop_config["cfg"], RayTrainSession())
+
+
 # ------------------------------------------------------------------------- the driver
-def validate(cfg: CaptionTrainConfig) -> CaptionData:
+def check_inputs(cfg: CaptionTrainConfig) -> CaptionData:
     """Check on the driver what would otherwise fail inside the workers: the data (every
     image has references and features) and the SCST starting checkpoint's vocabulary."""
+    cfg.validate()
     data = CaptionData.load(cfg.data, check_features=True)
     if cfg.objective == "scst":
         if not cfg.scst.init_from:
@@ -222,26 +223,15 @@ def train_captioner(cfg: CaptionTrainConfig) -> dict:
     Returns {"name", "storage_path", "checkpoint" (URI of the last checkpoint), "metrics"
     (its metrics), "history" (metrics of every kept checkpoint, by epoch), "elapsed_seconds"}.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from ray_updown.ray_session import ensure_ray
-
     started = time.perf_counter()
-    validate(cfg)
-    ensure_ray()
-    path, filesystem = run_storage(cfg.storage_path)
-    trainer = TorchTrainer(
-        train_loop, train_loop_config={"cfg": cfg},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
-        run_config=RunConfig(name=cfg.name, storage_path=path, storage_filesystem=filesystem,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(
-                                 num_to_keep=cfg.keep_checkpoints or None)))
+    check_inputs(cfg)
+    trainer = build_trainer(_train_worker, {"cfg": cfg}, name=cfg.name,
+                            storage_path=cfg.storage_path, num_workers=cfg.num_workers,
+                            use_gpu=cfg.use_gpu, max_failures=cfg.max_failures,
+                            keep_checkpoints=cfg.keep_checkpoints or None)
     result = fit(trainer)
     checkpoint = (checkpoint_uri(result.checkpoint, cfg.storage_path)
                   if result.checkpoint is not None else None)
-    history = sorted((m for _, m in (result.best_checkpoints or [])), key=lambda m: m["epoch"])
     return {"name": cfg.name, "storage_path": cfg.storage_path, "checkpoint": checkpoint,
-            "metrics": dict(result.metrics or {}), "history": history,
+            "metrics": dict(result.metrics or {}), "history": history(result),
             "elapsed_seconds": time.perf_counter() - started}

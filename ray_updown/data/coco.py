@@ -19,8 +19,18 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from ray_updown import storage
-from ray_updown.data.text import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, Vocab, caption_tokens, field,
-                                  records, string_list, vocab_from_counts)
+from ray_updown.data.text import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    UNK_ID,
+    Vocab,
+    caption_tokens,
+    field,
+    records,
+    string_list,
+    vocab_from_counts,
+)
 from ray_updown.errors import DataError
 
 __all__ = ["CaptionImage", "Vocab", "KARPATHY_SPLITS", "TRAIN_SPLITS", "load_karpathy",

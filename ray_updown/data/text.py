@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import string
 from collections import Counter
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import Any, Iterable, Sequence
 
 import numpy as np

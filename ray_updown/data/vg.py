@@ -18,7 +18,8 @@ no test image leaks into detector training; the rest is split by a seeded shuffl
 from __future__ import annotations
 
 import posixpath
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import Mapping, Sequence
 
 import numpy as np

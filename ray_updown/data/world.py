@@ -29,10 +29,20 @@ import numpy as np
 from tqdm import tqdm
 
 from ray_updown import storage
+from ray_updown.config import validate_fields
 from ray_updown.data import world_language as lang
-from ray_updown.data.world_render import (CLASS_NAMES, COLOURS, SHAPE_CLASSES, SIZES, TEXTURES,
-                                          Scene, encode_jpeg, object_pixel_range,
-                                          render_scene, sample_scene)
+from ray_updown.data.world_render import (
+    CLASS_NAMES,
+    COLOURS,
+    SHAPE_CLASSES,
+    SIZES,
+    TEXTURES,
+    Scene,
+    encode_jpeg,
+    object_pixel_range,
+    render_scene,
+    sample_scene,
+)
 from ray_updown.errors import ConfigError
 
 VG_ID_OFFSET = 1_000_000
@@ -80,6 +90,7 @@ class WorldConfig:
         def bad(key: str, problem: str) -> ConfigError:
             return ConfigError(problem, record=key)
 
+        validate_fields(self)
         if self.num_images < 1:
             raise bad("num_images", f"must be at least 1, got {self.num_images}")
         if self.min_objects < 1:

@@ -17,8 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from ray_updown.data.world_render import (CLASS_NAMES, COLOURS, TEXTURES, Scene, WorldObject,
-                                          overlap_fraction)
+from ray_updown.data.world_render import CLASS_NAMES, COLOURS, TEXTURES, Scene, WorldObject, overlap_fraction
 
 _NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
                  "ten", "eleven", "twelve")

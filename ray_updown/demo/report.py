@@ -67,8 +67,8 @@ def targets_met(table1: dict, table4: dict) -> dict[str, dict]:
     """The issues' targets, each {"met": bool, "detail": the numbers compared}."""
     out: dict[str, dict] = {}
     labels = list(table1["xe"])
-    updown = next(l for l in labels if l == "Up-Down")
-    grid = next(l for l in labels if l != "Up-Down")
+    updown = next(label for label in labels if label == "Up-Down")
+    grid = next(label for label in labels if label != "Up-Down")
     for objective in ("xe", "scst"):
         a, b = table1[objective][updown]["CIDEr"], table1[objective][grid]["CIDEr"]
         out[f"captioning: Up-Down CIDEr > {grid} under {objective.upper()}"] = {
@@ -170,8 +170,8 @@ def caption_attention_pictures(world, state: dict, figures: str, prefix: str,
                                count: int | None = None) -> list[dict]:
     """Figure 5/7 style: each generated word's attention (beam search, `return_attention`),
     for the SCST captioner on regions and on the grid, on the same test images."""
-    from ray_updown.data.coco import images_in_split, load_karpathy
     from ray_updown.captioning.predict import load_captioner, predict_with_attention
+    from ray_updown.data.coco import images_in_split, load_karpathy
     from ray_updown.viz.attention import caption_attention_figure, save_png
 
     count = count or int(state["config"]["attention_examples"])
@@ -201,9 +201,9 @@ def vqa_attention_pictures(world, state: dict, figures: str, prefix: str) -> lis
     val question of each answer type, Up-Down (first ensemble member) and the largest grid."""
     from ray_updown.data.vqa import load_vqa
     from ray_updown.features.store import FeatureStore
-    from ray_updown.vqa.ensemble import load_vqa_checkpoint
-    from ray_updown.vqa.data import questions_dataset
     from ray_updown.viz.attention import save_png, vqa_attention_figure
+    from ray_updown.vqa.data import questions_dataset
+    from ray_updown.vqa.ensemble import load_vqa_checkpoint
 
     questions = load_vqa(world.questions("val"), world.annotations("val"))
     chosen = []

@@ -68,8 +68,10 @@ class StageBook:
             before = storage.read_json(uri)
             changed = sorted(k for k in set(before) | set(config) if before.get(k) != config.get(k))
             if changed:
+                differences = ", ".join(f"{k}: {before.get(k)!r} then, {config.get(k)!r} now"
+                                        for k in changed)
                 raise ConfigError(f"this folder holds a demo run with other settings "
-                                  f"({', '.join(f'{k}: {before.get(k)!r} then, {config.get(k)!r} now' for k in changed)}); "
+                                  f"({differences}); "
                                   "use another --out or remove the folder", file=self.out)
             return
         storage.write_json(uri, config, indent=1)
@@ -184,9 +186,10 @@ def mean_regions(store: str) -> float:
 def train_caption_model(cfg, world: WorldFiles, features: str, runs: str, name: str,
                         objective: str, epochs: int, init_from: str = "") -> dict:
     """One captioner run (XE, eq. 9, or SCST, eq. 10-11) on Ray Train; its per-epoch curve."""
-    from ray_updown.captioning.objectives import SCSTConfig
     from ray_updown.captioning.config import CaptionModelConfig, CaptionTrainConfig, OptimConfig
-    from ray_updown.captioning.train import CaptionDataConfig, train_captioner
+    from ray_updown.captioning.data import CaptionDataConfig
+    from ray_updown.captioning.objectives import SCSTConfig
+    from ray_updown.captioning.train import train_captioner
 
     # max_regions only caps: batches pad to their largest image (<= 36 regions, 196 cells).
     data = CaptionDataConfig(karpathy=world.karpathy, features=features,
@@ -248,7 +251,7 @@ def train_vqa_trials(configs: dict[str, Any], root: str, experiment: str) -> dic
     retained checkpoints)."""
     from ray import tune
 
-    from ray_updown.train.common import checkpoint_uri
+    from ray_updown.train.trainer import checkpoint_uri
     from ray_updown.vqa.config import METRIC
     from ray_updown.vqa.train import tune_experiment_path, tune_run_config, tune_trainable
 

@@ -10,14 +10,14 @@ Public API:
     load_published, model_from_published, convert_state, export_state   (published weights)
 """
 
-from ray_updown.detector.checkpoint import (load_detector, save_detector, state_dict_report)
+from ray_updown.detector.checkpoint import load_detector, save_detector
 from ray_updown.detector.config import DetectorConfig, paper_config, tiny_config, world_config
-from ray_updown.detector.converters import (LAYOUTS, convert_state, export_state, load_published,
-                                            model_from_published)
+from ray_updown.detector.converters import LAYOUTS, convert_state, export_state, load_published, model_from_published
 from ray_updown.detector.grid import GridFeatureExtractor, grid_boxes
 from ray_updown.detector.model import BottomUpDetector, ImagePredictions
 from ray_updown.detector.roi_heads import DetectionTarget
 from ray_updown.detector.select import per_class_nms_best_scores, select_regions
+from ray_updown.weights import state_dict_report
 
 __all__ = [
     "BottomUpDetector", "DetectionTarget", "DetectorConfig", "GridFeatureExtractor",

@@ -13,77 +13,21 @@ listing every missing, unexpected and mis-shaped tensor.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
-from typing import Mapping
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-from torch import Tensor, nn
+from torch import nn
 
 from ray_updown import storage
 from ray_updown.detector.config import DetectorConfig
 from ray_updown.errors import CheckpointError, ConfigError
+from ray_updown.weights import load_state_strict
 
 WEIGHTS_FILE = "detector.safetensors"
 CONFIG_FILE = "detector.json"
 FORMAT = "ray-updown-detector"
 VERSION = 1
-
-
-@dataclass
-class StateDictReport:
-    """How a state dict differs from a model's: names, and (name, given, expected) shapes."""
-
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.mismatched)
-
-    def describe(self) -> str:
-        parts = []
-        if self.missing:
-            parts.append(f"{len(self.missing)} missing: " + ", ".join(self.missing))
-        if self.unexpected:
-            parts.append(f"{len(self.unexpected)} unexpected: " + ", ".join(self.unexpected))
-        if self.mismatched:
-            parts.append(f"{len(self.mismatched)} mis-shaped: " + ", ".join(
-                f"{n} {list(got)} (model expects {list(want)})" for n, got, want in self.mismatched))
-        return "; ".join(parts) or "state dict matches"
-
-
-def state_dict_report(model: nn.Module, state: Mapping[str, Tensor]) -> StateDictReport:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()
-                if not k.endswith("num_batches_tracked")}
-    given = {k: tuple(v.shape) for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    return StateDictReport(
-        missing=sorted(set(expected) - set(given)),
-        unexpected=sorted(set(given) - set(expected)),
-        mismatched=sorted((k, given[k], expected[k]) for k in set(given) & set(expected)
-                          if given[k] != expected[k]),
-    )
-
-
-def raise_for_report(report: StateDictReport, source: str | None) -> None:
-    if report.ok:
-        return
-    error = CheckpointError("state dict does not match the model: " + report.describe(),
-                            file=source)
-    error.report = report  # type: ignore[attr-defined]
-    raise error
-
-
-def load_state_strict(model: nn.Module, state: Mapping[str, Tensor], source: str | None) -> None:
-    """Copy `state` into `model` after checking names and shapes; CheckpointError otherwise."""
-    raise_for_report(state_dict_report(model, state), source)
-    own = model.state_dict()
-    with torch.no_grad():
-        for name, value in state.items():
-            if name in own:
-                own[name].copy_(value.to(own[name].dtype))
 
 
 def weights_digest(data: bytes) -> str:

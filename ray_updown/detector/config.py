@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ray_updown.config import validate_fields
 from ray_updown.errors import ConfigError
 
 # Blocks per stage (res2, res3, res4, res5) and the block type of each supported depth.
@@ -27,7 +28,7 @@ RESNET_STAGES: dict[int, tuple[tuple[int, int, int, int], str]] = {
     152: ((3, 8, 36, 3), "bottleneck"),
 }
 
-# Caffe's BGR means of the released model (design.md).
+# Caffe's BGR means of the released model (cfg.PIXEL_MEANS of peteanderson80/bottom-up-attention).
 CAFFE_PIXEL_MEAN_BGR = (102.9801, 115.9465, 122.7717)
 
 
@@ -47,7 +48,7 @@ class DetectorConfig:
     stride_in_1x1: bool = True  # MSRA/Caffe ResNets put the stride in the first 1x1 conv
     norm: Literal["frozen_bn", "bn", "gn"] = "frozen_bn"
     freeze_at: int = 2  # 0 nothing, 1 stem, 2 stem+res2, ... (frozen parameters)
-    res5_dilation: int = 2
+    res5_dilation: Literal[1, 2] = 2
 
     # Input: RGB uint8 -> BGR float minus the Caffe means, no std; resized like Caffe.
     pixel_mean: tuple[float, float, float] = CAFFE_PIXEL_MEAN_BGR
@@ -102,9 +103,6 @@ class DetectorConfig:
 
     extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance (converter, source)
 
-    def __post_init__(self) -> None:
-        self.validate()
-
     # -- derived quantities --------------------------------------------------------------
     @property
     def stage_blocks(self) -> tuple[int, int, int, int]:
@@ -132,6 +130,7 @@ class DetectorConfig:
         return 16
 
     def validate(self) -> None:
+        validate_fields(self)  # norm, input_format, anchor_style, rpn_objectness, pooler, ...
         if self.depth not in RESNET_STAGES:
             raise ConfigError(f"depth must be one of {sorted(RESNET_STAGES)}, got {self.depth}",
                               record="depth")
@@ -146,8 +145,6 @@ class DetectorConfig:
                               record="min_boxes")
         if not self.anchor_sizes or not self.anchor_ratios:
             raise ConfigError("anchor sizes and ratios must not be empty", record="anchor_sizes")
-        if self.res5_dilation not in (1, 2):
-            raise ConfigError("res5_dilation must be 1 or 2", record="res5_dilation")
 
     # -- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -172,7 +169,9 @@ class DetectorConfig:
             elif isinstance(default, float):
                 value = float(value)
             kwargs[key] = value
-        return cls(**kwargs)
+        config = cls(**kwargs)
+        config.validate()
+        return config
 
     def hash(self) -> str:
         """A short digest of the architecture-and-behaviour config (provenance in feature files)."""
@@ -183,7 +182,7 @@ class DetectorConfig:
 
 def paper_config(**overrides: Any) -> DetectorConfig:
     """The released Caffe model: ResNet-101 at 600/1000, 1601 classes, 401 attributes."""
-    return dataclasses.replace(DetectorConfig(), **overrides)
+    return _validated(dataclasses.replace(DetectorConfig(), **overrides))
 
 
 def world_config(num_classes: int, num_attributes: int, **overrides: Any) -> DetectorConfig:
@@ -197,7 +196,7 @@ def world_config(num_classes: int, num_attributes: int, **overrides: Any) -> Det
         rpn_boundary_thresh=-1.0, box_plus_one=False, box_weights=(10.0, 10.0, 5.0, 5.0),
         attr_embed_dim=32, attr_hidden_dim=64, min_boxes=2, max_boxes=20,
         roi_batch_per_image=64, roi_positive_fraction=0.25)
-    return dataclasses.replace(base, **overrides)
+    return _validated(dataclasses.replace(base, **overrides))
 
 
 def tiny_config(num_classes: int = 5, num_attributes: int = 4, **overrides: Any) -> DetectorConfig:
@@ -207,4 +206,10 @@ def tiny_config(num_classes: int = 5, num_attributes: int = 4, **overrides: Any)
                         rpn_post_nms_test=30, rpn_pre_nms_train=300, rpn_post_nms_train=60,
                         attr_embed_dim=8, attr_hidden_dim=16, min_boxes=2, max_boxes=10,
                         pooler_resolution=7, res5_chunk=16)
-    return dataclasses.replace(base, **overrides)
+    return _validated(dataclasses.replace(base, **overrides))
+
+
+def _validated(config: DetectorConfig) -> DetectorConfig:
+    """The presets fail where a bad override is given, not later in the model."""
+    config.validate()
+    return config

@@ -46,6 +46,7 @@ class BottomUpDetector(nn.Module):
     def __init__(self, config: DetectorConfig, object_vocab: list[str] | None = None,
                  attribute_vocab: list[str] | None = None):
         super().__init__()
+        config.validate()  # built in code, by a converter or from a checkpoint's JSON
         self.config = config
         self.object_vocab = list(object_vocab) if object_vocab else None
         self.attribute_vocab = list(attribute_vocab) if attribute_vocab else None

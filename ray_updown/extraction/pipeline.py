@@ -40,23 +40,35 @@ import warnings
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ray_updown import storage
+from ray_updown.config import validate_fields
 from ray_updown.errors import ConfigError, DataError, StorageError
-from ray_updown.extraction.inputs import (IMAGE_SUFFIXES, list_images, load_plan,
-                                       plan_shards, plan_table, read_manifest, save_plan)
-from ray_updown.extraction.stages import (DetectorActor, ModelSpec, build_model, decode_stage,
-                                       describe_model, read_stage)
+from ray_updown.extraction.images import DecodeLimits
+from ray_updown.extraction.inputs import (
+    IMAGE_SUFFIXES,
+    list_images,
+    load_plan,
+    plan_shards,
+    plan_table,
+    read_manifest,
+    save_plan,
+)
+from ray_updown.extraction.stages import DetectorActor, ModelSpec, build_model, decode_stage, describe_model, read_stage
 from ray_updown.features.reader import build_index
 from ray_updown.features.schema import ERRORS_DIR, FEATURES_DIR, StoreMeta, feature_schema
-from ray_updown.features.writer import (error_shard_uri, feature_shard_uri, table_to_records,
-                                        write_error_shard, write_feature_shard)
-from ray_updown.extraction.images import DecodeLimits
+from ray_updown.features.writer import (
+    error_shard_uri,
+    feature_shard_uri,
+    table_to_records,
+    write_error_shard,
+    write_feature_shard,
+)
 
 SUMMARY_FILE = "extract_summary.json"
 
@@ -73,7 +85,7 @@ class ExtractConfig:
     manifest: str = ""  # Parquet / CSV / JSON lines with image_id, uri (relative to `images`)
     out: str = ""
     checkpoint: str = ""
-    model: str = "detector"
+    model: Literal["detector", "grid"] = "detector"
     grid_size: int = 7
     rows_per_shard: int = 256
     batch_size: int = 4  # images per detector forward
@@ -95,12 +107,7 @@ class ExtractConfig:
     suffixes: list[str] = field(default_factory=lambda: list(IMAGE_SUFFIXES))
 
     def validate(self) -> None:
-        if not self.out:
-            raise ConfigError("an output URI is needed", record="out")
-        if not self.images and not self.manifest:
-            raise ConfigError("give images (a prefix or glob) or a manifest", record="images")
-        if self.model not in ("detector", "grid"):
-            raise ConfigError(f"must be 'detector' or 'grid', got {self.model!r}", record="model")
+        validate_fields(self)  # model
         for key in ("rows_per_shard", "batch_size", "num_actors", "decode_batch_size",
                     "read_threads", "grid_size"):
             if int(getattr(self, key)) < 1:
@@ -133,6 +140,10 @@ def run_extraction(cfg: ExtractConfig, model_factory: Callable[[], Any] | None =
     from ray_updown.ray_session import ensure_ray
 
     cfg.validate()
+    if not cfg.out:  # empty by default, like images and manifest
+        raise ConfigError("an output URI is needed", record="out")
+    if not cfg.images and not cfg.manifest:
+        raise ConfigError("give images (a prefix or glob) or a manifest", record="images")
     out = str(cfg.out).rstrip("/")
     _check_writable(out)
     spec = cfg.model_spec(model_factory)

@@ -1,4 +1,4 @@
-"""The stages of the extraction pipeline (extract.py wires them into Ray Data).
+"""The stages of the extraction pipeline (pipeline.py wires them into Ray Data).
 
 Every stage keeps the rows it was given: a row that fails gets `stage` and `reason` set and
 rides along to the end, where it becomes an error row. So input rows = feature rows + error
@@ -21,9 +21,9 @@ import pyarrow as pa
 
 from ray_updown import storage
 from ray_updown.errors import CheckpointError, ConfigError, RayUpdownError
+from ray_updown.extraction.images import DecodeLimits, ImageDecodeError, boxes_to_original, decode_image
 from ray_updown.features.schema import StoreMeta, feature_schema
 from ray_updown.features.writer import FeatureRecord, records_to_table
-from ray_updown.extraction.images import DecodeLimits, ImageDecodeError, boxes_to_original, decode_image
 
 _EMPTY_PIXELS = np.zeros((0, 0, 3), dtype=np.uint8)
 

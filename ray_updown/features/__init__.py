@@ -1,0 +1,1 @@
+"""The region-feature store: Parquet schema, writer, reader, TSV and other exports."""

@@ -5,9 +5,16 @@
 
 from ray_updown.features.reader import FeatureStore, RegionFeatureDataset, build_index, pad_regions
 from ray_updown.features.schema import StoreMeta, error_schema, feature_schema
-from ray_updown.features.writer import (FeatureRecord, error_shard_uri, feature_shard_uri,
-                                        infer_image_id_type, records_to_table, table_to_records,
-                                        write_error_shard, write_feature_shard)
+from ray_updown.features.writer import (
+                                        FeatureRecord,
+                                        error_shard_uri,
+                                        feature_shard_uri,
+                                        infer_image_id_type,
+                                        records_to_table,
+                                        table_to_records,
+                                        write_error_shard,
+                                        write_feature_shard,
+)
 
 __all__ = [
     "FeatureRecord", "FeatureStore", "RegionFeatureDataset", "StoreMeta", "build_index",

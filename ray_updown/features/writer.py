@@ -16,8 +16,15 @@ import pyarrow.parquet as pq
 
 from ray_updown import storage
 from ray_updown.errors import DataError
-from ray_updown.features.schema import (ERRORS_DIR, FEATURES_DIR, PER_BOX_COLUMNS, StoreMeta,
-                                        error_schema, feature_schema, shard_name)
+from ray_updown.features.schema import (
+    ERRORS_DIR,
+    FEATURES_DIR,
+    PER_BOX_COLUMNS,
+    StoreMeta,
+    error_schema,
+    feature_schema,
+    shard_name,
+)
 
 # A row group is the unit a random-access read decodes: ~1 MiB of raw features keeps a
 # lookup cheap (D=2048, 50 boxes -> 5 images a group) while tiny rows still batch up to 64.

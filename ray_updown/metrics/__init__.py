@@ -1,0 +1,1 @@
+"""CIDEr-D, the pycocoevalcap wrapper, the official VQA accuracy and detection mAP."""

@@ -37,7 +37,6 @@ import numpy as np
 
 from ray_updown.errors import DataError
 
-
 _INT64_MAX = np.iinfo(np.int64).max
 # Joins all sentences into one string split once; it cannot occur inside a whitespace token
 # of a sentence that does not contain it (checked), so its positions give sentence lengths.

@@ -1,0 +1,1 @@
+"""Pictures: attention over regions (paper figures 5-7) and plots."""

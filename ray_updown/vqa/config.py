@@ -4,16 +4,17 @@ optimiser, and how the run is spread over Ray."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+from typing import Literal
 
-from ray_updown.config import from_dict, to_dict
+from ray_updown.config import check_at_least, check_training_run, from_dict, to_dict, validate_fields
 from ray_updown.errors import ConfigError
 from ray_updown.vqa.data import VqaDataConfig, absolute_uri
 from ray_updown.vqa.model import VqaConfig
 
 METRIC = "val_accuracy"
 OPTIMIZERS = {"adadelta": 1.0, "adamax": 2e-3}  # name -> default learning rate
-PRESETS = ("paper", "reimplementation")
 
 
 @dataclass
@@ -23,11 +24,11 @@ class VqaModelOptions:
     `num_tokens`, `num_answers`, `feat_dim` and `spatial_dim` come from the data.
     """
 
-    preset: str = "paper"                # "paper" (gated tanh, 512) | "reimplementation"
+    preset: Literal["paper", "reimplementation"] = "paper"  # paper: gated tanh, 512
     hidden: int | None = None
     embed_dim: int | None = None
     question_len: int | None = None
-    nonlinearity: str | None = None
+    nonlinearity: Literal["gated_tanh", "relu"] | None = None
     weight_norm: bool | None = None
     classifier_hidden: int | None = None
     dropout: float | None = None
@@ -39,11 +40,13 @@ class VqaModelOptions:
 
     def base(self) -> VqaConfig:
         """The preset with the overrides, before the data's sizes are known."""
-        if self.preset not in PRESETS:
-            raise ConfigError(f"must be one of {list(PRESETS)}, got {self.preset!r}",
-                              record="model.preset")
         build = VqaConfig.paper if self.preset == "paper" else VqaConfig.reimplementation
         return build(**self.overrides())
+
+    def validate(self) -> None:
+        # The model's own rules on the preset with the overrides: records are field names here
+        validate_fields(self)
+        self.base().validate()
 
 
 @dataclass
@@ -52,7 +55,7 @@ class VqaTrainConfig:
 
     data: VqaDataConfig = dc_field(default_factory=VqaDataConfig)
     model: VqaModelOptions = dc_field(default_factory=VqaModelOptions)
-    optimizer: str = "adadelta"          # paper: AdaDelta; re-implementation: adamax
+    optimizer: Literal["adadelta", "adamax"] = "adadelta"  # the paper's; the re-implementation's
     lr: float | None = None              # None: 1.0 for adadelta, 2e-3 for adamax
     weight_decay: float = 0.0
     grad_clip: float = 0.25              # max gradient norm; 0 = no clipping
@@ -69,17 +72,13 @@ class VqaTrainConfig:
     name: str = "vqa"
     wandb_project: str | None = None
 
-    def check(self) -> None:
-        self.data.check()
-        self.model.base()
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}",
-                              record="optimizer")
-        for name in ("epochs", "batch_size", "num_workers"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"must be >= 1, got {getattr(self, name)}", record=name)
-        if self.patience < 0 or self.grad_clip < 0 or (self.lr is not None and self.lr <= 0):
-            raise ConfigError("patience and grad_clip must be >= 0, lr > 0", record="optimizer")
+    def validate(self) -> None:
+        validate_fields(self)  # data, model, optimizer
+        check_training_run(self)
+        check_at_least(self, 0, "patience", "grad_clip")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"must be positive (or null: the optimizer's default), got "
+                              f"{self.lr}", record="lr")
 
     def absolute(self) -> "VqaTrainConfig":
         """A copy with local relative paths made absolute (Ray workers have their own cwd)."""

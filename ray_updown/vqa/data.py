@@ -15,25 +15,34 @@ ranked); D' = feature dim + 7 when `spatial` adds the box geometry (features/spa
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field as dc_field
-from typing import Any, Sequence
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 
 from ray_updown import storage
+from ray_updown.config import validate_config, validate_fields
 from ray_updown.data.glove import load_glove
 from ray_updown.data.text import Vocab, field, records
-from ray_updown.data.vqa import (AnswerVocab, VqaQuestion, build_answer_vocab,
-                                 build_question_vocab, encode_question, load_vg_qa, load_vqa,
-                                 soft_targets, tokenize_question)
+from ray_updown.data.vqa import (
+    AnswerVocab,
+    VqaQuestion,
+    build_answer_vocab,
+    build_question_vocab,
+    encode_question,
+    load_vg_qa,
+    load_vqa,
+    soft_targets,
+    tokenize_question,
+)
 from ray_updown.errors import ConfigError, DataError
 from ray_updown.features.spatial import SPATIAL_DIM, spatial_features
 from ray_updown.features.store import FeatureStore, pad_regions
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val")
 MAX_TARGETS = 10  # at most 10 distinct human answers per question
 
 
@@ -51,27 +60,25 @@ class VqaDataConfig:
     question_min_count: int = 1
     vg_qa: str | None = None         # Visual Genome question_answers.json (augmentation)
     vg_image_data: str | None = None  # VG image_data.json: maps VG image ids to COCO ids
-    train_on: list[str] = dc_field(default_factory=lambda: ["train"])  # ["train", "val"]: server runs
+    # ["train", "val"]: server runs (test-dev / test-std answers)
+    train_on: list[Literal["train", "val"]] = dc_field(default_factory=lambda: ["train"])
     max_boxes: int = 100             # K regions per image after padding / cutting
     spatial: bool = False            # append the 7 box-geometry values to each region
     features_in_memory: bool = True  # decode every needed image once (small stores, demos)
 
-    def check(self) -> None:
-        for name in ("train_questions", "train_annotations", "features"):
-            if not getattr(self, name):
-                raise ConfigError("is required", record=f"data.{name}")
-        bad = [s for s in self.train_on if s not in SPLITS]
-        if bad or not self.train_on:
-            raise ConfigError(f"must be a non-empty subset of {list(SPLITS)}, got {self.train_on}",
-                              record="data.train_on")
+    def validate(self) -> None:
+        validate_fields(self)  # train_on
+        if not self.train_on:
+            raise ConfigError("must name at least one split", record="train_on")
         if "val" in self.train_on and not (self.val_questions and self.val_annotations):
             raise ConfigError("train_on has 'val' but val_questions/val_annotations are not set",
-                              record="data.train_on")
-        if self.answer_min_count < 1 or self.max_boxes < 1:
-            raise ConfigError("answer_min_count and max_boxes must be >= 1", record="data")
+                              record="train_on")
+        for name in ("answer_min_count", "max_boxes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"must be >= 1, got {getattr(self, name)}", record=name)
         if self.vg_qa and not self.vg_image_data:
             raise ConfigError("vg_qa needs vg_image_data (to map VG images to COCO ids)",
-                              record="data.vg_image_data")
+                              record="vg_image_data")
 
     def absolute(self) -> "VqaDataConfig":
         """A copy whose local relative paths are absolute (Tune trials run in their own cwd)."""
@@ -247,13 +254,22 @@ class PreparedVqa:
     stats: dict
 
 
+def require_inputs(cfg: VqaDataConfig) -> None:
+    """ConfigError unless the config is valid and names the files training needs (they are
+    empty by default, so that a defaults-only config can be shown and loaded)."""
+    validate_config(cfg, "data")
+    for name in ("train_questions", "train_annotations", "features"):
+        if not getattr(cfg, name):
+            raise ConfigError("is required", record=f"data.{name}")
+
+
 def prepare_vqa_data(cfg: VqaDataConfig, question_len: int = 14, embed_dim: int = 300,
                      vocabs: VqaVocabularies | None = None) -> PreparedVqa:
     """Load, validate and encode the training (and validation) data (paper 3.3).
 
     `vocabs` (e.g. from a checkpoint) replaces building them from the training questions.
     """
-    cfg.check()
+    require_inputs(cfg)
     splits = {"train": (cfg.train_questions, cfg.train_annotations)}
     if cfg.val_questions and cfg.val_annotations:
         splits["val"] = (cfg.val_questions, cfg.val_annotations)

@@ -31,11 +31,14 @@ from ray_updown.data.vqa import VqaQuestion, load_vqa
 from ray_updown.errors import CheckpointError, ConfigError, DataError
 from ray_updown.features.store import FeatureStore
 from ray_updown.metrics.vqa_eval import write_vqa_results
-from ray_updown.vqa.model import VqaConfig, VqaModel, ensemble_scores
-from ray_updown.train import common
+from ray_updown.train.checkpoint import load_checkpoint_dir
+from ray_updown.train.trainer import checkpoint_uri
+from ray_updown.train.worker import pick_device, shard_batches
 from ray_updown.vqa.config import METRIC, VqaTrainConfig
-from ray_updown.vqa.train import shard_batches, tune_experiment_path, tune_run_config, tune_trainable
 from ray_updown.vqa.data import VqaVocabularies, questions_dataset
+from ray_updown.vqa.model import VqaConfig, VqaModel, ensemble_scores
+from ray_updown.vqa.train import tune_experiment_path, tune_run_config, tune_trainable
+from ray_updown.weights import load_state_strict
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +83,7 @@ def train_ensemble(cfg: VqaTrainConfig | str, members: int = 30, *,
     if members < 1:
         raise ConfigError(f"must be >= 1, got {members}", record="members")
     cfg = cfg.absolute()
-    cfg.check()
+    cfg.validate()
     if cfg.num_workers > 1:
         log.warning("ensemble members train on one worker each; num_workers=%d is ignored",
                     cfg.num_workers)
@@ -147,7 +150,7 @@ def _collect(grid, experiment: str, cfg: VqaTrainConfig, manifest: dict) -> list
         if seed in done:
             continue
         manifest["members"].append({
-            "seed": seed, "checkpoint": common.checkpoint_uri(checkpoint, cfg.storage_path),
+            "seed": seed, "checkpoint": checkpoint_uri(checkpoint, cfg.storage_path),
             "val_accuracy": metrics.get(METRIC), "epoch": metrics.get("epoch"),
             "experiment": experiment, "trial": result.path.rstrip("/").rsplit("/", 1)[-1]})
         done.add(seed)
@@ -167,13 +170,13 @@ class TrainedVqa:
 
 def load_vqa_checkpoint(uri: str, device: torch.device | str | None = None) -> TrainedVqa:
     """Load one of our VQA checkpoint directories (local or object store)."""
-    weights, config, _ = common.load_checkpoint_dir(uri)
+    weights, config, _ = load_checkpoint_dir(uri)
     for key in ("model", "train", "question_vocab", "answer_vocab"):
         if key not in config:
             raise CheckpointError(f"not a VQA checkpoint: config.json lacks '{key}'", file=uri)
     model = VqaModel(VqaConfig.from_dict(config["model"]))
-    common.load_weights_strict(model, weights, uri)
-    model.to(device or common.pick_device()).eval()
+    load_state_strict(model, weights, uri)
+    model.to(device or pick_device()).eval()
     return TrainedVqa(model, VqaVocabularies.from_json(config, uri),
                       VqaTrainConfig.from_dict(config["train"], uri), uri)
 
@@ -213,7 +216,7 @@ def score_questions(manifest_or_checkpoints, questions: str | Sequence[VqaQuesti
     dataset = questions_dataset(questions, first.vocabs, store, first.model.config.question_len,
                                 data_cfg.max_boxes, data_cfg.spatial, questions_uri)
     scores = []
-    for idx in shard_batches(len(dataset), batch_size, 0, 1, seed=None):
+    for idx in shard_batches(len(dataset), batch_size, 0, 1):
         scores.append(ensemble_scores([m.model for m in members], dataset.__getitems__(idx)).cpu())
     all_scores = torch.cat(scores) if scores else torch.zeros(0, len(first.vocabs.answers))
     return dataset.encoded.question_ids, all_scores, list(first.vocabs.answers.itos)

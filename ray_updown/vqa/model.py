@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -25,9 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm as _weight_norm
 
+from ray_updown.config import validate_fields
 from ray_updown.errors import ConfigError, DataError
-
-NONLINEARITIES = ("gated_tanh", "relu")
 
 
 @dataclass
@@ -42,32 +42,30 @@ class VqaConfig:
     spatial_dim: int = 0               # extra per-region features appended to feats (e.g. boxes)
     question_len: int = 14             # tokens per question after trimming/padding
     pad_index: int = 0                 # token id of padding (its embedding row gets no gradient)
-    nonlinearity: str = "gated_tanh"   # "gated_tanh" (paper, eq. 12-14) or "relu" (variant)
+    nonlinearity: Literal["gated_tanh", "relu"] = "gated_tanh"  # paper: eq. 12-14; variant: relu
     weight_norm: bool = False          # weight norm on every linear layer (variant: True)
     classifier_hidden: int = 0         # width of f_o; 0 means 2 x hidden (the variant's layout)
     dropout: float = 0.0               # on word embeddings and on f_a's output before w_a
     classifier_dropout: float = 0.0    # between f_o and W_o (variant: 0.5)
     l2_normalize_features: bool = False  # Teney et al. L2-normalise each region feature
 
-    def __post_init__(self) -> None:
-        if self.nonlinearity not in NONLINEARITIES:
-            raise ConfigError(f"nonlinearity must be one of {NONLINEARITIES}, "
-                              f"got {self.nonlinearity!r}", record="vqa.nonlinearity")
+    def validate(self) -> None:
+        validate_fields(self)  # nonlinearity
         if self.num_answers < 1:
             raise ConfigError("the answer vocabulary is empty (num_answers must be >= 1)",
-                              record="vqa.num_answers")
+                              record="num_answers")
         for name in ("num_tokens", "embed_dim", "hidden", "feat_dim", "question_len"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"must be >= 1, got {getattr(self, name)}", record=f"vqa.{name}")
-        if self.spatial_dim < 0 or self.classifier_hidden < 0:
-            raise ConfigError("spatial_dim and classifier_hidden must be >= 0", record="vqa")
+                raise ConfigError(f"must be >= 1, got {getattr(self, name)}", record=name)
+        for name in ("spatial_dim", "classifier_hidden"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"must be >= 0, got {getattr(self, name)}", record=name)
         if not 0 <= self.pad_index < self.num_tokens:
             raise ConfigError(f"pad_index {self.pad_index} outside [0, {self.num_tokens})",
-                              record="vqa.pad_index")
+                              record="pad_index")
         for name in ("dropout", "classifier_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"must be in [0, 1), got {getattr(self, name)}",
-                                  record=f"vqa.{name}")
+                raise ConfigError(f"must be in [0, 1), got {getattr(self, name)}", record=name)
 
     @property
     def region_dim(self) -> int:
@@ -101,7 +99,9 @@ class VqaConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown VQA config keys {unknown}", record="vqa")
-        return cls(**values)
+        config = cls(**values)
+        config.validate()
+        return config
 
 
 def _linear(in_dim: int, out_dim: int, use_weight_norm: bool) -> nn.Linear:
@@ -148,6 +148,7 @@ class VqaModel(nn.Module):
 
     def __init__(self, config: VqaConfig, seed: int | None = None):
         super().__init__()
+        config.validate()  # sizes come from the data or a checkpoint, not through load_config
         self.config = config
         if seed is None:
             self._build(config)

@@ -112,7 +112,7 @@ def tune_param_space(cfg: VqaTrainConfig, space: Mapping[str, Any]) -> dict:
             trial = cfg.to_dict()
             _set_path(trial, path, value)
             try:
-                VqaTrainConfig.from_dict(trial).check()
+                VqaTrainConfig.from_dict(trial).validate()
             except ConfigError as exc:
                 raise ConfigError(f"value {value!r}: {exc.problem}", record=f"space.{key}") from None
         _set_path(params, path, _domain(str(key), spec))
@@ -149,7 +149,7 @@ def run_sweep(cfg: VqaTrainConfig | str, space: Mapping[str, Any] | str, num_sam
         raise ConfigError("num_samples >= 1, grace_period >= 1 and reduction_factor >= 2 required",
                           record="sweep")
     cfg = cfg.absolute()
-    cfg.check()
+    cfg.validate()
     if "val" in cfg.data.train_on:
         log.warning("data.train_on includes val: the sweep's metric is then a training accuracy")
     param_space = tune_param_space(cfg, space)

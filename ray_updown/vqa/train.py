@@ -1,24 +1,24 @@
-"""Training the Up-Down VQA model on Ray (paper 3.3, supp. 6.3).
+"""Training the Up-Down VQA model (paper 3.3, supp. 6.3).
 
-One loop body, `run_vqa_loop`, serves two launchers:
+`run_vqa_loop(config, session)` is the whole loop; three launchers give it a session
+(train/session.py):
 
-* `train_vqa(cfg)`: a Ray Train `TorchTrainer` (DDP; gloo on CPU, NCCL on GPU) with
-  `cfg.num_workers` workers; resume = re-run with the same `storage_path` and `name`.
-* `vqa_trainable(config_dict)`: a Ray Tune function trainable (one worker per trial) used by
-  the ensemble (ensemble.py) and the ASHA sweep (sweep.py).
+* `train_vqa(cfg)`: a Ray Train `TorchTrainer` with `cfg.num_workers` DDP workers; resume =
+  re-run with the same `storage_path` and `name`;
+* `vqa_trainable(config_dict)`: a Ray Tune function trial (one worker), used by the ensemble
+  (ensemble.py) and the ASHA sweep (sweep.py);
+* `run_vqa_loop(config, LocalSession(folder))`: one process, no Ray.
 
-Each epoch: binary cross-entropy against soft scores (`vqa_loss`), AdaDelta (paper) or
-Adamax (re-implementation), gradient-norm clipping; then the validation accuracy (the soft
-score of the top answer = the official accuracy of it) and a checkpoint to storage. Training
-stops early after `patience` epochs without a better validation accuracy.
+Each epoch: `train_step` over this worker's share of the questions (binary cross-entropy
+against soft scores, AdaDelta (paper) or Adamax (re-implementation), clipped gradients), then
+`evaluate` (the soft score of the top answer, i.e. its official accuracy) and a checkpoint.
+Training stops early after `patience` epochs without a better validation accuracy.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
-import tempfile
 import time
 from typing import Any
 
@@ -26,13 +26,17 @@ import numpy as np
 import torch
 
 from ray_updown import storage
-from ray_updown.vqa.model import VqaConfig, VqaModel, soft_accuracy, vqa_loss
+from ray_updown.train.checkpoint import load_checkpoint_dir, save_checkpoint_dir
+from ray_updown.train.session import LocalSession, RayTrainSession, Session, TuneSession
+from ray_updown.train.trainer import build_trainer, checkpoint_uri, fit, storage_kwargs
+from ray_updown.train.worker import all_reduce, init_wandb, optimizer_to, pick_device, shard_batches
 from ray_updown.vqa.config import METRIC, OPTIMIZERS, VqaTrainConfig
-from ray_updown.train import common
-from ray_updown.vqa.data import (PreparedVqa, VqaDataset, VqaVocabularies,
-                                       prepare_vqa_data)
+from ray_updown.vqa.data import PreparedVqa, VqaDataset, VqaVocabularies, prepare_vqa_data, require_inputs
+from ray_updown.vqa.model import VqaConfig, VqaModel, soft_accuracy, vqa_loss
+from ray_updown.weights import load_state_strict
 
-log = logging.getLogger(__name__)
+__all__ = ["LocalSession", "run_vqa_loop", "train_vqa", "vqa_trainable"]
+
 
 def model_config(cfg: VqaTrainConfig, data: PreparedVqa) -> VqaConfig:
     """The preset + overrides, sized to the data's vocabularies and features."""
@@ -47,19 +51,6 @@ def build_optimizer(cfg: VqaTrainConfig, params) -> torch.optim.Optimizer:
     if cfg.optimizer == "adadelta":
         return torch.optim.Adadelta(params, lr=lr, weight_decay=cfg.weight_decay)
     return torch.optim.Adamax(params, lr=lr, weight_decay=cfg.weight_decay)
-
-
-def shard_batches(n: int, batch_size: int, rank: int, world: int, seed: int | None) -> list[np.ndarray]:
-    """This rank's batches of an epoch: a seeded permutation (None: in order), dealt round-robin.
-
-    Every rank gets the same number of batches (DDP needs it): the tail that does not fill
-    `world` batches is dropped when training, kept (uneven) when `seed` is None (evaluation).
-    """
-    order = np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)
-    mine = order[rank::world]
-    if seed is not None:
-        mine = mine[:n // world]
-    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
 def batch_to(batch: dict, device: torch.device) -> dict:
@@ -82,84 +73,35 @@ def train_step(model, optimizer, batch: dict, grad_clip: float) -> float:
 def evaluate(model: VqaModel, dataset: VqaDataset, batch_size: int, rank: int, world: int,
              device: torch.device) -> dict[str, float]:
     """Mean soft accuracy overall and per answer type (val_accuracy_yes_no, ..._number,
-    ..._other), all-reduced over the workers."""
+    ..._other) over all the workers' shares."""
     types = sorted(set(dataset.encoded.answer_types))
-    sums = torch.zeros(len(types) + 1, 2, dtype=torch.float64)  # (accuracy sum, count)
+    sums = np.zeros((len(types) + 1, 2))  # (accuracy sum, count): overall, then per type
     model.eval()
-    for idx in shard_batches(len(dataset), batch_size, rank, world, seed=None):
+    for idx in shard_batches(len(dataset), batch_size, rank, world):
         batch = batch_to(dataset.__getitems__(idx), device)
         scores = torch.sigmoid(model(batch["question_tokens"], batch["feats"], batch["mask"]))
-        acc = soft_accuracy(scores, batch["targets"]).double().cpu()
-        sums[0] += torch.stack([acc.sum(), torch.tensor(float(len(acc)), dtype=torch.float64)])
+        acc = soft_accuracy(scores, batch["targets"]).double().cpu().numpy()
+        sums[0] += (acc.sum(), len(acc))
         for j, t in enumerate(types, start=1):
-            sel = torch.tensor([dataset.encoded.answer_types[i] == t for i in idx])
-            sums[j] += torch.stack([acc[sel].sum(), sel.sum().double()])
+            sel = np.array([dataset.encoded.answer_types[i] == t for i in idx])
+            sums[j] += (acc[sel].sum(), sel.sum())
     model.train()
-    if world > 1:
-        torch.distributed.all_reduce(sums)
-    out = {METRIC: float(sums[0, 0] / sums[0, 1].clamp(min=1))}
+    sums = np.array(all_reduce(sums.ravel().tolist())).reshape(sums.shape)
+    out = {METRIC: float(sums[0, 0] / max(sums[0, 1], 1))}
     for j, t in enumerate(types, start=1):
-        out[f"{METRIC}_{t.replace('/', '_')}"] = float(sums[j, 0] / sums[j, 1].clamp(min=1))
+        out[f"{METRIC}_{t.replace('/', '_')}"] = float(sums[j, 0] / max(sums[j, 1], 1))
     return out
 
 
-class _TrainSession:
-    """Ray Train worker: DDP-wrapped model, ray.train.report, rank-0 wandb."""
-
-    wandb_in_loop = True
-
-    def __init__(self):
-        import ray.train
-
-        context = ray.train.get_context()
-        self.rank, self.world = context.get_world_rank(), context.get_world_size()
-
-    def restore(self) -> common.Resume | None:
-        return common.restore_from_ray()
-
-    def wrap(self, model):
-        import ray.train.torch
-
-        return ray.train.torch.prepare_model(model) if self.world > 1 else model
-
-    def report(self, metrics, model, config, state) -> None:
-        common.report_with_checkpoint(metrics, model, config, state)
-
-
-class _TuneSession:
-    """Ray Tune function trainable: one worker, ray.tune.report (wandb via Tune's callback)."""
-
-    rank, world, wandb_in_loop = 0, 1, False
-
-    def restore(self) -> common.Resume | None:
-        import ray.tune
-
-        checkpoint = ray.tune.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as path:
-            weights, config, state = common.load_checkpoint_dir(path)
-        return common.Resume(weights, config, state or {})
-
-    def wrap(self, model):
-        return model
-
-    def report(self, metrics, model, config, state) -> None:
-        import ray.tune
-
-        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-            common.save_checkpoint_dir(tmp, model, config, state)
-            ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
-
-
-def run_vqa_loop(config: dict, session) -> None:
-    """The training loop both launchers run (see the module docstring)."""
+def run_vqa_loop(config: dict, session: Session) -> None:
+    """One worker's training run (see the module docstring)."""
     cfg = VqaTrainConfig.from_dict(config)
     rank, world = session.rank, session.world
     torch.manual_seed(cfg.seed * 1000 + rank)  # dropout streams differ per worker
-    device = common.pick_device()
-    resume = session.restore()
-    vocabs = VqaVocabularies.from_json(resume.config) if resume else None
+    device = pick_device()
+    with session.restore() as path:
+        resume = load_checkpoint_dir(path) if path else None
+    vocabs = VqaVocabularies.from_json(resume[1]) if resume else None
     base = cfg.model.base()
     data = prepare_vqa_data(cfg.data, base.question_len, base.embed_dim, vocabs)
     mcfg = model_config(cfg, data)
@@ -169,22 +111,22 @@ def run_vqa_loop(config: dict, session) -> None:
     state: dict[str, Any] = {"epoch": 0, "best": -1.0, "since_best": 0, "done": False}
     optimizer = build_optimizer(cfg, model.parameters())
     if resume:
-        common.load_weights_strict(model, resume.weights, "restored checkpoint")
-        optimizer.load_state_dict(resume.trainer_state["optimizer"])
-        state.update({k: resume.trainer_state[k] for k in state if k in resume.trainer_state})
+        weights, _, trainer_state = resume
+        load_state_strict(model, weights, "restored checkpoint")
+        optimizer.load_state_dict(trainer_state["optimizer"])
+        state.update({k: trainer_state[k] for k in state if k in trainer_state})
     model.to(device)
-    _optimizer_to(optimizer, device)
+    optimizer_to(optimizer, device)
     ddp_model = session.wrap(model)
     checkpoint_config = {"train": cfg.to_dict(), "model": mcfg.to_dict(), **data.vocabs.to_json()}
-    use_wandb = rank == 0 and getattr(session, "wandb_in_loop", False)
-    run = common.init_wandb(cfg.wandb_project, cfg.to_dict(), cfg.name) if use_wandb else None
-    local_batch = max(1, cfg.batch_size // world)
+    run = init_wandb(cfg.wandb_project, cfg.to_dict(), cfg.name) if session.logs_to_wandb else None
     early_stopping = cfg.patience > 0 and data.val is not None and "val" not in cfg.data.train_on
     resumed_from_epoch = state["epoch"]
     while not state["done"] and state["epoch"] < cfg.epochs:
         epoch = state["epoch"]
         started, losses = time.perf_counter(), []
-        batches = shard_batches(len(data.train), local_batch, rank, world, seed=cfg.seed * 7919 + epoch)
+        batches = shard_batches(len(data.train), cfg.batch_size, rank, world,
+                                seed=cfg.seed, epoch=epoch)
         loader = torch.utils.data.DataLoader(
             data.train, batch_sampler=batches, num_workers=cfg.loader_workers,
             collate_fn=_identity)  # the dataset's __getitems__ builds whole batches
@@ -194,7 +136,7 @@ def run_vqa_loop(config: dict, session) -> None:
         metrics = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else math.nan,
                    "samples_per_s": sum(len(b) for b in batches) * world / max(seconds, 1e-9)}
         if data.val is not None:
-            metrics.update(evaluate(model, data.val, local_batch * 2, rank, world, device))
+            metrics.update(evaluate(model, data.val, cfg.batch_size * 2, rank, world, device))
             if metrics[METRIC] > state["best"] + 1e-9:
                 state["best"], state["since_best"] = metrics[METRIC], 0
             else:
@@ -205,8 +147,9 @@ def run_vqa_loop(config: dict, session) -> None:
                        resumed_from_epoch=resumed_from_epoch)
         if run is not None:
             run.log(metrics, step=epoch + 1)
-        session.report(metrics, model, checkpoint_config,
-                       {**state, "optimizer": optimizer.state_dict()})
+        trainer_state = {**state, "optimizer": optimizer.state_dict()}
+        session.report(metrics, lambda path: save_checkpoint_dir(path, model, checkpoint_config,
+                                                                 trainer_state))
     if run is not None:
         run.finish()
 
@@ -215,64 +158,39 @@ def _identity(batch):
     return batch
 
 
-def _optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    for per_param in optimizer.state.values():
-        for k, v in per_param.items():
-            if torch.is_tensor(v):
-                per_param[k] = v.to(device)
-
-
 def _train_worker(config: dict) -> None:
-    run_vqa_loop(config, _TrainSession())
+    run_vqa_loop(config, RayTrainSession())
 
 
 def vqa_trainable(config: dict) -> None:
     """Ray Tune function trainable: one trial = one single-worker training run."""
-    run_vqa_loop(config, _TuneSession())
+    run_vqa_loop(config, TuneSession())
 
 
-def storage_kwargs(storage_path: str) -> dict:
-    """RunConfig's `storage_path` (+ `storage_filesystem` for object stores)."""
-    path, filesystem = common.run_storage(storage_path)
-    return {"storage_path": path, **({"storage_filesystem": filesystem} if filesystem else {})}
-
-
-def checkpoint_retention(cfg: VqaTrainConfig) -> dict:
-    """Keep the best checkpoint by val accuracy (plus the latest, which Ray always keeps)."""
-    if cfg.data.val_questions and cfg.data.val_annotations:
-        return {"num_to_keep": 1, "checkpoint_score_attribute": METRIC,
-                "checkpoint_score_order": "max"}
-    return {"num_to_keep": 1}
+def has_val(cfg: VqaTrainConfig) -> bool:
+    return bool(cfg.data.val_questions and cfg.data.val_annotations)
 
 
 def train_vqa(cfg: VqaTrainConfig) -> dict:
     """Train with Ray Train (`cfg.num_workers` DDP workers); re-running resumes.
 
     Returns {"best_checkpoint", "latest_checkpoint" (URIs), "best_val_accuracy", "metrics"
-    (the last epoch's), "path" (the run's folder)}.
+    (the last epoch's), "path" (the run's folder)}. The best checkpoint by val accuracy and
+    the latest are kept.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from ray_updown.ray_session import ensure_ray
-
     cfg = cfg.absolute()
-    cfg.check()
-    ensure_ray()
-    trainer = TorchTrainer(
-        _train_worker, train_loop_config=cfg.to_dict(),
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(
-            name=cfg.name, **storage_kwargs(cfg.storage_path),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(**checkpoint_retention(cfg))))
-    result = common.fit(trainer)  # a worker's package error surfaces as itself
+    cfg.validate()
+    require_inputs(cfg.data)  # on the driver: one clear line before any worker starts
+    trainer = build_trainer(
+        _train_worker, cfg.to_dict(), name=cfg.name, storage_path=cfg.storage_path,
+        num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker,
+        max_failures=cfg.max_failures, keep_checkpoints=1,
+        score_metric=METRIC if has_val(cfg) else None)
+    result = fit(trainer)
     best = _best_checkpoint(result.best_checkpoints) or result.checkpoint
     metrics = dict(result.metrics or {})
-    return {"best_checkpoint": common.checkpoint_uri(best, cfg.storage_path) if best else None,
-            "latest_checkpoint": common.checkpoint_uri(result.checkpoint, cfg.storage_path)
+    return {"best_checkpoint": checkpoint_uri(best, cfg.storage_path) if best else None,
+            "latest_checkpoint": checkpoint_uri(result.checkpoint, cfg.storage_path)
             if result.checkpoint else None,
             "best_val_accuracy": metrics.get("best_val_accuracy"), "metrics": metrics,
             "path": storage.join(cfg.storage_path, cfg.name)}
@@ -300,15 +218,17 @@ def tune_run_config(cfg: VqaTrainConfig, root: str, experiment: str, callbacks=N
     from ray import tune
 
     callbacks = list(callbacks or [])
-    project = cfg.wandb_project or os.environ.get("WANDB_PROJECT")  # as common.init_wandb
+    project = cfg.wandb_project or os.environ.get("WANDB_PROJECT")  # as init_wandb
     if project and os.environ.get("WANDB_MODE") != "disabled":
         from ray.air.integrations.wandb import WandbLoggerCallback
 
         callbacks.append(WandbLoggerCallback(project=project, group=experiment))
+    scoring = {"checkpoint_score_attribute": METRIC, "checkpoint_score_order": "max"} \
+        if has_val(cfg) else {}
     return tune.RunConfig(
         name=experiment, **storage_kwargs(root), callbacks=callbacks or None,
         failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-        checkpoint_config=tune.CheckpointConfig(**checkpoint_retention(cfg)))
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1, **scoring))
 
 
 def tune_experiment_path(root: str, experiment: str) -> tuple[str, Any]:

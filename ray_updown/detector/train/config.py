@@ -6,10 +6,10 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ray_updown import storage
+from ray_updown.config import check_at_least, check_training_run, validate_fields
 from ray_updown.detector.config import DetectorConfig, world_config
 from ray_updown.detector.train.data import DetectorDataConfig
 from ray_updown.detector.train.optim import DetectorOptimConfig
-from ray_updown.errors import ConfigError
 
 
 def demo_model_config(**overrides) -> DetectorConfig:
@@ -56,29 +56,11 @@ class DetectorTrainConfig:
     seed: int = 0
     wandb_project: str | None = None  # None = no wandb
 
-    def __post_init__(self) -> None:
-        o = self.optim
-        if o.optimizer not in ("adamw", "sgd"):
-            raise ConfigError(f"expected 'adamw' or 'sgd', got {o.optimizer!r}",
-                              record="optim.optimizer")
-        if o.schedule not in ("cosine", "step", "constant"):
-            raise ConfigError(f"expected 'cosine', 'step' or 'constant', got {o.schedule!r}",
-                              record="optim.schedule")
-        if o.lr <= 0 or o.warmup_steps < 0:
-            raise ConfigError("lr must be positive and warmup_steps >= 0", record="optim.lr")
-        for name in ("epochs", "batch_size", "num_workers", "cpus_per_worker", "eval_batch_size",
-                     "eval_every", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"must be positive, got {getattr(self, name)}", record=name)
-        if self.max_minutes < 0 or self.torch_threads < 0:
-            raise ConfigError("must be >= 0", record="max_minutes")
-        if self.batch_size < self.num_workers:
-            raise ConfigError(f"batch_size {self.batch_size} is smaller than num_workers "
-                              f"{self.num_workers}: every worker needs an image per step",
-                              record="batch_size")
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"run name must be a non-empty word without '/', got "
-                              f"{self.name!r}", record="name")
+    def validate(self) -> None:
+        validate_fields(self)  # data, model (its class counts are replaced by the data's), optim
+        check_training_run(self)
+        check_at_least(self, 1, "cpus_per_worker", "eval_batch_size", "eval_every", "log_every")
+        check_at_least(self, 0, "max_minutes", "torch_threads")
 
     def run_uri(self) -> str:
         return storage.join(self.storage_path, self.name)
@@ -97,5 +79,7 @@ def demo_detector_config(world_root: str, storage_path: str = "runs", name: str 
                               data=DetectorDataConfig(root=world_root), epochs=40,
                               max_minutes=8.0, batch_size=8, num_workers=2, cpus_per_worker=1,
                               torch_threads=1)
-    return dataclasses.replace(cfg, **overrides)
+    cfg = dataclasses.replace(cfg, **overrides)
+    cfg.validate()  # a bad override fails here, as with the detector presets
+    return cfg
 

@@ -11,27 +11,25 @@ evaluation splits a held-out split over the workers and gathers the detections.
 
 from __future__ import annotations
 
-import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 
 from ray_updown import storage
+from ray_updown.config import validate_config, validate_fields
 from ray_updown.data.coco import coco_split_map, load_karpathy
-from ray_updown.data.vg import (ClassVocab, VgImage, load_class_vocab, load_visual_genome,
-                                split_visual_genome)
+from ray_updown.data.vg import ClassVocab, VgImage, load_class_vocab, load_visual_genome, split_visual_genome
 from ray_updown.detector.roi_heads import DetectionTarget
 from ray_updown.errors import ConfigError, DataError
 from ray_updown.extraction.images import DecodeLimits, ImageDecodeError, decode_image
 from ray_updown.metrics.detection import DetectionMetrics, evaluate_detections
+from ray_updown.train.worker import distributed, shard_batches
 
 if TYPE_CHECKING:
     from ray_updown.detector.model import BottomUpDetector
-
-SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -51,21 +49,20 @@ class DetectorDataConfig:
     karpathy: str = "auto"
     split_ratios: tuple[float, float, float] = (0.9, 0.05, 0.05)
     split_seed: int = 10
-    val_split: str = "val"  # scored every epoch
-    test_split: str = "test"  # scored once at the end ("" = skip)
+    val_split: Literal["train", "val", "test"] = "val"  # scored every epoch
+    test_split: Literal["train", "val", "test", ""] = "test"  # scored once at the end; "" = skip
     val_images: int = 0  # 0 = the whole split; n = its first n images
     train_images: int = 0  # 0 = every training image with an object; n = the first n
     hflip: bool = True  # random horizontal flips (every world shape is mirror-symmetric)
     load_threads: int = 16  # parallel image reads (object stores are slow per request)
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        validate_fields(self)  # val_split, test_split
         for name in ("val_images", "train_images"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"must be >= 0, got {getattr(self, name)}", record=f"data.{name}")
-        if self.val_split not in SPLITS or self.test_split not in (*SPLITS, ""):
-            raise ConfigError(f"splits must be one of {SPLITS}", record="data.val_split")
+                raise ConfigError(f"must be >= 0, got {getattr(self, name)}", record=name)
         if self.load_threads < 1:
-            raise ConfigError("must be at least 1", record="data.load_threads")
+            raise ConfigError("must be at least 1", record="load_threads")
 
     def uri(self, name: str) -> str:
         """The URI of one VG file (the field, or its default under root)."""
@@ -131,6 +128,7 @@ class DetectorData:
 
     @classmethod
     def load(cls, config: DetectorDataConfig) -> "DetectorData":
+        validate_config(config, "data")
         object_vocab = load_class_vocab(config.uri("object_vocab"))
         attribute_vocab = load_class_vocab(config.uri("attribute_vocab"), "__no_attribute__")
         images = load_visual_genome(config.uri("image_data"), config.uri("objects"),
@@ -179,29 +177,6 @@ def _decode_one(image: VgImage, limits: DecodeLimits) -> DetectorImage:
                          list(image.attributes))
 
 
-def steps_per_epoch(num_images: int, batch_size: int) -> int:
-    """Full global batches per epoch (the last partial batch is dropped)."""
-    return max(1, num_images // batch_size)
-
-
-def worker_batches(num_images: int, batch_size: int, epoch: int, rank: int, world: int,
-                   seed: int) -> list[list[int]]:
-    """This worker's image indices for every step of an epoch.
-
-    One seeded permutation per epoch (the same on all workers); step s takes global images
-    [s*B, (s+1)*B) and worker r every world-th of them, so all workers run the same number of
-    equal-sized steps. With fewer images than a batch, images repeat to fill it.
-    """
-    if batch_size < world:
-        raise ConfigError(f"batch_size {batch_size} < num_workers {world}", record="batch_size")
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(num_images)
-    if num_images < batch_size:
-        order = np.resize(order, batch_size)
-    steps = steps_per_epoch(len(order), batch_size)
-    return [order[s * batch_size:(s + 1) * batch_size][rank::world].tolist() for s in range(steps)]
-
-
 def flips_for(indices: list[int], epoch: int, step: int, rank: int, seed: int,
               enabled: bool) -> list[bool]:
     """Seeded coin flips (reproducible on resume) for a worker's batch."""
@@ -211,37 +186,13 @@ def flips_for(indices: list[int], epoch: int, step: int, rank: int, seed: int,
     return (rng.random(len(indices)) < 0.5).tolist()
 
 
-def shard(items: list, rank: int, world: int) -> list:
-    """Worker `rank`'s share of an evaluation list (contiguous, sizes differ by at most one)."""
-    per = math.ceil(len(items) / world)
-    return items[rank * per:(rank + 1) * per]
-
-
-def distributed() -> bool:
-    """True inside a DDP group of more than one worker."""
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_reduce(values: list[float], op: str = "sum") -> list[float]:
-    """Sum (or max) of numbers over the Ray Train workers; the numbers themselves alone."""
-    if not distributed():
-        return values
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return t.tolist()
-
-
 def evaluate_split(model: "BottomUpDetector", images: list[DetectorImage], batch_size: int,
                    rank: int = 0, world: int = 1) -> DetectionMetrics:
-    """mAP@0.5 and attribute accuracy of `model` on `images` (each worker detects a share)."""
-    mine = shard(images, rank, world)
+    """mAP@0.5 and attribute accuracy of `model` on `images` (each worker detects a
+    contiguous share; gathered in rank order they are the images' order again)."""
     detections = []
-    for s in range(0, len(mine), batch_size):
-        detections += model.detect([im.pixels for im in mine[s:s + batch_size]])
+    for indices in shard_batches(len(images), batch_size, rank, world):
+        detections += model.detect([images[i].pixels for i in indices])
     if distributed():
         import torch.distributed as dist
 

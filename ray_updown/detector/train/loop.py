@@ -1,13 +1,14 @@
-"""Training the bottom-up attention detector on Ray Train (Anderson et al. 3.1).
+"""Training the bottom-up attention detector (Anderson et al. 3.1).
 
     cfg = load_config(DetectorTrainConfig, "detector.yaml", ["data.root=runs/world"])
     summary = train_detector(cfg)   # -> {"detector": URI for load_detector, "metrics": ..., ...}
 
 Faster R-CNN ResNet-C4 with the attribute head, trained from scratch on Visual Genome-format
-data with the four Faster R-CNN losses plus the attribute loss. One `TorchTrainer` runs
-`train_loop` on `num_workers` workers (DDP; gloo on CPU, NCCL on GPU); every worker takes an
-equal share of each global batch. Each epoch the workers score the held-out split (object
-mAP@0.5 and attribute accuracy, `metrics/detection.py`) and rank 0 reports a checkpoint to
+data with the four Faster R-CNN losses plus the attribute loss. `run_detector_loop(cfg,
+session)` is the whole loop (train/session.py: a Ray Train worker, or one process without
+Ray); `train_detector` runs it on `num_workers` DDP workers, each taking an equal share of
+every global batch. Each epoch the workers score the held-out split (object mAP@0.5 and
+attribute accuracy, `metrics/detection.py`) and rank 0 reports a checkpoint to
 `storage_path/name`: our detector format (`detector.safetensors` + `detector.json` with the
 vocabularies, readable by `load_detector`) plus `trainer_state.pt` (optimizer, counters).
 Re-running with the same storage_path and name resumes; raising `epochs` or `max_minutes`
@@ -29,49 +30,68 @@ from ray_updown.config import to_dict
 from ray_updown.detector.checkpoint import load_detector, save_detector
 from ray_updown.detector.config import DetectorConfig
 from ray_updown.detector.model import BottomUpDetector
+from ray_updown.detector.train.checkpoints import (
+    check_vocabularies,
+    latest_checkpoint,
+    load_weights_from,
+    read_meta,
+    read_trainer_state,
+    save_training_checkpoint,
+)
 from ray_updown.detector.train.config import DetectorTrainConfig
+from ray_updown.detector.train.data import DetectorData, DetectorImage, evaluate_split, flips_for
+from ray_updown.detector.train.optim import build_optimizer, learning_rate
 from ray_updown.errors import CheckpointError, ConfigError
-from ray_updown.train.common import checkpoint_uri, fit, init_wandb, pick_device, run_storage
-from ray_updown.detector.train.checkpoints import (check_vocabularies, latest_checkpoint,
-                                                   load_weights_from, read_meta,
-                                                   read_trainer_state, save_training_checkpoint)
-from ray_updown.detector.train.data import (DetectorData, all_reduce,
-                                            evaluate_split, flips_for, steps_per_epoch,
-                                            worker_batches)
-from ray_updown.detector.train.optim import (build_optimizer,
-                                             learning_rate)
+from ray_updown.train.session import RayTrainSession, Session
+from ray_updown.train.trainer import build_trainer, checkpoint_uri, fit, history
+from ray_updown.train.worker import all_reduce, init_wandb, pick_device, shard_batches
+
+LOSSES = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_attr")
 
 
-# ----------------------------------------------------------------------------- pieces
-def model_config_for(cfg: DetectorTrainConfig, data: DetectorData) -> DetectorConfig:
+def model_config(cfg: DetectorTrainConfig, data: DetectorData) -> DetectorConfig:
     """The architecture of `cfg.model` with the class counts of the data's vocabularies."""
     return dataclasses.replace(cfg.model, num_classes=data.num_classes,
                                num_attributes=data.num_attributes)
 
 
 # --------------------------------------------------------------------------- the loop
-def train_loop(loop_config: dict) -> None:
-    """The Ray Train worker function."""
-    from ray_updown.detector.train.checkpoints import RayTrainSession
+def train_step(model, optimizer, images: list[DetectorImage], flips: list[bool],
+               grad_clip: float) -> dict[str, float]:
+    """One update on the sum of the five losses (paper 3.1). Returns each loss and their sum."""
+    pairs = [image.target(flip) for image, flip in zip(images, flips)]
+    losses = model([p for p, _ in pairs], [t for _, t in pairs])
+    loss = sum(losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return {"loss": loss.item(), **{k: v.detach().item() for k, v in losses.items()}}
 
-    run_detector_loop(loop_config["cfg"], RayTrainSession())
+
+def evaluate(model: BottomUpDetector, splits: dict[str, list[DetectorImage]], batch_size: int,
+             rank: int, world: int) -> dict[str, float]:
+    """mAP@0.5 and attribute accuracy on each held-out split, as `<split>_map50`, ..."""
+    metrics: dict[str, float] = {}
+    for prefix, images in splits.items():
+        metrics.update(evaluate_split(model, images, batch_size, rank, world).as_dict(prefix))
+    return metrics
 
 
-def run_detector_loop(cfg: DetectorTrainConfig, session) -> None:
-    """One worker: data, model (DDP), epochs of the five losses, evaluation, reports.
-
-    `session` is a RayTrainSession (inside Ray Train) or a LocalSession (one process)."""
+def run_detector_loop(cfg: DetectorTrainConfig, session: Session) -> None:
+    """One worker: data, model (DDP), epochs of the five losses, evaluation, reports."""
     rank, world = session.rank, session.world
     torch.set_num_threads(cfg.torch_threads or cfg.cpus_per_worker)
     torch.manual_seed(cfg.seed * 1009 + rank)
     device = pick_device()
 
     data = DetectorData.load(cfg.data)
-    model_cfg = model_config_for(cfg, data)
+    model_cfg = model_config(cfg, data)
     names = (data.object_vocab.names, data.attribute_vocab.names)
     model = BottomUpDetector(model_cfg, *names)
     state: dict = {}
-    with session.last_checkpoint() as path:
+    with session.restore() as path:
         if path is not None:
             load_weights_from(model, path, *names, f"{path} (the last checkpoint of run "
                                                    f"{cfg.name}; give a new run another name)")
@@ -86,11 +106,14 @@ def run_detector_loop(cfg: DetectorTrainConfig, session) -> None:
     if "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
 
-    train_images = data.decode("train", model_cfg.min_size, model_cfg.max_size)
-    val_images = data.decode(cfg.data.val_split, model_cfg.min_size, model_cfg.max_size)
-    total_steps = cfg.epochs * steps_per_epoch(len(train_images), cfg.batch_size)
+    def decode(split: str) -> list[DetectorImage]:
+        return data.decode(split, model_cfg.min_size, model_cfg.max_size)
+
+    train_images, val_images = decode("train"), decode(cfg.data.val_split)
+    total_steps = cfg.epochs * max(1, len(train_images) // cfg.batch_size)
     budget = cfg.max_minutes * 60.0
-    wandb_run = init_wandb(cfg.wandb_project, to_dict(cfg), cfg.name) if rank == 0 else None
+    wandb_run = init_wandb(cfg.wandb_project, to_dict(cfg), cfg.name) \
+        if session.logs_to_wandb else None
 
     def out_of_budget() -> bool:
         return budget > 0 and train_seconds >= budget
@@ -103,35 +126,27 @@ def run_detector_loop(cfg: DetectorTrainConfig, session) -> None:
                        lambda path: save_training_checkpoint(path, model, to_dict(cfg), state))
     while not stopped:
         started = time.perf_counter()
-        sums = {"loss": 0.0, "loss_rpn_cls": 0.0, "loss_rpn_box": 0.0, "loss_cls": 0.0,
-                "loss_box": 0.0, "loss_attr": 0.0}
+        sums = dict.fromkeys(("loss", *LOSSES), 0.0)
         steps_done, lr = 0, 0.0
-        for s, indices in enumerate(worker_batches(len(train_images), cfg.batch_size, epoch,
-                                                   rank, world, cfg.seed)):
+        batches = shard_batches(len(train_images), cfg.batch_size, rank, world,
+                                seed=cfg.seed, epoch=epoch)
+        for s, indices in enumerate(batches):
             step_started = time.perf_counter()
             progress = max(step / total_steps, train_seconds / budget if budget else 0.0)
             lr = learning_rate(cfg.optim, step, progress)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            flips = flips_for(indices, epoch, s, rank, cfg.seed, cfg.data.hflip)
-            pairs = [train_images[i].target(f) for i, f in zip(indices, flips)]
-            losses = ddp_model([p for p, _ in pairs], [t for _, t in pairs])
-            loss = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
+            losses = train_step(ddp_model, optimizer, [train_images[i] for i in indices],
+                                flips_for(indices, epoch, s, rank, cfg.seed, cfg.data.hflip),
+                                cfg.optim.grad_clip)
             step += 1
             steps_done += 1
-            sums["loss"] += loss.detach().item()
-            for key, value in losses.items():
-                sums[key] += value.detach().item()
+            for key in sums:
+                sums[key] += losses[key]
             # All workers agree on the clock (the slowest one's), so they stop together.
             train_seconds += all_reduce([time.perf_counter() - step_started], "max")[0]
             if wandb_run is not None and step % cfg.log_every == 0:
-                logged = {"train/" + k: v.detach().item() for k, v in losses.items()}
-                wandb_run.log({**logged, "lr": lr}, step=step)
+                wandb_run.log({**{"train/" + k: losses[k] for k in LOSSES}, "lr": lr}, step=step)
             if out_of_budget():
                 break
         epoch += 1
@@ -144,13 +159,12 @@ def run_detector_loop(cfg: DetectorTrainConfig, session) -> None:
                    "finished": stopped}
         metrics.update({k: v / max(totals[-1], 1.0) for k, v in zip(sums, totals)})
         eval_started = time.perf_counter()
+        held_out = {}
         if stopped or epoch % cfg.eval_every == 0:
-            metrics.update(evaluate_split(model, val_images, cfg.eval_batch_size, rank, world)
-                           .as_dict("val_"))
+            held_out["val_"] = val_images
         if stopped and cfg.data.test_split and data.splits[cfg.data.test_split]:
-            test_images = data.decode(cfg.data.test_split, model_cfg.min_size, model_cfg.max_size)
-            metrics.update(evaluate_split(model, test_images, cfg.eval_batch_size, rank, world)
-                           .as_dict("test_"))
+            held_out["test_"] = decode(cfg.data.test_split)
+        metrics.update(evaluate(model, held_out, cfg.eval_batch_size, rank, world))
         metrics["eval_seconds"] = time.perf_counter() - eval_started
         if wandb_run is not None:
             wandb_run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
@@ -163,14 +177,19 @@ def run_detector_loop(cfg: DetectorTrainConfig, session) -> None:
         wandb_run.finish()
 
 
+def _train_worker(loop_config: dict) -> None:
+    run_detector_loop(loop_config["cfg"], RayTrainSession())
+
+
 # ------------------------------------------------------------------------- the driver
-def validate(cfg: DetectorTrainConfig) -> DetectorData:
+def check_inputs(cfg: DetectorTrainConfig) -> DetectorData:
     """Check on the driver what would otherwise fail inside the workers: the VG files and
     vocabularies, the architecture, and the vocabularies of the checkpoint the run starts
     from (`init_from`, or the run's own last checkpoint when re-run)."""
+    cfg.validate()
     data = DetectorData.load(cfg.data)
     try:
-        model_config_for(cfg, data).validate()
+        model_config(cfg, data).validate()
     except ConfigError as exc:
         raise ConfigError(exc.problem, record=f"model.{exc.record}") from None
     names = (data.object_vocab.names, data.attribute_vocab.names)
@@ -191,23 +210,13 @@ def train_detector(cfg: DetectorTrainConfig) -> dict:
     last epoch's: val_/test_ map50, attr_acc, ...), "history" (kept checkpoints' metrics),
     "train_minutes", "elapsed_seconds"}.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from ray_updown.ray_session import ensure_ray
-
     started = time.perf_counter()
-    validate(cfg)
-    ensure_ray()
-    path, filesystem = run_storage(cfg.storage_path)
-    trainer = TorchTrainer(
-        train_loop, train_loop_config={"cfg": cfg},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(name=cfg.name, storage_path=path, storage_filesystem=filesystem,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(
-                                 num_to_keep=cfg.keep_checkpoints or None)))
+    check_inputs(cfg)
+    trainer = build_trainer(_train_worker, {"cfg": cfg}, name=cfg.name,
+                            storage_path=cfg.storage_path, num_workers=cfg.num_workers,
+                            use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker,
+                            max_failures=cfg.max_failures,
+                            keep_checkpoints=cfg.keep_checkpoints or None)
     result = fit(trainer)
     if result.checkpoint is None:
         raise CheckpointError("the run reported no checkpoint", file=cfg.run_uri())
@@ -215,8 +224,7 @@ def train_detector(cfg: DetectorTrainConfig) -> dict:
     detector_uri = cfg.detector_uri()
     save_detector(load_detector(checkpoint), detector_uri)
     metrics = dict(result.metrics or {})
-    history = sorted((m for _, m in (result.best_checkpoints or [])), key=lambda m: m["epoch"])
     return {"name": cfg.name, "storage_path": cfg.storage_path, "checkpoint": checkpoint,
-            "detector": detector_uri, "metrics": metrics, "history": history,
+            "detector": detector_uri, "metrics": metrics, "history": history(result),
             "train_minutes": metrics.get("train_seconds", 0.0) / 60.0,
             "elapsed_seconds": time.perf_counter() - started}

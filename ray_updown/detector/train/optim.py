@@ -9,25 +9,36 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+
+from ray_updown.config import validate_fields
+from ray_updown.errors import ConfigError
 
 
 @dataclass
 class DetectorOptimConfig:
     """Optimiser and learning-rate schedule (warmup, then cosine or step decay)."""
 
-    optimizer: str = "adamw"  # "adamw" | "sgd" (momentum, as the Caffe original)
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd: with momentum, as the Caffe original
     lr: float = 3e-3
     momentum: float = 0.9  # SGD only
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW only
     weight_decay: float = 1e-4  # not applied to norms and biases
-    schedule: str = "cosine"  # "cosine" | "step" | "constant"
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
     warmup_steps: int = 50
     min_lr_fraction: float = 0.02  # cosine floor, as a fraction of lr
     step_milestones: tuple[float, ...] = (0.67, 0.89)  # fractions of the run (step schedule)
     step_gamma: float = 0.1
     grad_clip: float = 10.0  # max gradient norm; 0 = no clipping
+
+    def validate(self) -> None:
+        validate_fields(self)  # optimizer, schedule
+        if self.lr <= 0:
+            raise ConfigError(f"must be positive, got {self.lr}", record="lr")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"must be >= 0, got {self.warmup_steps}", record="warmup_steps")
 
 
 def build_optimizer(model: torch.nn.Module, o: DetectorOptimConfig) -> torch.optim.Optimizer:

@@ -1,0 +1,76 @@
+"""The checkpoint directory of the captioner and VQA runs (the detector has its own format,
+detector/checkpoint.py, so that any training checkpoint of it is also a detector).
+
+    model.safetensors   the weights
+    config.json         the model and training configs (+ vocabularies)
+    trainer_state.pt    optimizer state and counters: plain tensors and numbers, read back
+                        with `weights_only=True`, so a checkpoint can never run code
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ray_updown import storage
+from ray_updown.errors import CheckpointError
+from ray_updown.train.worker import unwrap
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+STATE_FILE = "trainer_state.pt"
+
+
+def save_checkpoint_dir(path: str, model: torch.nn.Module, config: dict,
+                        trainer_state: dict | None = None) -> None:
+    """Write a checkpoint directory (local path)."""
+    os.makedirs(path, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+    save_file(state, os.path.join(path, MODEL_FILE))
+    with open(os.path.join(path, CONFIG_FILE), "w") as f:
+        json.dump(config, f, indent=2, default=str)
+    if trainer_state is not None:
+        torch.save(trainer_state, os.path.join(path, STATE_FILE))
+
+
+def load_checkpoint_dir(path: str) -> tuple[dict[str, torch.Tensor], dict, dict | None]:
+    """(weights, config, trainer_state or None) from a checkpoint directory (local or URI)."""
+    if storage.is_remote(path):
+        local = tempfile.mkdtemp(prefix="ckpt-")
+        fs, fs_path = storage.filesystem(path)
+        fs.get(fs_path.rstrip("/") + "/", local, recursive=True)
+        path = local
+    weights_file = os.path.join(path, MODEL_FILE)
+    config_file = os.path.join(path, CONFIG_FILE)
+    if not os.path.exists(weights_file) or not os.path.exists(config_file):
+        raise CheckpointError(f"not a checkpoint: needs {MODEL_FILE} and {CONFIG_FILE}", file=path)
+    try:
+        weights = load_file(weights_file)
+    except Exception as exc:
+        raise CheckpointError(f"unreadable weights ({exc})", file=weights_file) from None
+    with open(config_file) as f:
+        config = json.load(f)
+    state_file = os.path.join(path, STATE_FILE)
+    trainer_state = torch.load(state_file, weights_only=True) if os.path.exists(state_file) else None
+    return weights, config, trainer_state
+
+
+def check_vocabulary(theirs: list[str] | None, ours: list[str], what: str, unit: str,
+                     source: str) -> None:
+    """CheckpointError unless a checkpoint's vocabulary (`what`: "vocabulary",
+    "object_vocab", ...) is the data's, entry for entry; the error names the first difference."""
+    if theirs is None:
+        raise CheckpointError(f"has no {what}: cannot check it against the data's", file=source)
+    if list(theirs) == list(ours):
+        return
+    first = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b),
+                 min(len(theirs), len(ours)))
+    mine = ours[first] if first < len(ours) else "<none>"
+    other = theirs[first] if first < len(theirs) else "<none>"
+    raise CheckpointError(f"{what} does not match the data's: the checkpoint has {len(theirs)} "
+                          f"{unit}, the data {len(ours)}; first difference at index {first}: "
+                          f"'{other}' vs '{mine}'", file=source)

@@ -1,0 +1,96 @@
+"""The driver side of a training run: one way to build the `TorchTrainer`, where Ray keeps
+the run, and what comes back from it.
+
+    trainer = build_trainer(worker, loop_config, name=..., storage_path=..., num_workers=2)
+    result = fit(trainer)   # a worker's package error is raised as itself
+    checkpoint_uri(result.checkpoint, storage_path)
+
+Re-running with the same `storage_path` and `name` resumes from the run's last checkpoint
+(Ray Train's own restore; the loop reads it through `session.restore()`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from ray_updown import storage
+from ray_updown.errors import RayUpdownError
+
+
+def storage_kwargs(uri: str) -> dict:
+    """RunConfig's `storage_path` (+ `storage_filesystem` for object stores, so custom S3
+    endpoints go through the project's storage module)."""
+    if storage.is_remote(uri):
+        filesystem, path = storage.pyarrow_filesystem(uri)
+        return {"storage_path": path, "storage_filesystem": filesystem}
+    if uri.startswith("file://"):  # Ray resolves file:// URIs itself
+        return {"storage_path": uri}
+    return {"storage_path": os.path.abspath(uri)}
+
+
+def build_trainer(worker: Callable[[dict], None], loop_config: dict, *, name: str,
+                  storage_path: str, num_workers: int, use_gpu: bool = False,
+                  cpus_per_worker: float = 1.0, max_failures: int = 0,
+                  keep_checkpoints: int | None = None, score_metric: str | None = None):
+    """A TorchTrainer of `num_workers` DDP workers (NCCL on GPU, gloo on CPU) running
+    `worker(loop_config)`. Keeps `keep_checkpoints` checkpoints (None: all), the best by
+    `score_metric` (max) when one is given, else the latest."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ray_updown.ray_session import ensure_ray
+
+    ensure_ray()
+    scoring = {"checkpoint_score_attribute": score_metric, "checkpoint_score_order": "max"} \
+        if score_metric else {}
+    return TorchTrainer(
+        worker, train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(name=name, **storage_kwargs(storage_path),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints,
+                                                                **scoring)))
+
+
+def checkpoint_uri(checkpoint, storage_path: str) -> str:
+    """A Ray checkpoint's location as a URI of our storage module (Ray drops the scheme)."""
+    if storage.is_remote(storage_path):
+        scheme = storage_path.split("://", 1)[0]
+        return f"{scheme}://{checkpoint.path.lstrip('/')}"
+    return checkpoint.path
+
+
+def history(result) -> list[dict]:
+    """The metrics of every checkpoint Ray kept, by epoch."""
+    return sorted((m for _, m in (result.best_checkpoints or [])), key=lambda m: m["epoch"])
+
+
+def package_error(exc: BaseException) -> RayUpdownError | None:
+    """The package error a worker raised, if that is why the run failed (searched through
+    the workers' failures and their causes)."""
+    pending = list(getattr(exc, "worker_failures", {}).values()) or [exc]
+    seen = 0
+    while pending and seen < 50:
+        failure = pending.pop(0)
+        seen += 1
+        if isinstance(failure, RayUpdownError):
+            base = next(c for c in type(failure).__mro__ if c.__module__ == "ray_updown.errors")
+            return base(failure.problem, file=failure.file, record=failure.record)
+        pending += [c for c in (getattr(failure, "cause", None), failure.__cause__)
+                    if c is not None]
+    return None
+
+
+def fit(trainer) -> Any:
+    """`trainer.fit()`, raising a worker's package error as itself (one clear line in the CLI)
+    rather than as Ray's wrapper around it."""
+    try:
+        return trainer.fit()
+    except Exception as exc:
+        error = package_error(exc)
+        if error is not None:
+            raise error from None
+        raise
