@@ -208,7 +208,13 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     overrides = [f"out={args.out}"] if args.out else []
     if args.scale is not None:
         overrides.append(f"scale={args.scale}")
-    _print_summary(run_demo(load_config(DemoConfig, args.config, overrides + list(args.overrides))))
+    cfg = load_config(DemoConfig, args.config, overrides + list(args.overrides))
+    if args.show_config:  # print, never run: the demo takes minutes and writes a folder
+        from ray_updown.config import dump_config
+
+        print(dump_config(cfg), end="")
+        return
+    _print_summary(run_demo(cfg))
 
 
 def build_parser() -> argparse.ArgumentParser:

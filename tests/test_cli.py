@@ -53,3 +53,23 @@ def test_jobs_document_their_flags():
     proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "world.py"), "--help"],
                           capture_output=True, text=True)
     assert proc.returncode == 0 and "--images" in proc.stdout and "--seed" in proc.stdout
+
+
+@pytest.mark.parametrize("stage,key", [("world", "seed"), ("train-detector", "seed"),
+                                       ("extract", "max_boxes"), ("train-captioner", "seed"),
+                                       ("train-vqa", "seed"), ("demo", "seed")])
+def test_show_config_prints_the_resolved_config_and_runs_nothing(stage, key, tmp_path, capsys,
+                                                                 monkeypatch):
+    import yaml
+
+    monkeypatch.chdir(tmp_path)  # a stage that ran anyway would write here
+    assert main([stage, "--show-config", f"{key}=7"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown[key] == 7
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bad_override_is_one_line_naming_the_key(capsys):
+    assert main(["train-vqa", "--show-config", "optimizer=sgd"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "optimizer" in err and "adamax" in err
