@@ -192,6 +192,36 @@ def _cmd_tsv(args: argparse.Namespace) -> None:
     _print_summary({"command": args.command, "tsv": args.tsv, "store": args.store, "result": result})
 
 
+def _cmd_show(args: argparse.Namespace) -> None:
+    from ray_updown.viz.regions import show_regions
+
+    _print_summary(show_regions(args.store, args.image_id, out=args.out, image=args.image,
+                                images_root=args.images_root, top=args.top,
+                                detector=args.detector, zoom=args.zoom))
+
+
+def _cmd_inspect(args: argparse.Namespace) -> None:
+    from ray_updown.features.inspect import format_summary, inspect_store
+    from ray_updown.viz.store_plots import plot_store
+
+    summary = inspect_store(args.store)
+    if args.png:
+        summary["png"] = plot_store(args.store, args.png)
+    print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from ray_updown.features.export import export_store
+
+    _print_summary(export_store(args.store, args.format, args.out, layout=args.layout))
+
+
+def _cmd_import_hdf5(args: argparse.Namespace) -> None:
+    from ray_updown.features.hdf5 import import_hdf5
+
+    _print_summary(import_hdf5(args.hdf5, args.store, ids=args.ids))
+
+
 def _cmd_convert(args: argparse.Namespace) -> None:
     from ray_updown.detector import load_published, save_detector
 
@@ -274,6 +304,42 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--store", required=True, help="feature store URI")
         p.add_argument("--variant", choices=["original", "lxmert"], default="original")
         p.set_defaults(run=_cmd_tsv)
+
+    p = sub.add_parser("show", help="draw one image's regions as a PNG (the paper's Figure 2)")
+    p.add_argument("--store", required=True, help="feature store URI")
+    p.add_argument("--image-id", required=True, help="the image's id in the store")
+    p.add_argument("--image", help="the image file's URI")
+    p.add_argument("--images-root", help="a folder searched for the image instead")
+    p.add_argument("--top", type=int, default=10, help="regions drawn, by confidence")
+    p.add_argument("--zoom", type=int, default=1, help="enlarge small images this many times")
+    p.add_argument("--out", required=True, help="PNG URI to write")
+    p.add_argument("--detector", help="detector checkpoint for the vocabularies, when the "
+                                      "store's metadata has none")
+    p.set_defaults(run=_cmd_show)
+
+    p = sub.add_parser("inspect", help="summarise a feature store: images, errors, boxes, detector")
+    p.add_argument("store", help="feature store URI")
+    p.add_argument("--png", help="also write histograms of boxes per image and confidences here")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(run=_cmd_inspect)
+
+    p = sub.add_parser("export", help="write a store in the layout another trainer reads")
+    p.add_argument("--store", required=True, help="feature store URI")
+    p.add_argument("--format", required=True, choices=["self-critical", "hdf5"],
+                   help="self-critical: self-critical.pytorch's three folders; hdf5: "
+                        "bottom-up-attention-vqa's file and id map")
+    p.add_argument("--out", required=True,
+                   help="output folder URI (hdf5: or the .hdf5 file itself; its id maps go beside it)")
+    p.add_argument("--layout", choices=["adaptive", "fixed"], default="adaptive",
+                   help="hdf5: 'adaptive' boxes per image via pos_boxes (BAN-style loaders), or "
+                        "'fixed' images x K x D (bottom-up-attention-vqa's train36.hdf5)")
+    p.set_defaults(run=_cmd_export)
+
+    p = sub.add_parser("import-hdf5", help="bring a bottom-up-attention-vqa HDF5 file into a store")
+    p.add_argument("--hdf5", required=True, help="the .hdf5 file")
+    p.add_argument("--ids", help="its image-id-to-row JSON (default: beside the file)")
+    p.add_argument("--store", required=True, help="feature store URI to write")
+    p.set_defaults(run=_cmd_import_hdf5)
 
     p = sub.add_parser("convert-detector",
                        help="convert published bottom-up weights (pkl/pth/bin) to our checkpoint")

@@ -32,7 +32,10 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 @pytest.fixture(scope="module")
 def detector():
     torch.manual_seed(0)
-    return BottomUpDetector(tiny_config()).eval()
+    # Vocabularies as objects_vocab.txt lists them (no background line): the store records
+    # them aligned to the ids, entry 0 the background.
+    return BottomUpDetector(tiny_config(), object_vocab=["ball", "cube", "cone", "ring"],
+                            attribute_vocab=["red", "green", "blue"]).eval()
 
 
 def _store_files(out: str) -> dict[str, bytes]:
@@ -55,6 +58,8 @@ def test_s3_world_to_s3_store_and_resume_after_a_partial_run(ray_cluster, s3_buc
     store = FeatureStore(out)
     assert sorted(store.image_ids) == list(range(1, 13))  # COCO ids from the file names
     assert store.metadata["detector"] == "bua-tiny-r10-w8" and store.feature_dim == 64
+    assert store.metadata["object_vocab"] == ["__background__", "ball", "cube", "cone", "ring"]
+    assert store.metadata["attribute_vocab"] == ["__no_attribute__", "red", "green", "blue"]
     # A stored row equals the bare model on the same file (features rounded to float16).
     uri = storage.list_files(f"{s3_bucket}/world/images/val2014/")[0]
     image_id = int(uri.rsplit("_", 1)[1].split(".")[0])
@@ -204,6 +209,7 @@ def test_grid_baseline_runs_through_the_same_pipeline(ray_cluster, tmp_path, det
     assert (summary["features"], summary["errors"], summary["detector"]) == (3, 0, "bua-tiny-r10-w8-grid2")
     store = FeatureStore(str(tmp_path / "grid"))
     assert store.metadata["detector_config"]["grid_size"] == 2
+    assert store.metadata["object_vocab"] == [] == store.metadata["attribute_vocab"]  # cells name nothing
     for i in (1, 2, 3):
         record = store.get(i)
         np.testing.assert_allclose(record.boxes, grid_boxes(50, 70, 2))

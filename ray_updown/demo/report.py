@@ -2,7 +2,8 @@
 
 `write_report(out, world, state, seconds, previous_seconds, wall_seconds)` turns what the demo's stages
 returned (demo.py) into: the targets and whether each was met, the stages and their times,
-the detector's scores, the miniature Table 1 (captioning: Up-Down vs the grid baseline under
+the detector's scores and its regions on a few test images (the paper's Figure 2,
+viz/regions.py), the miniature Table 1 (captioning: Up-Down vs the grid baseline under
 XE and SCST, all metrics) and Table 4 (VQA: Up-Down vs grids 1x1/7x7/14x14 per answer type,
 single model vs ensemble), training curves (viz/plots.py) and attention pictures in the style
 of the paper's Figures 5-7 (viz/attention.py) on a few test images: pixels from the world's
@@ -196,6 +197,37 @@ def caption_attention_pictures(world, state: dict, figures: str, prefix: str,
     return out
 
 
+FIGURE2_EXAMPLES = 3  # test images drawn with their regions
+FIGURE2_REGIONS = 6  # the world has 2-5 objects an image; the rest are lower-ranked duplicates
+
+
+def region_pictures(world, state: dict, figures: str, prefix: str,
+                    count: int = FIGURE2_EXAMPLES) -> list[dict]:
+    """Figure 2 style: the top regions of the region store on a few test images, each labelled
+    "attribute object" with its confidences (viz/regions.py). Nothing when the run has no
+    region store."""
+    from ray_updown.data.coco import images_in_split, load_karpathy
+    from ray_updown.viz.attention import save_png
+    from ray_updown.viz.regions import regions_picture
+
+    store = state["stores"].get("regions")
+    if not store:
+        return []
+    ids = [im.image_id for im in images_in_split(load_karpathy(world.karpathy), "test")][:count]
+    paths = world.image_paths()
+    out = []
+    for image_id in ids:
+        # The store's own vocabularies come first; the detector is the fallback for a store
+        # extracted before they were recorded.
+        picture = regions_picture(store, image_id, image=paths[image_id], top=FIGURE2_REGIONS,
+                                  detector=state["detector"].get("detector"), zoom=ZOOM)
+        name = f"regions_{image_id}.png"
+        save_png(picture.image, storage.join(figures, name))
+        out.append({"title": f"Test image {image_id}", "labels": [r["label"] for r in picture.regions],
+                    "path": f"{prefix}/{name}"})
+    return out
+
+
 def vqa_attention_pictures(world, state: dict, figures: str, prefix: str) -> list[dict]:
     """Figure 6 style: the attention of VqaModel.forward(..., return_attention=True) for one
     val question of each answer type, Up-Down (first ensemble member) and the largest grid."""
@@ -273,6 +305,7 @@ def write_report(out: str, world, state: dict, seconds: dict[str, float],
     bars = draw_bars(table1, table4, figures)
     caption_pictures = caption_attention_pictures(world, state, figures, FIGURES_DIR)
     vqa_pictures = vqa_attention_pictures(world, state, figures, FIGURES_DIR)
+    figure2 = region_pictures(world, state, figures, FIGURES_DIR)
 
     cfg, det = state["config"], state["detector"]
     met = sum(t["met"] for t in targets.values())
@@ -308,6 +341,14 @@ def write_report(out: str, world, state: dict, seconds: dict[str, float],
     for name, ex in state["extraction"].items():
         lines.append(f"| {name} | {ex['features']} (+{ex['errors']} errors) | "
                      f"{ex['mean_regions']:.1f} | {ex['feature_dim']} | {_fmt(ex['seconds'])} |")
+    if figure2:
+        lines += ["", "### The detector's regions (in the style of the paper's Figure 2)", "",
+                  f"The {FIGURE2_REGIONS} most confident regions of the region store on test images, "
+                  "each labelled with its attribute and object class and their confidences "
+                  "(`ray-updown show` draws any image this way).", ""]
+        for item in figure2:
+            lines += [f"**{item['title']}**: {', '.join(item['labels'])}", "",
+                      f"![{item['title']}]({item['path']})", ""]
     test_images = next(iter(state["captioning"].values()))["xe"]["test"]["num_images"]
     spice_note = ("SPICE ran." if spice_available() else
                   f"SPICE skipped: Stanford CoreNLP 3.6.0 jars not found in {spice_jar_dir()}.")
@@ -343,6 +384,6 @@ def write_report(out: str, world, state: dict, seconds: dict[str, float],
                   f"(humans: {item['truth']})", "", f"![{item['title']}]({item['path']})", ""]
     report_uri = storage.join(out, "report.md")
     storage.write_text(report_uri, "\n".join(lines) + "\n")
-    pictures = [i["path"] for i in caption_pictures + vqa_pictures]
+    pictures = [i["path"] for i in figure2 + caption_pictures + vqa_pictures]
     return {"report": report_uri, "table1": table1, "table4": table4, "targets": targets,
             "figures": list(curves.values()) + list(bars.values()) + pictures}

@@ -148,8 +148,10 @@ def run_extraction(cfg: ExtractConfig, model_factory: Callable[[], Any] | None =
     _check_writable(out)
     spec = cfg.model_spec(model_factory)
     # The driver loads the model once: CheckpointError before any work, and the store's
-    # metadata (name, D, config, checkpoint hash). Half precision is the actors' business.
-    model_info = describe_model(build_model(dataclasses.replace(spec, half=False), "cpu"))
+    # metadata (name, D, config, checkpoint hash, vocabularies). Half precision is the
+    # actors' business.
+    model_info = describe_model(build_model(dataclasses.replace(spec, half=False), "cpu"),
+                                None if spec.factory is not None else spec.checkpoint)
     inputs = (read_manifest(cfg.manifest, cfg.images or None) if cfg.manifest
               else list_images(cfg.images, tuple(cfg.suffixes)))
     if not inputs:
@@ -158,7 +160,9 @@ def run_extraction(cfg: ExtractConfig, model_factory: Callable[[], Any] | None =
     id_type = "string" if isinstance(plan[0].image_id, str) else "int64"
     meta = StoreMeta(feature_dim=model_info["feature_dim"], image_id_type=id_type,
                      detector=model_info["name"], detector_config=model_info["config"],
-                     checkpoint_hash=model_info["checkpoint_hash"])
+                     checkpoint_hash=model_info["checkpoint_hash"],
+                     object_vocab=model_info["object_vocab"],
+                     attribute_vocab=model_info["attribute_vocab"])
     _check_same_model(out, meta)
     save_plan(out, plan)
 
@@ -239,7 +243,10 @@ def _check_writable(out: str) -> None:
 
 
 def _check_same_model(out: str, meta: StoreMeta) -> None:
-    """An existing store must hold features of the same model (one feature space a store)."""
+    """An existing store must hold features of the same model (one feature space a store).
+
+    Only what identifies the model is compared: a store written before the vocabularies were
+    recorded (no vocabularies in its shards) is resumed by the same checkpoint."""
     for shard_uri in _shard_files(out, FEATURES_DIR)[:1]:
         pa_fs, path = storage.pyarrow_filesystem(shard_uri)
         theirs = StoreMeta.from_kv(pq.read_schema(path, filesystem=pa_fs).metadata, file=shard_uri)

@@ -22,7 +22,7 @@ import pyarrow as pa
 from ray_updown import storage
 from ray_updown.errors import CheckpointError, ConfigError, RayUpdownError
 from ray_updown.extraction.images import DecodeLimits, ImageDecodeError, boxes_to_original, decode_image
-from ray_updown.features.schema import StoreMeta, feature_schema
+from ray_updown.features.schema import StoreMeta, aligned_vocab, feature_schema
 from ray_updown.features.writer import FeatureRecord, records_to_table
 
 _EMPTY_PIXELS = np.zeros((0, 0, 3), dtype=np.uint8)
@@ -140,16 +140,31 @@ def build_model(spec: ModelSpec, device: str = "cpu") -> Any:
     return detector
 
 
-def describe_model(model: Any) -> dict[str, Any]:
-    """name, feature_dim, config (dict) and checkpoint_hash of any model behind the interface."""
+def describe_model(model: Any, source: str | None = None) -> dict[str, Any]:
+    """name, feature_dim, config (dict), checkpoint_hash and the object / attribute
+    vocabularies (entry i names id i, see schema.aligned_vocab) of any model behind the
+    interface. `source` (the checkpoint) names the file in the error about a vocabulary whose
+    length does not fit the detector's class count."""
     inner = getattr(model, "detector", None)  # the grid baseline wraps a detector
     config = getattr(model, "config", None) or getattr(inner, "config", None)
     config = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+    vocabs: dict[str, list[str]] = {"object_vocab": [], "attribute_vocab": []}
     if inner is not None and hasattr(model, "grid_size"):
+        # Grid cells are not detections: their object/attribute ids name nothing.
         config = {"grid_size": int(model.grid_size), "detector": config}
+    else:
+        for key, size_key, zero in (("object_vocab", "num_classes", "__background__"),
+                                    ("attribute_vocab", "num_attributes", "__no_attribute__")):
+            size = config.get(size_key)
+            try:
+                vocabs[key] = aligned_vocab(getattr(model, key, None),
+                                            int(size) if size is not None else None, zero)
+            except ValueError as exc:
+                raise CheckpointError(f"{key}: {exc}", file=source or None) from None
     return {"name": str(model.name), "feature_dim": int(model.feature_dim), "config": config,
             "checkpoint_hash": str(getattr(model, "checkpoint_hash", None)
-                                   or getattr(inner, "checkpoint_hash", None) or "")}
+                                   or getattr(inner, "checkpoint_hash", None) or ""),
+            **vocabs}
 
 
 # -- detect --------------------------------------------------------------------------------

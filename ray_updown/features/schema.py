@@ -23,6 +23,9 @@ Feature rows (k = num_boxes, D = feature dim; every list column holds exactly k 
     attr_ids     list<int32>      attribute per box (0 = no attribute)
     attr_conf    list<float32>    its score
 
+The ids are the detector's class indices: object class i is the vocabulary's line i (objects_vocab.txt
+line 1 -> id 1), 0 being the background; attributes likewise, 0 being "no attribute".
+
 Parquet stores `float16` natively (the FLOAT16 logical type over 2-byte fixed-length
 binary); Arrow 15+ writes and reads it (apache/arrow#36036), and `pandas.read_parquet`
 yields numpy float16 arrays. Plain pyarrow reads a row's features as
@@ -30,7 +33,10 @@ yields numpy float16 arrays. Plain pyarrow reads a row's features as
 
 File key-value metadata (all values UTF-8 strings; see `StoreMeta`): `feature_dim`,
 `features_dtype` (float16), `boxes_dtype` (float32), `box_format` (xyxy_pixels),
-`image_id_type`, `detector`, `detector_config` (JSON), `checkpoint_hash`, `schema_version`.
+`image_id_type`, `detector`, `detector_config` (JSON), `checkpoint_hash`, `schema_version`,
+and `object_vocab` / `attribute_vocab` (JSON lists of names, indexed by id: entry 0 is the
+background / "no attribute" entry, entry i names id i; empty when the producer has no
+vocabulary, e.g. the grid baseline; absent in stores written before them, read as empty).
 
 Error rows: `image_id` (int64 or string, null when no id could be derived), `uri`, `stage`
 (e.g. read, decode, detect), `reason` (one line, human readable).
@@ -77,6 +83,9 @@ class StoreMeta:
     detector_config: dict[str, Any] = field(default_factory=dict)
     checkpoint_hash: str = ""
     schema_version: str = SCHEMA_VERSION
+    # Names of the object / attribute ids, entry i for id i (see `aligned_vocab`).
+    object_vocab: list[str] = field(default_factory=list)
+    attribute_vocab: list[str] = field(default_factory=list)
 
     def to_kv(self) -> dict[bytes, bytes]:
         kv = {
@@ -89,6 +98,8 @@ class StoreMeta:
             "detector_config": json.dumps(self.detector_config, sort_keys=True),
             "checkpoint_hash": self.checkpoint_hash,
             "schema_version": self.schema_version,
+            "object_vocab": json.dumps(list(self.object_vocab)),
+            "attribute_vocab": json.dumps(list(self.attribute_vocab)),
         }
         return {k.encode(): v.encode() for k, v in kv.items()}
 
@@ -103,19 +114,42 @@ class StoreMeta:
         try:
             config = json.loads(kv.get("detector_config") or "{}")
             dim = int(kv["feature_dim"])
+            # Stores written before the vocabularies existed have neither key: empty.
+            vocabs = {key: json.loads(kv.get(key) or "[]") for key in ("object_vocab", "attribute_vocab")}
         except (ValueError, json.JSONDecodeError) as exc:
             raise DataError(f"malformed store metadata: {exc}", file=file) from None
+        for key, names in vocabs.items():
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise DataError(f"malformed store metadata: {key} is not a list of names", file=file)
         return cls(feature_dim=dim, image_id_type=kv.get("image_id_type", "int64"),
                    detector=kv.get("detector", "unknown"), detector_config=config,
                    checkpoint_hash=kv.get("checkpoint_hash", ""),
-                   schema_version=kv.get("schema_version", SCHEMA_VERSION))
+                   schema_version=kv.get("schema_version", SCHEMA_VERSION), **vocabs)
 
     def as_dict(self) -> dict[str, Any]:
         return {"feature_dim": self.feature_dim, "features_dtype": FEATURES_DTYPE,
                 "boxes_dtype": BOXES_DTYPE, "box_format": BOX_FORMAT,
                 "image_id_type": self.image_id_type, "detector": self.detector,
                 "detector_config": dict(self.detector_config),
-                "checkpoint_hash": self.checkpoint_hash, "schema_version": self.schema_version}
+                "checkpoint_hash": self.checkpoint_hash, "schema_version": self.schema_version,
+                "object_vocab": list(self.object_vocab), "attribute_vocab": list(self.attribute_vocab)}
+
+
+def aligned_vocab(names: list[str] | None, size: int | None, zero_name: str) -> list[str]:
+    """A detector's vocabulary as a store keeps it: entry i names id i, entry 0 `zero_name`.
+
+    Detectors carry either the full list (`size` entries with the background / "no attribute"
+    entry first, as detector training writes it) or only the real classes (`size` - 1, the lines
+    of objects_vocab.txt). With `size` unknown the list is taken as aligned already. Any other
+    length cannot be mapped to ids: ValueError.
+    """
+    names = [str(n) for n in names or []]
+    if not names or size is None or len(names) == size:
+        return names
+    if len(names) == size - 1:
+        return [zero_name] + names
+    raise ValueError(f"{len(names)} names for {size} class ids (expected {size} with the "
+                     f"'{zero_name}' entry first, or {size - 1} without it)")
 
 
 def feature_schema(meta: StoreMeta) -> pa.Schema:

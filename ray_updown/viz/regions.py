@@ -1,0 +1,333 @@
+"""`ray-updown show`: one image's regions from a feature store, drawn as in the paper's Figure 2.
+
+Figure 2 of Anderson et al. (CVPR 2018) shows the bottom-up detector's output: the regions on
+the image, each box labelled with an attribute and an object class ("red circle"). Here the
+top N regions of one store row by object confidence are drawn at the stored coordinates
+(original image pixels, x1 y1 x2 y2) in distinct colours, each with the label
+"attribute object  0.91/0.78" (object / attribute confidence) on a filled background above
+the box.
+
+Names come from the vocabularies in the store's metadata (entry i names id i; entry 0 is the
+background / "no attribute", see features/schema.py) or, for stores written before those were
+recorded, from a detector checkpoint's detector.json. The image is given as a URI or found by
+its id under a folder (COCO_val2014_000000000123.jpg or 123.jpg for id 123).
+
+    regions_picture(...)  -> RegionsPicture (the PIL image and what was drawn; no file)
+    show_regions(...)     -> the picture written as a PNG, and a summary
+"""
+
+from __future__ import annotations
+
+import colorsys
+import io
+import posixpath
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+
+from ray_updown import storage
+from ray_updown.errors import CheckpointError, ConfigError, DataError
+from ray_updown.features.schema import StoreMeta, aligned_vocab
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+BACKGROUND, NO_ATTRIBUTE = "__background__", "__no_attribute__"
+STORE_METADATA = "store metadata"
+
+
+@dataclass
+class Vocabularies:
+    """Names of the store's ids: objects[i] names object id i, attributes[i] attribute id i."""
+
+    objects: list[str]
+    attributes: list[str]
+    source: str  # STORE_METADATA or the detector.json they were read from
+
+
+@dataclass
+class RegionsPicture:
+    """What `regions_picture` drew: the image and, per drawn region (best first), its row
+    index in the store record, box (original pixels), label, text and colour."""
+
+    image: Image.Image
+    image_id: int | str
+    image_uri: str
+    regions: list[dict[str, Any]]
+    num_boxes: int  # regions in the store row
+    vocab_source: str
+
+    @property
+    def labels(self) -> list[str]:
+        return [r["text"] for r in self.regions]
+
+
+# ----------------------------------------------------------------------------- labels
+def region_label(object_id: int, attr_id: int, object_vocab: Sequence[str],
+                 attribute_vocab: Sequence[str]) -> str:
+    """The label of a region's ids: "attribute object" (e.g. "red circle"), the object alone
+    when the region has no attribute (id 0) or there are no attribute names. Ids index the
+    vocabularies directly (entry 0 = background / no attribute). DataError for an id the
+    vocabulary has no name for (a store labelled by another detector)."""
+    object_id, attr_id = int(object_id), int(attr_id)
+    if not 0 <= object_id < len(object_vocab):
+        raise DataError(f"object id {object_id} has no name in the object vocabulary "
+                        f"({len(object_vocab)} entries, id 0 = background)")
+    name = "background" if object_id == 0 else object_vocab[object_id]
+    if attr_id == 0 or not attribute_vocab:
+        return name
+    if not 0 < attr_id < len(attribute_vocab):
+        raise DataError(f"attribute id {attr_id} has no name in the attribute vocabulary "
+                        f"({len(attribute_vocab)} entries, id 0 = no attribute)")
+    return f"{attribute_vocab[attr_id]} {name}"
+
+
+def label_text(label: str, object_conf: float, attr_conf: float | None) -> str:
+    """The drawn text: the label, then the object / attribute confidences."""
+    if attr_conf is None:
+        return f"{label}  {float(object_conf):.2f}"
+    return f"{label}  {float(object_conf):.2f}/{float(attr_conf):.2f}"
+
+
+def top_regions(object_conf: np.ndarray, top: int) -> np.ndarray:
+    """Row indices of the `top` most confident regions, best first (ties keep store order)."""
+    return np.argsort(-np.asarray(object_conf, dtype=np.float64), kind="stable")[:max(0, int(top))]
+
+
+def region_colour(rank: int) -> tuple[int, int, int]:
+    """A saturated colour per rank; golden-ratio steps around the hue circle keep the first
+    dozen far apart from each other."""
+    hue = (rank * 0.618033988749895) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 0.95)
+    return int(round(r * 255)), int(round(g * 255)), int(round(b * 255))
+
+
+# ---------------------------------------------------------------------------- drawing
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)  # scalable with FreeType (Pillow >= 10.1)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def _text_colour(fill: tuple[int, int, int]) -> tuple[int, int, int]:
+    luminance = 0.299 * fill[0] + 0.587 * fill[1] + 0.114 * fill[2]
+    return (0, 0, 0) if luminance > 140 else (255, 255, 255)
+
+
+def _pixel_box(box: Sequence[float], zoom: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """A box in the drawn picture's pixels, inside it, with x1 >= x0 and y1 >= y0."""
+    x1, y1, x2, y2 = (int(round(float(v) * zoom)) for v in box)
+    x1, x2 = sorted((min(max(x1, 0), width - 1), min(max(x2, 0), width - 1)))
+    y1, y2 = sorted((min(max(y1, 0), height - 1), min(max(y2, 0), height - 1)))
+    return x1, y1, x2, y2
+
+
+def draw_regions(image: Image.Image, boxes: Sequence[Sequence[float]], texts: Sequence[str],
+                 colours: Sequence[tuple[int, int, int]], zoom: int = 1) -> Image.Image:
+    """A copy of `image` (enlarged `zoom` times) with each box outlined in its colour and its
+    text on a filled label of that colour above it (inside the box when there is no room)."""
+    canvas = image.convert("RGB")
+    if zoom != 1:
+        canvas = canvas.resize((canvas.width * zoom, canvas.height * zoom), Image.BILINEAR)
+    w, h = canvas.size
+    draw = ImageDraw.Draw(canvas)
+    line = max(2, round(min(w, h) / 250))
+    font = _font(max(10, round(min(w, h) / 36)))
+    pad = 2
+    placed = [_pixel_box(b, zoom, w, h) for b in boxes]
+    # Least confident first, so the best boxes and their labels end up on top.
+    for (x1, y1, x2, y2), colour in reversed(list(zip(placed, colours))):
+        draw.rectangle([x1, y1, x2, y2], outline=colour, width=line)
+    for (x1, y1, _, _), text, colour in reversed(list(zip(placed, texts, colours))):
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        lw, lh = right - left + 2 * pad, bottom - top + 2 * pad
+        lx = min(x1, max(0, w - lw))
+        ly = y1 - lh if y1 - lh >= 0 else min(y1, max(0, h - lh))
+        draw.rectangle([lx, ly, lx + lw - 1, ly + lh - 1], fill=colour)
+        draw.text((lx + pad - left, ly + pad - top), text, fill=_text_colour(colour), font=font)
+    return canvas
+
+
+# -------------------------------------------------------------------- inputs: ids, files
+def store_image_id(image_id: Any, id_type: str, store: str) -> int | str:
+    """The id as the store keys it: an integer for int64 stores (the CLI passes text)."""
+    if id_type != "int64":
+        return str(image_id)
+    if isinstance(image_id, (int, np.integer)) and not isinstance(image_id, bool):
+        return int(image_id)
+    try:
+        return int(str(image_id).strip())
+    except ValueError:
+        raise DataError(f"image id {image_id!r} is not an integer (the store's ids are int64)",
+                        file=store) from None
+
+
+def _names_id(stem: str, image_id: int | str) -> bool:
+    if isinstance(image_id, int):
+        # The last number of the name: COCO_val2014_000000000123 -> 123 (the "2014" is not an id).
+        numbers = re.findall(r"\d+", stem)
+        return bool(numbers) and int(numbers[-1]) == image_id
+    return re.search(rf"(?<![0-9A-Za-z]){re.escape(image_id)}(?![0-9A-Za-z])", stem) is not None
+
+
+def find_image(images_root: str, image_id: int | str) -> str:
+    """The one image file under `images_root` (recursively) whose name carries the id."""
+    files = storage.list_files(images_root, IMAGE_SUFFIXES)
+    found = [u for u in files if _names_id(posixpath.splitext(posixpath.basename(u))[0], image_id)]
+    if not found:
+        example = f"COCO_val2014_{image_id:012d}.jpg or {image_id}.jpg" if isinstance(image_id, int) \
+            else f"{image_id}.jpg"
+        raise DataError(f"no image file for image id {image_id!r} among its {len(files)} images "
+                        f"(names like {example}); pass --image", file=images_root)
+    if len(found) > 1:
+        raise DataError(f"{len(found)} image files match image id {image_id!r} "
+                        f"({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}); pass --image",
+                        file=images_root)
+    return found[0]
+
+
+def load_image(uri: str) -> Image.Image:
+    """RGB pixels of an image file, in the viewer's frame (EXIF rotation applied, as the
+    extraction does, so the stored boxes fit)."""
+    data = storage.read_bytes(uri)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return ImageOps.exif_transpose(im).convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataError(f"not a readable image ({type(exc).__name__}: {exc})", file=uri) from None
+
+
+# ------------------------------------------------------------------------ vocabularies
+def _names(value: Any, key: str, source: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise CheckpointError(f"{key} is not a list of names", file=source)
+    return value
+
+
+def detector_vocabularies(detector: str, num_classes: int | None = None) -> Vocabularies:
+    """The vocabularies of a detector checkpoint (its directory or its detector.json), entry i
+    for id i. `num_classes`, the class count of the detector that made the store (when it
+    says), guards against naming a store's ids with another detector's vocabulary."""
+    from ray_updown.detector.checkpoint import CONFIG_FILE, FORMAT
+
+    config_uri = detector if detector.endswith(".json") else storage.join(detector, CONFIG_FILE)
+    meta = storage.read_json(config_uri)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"not a {FORMAT} config", file=config_uri)
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    objects = _names(meta.get("object_vocab"), "object_vocab", config_uri)
+    attributes = _names(meta.get("attribute_vocab"), "attribute_vocab", config_uri)
+    if not objects:
+        raise CheckpointError("has no object_vocab: it cannot name the store's object ids",
+                              file=config_uri)
+    try:
+        objects = aligned_vocab(objects, config.get("num_classes"), BACKGROUND)
+        attributes = aligned_vocab(attributes, config.get("num_attributes"), NO_ATTRIBUTE)
+    except ValueError as exc:
+        raise CheckpointError(str(exc), file=config_uri) from None
+    if num_classes is not None and len(objects) != int(num_classes):
+        raise CheckpointError(f"its {len(objects)} object classes are not the {num_classes} of "
+                              "the detector that made the store: pass that detector", file=config_uri)
+    return Vocabularies(objects, attributes, config_uri)
+
+
+def store_vocabularies(store: str, meta: dict[str, Any], feature_files: Sequence[str],
+                       detector: str | None = None) -> Vocabularies:
+    """The store's vocabularies, else the detector's; one error naming the store if neither."""
+    objects, attributes = meta.get("object_vocab") or [], meta.get("attribute_vocab") or []
+    if not objects:
+        # A run resumed over an older store: its first shard (whose metadata the index keeps)
+        # may predate the vocabularies while the shards redone last have them. A few footers
+        # at most: on an object store each is a request.
+        for uri in list(feature_files[1:])[::-1][:8]:
+            pa_fs, path = storage.pyarrow_filesystem(uri)
+            shard = StoreMeta.from_kv(pq.read_schema(path, filesystem=pa_fs).metadata, file=uri)
+            if shard.object_vocab:
+                objects, attributes = shard.object_vocab, shard.attribute_vocab
+                break
+    if objects:
+        return Vocabularies(list(objects), list(attributes), STORE_METADATA)
+    if detector:
+        config = meta.get("detector_config") or {}
+        return detector_vocabularies(detector, config.get("num_classes"))
+    raise DataError("has no vocabularies in its metadata (written before they were recorded, "
+                    "or by a model without them); pass --detector with the detector checkpoint "
+                    "that made it", file=store)
+
+
+# ------------------------------------------------------------------------------ entry
+def regions_picture(store: str, image_id: Any, *, image: str | None = None,
+                    images_root: str | None = None, top: int = 10, detector: str | None = None,
+                    zoom: int = 1) -> RegionsPicture:
+    """Figure 2 for one image of `store`, as a PIL image (no file written); see show_regions.
+    `zoom` enlarges the picture (boxes scaled with it) for small images."""
+    from ray_updown.features.reader import FeatureStore
+
+    if int(top) < 1:
+        raise ConfigError(f"must be >= 1, got {top}", record="top")
+    if int(zoom) < 1:
+        raise ConfigError(f"must be >= 1, got {zoom}", record="zoom")
+    features = FeatureStore(store)
+    meta = features.metadata
+    if not meta:
+        raise DataError("has no feature rows (every image failed?)", file=features.uri)
+    key = store_image_id(image_id, meta.get("image_id_type", "int64"), features.uri)
+    if key not in features:
+        raise DataError(f"image id {key!r} is not in the store ({len(features)} images)",
+                        file=features.uri)
+    record = features.get(key)
+    vocabs = store_vocabularies(features.uri, meta, features.feature_files(), detector)
+    if image:
+        uri = image
+    elif images_root:
+        uri = find_image(images_root, key)
+    else:
+        raise ConfigError(f"no image file for image id {key!r}: pass --image or --images-root",
+                          record="image")
+    pixels = load_image(uri)
+    if pixels.size != (record.image_w, record.image_h):
+        raise DataError(f"is {pixels.width}x{pixels.height} but image {key!r} of {features.uri} is "
+                        f"{record.image_w}x{record.image_h}: not the image its boxes were found on",
+                        file=uri)
+    regions = []
+    has_attributes = bool(vocabs.attributes)
+    for rank, i in enumerate(top_regions(record.object_conf, top)):
+        i = int(i)
+        try:
+            label = region_label(record.object_ids[i], record.attr_ids[i], vocabs.objects,
+                                 vocabs.attributes)
+        except DataError as exc:
+            raise DataError(f"{exc.problem} (names from {vocabs.source})", file=features.uri,
+                            record=f"image {key!r} region {i}") from None
+        attr_conf = (float(record.attr_conf[i])
+                     if has_attributes and int(record.attr_ids[i]) > 0 else None)
+        regions.append({"index": i, "box": [float(v) for v in record.boxes[i]],
+                        "object_id": int(record.object_ids[i]), "attr_id": int(record.attr_ids[i]),
+                        "label": label, "text": label_text(label, record.object_conf[i], attr_conf),
+                        "colour": region_colour(rank)})
+    picture = draw_regions(pixels, [r["box"] for r in regions], [r["text"] for r in regions],
+                           [r["colour"] for r in regions], int(zoom))
+    return RegionsPicture(picture, key, uri, regions, record.num_boxes, vocabs.source)
+
+
+def show_regions(store: str, image_id: str, *, out: str, image: str | None = None,
+                 images_root: str | None = None, top: int = 10,
+                 detector: str | None = None, zoom: int = 1) -> dict:
+    """Draw the top `top` regions of `image_id` in `store` on its image, at `zoom` times the
+    image's own size, as a PNG at `out`. The image is `image`, or the file under `images_root` named by
+    the id; names come from the store's metadata, else from the `detector` checkpoint.
+    Returns a summary: out, image_id, image, size, regions drawn and their labels."""
+    picture = regions_picture(store, image_id, image=image, images_root=images_root, top=top,
+                              detector=detector, zoom=zoom)
+    buf = io.BytesIO()
+    picture.image.save(buf, format="PNG")
+    storage.write_bytes(out, buf.getvalue())
+    return {"out": out, "store": store, "image_id": picture.image_id, "image": picture.image_uri,
+            "size": list(picture.image.size), "regions": len(picture.regions),
+            "regions_in_store": picture.num_boxes, "labels": picture.labels,
+            "vocabularies": picture.vocab_source}
