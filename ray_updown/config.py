@@ -174,19 +174,24 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def read_yaml_mapping(uri: str, not_a_mapping: str) -> dict:
+    """The mapping a YAML (or JSON) file holds; ConfigError naming the file otherwise."""
+    from ray_updown import storage
+
+    try:
+        loaded = yaml.safe_load(storage.read_text(uri)) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"malformed YAML: {exc}", file=uri) from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(not_a_mapping, file=uri)
+    return loaded
+
+
 def load_config(cls: type[T], path: str | None = None, overrides: Iterable[str] = ()) -> T:
     """Defaults of `cls`, then the YAML file at `path`, then `key=value` overrides; validated."""
     data: dict = to_dict(cls())
     if path:
-        from ray_updown import storage
-
-        try:
-            loaded = yaml.safe_load(storage.read_text(path)) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"malformed YAML: {exc}", file=path) from None
-        if not isinstance(loaded, dict):
-            raise ConfigError("expected a mapping at the top level", file=path)
-        _merge(data, loaded)
+        _merge(data, read_yaml_mapping(path, "expected a mapping at the top level"))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")

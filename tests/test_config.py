@@ -232,3 +232,22 @@ def test_no_config_validates_in_post_init_or_check():
             if node.name.endswith(("Config", "Options")) and "validate" not in methods:
                 offenders.append(f"{where} has no validate()")
     assert not offenders, "configs validate in validate() only:\n" + "\n".join(offenders)
+
+
+def test_config_and_search_space_files_must_hold_a_mapping(tmp_path):
+    from ray_updown.errors import ConfigError
+    from ray_updown.vqa.config import VqaTrainConfig
+    from ray_updown.vqa.sweep import load_search_space
+
+    bad_list, bad_yaml = tmp_path / "list.yaml", tmp_path / "broken.yaml"
+    bad_list.write_text("- 1\n")
+    bad_yaml.write_text("lr: [0.1\n")
+    with pytest.raises(ConfigError, match="list.yaml: a search space is a mapping"):
+        load_search_space(str(bad_list))
+    with pytest.raises(ConfigError, match="broken.yaml: malformed YAML"):
+        load_search_space(str(bad_yaml))
+    with pytest.raises(ConfigError, match="list.yaml: expected a mapping at the top level"):
+        load_config(VqaTrainConfig, str(bad_list))
+    good = tmp_path / "space.yaml"
+    good.write_text("lr: {loguniform: [0.001, 0.1]}\n")
+    assert load_search_space(str(good)) == {"lr": {"loguniform": [0.001, 0.1]}}

@@ -35,7 +35,7 @@ from ray_updown.errors import CheckpointError, ConfigError
 from ray_updown.train.checkpoint import CONFIG_FILE, check_vocabulary, load_checkpoint_dir, save_checkpoint_dir
 from ray_updown.train.session import RayTrainSession, Session
 from ray_updown.train.trainer import build_trainer, checkpoint_uri, fit, history
-from ray_updown.train.worker import all_reduce, init_wandb, pick_device, shard_batches
+from ray_updown.train.worker import all_reduce, init_wandb, pick_device, shard_batches, steps_per_epoch
 from ray_updown.weights import load_state_strict
 
 CHECKPOINT_KIND = "updown_captioner"
@@ -151,7 +151,7 @@ def run_captioner_loop(cfg: CaptionTrainConfig, session: Session) -> None:
     val_loader = make_loader(data, store, data.val_ids,
                              shard_batches(len(data.val_ids), cfg.batch_size, rank, world))
     reward = CiderReward(data.training_references(), data.vocab)
-    total_steps = cfg.epochs * len(shard_batches(len(data.train_ids), cfg.batch_size, 0, 1, 0))
+    total_steps = cfg.epochs * steps_per_epoch(len(data.train_ids), cfg.batch_size)
     wandb_run = init_wandb(cfg.wandb_project, to_dict(cfg), cfg.name) \
         if session.logs_to_wandb else None
     for epoch in range(start_epoch, cfg.epochs):

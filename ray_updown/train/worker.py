@@ -62,6 +62,11 @@ def all_reduce(values: list[float], op: str = "sum") -> list[float]:
     return t.tolist()
 
 
+def steps_per_epoch(num_items: int, batch_size: int) -> int:
+    """Training steps of an epoch under `shard_batches`: full global batches, at least one."""
+    return max(1, num_items // batch_size) if num_items else 0
+
+
 def shard_batches(num_items: int, batch_size: int, rank: int, world: int,
                   seed: int | None = None, epoch: int = 0) -> list[list[int]]:
     """This worker's item indices for every step of an epoch; `batch_size` is global.
@@ -87,7 +92,7 @@ def shard_batches(num_items: int, batch_size: int, rank: int, world: int,
     order = np.random.default_rng([seed, epoch]).permutation(num_items)
     if 0 < num_items < batch_size:
         order = np.resize(order, batch_size)
-    steps = len(order) // batch_size
+    steps = steps_per_epoch(num_items, batch_size)
     return [order[s * batch_size:(s + 1) * batch_size][rank::world].tolist()
             for s in range(steps)]
 

@@ -21,10 +21,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Iterable, Mapping, Sequence
 
-import yaml
-
 from ray_updown import storage
-from ray_updown.config import dump_config, load_config
+from ray_updown.config import dump_config, load_config, read_yaml_mapping
 from ray_updown.errors import ConfigError
 from ray_updown.vqa.config import METRIC, VqaTrainConfig
 from ray_updown.vqa.train import tune_experiment_path, tune_run_config, tune_trainable
@@ -38,13 +36,7 @@ SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint", "lograndint", 
 
 def load_search_space(uri: str) -> dict:
     """A search space from a YAML (or JSON) file."""
-    try:
-        space = yaml.safe_load(storage.read_text(uri)) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"malformed YAML: {exc}", file=uri) from None
-    if not isinstance(space, dict):
-        raise ConfigError("a search space is a mapping of config keys", file=uri)
-    return space
+    return read_yaml_mapping(uri, "a search space is a mapping of config keys")
 
 
 def resolve_key(key: str, cfg: VqaTrainConfig) -> list[str]:

@@ -44,7 +44,7 @@ from ray_updown.detector.train.optim import build_optimizer, learning_rate
 from ray_updown.errors import CheckpointError, ConfigError
 from ray_updown.train.session import RayTrainSession, Session
 from ray_updown.train.trainer import build_trainer, checkpoint_uri, fit, history
-from ray_updown.train.worker import all_reduce, init_wandb, pick_device, shard_batches
+from ray_updown.train.worker import all_reduce, init_wandb, pick_device, shard_batches, steps_per_epoch
 
 LOSSES = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_attr")
 
@@ -110,7 +110,7 @@ def run_detector_loop(cfg: DetectorTrainConfig, session: Session) -> None:
         return data.decode(split, model_cfg.min_size, model_cfg.max_size)
 
     train_images, val_images = decode("train"), decode(cfg.data.val_split)
-    total_steps = cfg.epochs * max(1, len(train_images) // cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch(len(train_images), cfg.batch_size)
     budget = cfg.max_minutes * 60.0
     wandb_run = init_wandb(cfg.wandb_project, to_dict(cfg), cfg.name) \
         if session.logs_to_wandb else None
