@@ -17,8 +17,9 @@ SCALE_CLAMP = math.log(1000.0 / 16)
 
 
 def box_sizes(boxes: Tensor, plus_one: bool) -> tuple[Tensor, Tensor]:
+    """Widths and heights of (..., 4) boxes."""
     extra = 1.0 if plus_one else 0.0
-    return boxes[:, 2] - boxes[:, 0] + extra, boxes[:, 3] - boxes[:, 1] + extra
+    return boxes[..., 2] - boxes[..., 0] + extra, boxes[..., 3] - boxes[..., 1] + extra
 
 
 def box_area(boxes: Tensor, plus_one: bool) -> Tensor:
@@ -27,13 +28,13 @@ def box_area(boxes: Tensor, plus_one: bool) -> Tensor:
 
 
 def box_iou(a: Tensor, b: Tensor, plus_one: bool) -> Tensor:
-    """Pairwise IoU, (len(a), len(b))."""
+    """Pairwise IoU of (..., R, 4) and (..., S, 4) boxes -> (..., R, S); leading dims batch."""
     extra = 1.0 if plus_one else 0.0
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    lt = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])
+    rb = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
     wh = (rb - lt + extra).clamp(min=0)
     inter = wh[..., 0] * wh[..., 1]
-    union = box_area(a, plus_one)[:, None] + box_area(b, plus_one)[None, :] - inter
+    union = box_area(a, plus_one)[..., :, None] + box_area(b, plus_one)[..., None, :] - inter
     return inter / union.clamp(min=1e-9)
 
 
@@ -46,6 +47,13 @@ def clip_boxes(boxes: Tensor, height: float, width: float, plus_one: bool) -> Te
     out[:, 0::2] = x
     out[:, 1::2] = y
     return out
+
+
+def clip_boxes_per_image(boxes: Tensor, sizes: Tensor, plus_one: bool) -> Tensor:
+    """`clip_boxes` for a batch: (N, P, 4) boxes, (N, 2) valid (h, w) of each image."""
+    extra = 1.0 if plus_one else 0.0
+    limits = (sizes.to(boxes.dtype) - extra).flip(-1).repeat(1, 2)[:, None, :]  # (N, 1, 4) w h w h
+    return torch.minimum(boxes.clamp(min=0), limits)
 
 
 class BoxCoder:

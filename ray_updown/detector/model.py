@@ -8,20 +8,22 @@ returns the per-proposal head outputs. `extract_regions` is what the feature pip
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import batched_nms
 
-from ray_updown.detector.backbone import ResNetC4Trunk
+from ray_updown.detector.backbone import ResNetC4Trunk, fold_frozen_batchnorm
 from ray_updown.detector.boxes import clip_boxes
 from ray_updown.detector.config import DetectorConfig
-from ray_updown.detector.roi_heads import DetectionTarget, RegionPredictions, RoIHeads
+from ray_updown.detector.roi_heads import DetectionTarget, RegionPredictions, RoIHeads, res5_chunk_for_memory
 from ray_updown.detector.rpn import RegionProposalNetwork
-from ray_updown.detector.select import select_regions
+from ray_updown.detector.select import GreedyScan, select_regions_batched
 from ray_updown.detector.transform import ImageBatch, ImageTransform
 from ray_updown.errors import ConfigError
 
@@ -34,6 +36,24 @@ class ImagePredictions:
     proposal_scores: Tensor  # (R,) RPN objectness of each proposal
     scale: float  # resized / original
     image_size: tuple[int, int]  # original (h, w)
+
+
+StageTimer = Callable[[str], AbstractContextManager]
+
+
+def untimed(stage: str) -> AbstractContextManager:
+    return nullcontext()
+
+
+def to_host(tensor: Tensor) -> Tensor:
+    """One device-to-host copy, into pinned memory on CUDA (the copy then runs at full PCIe
+    speed instead of through a pageable staging buffer)."""
+    if tensor.device.type != "cuda":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensor.device).synchronize()
+    return host
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
@@ -51,6 +71,7 @@ class BottomUpDetector(nn.Module):
         self.object_vocab = list(object_vocab) if object_vocab else None
         self.attribute_vocab = list(attribute_vocab) if attribute_vocab else None
         self.checkpoint_hash: str | None = None  # set by load_detector / converters
+        self.greedy_scan: GreedyScan = "torch"  # region selection's scan (prepare_inference)
         self.transform = ImageTransform(config)
         self.backbone = ResNetC4Trunk(config)
         self.rpn = RegionProposalNetwork(config, self.backbone.out_channels)
@@ -77,16 +98,36 @@ class BottomUpDetector(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    def prepare_inference(self, device: str | torch.device = "auto", half: bool = False
+    def prepare_inference(self, device: str | torch.device = "auto", half: bool = False, *,
+                          fold_norms: bool = True, greedy_scan: GreedyScan = "torch"
                           ) -> "BottomUpDetector":
-        """Move to `device` ("auto" = CUDA when present), eval mode, optional float16 (CUDA)."""
+        """Ready the model for extraction; returns it, in eval mode.
+
+        Moves it to `device` ("auto" = CUDA when present) and folds the frozen BatchNorms into
+        the convolutions (`fold_norms`; irreversible: do not train or save the result). On
+        CUDA also: channels_last (Tensor Core convolutions want NHWC), cuDNN autotuning (the
+        input shapes repeat batch after batch), res5 chunks sized to the free device memory,
+        and optionally float16 (`half`). `greedy_scan="triton"` selects regions with the fused
+        kernel of select_kernel.py (opt-in until checked on a GPU).
+        """
         target = pick_device(device)
         if half and target.type != "cuda":
             raise ConfigError("half precision needs a CUDA device", record="half")
+        if greedy_scan not in ("torch", "triton"):
+            raise ConfigError(f"greedy_scan must be 'torch' or 'triton', not {greedy_scan!r}",
+                              record="greedy_scan")
+        self.eval()
+        if fold_norms:
+            fold_frozen_batchnorm(self)
         self.to(target)
         if half:
             self.half()
-        return self.eval()
+        self.greedy_scan = greedy_scan
+        if target.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            self.to(memory_format=torch.channels_last)
+            self.roi_heads.inference_chunk = res5_chunk_for_memory(self.config, target, self.dtype)
+        return self
 
     # -- the forward ---------------------------------------------------------------------
     def forward(self, images: list, targets: list[DetectionTarget] | None = None
@@ -126,35 +167,90 @@ class BottomUpDetector(nn.Module):
 
     # -- what the feature pipeline calls -------------------------------------------------
     @torch.no_grad()
-    def extract_regions(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+    def extract_regions(self, images: list, timer: StageTimer = untimed) -> list[dict[str, Any]]:
         """Bottom-up region features of HxWx3 uint8 RGB images (one padded forward).
 
         Per image: boxes (k, 4) float32 x1 y1 x2 y2 in original pixels (the proposals the
         features were pooled from), features (k, D) float32, object_ids (k,) int32 detector
         class indices (1.., background excluded), object_conf (k,) float32, attr_ids (k,) int32
         attribute indices (1.., "no attribute" excluded), attr_conf (k,) float32, image_w,
-        image_h. Regions are chosen by `select_regions` (generate_tsv's rule).
+        image_h. Regions are chosen by `select_regions_batched` (generate_tsv's rule) for the
+        whole batch at once; the outputs reach the host in one copy. `timer(stage)` wraps each
+        stage (benchmarks/detector.py times them).
         """
+        was_training = self.training
+        self.eval()
+        try:
+            with timer("transform"):
+                batch = self.transform(images, self.device, self.dtype)
+                if self.device.type == "cuda":
+                    batch.tensor = batch.tensor.contiguous(memory_format=torch.channels_last)
+            with timer("trunk"):
+                features, feature_sizes = self.backbone(
+                    batch.tensor, batch.sizes_tensor if batch.padded else None)
+            with timer("rpn"):
+                proposals, _, _ = self.rpn(features, feature_sizes, batch)
+            with timer("roi_heads"):
+                region, class_logits, attr_logits = self.roi_heads.predict_flat(features, proposals)
+            with timer("selection"):
+                packed = self._select_and_pack(batch, proposals, region, class_logits, attr_logits)
+            with timer("to_host"):
+                host = to_host(packed)
+        finally:
+            self.train(was_training)
+        return self._unpack(host, batch)
+
+    def _select_and_pack(self, batch: ImageBatch, proposals: list[Tensor], region: Tensor,
+                         class_logits: Tensor, attr_logits: Tensor) -> Tensor:
+        """Select each image's regions and pack every output of the batch into one flat
+        float32 tensor: (N, M, 4 + D + 4) rows of boxes, features, object id/conf, attribute
+        id/conf (ids < 2^24 are exact in float32), then the N kept counts."""
         cfg = self.config
+        n, device = len(batch), region.device
+        counts = [len(p) for p in proposals]
+        # Per image, as the unbatched rule did: a scalar divisor is computed differently
+        # (a reciprocal product on CUDA) from an elementwise one.
+        boxes = [p.float() / batch.scales[i] for i, p in enumerate(proposals)]
+        class_probs = class_logits.float().softmax(dim=1)
+        padded_probs = pad_sequence(list(class_probs.split(counts)), batch_first=True)
+        chosen = select_regions_batched(
+            pad_sequence(boxes, batch_first=True), padded_probs,
+            torch.tensor(counts, device=device), nms_threshold=cfg.select_nms,
+            conf_threshold=cfg.select_conf, min_boxes=cfg.min_boxes, max_boxes=cfg.max_boxes,
+            plus_one=cfg.box_plus_one, greedy_scan=self.greedy_scan)
+        width = 4 + cfg.feature_dim + 4
+        if sum(counts) == 0:
+            return torch.cat([torch.zeros(n * chosen.index.shape[1] * width, device=device),
+                              chosen.num_kept.float()])
+        # Rows of the flat (sum R, ...) outputs; slots past an image's count repeat a real row
+        # (any row: they are cut off on the host).
+        offsets = torch.tensor([0] + counts[:-1], device=device).cumsum(0)
+        last = torch.tensor([max(c - 1, 0) for c in counts], device=device)
+        rows = (offsets[:, None] + torch.minimum(chosen.index, last[:, None])).reshape(-1)
+        rows = rows.clamp(max=len(region) - 1)
+        object_conf, object_ids = class_probs[rows, 1:].max(dim=1)
+        attr_conf, attr_ids = attr_logits[rows].float().softmax(dim=1)[:, 1:].max(dim=1)
+        packed = torch.cat([torch.cat(boxes)[rows], region[rows].float(),
+                            (object_ids + 1).float()[:, None], object_conf[:, None],
+                            (attr_ids + 1).float()[:, None], attr_conf[:, None]], dim=1)
+        return torch.cat([packed.reshape(-1), chosen.num_kept.float()])
+
+    def _unpack(self, host: Tensor, batch: ImageBatch) -> list[dict[str, Any]]:
+        n, dim = len(batch), self.config.feature_dim
+        flat = host.numpy()
+        num_kept = flat[-n:].astype(np.int64)
+        table = flat[:-n].reshape(n, -1, 4 + dim + 4)
         out = []
-        for pred in self.predict(images):
-            regions = pred.regions
-            boxes = regions.boxes.float() / pred.scale
-            class_probs = regions.class_logits.float().softmax(dim=1)
-            keep, _ = select_regions(boxes, class_probs, nms_threshold=cfg.select_nms,
-                                     conf_threshold=cfg.select_conf, min_boxes=cfg.min_boxes,
-                                     max_boxes=cfg.max_boxes, plus_one=cfg.box_plus_one)
-            object_conf, object_ids = class_probs[keep, 1:].max(dim=1)
-            attr_probs = regions.attr_logits.float().softmax(dim=1)[keep]
-            attr_conf, attr_ids = attr_probs[:, 1:].max(dim=1)
-            h, w = pred.image_size
+        for i in range(n):
+            rows = table[i, : num_kept[i]]
+            h, w = batch.original_sizes[i]
             out.append({
-                "boxes": boxes[keep].cpu().numpy().astype(np.float32),
-                "features": regions.features[keep].float().cpu().numpy(),
-                "object_ids": (object_ids + 1).cpu().numpy().astype(np.int32),
-                "object_conf": object_conf.cpu().numpy().astype(np.float32),
-                "attr_ids": (attr_ids + 1).cpu().numpy().astype(np.int32),
-                "attr_conf": attr_conf.cpu().numpy().astype(np.float32),
+                "boxes": np.ascontiguousarray(rows[:, :4]),
+                "features": np.ascontiguousarray(rows[:, 4:4 + dim]),
+                "object_ids": rows[:, 4 + dim].astype(np.int32),
+                "object_conf": np.ascontiguousarray(rows[:, 5 + dim]),
+                "attr_ids": rows[:, 6 + dim].astype(np.int32),
+                "attr_conf": np.ascontiguousarray(rows[:, 7 + dim]),
                 "image_w": int(w),
                 "image_h": int(h),
             })

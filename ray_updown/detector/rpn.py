@@ -4,7 +4,8 @@ A 3x3 conv (512 channels in the released model) + ReLU feeds two 1x1 convs: obje
 four box deltas per anchor. Objectness is Caffe's 2-way softmax (2A channels: the A background
 scores, then the A foreground scores) or detectron2's single logit (A channels). The test-time
 proposal step is Caffe's proposal layer: decode, clip, drop boxes smaller than `rpn_min_size`
-original-image pixels, keep the best `pre_nms`, NMS at 0.7, keep the best `post_nms`.
+original-image pixels, keep the best `pre_nms`, NMS at 0.7, keep the best `post_nms`; run for
+the whole batch at once (`RegionProposalNetwork.propose`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import nms
 
-from ray_updown.detector.boxes import BoxCoder, box_iou, box_sizes, clip_boxes
+from ray_updown.detector.boxes import BoxCoder, box_iou, box_sizes, clip_boxes_per_image
 from ray_updown.detector.config import DetectorConfig
 from ray_updown.detector.sampling import match_by_iou, sample_balanced, smooth_l1
 from ray_updown.detector.transform import ImageBatch
@@ -110,11 +111,16 @@ class RegionProposalNetwork(nn.Module):
         flat = logits.permute(0, 2, 3, 1).reshape(n, -1)
         return flat, flat, deltas
 
-    def _valid_positions(self, h: int, w: int, feature_size: tuple[int, int]) -> Tensor:
-        rows = torch.arange(h, device=self.cell_anchors.device) < feature_size[0]
-        cols = torch.arange(w, device=self.cell_anchors.device) < feature_size[1]
-        valid = rows[:, None] & cols[None, :]
-        return valid[:, :, None].expand(h, w, self.config.num_anchors).reshape(-1)
+    def _valid_anchors(self, n: int, h: int, w: int, feature_sizes: Tensor | None) -> Tensor:
+        """(N, HWA) bool: anchors on each image's valid (unpadded) part of the map."""
+        device = self.cell_anchors.device
+        if feature_sizes is None:
+            return torch.ones((n, h * w * self.config.num_anchors), dtype=torch.bool, device=device)
+        sizes = feature_sizes.to(device)
+        rows = torch.arange(h, device=device)[None, :] < sizes[:, :1]
+        cols = torch.arange(w, device=device)[None, :] < sizes[:, 1:]
+        valid = rows[:, :, None] & cols[:, None, :]
+        return valid[..., None].expand(n, h, w, self.config.num_anchors).reshape(n, -1)
 
     def forward(self, features: Tensor, feature_sizes: Tensor | None, batch: ImageBatch,
                 gt_boxes: list[Tensor] | None = None
@@ -124,38 +130,52 @@ class RegionProposalNetwork(nn.Module):
         n, _, h, w = features.shape
         scores, raw_logits, flat_deltas = self._flatten(logits, deltas)
         anchors = self.grid_anchors(h, w)
-        sizes = ([(h, w)] * n if feature_sizes is None
-                 else [tuple(int(v) for v in s) for s in feature_sizes.tolist()])
-        valids = [self._valid_positions(h, w, s) for s in sizes]
+        valid = self._valid_anchors(n, h, w, feature_sizes)
         training = self.training and gt_boxes is not None
         pre_nms = self.config.rpn_pre_nms_train if training else self.config.rpn_pre_nms_test
         post_nms = self.config.rpn_post_nms_train if training else self.config.rpn_post_nms_test
-        proposals, proposal_scores = [], []
         with torch.no_grad():
-            for i in range(n):
-                boxes, kept_scores = self._propose(anchors[valids[i]], flat_deltas[i][valids[i]].float(),
-                                                   scores[i][valids[i]].float(), batch, i,
-                                                   pre_nms, post_nms)
-                proposals.append(boxes)
-                proposal_scores.append(kept_scores)
+            proposals, proposal_scores = self.propose(anchors, flat_deltas.float(), scores.float(),
+                                                      valid, batch, pre_nms, post_nms)
         losses: dict[str, Tensor] = {}
         if training:
-            losses = self.losses(anchors, valids, raw_logits, flat_deltas, batch, gt_boxes)
+            losses = self.losses(anchors, list(valid), raw_logits, flat_deltas, batch, gt_boxes)
         return proposals, proposal_scores, losses
 
-    def _propose(self, anchors: Tensor, deltas: Tensor, scores: Tensor, batch: ImageBatch,
-                 index: int, pre_nms: int, post_nms: int) -> tuple[Tensor, Tensor]:
+    def propose(self, anchors: Tensor, deltas: Tensor, scores: Tensor, valid: Tensor,
+                batch: ImageBatch, pre_nms: int, post_nms: int) -> tuple[list[Tensor], list[Tensor]]:
+        """Caffe's proposal layer for the whole batch: decode, clip, size filter, top-k, NMS.
+
+        anchors (A, 4) shared; deltas (N, A, 4), scores (N, A), valid (N, A) for the batch.
+        Decoding, clipping, the size filter and the pre-NMS top-k run once for all images
+        (rejected anchors sort last, so each image keeps the order a per-image sort gives).
+        NMS then runs on each image's top-k slice: torchvision's `batched_nms` would offset
+        each image's coordinates, which changes float32 IoUs in the last bit and with them
+        a few proposals; per-image calls keep them identical to the unbatched rule.
+        """
         cfg = self.config
-        img_h, img_w = batch.image_sizes[index]
-        boxes = clip_boxes(self.coder.decode(deltas, anchors), img_h, img_w, cfg.box_plus_one)
+        n = deltas.shape[0]
+        boxes = self.coder.decode(deltas.reshape(-1, 4), anchors.repeat(n, 1)).view(n, -1, 4)
+        sizes = torch.tensor(batch.image_sizes, dtype=torch.long, device=boxes.device)
+        boxes = clip_boxes_per_image(boxes, sizes, cfg.box_plus_one)
         ws, hs = box_sizes(boxes, cfg.box_plus_one)
-        min_size = cfg.rpn_min_size * batch.scales[index]
-        keep = (ws >= min_size) & (hs >= min_size)
-        boxes, scores = boxes[keep], scores[keep]
-        order = torch.sort(scores, descending=True, stable=True).indices[:pre_nms]
-        boxes, scores = boxes[order], scores[order]
-        keep = plus_one_nms(boxes, scores, cfg.rpn_nms, cfg.box_plus_one)[:post_nms]
-        return boxes[keep], scores[keep]
+        # Like the float scalar Caffe compares with: computed in double, then float32.
+        min_size = (torch.tensor(batch.scales, dtype=torch.float64) * cfg.rpn_min_size).float()
+        min_size = min_size.to(boxes.device)[:, None]
+        keep = valid & (ws >= min_size) & (hs >= min_size)
+        ranked = torch.sort(scores.masked_fill(~keep, float("-inf")), dim=1, descending=True,
+                            stable=True)
+        top = ranked.indices[:, :pre_nms]
+        top_boxes = boxes.gather(1, top[:, :, None].expand(-1, -1, 4))
+        top_scores = ranked.values[:, :pre_nms]
+        counts = keep.sum(dim=1).clamp(max=pre_nms).tolist()  # the one host sync
+        proposals, proposal_scores = [], []
+        for i, count in enumerate(counts):
+            b, s = top_boxes[i, :count], top_scores[i, :count]
+            kept = plus_one_nms(b, s, cfg.rpn_nms, cfg.box_plus_one)[:post_nms]
+            proposals.append(b[kept])
+            proposal_scores.append(s[kept])
+        return proposals, proposal_scores
 
     def losses(self, anchors: Tensor, valids: list[Tensor], raw_logits: Tensor, deltas: Tensor,
                batch: ImageBatch, gt_boxes: list[Tensor]) -> dict[str, Tensor]:
