@@ -81,16 +81,24 @@ _STAGES: dict[str, tuple[str, str, str, dict[str, tuple[str, str]]]] = {
 }
 
 
+def _config_or_show(args: argparse.Namespace, config_cls: str, flags: dict[str, str]):
+    """The command's config, or None after printing it when --show-config was given."""
+    cfg = _config(args, config_cls, flags)
+    if args.show_config:
+        from ray_updown.config import dump_config
+
+        print(dump_config(cfg), end="")
+        return None
+    return cfg
+
+
 def _run_stage(stage: str) -> Callable[[argparse.Namespace], None]:
     _, config_cls, entry, flags = _STAGES[stage]
 
     def run(args: argparse.Namespace) -> None:
-        cfg = _config(args, config_cls, {f.lstrip("-").replace("-", "_"): field
-                                         for f, (field, _) in flags.items()})
-        if args.show_config:
-            from ray_updown.config import dump_config
-
-            print(dump_config(cfg), end="")
+        cfg = _config_or_show(args, config_cls, {f.lstrip("-").replace("-", "_"): field
+                                                 for f, (field, _) in flags.items()})
+        if cfg is None:
             return
         if stage == "world":
             if not args.out:
@@ -103,11 +111,16 @@ def _run_stage(stage: str) -> Callable[[argparse.Namespace], None]:
     return run
 
 
+_VQA_CONFIG = "ray_updown.vqa.config:VqaTrainConfig"  # of `ensemble` and `tune`
+
+
 def _cmd_ensemble(args: argparse.Namespace) -> None:
     from ray_updown.vqa.ensemble import train_ensemble
 
-    manifest = train_ensemble(args.config or _vqa_defaults(), members=args.members,
-                              overrides=args.overrides, cpus_per_trial=args.cpus_per_trial,
+    cfg = _config_or_show(args, _VQA_CONFIG, {})  # as the stages build theirs
+    if cfg is None:
+        return
+    manifest = train_ensemble(cfg, members=args.members, cpus_per_trial=args.cpus_per_trial,
                               gpus_per_trial=args.gpus_per_trial)
     _print_summary({"manifest": manifest.get("uri"), "members": len(manifest["members"])})
 
@@ -116,18 +129,15 @@ def _cmd_tune(args: argparse.Namespace) -> None:
     from ray_updown.config import to_dict
     from ray_updown.vqa.sweep import best_config_uri, run_sweep
 
+    cfg = _config_or_show(args, _VQA_CONFIG, {})  # as the stages build theirs
+    if cfg is None:
+        return
     if not args.space:
         raise ConfigError("tune needs --space (a YAML file of the search space)")
-    best = run_sweep(args.config or _vqa_defaults(), args.space, num_samples=args.samples,
-                     max_concurrent=args.max_concurrent, overrides=args.overrides,
-                     cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial)
+    best = run_sweep(cfg, args.space, num_samples=args.samples,
+                     max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial,
+                     gpus_per_trial=args.gpus_per_trial)
     _print_summary({"best_config": best_config_uri(best), "config": to_dict(best)})
-
-
-def _vqa_defaults():
-    from ray_updown.vqa.config import VqaTrainConfig
-
-    return VqaTrainConfig()
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -247,8 +257,15 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     _print_summary(run_demo(cfg))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, as the package's (its usage block is --help's)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ray-updown", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="ray-updown", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     for stage, (help_text, _, _, flags) in _STAGES.items():
@@ -369,6 +386,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ray-updown {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # A package error that reached us inside Ray's or Tune's wrappers is still ours.
+        from ray_updown.train.trainer import package_error
+
+        error = package_error(exc)
+        if error is None:
+            raise
+        print(f"ray-updown {args.command}: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

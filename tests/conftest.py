@@ -23,7 +23,8 @@ def ray_cluster(s3_server):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        # address="local": always a fresh cluster of our own, never one another process runs.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"WANDB_MODE": "disabled"}})
     yield ray
     # Left running until the interpreter exits: later fixtures may still hold handles.

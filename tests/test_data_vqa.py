@@ -69,6 +69,7 @@ def test_question_missing_from_annotations_is_named(tmp_path):
     with pytest.raises(DataError) as err:
         load_vqa(q_uri, a_uri)
     assert a_uri in str(err.value) and "question_id 42" in str(err.value)
+    assert str(err.value).count("42") == 1  # the id is named once, as the record
 
 
 def test_annotation_without_question_is_named(tmp_path):
@@ -77,6 +78,7 @@ def test_annotation_without_question_is_named(tmp_path):
     with pytest.raises(DataError) as err:
         load_vqa(q_uri, a_uri)
     assert a_uri in str(err.value) and "annotations[1] (question_id 77)" in str(err.value)
+    assert str(err.value).count("77") == 1 and "not in the questions file" in str(err.value)
 
 
 @pytest.mark.parametrize("mutate, expected", [

@@ -218,13 +218,39 @@ def test_malicious_pickle_is_refused(tmp_path):
     assert not marker.exists()
 
 
-def test_malicious_torch_file_is_refused(tmp_path):
+@pytest.mark.parametrize("name,kwargs", [
+    ("pytorch_model.bin", {}),
+    ("bua-caffe-frcn-r101_with_attributes.pth", {"_use_new_zipfile_serialization": False}),
+    ("protocol4.pth", {"pickle_protocol": 4}),  # STACK_GLOBAL instead of GLOBAL
+])
+def test_malicious_torch_file_is_refused_naming_the_global(tmp_path, name, kwargs):
     marker = tmp_path / "pwned"
-    path = tmp_path / "pytorch_model.bin"
-    torch.save({"model": _RunsCode(str(marker))}, path)
-    with pytest.raises(CheckpointError, match="refused or unreadable torch file"):
+    path = tmp_path / name
+    torch.save({"model": _RunsCode(str(marker))}, path, **kwargs)
+    with pytest.raises(CheckpointError) as err:
         load_published(str(path))
+    message = str(err.value)
+    assert str(path) in message and "refusing to load global" in message
+    assert "posix.system" in message or "os.system" in message
+    assert "weights_only" not in message.replace(" ", "_").lower()  # never advise running it
     assert not marker.exists()
+
+
+def test_refused_global_is_found_in_the_opcodes_when_torch_does_not_name_it(tmp_path):
+    from ray_updown.detector.safe_pickle import _refused_global
+
+    path = tmp_path / "evil.pth"
+    torch.save({"w": torch.zeros(2), "model": _RunsCode("x")}, path, pickle_protocol=4)
+    assert _refused_global("some future torch message", path.read_bytes()) == "posix.system"
+
+
+def test_truncated_torch_file_is_a_checkpoint_error_without_torch_advice(tmp_path):
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"w": torch.zeros(4)}, path)
+    path.write_bytes(path.read_bytes()[:60])
+    with pytest.raises(CheckpointError) as err:
+        load_published(str(path))
+    assert "unreadable torch file" in str(err.value) and "weights_only" not in str(err.value)
 
 
 def test_truncated_pickle_is_a_checkpoint_error(tmp_path):

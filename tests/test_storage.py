@@ -47,6 +47,7 @@ def test_bad_json_names_file_and_position(tmp_path, text, kind):
     with pytest.raises(DataError) as err:
         storage.read_json(str(path))
     assert str(path) in str(err.value) and kind in str(err.value) and "line 1" in str(err.value)
+    assert " at at " not in str(err.value)
 
 
 def test_s3_round_trip(s3_bucket):
@@ -61,3 +62,13 @@ def test_s3_round_trip(s3_bucket):
         storage.read_bytes(storage.join(s3_bucket, "missing.bin"))
     assert "missing.bin" in str(err.value)
     assert "testing" not in str(err.value)  # credentials never in messages
+
+
+def test_missing_files_local_and_s3(tmp_path, s3_bucket):
+    storage.write_text(str(tmp_path / "a" / "x.jpg"), "x")
+    local = [str(tmp_path / "a" / "x.jpg"), "file://" + str(tmp_path / "a" / "y.jpg"),
+             str(tmp_path / "nowhere" / "z.jpg")]
+    assert storage.missing_files(local) == local[1:]
+    storage.write_text(f"{s3_bucket}/img/x.jpg", "x")
+    remote = [f"{s3_bucket}/img/x.jpg", f"{s3_bucket}/img/y.jpg", f"{s3_bucket}/none/z.jpg"]
+    assert storage.missing_files(remote) == remote[1:]

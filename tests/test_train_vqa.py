@@ -165,6 +165,7 @@ def test_image_without_features_is_named(tiny_vqa, tmp_path):
         prepare_vqa_data(cfg.data, 6, 8)
     text = str(err.value)
     assert "image_id 999" in text and f"question_id {qid}" in text and tiny_vqa["features"] in text
+    assert text.count(f"question_id {qid}") == 1
 
 
 def test_empty_answer_vocabulary_is_a_clear_error(tiny_vqa, tmp_path):

@@ -34,7 +34,7 @@ from ray_updown.data.coco import Vocab
 from ray_updown.errors import CheckpointError, ConfigError
 from ray_updown.train.checkpoint import CONFIG_FILE, check_vocabulary, load_checkpoint_dir, save_checkpoint_dir
 from ray_updown.train.session import RayTrainSession, Session
-from ray_updown.train.trainer import build_trainer, checkpoint_uri, fit, history
+from ray_updown.train.trainer import build_trainer, checkpoint_uri, fit, history, latest_checkpoint
 from ray_updown.train.worker import all_reduce, init_wandb, pick_device, shard_batches, steps_per_epoch
 from ray_updown.weights import load_state_strict
 
@@ -109,6 +109,16 @@ def evaluate(model, loader, reward: CiderReward, device: torch.device) -> dict[s
     return {"val_cider_d": total / count} if count > 0 else {}
 
 
+def check_resumable(config: dict, objective: str | None, cfg: CaptionTrainConfig, vocab: Vocab,
+                    source: str) -> None:
+    """CheckpointError unless the run's last checkpoint (its config.json, and the objective it
+    was trained with) can be continued by this run."""
+    check_vocab(config.get("vocab"), vocab, source)
+    if (objective or cfg.objective) != cfg.objective:
+        raise CheckpointError(f"was trained with objective {objective!r}, this run is "
+                              f"{cfg.objective!r}: give the run a new name", file=source)
+
+
 def restore(session: Session, cfg: CaptionTrainConfig, model: torch.nn.Module,
             vocab: Vocab) -> dict:
     """Weights from the run's last checkpoint (or, for a new SCST run, from its XE
@@ -117,11 +127,7 @@ def restore(session: Session, cfg: CaptionTrainConfig, model: torch.nn.Module,
         if path is not None:
             weights, config, state = load_checkpoint_dir(path)
             source = f"the last checkpoint of run {cfg.name}"
-            check_vocab(config.get("vocab"), vocab, source)
-            if (state or {}).get("objective", cfg.objective) != cfg.objective:
-                raise CheckpointError(f"was trained with objective {state['objective']!r}, "
-                                      f"this run is {cfg.objective!r}: give the run a new name",
-                                      file=source)
+            check_resumable(config, (state or {}).get("objective"), cfg, vocab, source)
             load_state_strict(model, weights, source)
             return state or {}
     if cfg.objective == "scst":
@@ -203,10 +209,16 @@ def _train_worker(loop_config: dict) -> None:
 # ------------------------------------------------------------------------- the driver
 def check_inputs(cfg: CaptionTrainConfig) -> CaptionData:
     """Check on the driver what would otherwise fail inside the workers: the data (every
-    image has references and features) and the SCST starting checkpoint's vocabulary."""
+    image has references and features), the run's last checkpoint when re-run, and the SCST
+    starting checkpoint's vocabulary."""
     cfg.validate()
     data = CaptionData.load(cfg.data, check_features=True)
-    if cfg.objective == "scst":
+    last = latest_checkpoint(run_uri(cfg), CONFIG_FILE)
+    if last is not None:  # a re-run resumes from it
+        config = storage.read_json(storage.join(last, CONFIG_FILE))
+        check_resumable(config, config.get("objective"), cfg, data.vocab,
+                        f"{last} (the last checkpoint of run {cfg.name})")
+    elif cfg.objective == "scst":
         if not cfg.scst.init_from:
             raise ConfigError("SCST starts from a cross-entropy checkpoint: set scst.init_from",
                               record="scst.init_from")
@@ -215,6 +227,10 @@ def check_inputs(cfg: CaptionTrainConfig) -> CaptionData:
             raise CheckpointError(f"not a checkpoint: no {CONFIG_FILE}", file=cfg.scst.init_from)
         check_vocab(storage.read_json(config_uri).get("vocab"), data.vocab, cfg.scst.init_from)
     return data
+
+
+def run_uri(cfg: CaptionTrainConfig) -> str:
+    return storage.join(cfg.storage_path, cfg.name)
 
 
 def train_captioner(cfg: CaptionTrainConfig) -> dict:
@@ -229,7 +245,7 @@ def train_captioner(cfg: CaptionTrainConfig) -> dict:
                             storage_path=cfg.storage_path, num_workers=cfg.num_workers,
                             use_gpu=cfg.use_gpu, max_failures=cfg.max_failures,
                             keep_checkpoints=cfg.keep_checkpoints or None)
-    result = fit(trainer)
+    result = fit(trainer, run_uri(cfg))
     checkpoint = (checkpoint_uri(result.checkpoint, cfg.storage_path)
                   if result.checkpoint is not None else None)
     return {"name": cfg.name, "storage_path": cfg.storage_path, "checkpoint": checkpoint,

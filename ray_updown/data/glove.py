@@ -31,8 +31,11 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def load_glove(uri: str, words: Sequence[str], dim: int = 300) -> tuple[np.ndarray, int]:
+def load_glove(uri: str, words: Sequence[str], dim: int = 300,
+               max_lines: int | None = None) -> tuple[np.ndarray, int]:
     """(float32 [len(words), dim] matrix, number of words not found in the file).
+
+    `max_lines` stops after that many lines (a quick check of the file's layout).
 
     Row i holds the vector of words[i]; missing words keep a zero row, and `n_missing` counts
     distinct missing words. A line with the wrong number of values (any line), or a value that
@@ -51,6 +54,8 @@ def load_glove(uri: str, words: Sequence[str], dim: int = 300) -> tuple[np.ndarr
         text = io.TextIOWrapper(stream, encoding="utf-8", errors="strict", newline="\n")
         try:
             for lineno, line in enumerate(text, start=1):
+                if max_lines is not None and lineno > max_lines:
+                    break
                 line = line.rstrip("\r\n")
                 if not line.strip():
                     continue

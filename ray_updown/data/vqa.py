@@ -80,7 +80,7 @@ def load_vqa(questions_uri: str, annotations_uri: str | None = None) -> list[Vqa
         rec = f"annotations[{i}] (question_id {qid})"
         image_id = field(row, "image_id", int, annotations_uri, rec)
         if qid not in questions:
-            raise DataError(f"question_id {qid} is not in the questions file {questions_uri}",
+            raise DataError(f"not in the questions file {questions_uri}",
                             file=annotations_uri, record=rec)
         if qid in annotated:
             raise DataError("duplicate question_id", file=annotations_uri, record=rec)
@@ -100,7 +100,7 @@ def load_vqa(questions_uri: str, annotations_uri: str | None = None) -> list[Vqa
             field(row, "question_type", str, annotations_uri, rec))
     for qid in questions:
         if qid not in annotated:
-            raise DataError(f"question_id {qid} of {questions_uri} has no annotation",
+            raise DataError(f"has no annotation (the question is in {questions_uri})",
                             file=annotations_uri, record=f"question_id {qid}")
     return [annotated[qid] for qid in questions]
 

@@ -2,11 +2,15 @@
 the run, and what comes back from it.
 
     trainer = build_trainer(worker, loop_config, name=..., storage_path=..., num_workers=2)
-    result = fit(trainer)   # a worker's package error is raised as itself
+    result = fit(trainer, run_uri)   # a worker's package error is raised as itself
     checkpoint_uri(result.checkpoint, storage_path)
 
 Re-running with the same `storage_path` and `name` resumes from the run's last checkpoint
 (Ray Train's own restore; the loop reads it through `session.restore()`).
+
+Each job reads and checks its data files on the driver before it builds the trainer (its
+`check_inputs`), so bad input is one line before any Ray worker starts; what can only fail
+inside a worker comes back from `fit` as the package's own error.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import os
 from typing import Any, Callable
 
 from ray_updown import storage
-from ray_updown.errors import RayUpdownError
+from ray_updown.errors import RayUpdownError, StorageError
 
 
 def storage_kwargs(uri: str) -> dict:
@@ -69,28 +73,58 @@ def history(result) -> list[dict]:
 
 
 def package_error(exc: BaseException) -> RayUpdownError | None:
-    """The package error a worker raised, if that is why the run failed (searched through
-    the workers' failures and their causes)."""
-    pending = list(getattr(exc, "worker_failures", {}).values()) or [exc]
-    seen = 0
-    while pending and seen < 50:
+    """The package error a worker or trial raised, if that is why the run failed (searched
+    through Train's worker failures, Ray's and Tune's wrappers and their causes)."""
+    pending = [exc]
+    seen: list[BaseException] = []
+    while pending and len(seen) < 50:
         failure = pending.pop(0)
-        seen += 1
+        if any(failure is s for s in seen):
+            continue
+        seen.append(failure)
         if isinstance(failure, RayUpdownError):
             base = next(c for c in type(failure).__mro__ if c.__module__ == "ray_updown.errors")
             return base(failure.problem, file=failure.file, record=failure.record)
+        pending += list((getattr(failure, "worker_failures", None) or {}).values())
+        # Not __context__: an error raised while handling ours is a different failure.
         pending += [c for c in (getattr(failure, "cause", None), failure.__cause__)
-                    if c is not None]
+                    if isinstance(c, BaseException)]
     return None
 
 
-def fit(trainer) -> Any:
+def raise_unwrapped(exc: BaseException):
+    """Raise the package error inside `exc` (one line in the CLI), else `exc` itself."""
+    error = package_error(exc)
+    if error is not None:
+        raise error from None
+    raise exc
+
+
+def latest_checkpoint(run_uri: str, marker: str) -> str | None:
+    """The newest checkpoint directory Ray wrote under a run (`checkpoint_*` holding the file
+    `marker`), if any: what a re-run resumes from, for the driver's checks."""
+    try:
+        found = storage.list_files(storage.join(run_uri, "checkpoint_*", marker))
+    except StorageError:
+        return None
+    return found[-1].rsplit("/", 1)[0] if found else None
+
+
+def fit(trainer, run_uri: str | None = None) -> Any:
     """`trainer.fit()`, raising a worker's package error as itself (one clear line in the CLI)
-    rather than as Ray's wrapper around it."""
+    rather than as Ray's wrapper around it. A new run (`run_uri` did not exist) that fails
+    before its first checkpoint leaves no folder behind: there is nothing in it to resume."""
+    new_run = run_uri is not None and not storage.exists(run_uri)
     try:
         return trainer.fit()
     except Exception as exc:
-        error = package_error(exc)
-        if error is not None:
-            raise error from None
-        raise
+        if new_run and not _has_checkpoint(run_uri):
+            storage.remove(run_uri, recursive=True)
+        raise_unwrapped(exc)
+
+
+def _has_checkpoint(run_uri: str) -> bool:
+    try:
+        return any("/checkpoint_" in f for f in storage.list_files(run_uri))
+    except StorageError:
+        return False

@@ -238,8 +238,8 @@ def check_features(questions: Sequence[VqaQuestion], store: FeatureStore, questi
     """Every question's image must be in the store: a DataError names the first that is not."""
     for q in questions:
         if q.image_id not in store:
-            raise DataError(f"image_id {q.image_id} of question_id {q.question_id} has no region "
-                            f"features in the store {store.uri}", file=questions_uri,
+            raise DataError(f"image_id {q.image_id} has no region features in the store "
+                            f"{store.uri}", file=questions_uri,
                             record=f"question_id {q.question_id}")
 
 
@@ -263,12 +263,20 @@ def require_inputs(cfg: VqaDataConfig) -> None:
             raise ConfigError("is required", record=f"data.{name}")
 
 
-def prepare_vqa_data(cfg: VqaDataConfig, question_len: int = 14, embed_dim: int = 300,
-                     vocabs: VqaVocabularies | None = None) -> PreparedVqa:
-    """Load, validate and encode the training (and validation) data (paper 3.3).
+@dataclass
+class VqaSources:
+    """The VQA files read and cross-checked, before any encoding."""
 
-    `vocabs` (e.g. from a checkpoint) replaces building them from the training questions.
-    """
+    loaded: dict[str, list[VqaQuestion]]   # "train" (and "val") questions with annotations
+    store: FeatureStore
+    answers: AnswerVocab
+    vg: list[VqaQuestion]                  # Visual Genome pairs with features and a known answer
+
+
+def read_vqa_sources(cfg: VqaDataConfig, answers: AnswerVocab | None = None) -> VqaSources:
+    """Read every file the config names and check them against each other: questions and
+    annotations match, every image has features, the answer vocabulary is not empty.
+    `answers` (e.g. from a checkpoint) replaces building them from the training questions."""
     require_inputs(cfg)
     splits = {"train": (cfg.train_questions, cfg.train_annotations)}
     if cfg.val_questions and cfg.val_annotations:
@@ -277,21 +285,44 @@ def prepare_vqa_data(cfg: VqaDataConfig, question_len: int = 14, embed_dim: int 
     store = FeatureStore(cfg.features)
     for name, questions in loaded.items():
         check_features(questions, store, splits[name][0])
-    train_questions = [q for s in cfg.train_on for q in loaded[s]]
-    if vocabs is None:
+    if answers is None:
         try:
-            answers = build_answer_vocab(train_questions, cfg.answer_min_count)
+            answers = build_answer_vocab([q for s in cfg.train_on for q in loaded[s]],
+                                         cfg.answer_min_count)
         except DataError as exc:
             files = ", ".join(splits[s][1] for s in cfg.train_on)
             raise DataError(f"{exc.problem} (data.answer_min_count = {cfg.answer_min_count})",
                             file=files) from None
-    else:
-        answers = vocabs.answers
     vg: list[VqaQuestion] = []
     if cfg.vg_qa:
         candidates = load_vg_qa(cfg.vg_qa, answers, vg_to_coco_ids(cfg.vg_image_data))
         vg = [q for q in candidates if q.image_id in store]  # VG images outside the store: skipped
         log.info("Visual Genome augmentation: %d of %d pairs with features", len(vg), len(candidates))
+    return VqaSources(loaded, store, answers, vg)
+
+
+# Lines of the GloVe file the driver checks: the workers stream the whole (GB-sized) file.
+_GLOVE_LINES_CHECKED = 20
+
+
+def check_vqa_inputs(cfg: VqaDataConfig, embed_dim: int) -> None:
+    """What training would otherwise find inside the Ray workers, checked on the driver:
+    every file is read and cross-checked (`read_vqa_sources`), and the GloVe file's first
+    lines have `embed_dim` values."""
+    read_vqa_sources(cfg)
+    if cfg.glove:
+        load_glove(cfg.glove, [], dim=embed_dim, max_lines=_GLOVE_LINES_CHECKED)
+
+
+def prepare_vqa_data(cfg: VqaDataConfig, question_len: int = 14, embed_dim: int = 300,
+                     vocabs: VqaVocabularies | None = None) -> PreparedVqa:
+    """Load, validate and encode the training (and validation) data (paper 3.3).
+
+    `vocabs` (e.g. from a checkpoint) replaces building them from the training questions.
+    """
+    sources = read_vqa_sources(cfg, vocabs.answers if vocabs is not None else None)
+    loaded, store, answers, vg = sources.loaded, sources.store, sources.answers, sources.vg
+    train_questions = [q for s in cfg.train_on for q in loaded[s]]
     if vocabs is None:
         vocabs = VqaVocabularies(build_question_vocab(train_questions + vg, cfg.question_min_count),
                                  answers)

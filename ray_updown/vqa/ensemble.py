@@ -32,12 +32,12 @@ from ray_updown.errors import CheckpointError, ConfigError, DataError
 from ray_updown.features.store import FeatureStore
 from ray_updown.metrics.vqa_eval import write_vqa_results
 from ray_updown.train.checkpoint import load_checkpoint_dir
-from ray_updown.train.trainer import checkpoint_uri
+from ray_updown.train.trainer import checkpoint_uri, raise_unwrapped
 from ray_updown.train.worker import pick_device, shard_batches
 from ray_updown.vqa.config import METRIC, VqaTrainConfig
 from ray_updown.vqa.data import VqaVocabularies, questions_dataset
 from ray_updown.vqa.model import VqaConfig, VqaModel, ensemble_scores
-from ray_updown.vqa.train import tune_experiment_path, tune_run_config, tune_trainable
+from ray_updown.vqa.train import check_inputs, tune_experiment_path, tune_run_config, tune_trainable
 from ray_updown.weights import load_state_strict
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,7 @@ def train_ensemble(cfg: VqaTrainConfig | str, members: int = 30, *,
         raise ConfigError("overrides apply to a config file; edit the VqaTrainConfig instead")
     if members < 1:
         raise ConfigError(f"must be >= 1, got {members}", record="members")
-    cfg = cfg.absolute()
-    cfg.validate()
+    cfg = check_inputs(cfg)  # before Ray starts: bad data is one line, not N failed trials
     if cfg.num_workers > 1:
         log.warning("ensemble members train on one worker each; num_workers=%d is ignored",
                     cfg.num_workers)
@@ -124,7 +123,7 @@ def train_ensemble(cfg: VqaTrainConfig | str, members: int = 30, *,
         storage.write_json(manifest_uri, manifest, indent=2)
     if failures:
         log.error("%d ensemble member(s) failed; re-run to retry them", len(failures))
-        raise failures[0]
+        raise_unwrapped(failures[0])
     return {**manifest, "uri": manifest_uri}
 
 

@@ -24,8 +24,9 @@ from typing import Any, Iterable, Mapping, Sequence
 from ray_updown import storage
 from ray_updown.config import dump_config, load_config, read_yaml_mapping
 from ray_updown.errors import ConfigError
+from ray_updown.train.trainer import raise_unwrapped
 from ray_updown.vqa.config import METRIC, VqaTrainConfig
-from ray_updown.vqa.train import tune_experiment_path, tune_run_config, tune_trainable
+from ray_updown.vqa.train import check_inputs, tune_experiment_path, tune_run_config, tune_trainable
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +141,7 @@ def run_sweep(cfg: VqaTrainConfig | str, space: Mapping[str, Any] | str, num_sam
     if num_samples < 1 or grace_period < 1 or reduction_factor < 2:
         raise ConfigError("num_samples >= 1, grace_period >= 1 and reduction_factor >= 2 required",
                           record="sweep")
-    cfg = cfg.absolute()
-    cfg.validate()
+    cfg = check_inputs(cfg)  # before Ray starts: bad data is one line, not N failed trials
     if "val" in cfg.data.train_on:
         log.warning("data.train_on includes val: the sweep's metric is then a training accuracy")
     param_space = tune_param_space(cfg, space)
@@ -168,7 +168,7 @@ def run_sweep(cfg: VqaTrainConfig | str, space: Mapping[str, Any] | str, num_sam
     if not finished:
         errors = [r.error for r in grid if r.error is not None]
         if errors:
-            raise errors[0]
+            raise_unwrapped(errors[0])
         raise ConfigError("no trial reported a validation accuracy (is data.val_questions set?)",
                           record="sweep")
     best = grid.get_best_result(metric=METRIC, mode="max", scope="all")

@@ -31,7 +31,13 @@ from ray_updown.train.session import LocalSession, RayTrainSession, Session, Tun
 from ray_updown.train.trainer import build_trainer, checkpoint_uri, fit, storage_kwargs
 from ray_updown.train.worker import all_reduce, init_wandb, optimizer_to, pick_device, shard_batches
 from ray_updown.vqa.config import METRIC, OPTIMIZERS, VqaTrainConfig
-from ray_updown.vqa.data import PreparedVqa, VqaDataset, VqaVocabularies, prepare_vqa_data, require_inputs
+from ray_updown.vqa.data import (
+    PreparedVqa,
+    VqaDataset,
+    VqaVocabularies,
+    check_vqa_inputs,
+    prepare_vqa_data,
+)
 from ray_updown.vqa.model import VqaConfig, VqaModel, soft_accuracy, vqa_loss
 from ray_updown.weights import load_state_strict
 
@@ -171,6 +177,16 @@ def has_val(cfg: VqaTrainConfig) -> bool:
     return bool(cfg.data.val_questions and cfg.data.val_annotations)
 
 
+def check_inputs(cfg: VqaTrainConfig) -> VqaTrainConfig:
+    """The config with absolute paths, after checking on the driver what the workers would
+    otherwise find: the config, and every data file read and cross-checked
+    (`check_vqa_inputs`). Shared by train_vqa, the ensemble and the sweep."""
+    cfg = cfg.absolute()
+    cfg.validate()
+    check_vqa_inputs(cfg.data, cfg.model.base().embed_dim)
+    return cfg
+
+
 def train_vqa(cfg: VqaTrainConfig) -> dict:
     """Train with Ray Train (`cfg.num_workers` DDP workers); re-running resumes.
 
@@ -178,15 +194,13 @@ def train_vqa(cfg: VqaTrainConfig) -> dict:
     (the last epoch's), "path" (the run's folder)}. The best checkpoint by val accuracy and
     the latest are kept.
     """
-    cfg = cfg.absolute()
-    cfg.validate()
-    require_inputs(cfg.data)  # on the driver: one clear line before any worker starts
+    cfg = check_inputs(cfg)
     trainer = build_trainer(
         _train_worker, cfg.to_dict(), name=cfg.name, storage_path=cfg.storage_path,
         num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker,
         max_failures=cfg.max_failures, keep_checkpoints=1,
         score_metric=METRIC if has_val(cfg) else None)
-    result = fit(trainer)
+    result = fit(trainer, storage.join(cfg.storage_path, cfg.name))
     best = _best_checkpoint(result.best_checkpoints) or result.checkpoint
     metrics = dict(result.metrics or {})
     return {"best_checkpoint": checkpoint_uri(best, cfg.storage_path) if best else None,

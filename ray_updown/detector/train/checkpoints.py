@@ -4,7 +4,7 @@ A training checkpoint is a directory in our detector format, so `load_detector` 
 of them directly::
 
     detector.safetensors, detector.json   weights, config and vocabularies (save_detector)
-    trainer_state.pt                      optimizer state and counters (weights_only load)
+    trainer_state.pt                      optimizer state and counters (safe_torch_load)
     train_config.json                     the DetectorTrainConfig of the run
 
 The loop writes them through its session (train/session.py) and reads the last one back
@@ -21,7 +21,8 @@ import torch
 from ray_updown import storage
 from ray_updown.detector.checkpoint import CONFIG_FILE as DETECTOR_JSON
 from ray_updown.detector.checkpoint import load_detector, save_detector
-from ray_updown.errors import CheckpointError, StorageError
+from ray_updown.detector.safe_pickle import safe_torch_load
+from ray_updown.errors import CheckpointError
 from ray_updown.train.checkpoint import check_vocabulary
 from ray_updown.weights import load_state_strict
 
@@ -64,13 +65,5 @@ def read_trainer_state(path: str) -> dict:
     state_file = os.path.join(path, STATE_FILE)
     if not os.path.exists(state_file):
         raise CheckpointError(f"no {STATE_FILE}: a detector, not a training checkpoint", file=path)
-    return torch.load(state_file, weights_only=True)
-
-
-def latest_checkpoint(run_uri: str) -> str | None:
-    """The newest checkpoint directory Ray Train wrote under a run, if any."""
-    try:
-        found = storage.list_files(storage.join(run_uri, "checkpoint_*", DETECTOR_JSON))
-    except StorageError:
-        return None
-    return found[-1].rsplit("/", 1)[0] if found else None
+    with open(state_file, "rb") as f:
+        return safe_torch_load(f.read(), state_file)

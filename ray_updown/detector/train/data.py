@@ -149,6 +149,18 @@ class DetectorData:
                             file=config.uri("objects"))
         return cls(config, object_vocab, attribute_vocab, splits)
 
+    def check_images(self) -> None:
+        """DataError naming the first image file of a used split that does not exist (the
+        driver's check: the workers decode the pictures)."""
+        used = {"train", self.config.val_split, self.config.test_split} - {""}
+        images = [im for split in sorted(used) for im in self.splits[split]]
+        missing = set(storage.missing_files([im.path for im in images]))
+        absent = [im for im in images if im.path in missing]
+        if absent:
+            more = f"; {len(absent) - 1} more image file(s) missing" if len(absent) > 1 else ""
+            raise DataError(f"no such image file (listed in {self.config.uri('image_data')}){more}",
+                            file=absent[0].path, record=f"image_id {absent[0].image_id}")
+
     @property
     def num_classes(self) -> int:
         return len(self.object_vocab)

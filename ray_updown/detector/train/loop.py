@@ -27,12 +27,12 @@ import time
 import torch
 
 from ray_updown.config import to_dict
+from ray_updown.detector.checkpoint import CONFIG_FILE as DETECTOR_JSON
 from ray_updown.detector.checkpoint import load_detector, save_detector
 from ray_updown.detector.config import DetectorConfig
 from ray_updown.detector.model import BottomUpDetector
 from ray_updown.detector.train.checkpoints import (
     check_vocabularies,
-    latest_checkpoint,
     load_weights_from,
     read_meta,
     read_trainer_state,
@@ -43,7 +43,7 @@ from ray_updown.detector.train.data import DetectorData, DetectorImage, evaluate
 from ray_updown.detector.train.optim import build_optimizer, learning_rate
 from ray_updown.errors import CheckpointError, ConfigError
 from ray_updown.train.session import RayTrainSession, Session
-from ray_updown.train.trainer import build_trainer, checkpoint_uri, fit, history
+from ray_updown.train.trainer import build_trainer, checkpoint_uri, fit, history, latest_checkpoint
 from ray_updown.train.worker import all_reduce, init_wandb, pick_device, shard_batches, steps_per_epoch
 
 LOSSES = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_attr")
@@ -184,16 +184,18 @@ def _train_worker(loop_config: dict) -> None:
 # ------------------------------------------------------------------------- the driver
 def check_inputs(cfg: DetectorTrainConfig) -> DetectorData:
     """Check on the driver what would otherwise fail inside the workers: the VG files and
-    vocabularies, the architecture, and the vocabularies of the checkpoint the run starts
-    from (`init_from`, or the run's own last checkpoint when re-run)."""
+    vocabularies, that every image file exists, the architecture, and the vocabularies of
+    the checkpoint the run starts from (`init_from`, or the run's own last checkpoint when
+    re-run)."""
     cfg.validate()
     data = DetectorData.load(cfg.data)
+    data.check_images()
     try:
         model_config(cfg, data).validate()
     except ConfigError as exc:
         raise ConfigError(exc.problem, record=f"model.{exc.record}") from None
     names = (data.object_vocab.names, data.attribute_vocab.names)
-    last = latest_checkpoint(cfg.run_uri())
+    last = latest_checkpoint(cfg.run_uri(), DETECTOR_JSON)
     if last is not None:  # a re-run resumes from it
         check_vocabularies(read_meta(last), *names, f"{last} (the last checkpoint of run "
                                                     f"{cfg.name}; give a new run another name)")
@@ -217,7 +219,7 @@ def train_detector(cfg: DetectorTrainConfig) -> dict:
                             use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker,
                             max_failures=cfg.max_failures,
                             keep_checkpoints=cfg.keep_checkpoints or None)
-    result = fit(trainer)
+    result = fit(trainer, cfg.run_uri())
     if result.checkpoint is None:
         raise CheckpointError("the run reported no checkpoint", file=cfg.run_uri())
     checkpoint = checkpoint_uri(result.checkpoint, cfg.storage_path)
