@@ -9,9 +9,20 @@
    set in the real file formats whose regions encode the answers, and the official accuracy
    of each member and of the ensemble (`predict_ensemble` + `evaluate_vqa`).
 
-    python benchmarks/vqa.py [--batch 64] [--steps 3] [--members 3] [--epochs 4] [--no-ensemble]
+3. Where the features live (features/shared.py, vqa/regions.py), on synthetic stores:
+   * PSS (from /proc/<pid>/smaps_rollup, not RSS) of 1 and 4 concurrent "trials" that map one
+     shared copy, gather every image and train two steps: the features count once;
+   * DataLoader throughput (shuffled images/s, 0, 2 and N loader processes) from the store's
+     row-group reader and from the shared copy;
+   * one VQA epoch of the paper's model at COCO's proportions (443,757 questions, 82,783
+     images x 36 x 2048 fp16), scaled by --epoch-scale (0.01 by default: a CPU figure;
+     --full-size on a GPU machine, ~12 GB of features), batches gathered on the GPU when
+     there is one and the copy fits.
 
-Runs on CPU (CUDA when available for part 1). Deterministic inputs (fixed seeds).
+    python benchmarks/vqa.py [--batch 64] [--steps 3] [--members 3] [--epochs 4] [--no-ensemble]
+                             [--no-training] [--no-features] [--epoch-scale 0.01 | --full-size]
+
+Runs on CPU (CUDA when available for parts 1 and 3). Deterministic inputs (fixed seeds).
 """
 
 from __future__ import annotations
@@ -21,6 +32,8 @@ import contextlib
 import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -150,6 +163,210 @@ def ensemble_wall_clock(members: int, epochs: int, num_cpus: int) -> dict:
             "val_accuracy": accuracy}
 
 
+# -- where the features live: shared copy (PSS), loader throughput, a COCO-sized epoch ------
+
+COCO_QUESTIONS, COCO_IMAGES = 443_757, 82_783  # VQA v2 train; COCO train2014 images
+
+
+def write_synthetic_store(root: str, images: int, k: int = REGIONS, dim: int = FEAT_DIM,
+                          seed: int = 0, per_shard: int = 1000) -> str:
+    """A store of `images` x k x dim float16 ReLU-like features (random: the figures are
+    about bytes moved, not what the model learns)."""
+    from ray_updown.features.store import FeatureRecord, StoreMeta, feature_shard_uri, write_feature_shard
+
+    rng = np.random.default_rng(seed)
+    boxes = np.tile(np.array([[10, 20, 110, 220]], np.float32), (k, 1))
+    for shard, start in enumerate(range(0, images, per_shard)):
+        records = [FeatureRecord(i, 640, 480, boxes,
+                                 np.maximum(rng.standard_normal((k, dim), np.float32), 0).astype(np.float16))
+                   for i in range(start, min(images, start + per_shard))]
+        write_feature_shard(records, feature_shard_uri(root, shard), StoreMeta(feature_dim=dim))
+    return root
+
+
+def _paper_model(device: torch.device):
+    sizes = dict(num_tokens=NUM_TOKENS, num_answers=NUM_ANSWERS, feat_dim=FEAT_DIM,
+                 question_len=QUESTION_LEN)
+    model = VqaModel(VqaConfig.paper(**sizes), seed=0).to(device).train()
+    return model, build_optimizer(VqaTrainConfig(optimizer="adadelta"), model.parameters())
+
+
+def pss_child(path: str, batch: int) -> None:
+    """One 'trial': map the shared copy, gather every image once (touching all of it) and
+    take two training steps with the paper's model; then wait on stdin while measured."""
+    from ray_updown.features.shared import SharedFeatures
+    from ray_updown.vqa.regions import FlatRegions
+
+    torch.set_num_threads(1)
+    regions = FlatRegions(SharedFeatures(path), REGIONS, False)
+    model, optimizer = _paper_model(torch.device("cpu"))
+    rows = np.arange(regions.shared.num_images)
+    for n, start in enumerate(range(0, len(rows), batch)):
+        feats, mask = regions.gather(rows[start:start + batch])
+        if n < 2:
+            b = _batch(len(feats), torch.device("cpu"), seed=n)
+            train_step(model, optimizer, {**b, "feats": feats, "mask": mask}, 0.25)
+    print("ready", flush=True)
+    sys.stdin.readline()
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def pss_trials(path: str, feature_file: str, trials: int, batch: int = 64) -> dict:
+    from ray_updown.features.shared import pss_bytes
+
+    procs = [subprocess.Popen([sys.executable, __file__, "--pss-child", path, "--batch", str(batch)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for _ in range(trials)]
+    try:
+        if [p.stdout.readline().strip() for p in procs] != ["ready"] * trials:
+            raise RuntimeError("a PSS trial process failed")
+        pss = [pss_bytes(p.pid) for p in procs]
+        features = [pss_bytes(p.pid, feature_file) for p in procs]
+        rss = [_rss(p.pid) for p in procs]
+    finally:
+        for p in procs:
+            p.communicate("\n", timeout=60)
+    mib = 2 ** 20
+    return {"trials": trials, "pss_total_mib": round(sum(pss) / mib, 1),
+            "pss_features_total_mib": round(sum(features) / mib, 1),
+            "pss_rest_per_trial_mib": round((sum(pss) - sum(features)) / trials / mib, 1),
+            "rss_total_mib": round(sum(rss) / mib, 1)}
+
+
+def pss_benchmark(root: str, images: int) -> dict:
+    """PSS of 1 and 4 concurrent trials mapping one shared copy (the features count once)."""
+    from ray_updown.features.shared import shared_features
+
+    store = write_synthetic_store(os.path.join(root, "pss-store"), images)
+    copy = shared_features(store, os.path.join(root, "cache"))
+    feature_file = os.path.join(copy.path, "features.npy")
+    mib = 2 ** 20
+    return {"images": images, "regions_per_image": REGIONS, "feat_dim": FEAT_DIM,
+            "shared_copy_mib": round(copy.nbytes / mib, 1),
+            "features_mib": round(copy.features.nbytes / mib, 1),
+            "per_trial_padded_copy_before_mib": round(images * 100 * FEAT_DIM * 2 / mib, 1),
+            "runs": [pss_trials(copy.path, feature_file, n) for n in (1, 4)]}
+
+
+class _ImageBatches(torch.utils.data.Dataset):
+    """Batches of images from a regions source (what a VQA batch gathers)."""
+
+    def __init__(self, regions, images: int):
+        self.regions, self.images = regions, images
+
+    def __len__(self) -> int:
+        return self.images
+
+    def __getitems__(self, idx):
+        return self.regions.gather(np.asarray(idx))
+
+
+def loader_throughput(store: str, cache: str, images: int, workers: list[int], batch: int,
+                      max_images: dict[str, int]) -> list[dict]:
+    """Shuffled images/s through a DataLoader from the store reader and the shared copy."""
+    from ray_updown.features.reader import FeatureStore
+    from ray_updown.features.shared import shared_features
+    from ray_updown.vqa.regions import FlatRegions, StoreRegions
+
+    fs = FeatureStore(store)
+    sources = {"store_reader": StoreRegions(fs, fs.image_ids, REGIONS, False),
+               "shared_copy": FlatRegions(shared_features(store, cache), REGIONS, False)}
+    out = []
+    for name, regions in sources.items():
+        # Shuffled passes over the store up to max_images; timed from the first batch, so
+        # that worker start-up (reported apart) is not counted as reading.
+        order = np.resize(np.random.default_rng(0).permutation(images), max_images[name])
+        batches = [order[i:i + batch].tolist() for i in range(0, len(order), batch)]
+        for w in workers:
+            loader = torch.utils.data.DataLoader(_ImageBatches(regions, images), batch_sampler=batches,
+                                                 num_workers=w, collate_fn=lambda b: b)
+            started = time.perf_counter()
+            it = iter(loader)
+            next(it)
+            first = time.perf_counter()
+            seen = sum(len(feats) for feats, _ in it)
+            seconds = time.perf_counter() - first
+            out.append({"source": name, "loader_workers": w, "images": seen,
+                        "startup_s": round(first - started, 2), "seconds": round(seconds, 2),
+                        "images_per_s": round(seen / seconds, 1),
+                        "images_per_s_per_process": round(seen / seconds / max(w, 1), 1)})
+    return out
+
+
+def vqa_epoch(store: str, cache: str, questions: int, images: int, batch: int,
+              device: torch.device) -> dict:
+    """One training epoch of the paper's model: batches gathered from the shared copy (on the
+    GPU when it fits), synthetic questions and soft targets."""
+    from ray_updown.features.shared import shared_features
+    from ray_updown.train.worker import shard_batches
+    from ray_updown.vqa.data import EncodedQuestions, VqaDataset
+    from ray_updown.vqa.regions import FlatRegions, regions_to_device
+
+    rng = np.random.default_rng(0)
+    index = np.full((questions, 10), -1, np.int64)
+    index[:, :3] = rng.integers(0, NUM_ANSWERS, (questions, 3))
+    score = np.zeros((questions, 10), np.float32)
+    score[:, :3] = [1.0, 0.6, 0.3]
+    encoded = EncodedQuestions(np.arange(questions), rng.integers(0, images, questions).tolist(),
+                               rng.integers(1, NUM_TOKENS, (questions, QUESTION_LEN)), index, score,
+                               ["other"] * questions, annotated=True)
+    started = time.perf_counter()
+    dataset = VqaDataset(encoded, FlatRegions(shared_features(store, cache), REGIONS, False),
+                         NUM_ANSWERS)
+    on_device = regions_to_device(dataset.regions, device, 0.5)
+    if on_device:
+        dataset.to(device)
+    setup = time.perf_counter() - started
+    model, optimizer = _paper_model(device)
+    batches = shard_batches(questions, batch, 0, 1, seed=0)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    started = time.perf_counter()
+    for idx in batches:
+        dataset.__getitems__(idx)
+    sync()
+    gather = time.perf_counter() - started
+    started = time.perf_counter()
+    for idx in batches:
+        b = {k: v.to(device, non_blocking=True) for k, v in dataset.__getitems__(idx).items()}
+        train_step(model, optimizer, b, 0.25)
+    sync()
+    seconds = time.perf_counter() - started
+    samples = len(batches) * batch
+    return {"device": str(device), "features_on_device": on_device, "questions": questions,
+            "images": images, "batch": batch, "setup_s": round(setup, 2),
+            "gather_only_epoch_s": round(gather, 2), "epoch_s": round(seconds, 2),
+            "samples_per_s": round(samples / seconds, 1),
+            "full_epoch_s_extrapolated": round(seconds * COCO_QUESTIONS / samples, 1)}
+
+
+def features_benchmarks(args) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    scale = 1.0 if args.full_size else args.epoch_scale
+    images, questions = max(1, round(COCO_IMAGES * scale)), max(1, round(COCO_QUESTIONS * scale))
+    root = tempfile.mkdtemp(prefix="vqa-features-", dir=args.work_dir)
+    try:
+        out: dict = {"pss": pss_benchmark(root, args.pss_images)}
+        store = write_synthetic_store(os.path.join(root, "store"), images)
+        cache = os.path.join(root, "cache")
+        workers = sorted({0, 2, *args.loader_workers})
+        out["loader"] = {"images_in_store": images, "batch": 64,
+                         "rows": loader_throughput(store, cache, images, workers, 64,
+                                                   {"store_reader": args.reader_images,
+                                                    "shared_copy": args.shared_images})}
+        out["epoch"] = {"scale": scale, "coco_size": {"questions": COCO_QUESTIONS, "images": COCO_IMAGES,
+                                                      "regions": REGIONS, "feat_dim": FEAT_DIM},
+                        **vqa_epoch(store, cache, questions, images, args.epoch_batch, device)}
+        if device.type != "cuda":
+            out["epoch"]["gpu_epoch"] = "not yet measured: no GPU on this machine"
+        return out
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
@@ -158,15 +375,38 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray cluster")
     parser.add_argument("--no-ensemble", action="store_true")
+    parser.add_argument("--no-training", action="store_true")
+    parser.add_argument("--no-features", action="store_true",
+                        help="skip PSS, loader throughput and the COCO-sized epoch")
+    parser.add_argument("--full-size", action="store_true",
+                        help="the epoch at COCO size (82,783 images x 36 x 2048: ~12 GB of features)")
+    parser.add_argument("--epoch-scale", type=float, default=0.01,
+                        help="fraction of COCO's questions and images for the epoch (CPU default)")
+    parser.add_argument("--epoch-batch", type=int, default=512)
+    parser.add_argument("--pss-images", type=int, default=2000, help="images of the PSS copy")
+    parser.add_argument("--loader-workers", type=int, nargs="*", default=[4],
+                        help="loader processes measured besides 0 and 2")
+    parser.add_argument("--reader-images", type=int, default=1000,
+                        help="images read per store-reader run (it is slow)")
+    parser.add_argument("--shared-images", type=int, default=8000,
+                        help="images read per shared-copy run")
+    parser.add_argument("--work-dir", default=None, help="where the synthetic stores go")
+    parser.add_argument("--pss-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.pss_child:
+        return pss_child(args.pss_child, args.batch)
     os.environ.setdefault("WANDB_MODE", "disabled")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = {"benchmark": "vqa", "device": str(device), "torch_threads": torch.get_num_threads(),
            "machine": platform.machine(), "cpu_count": os.cpu_count(),
            "input": {"regions": REGIONS, "feat_dim": FEAT_DIM, "question_len": QUESTION_LEN,
                      "answers": NUM_ANSWERS, "vocabulary": NUM_TOKENS},
-           "training": [training_speed(p, args.batch, args.steps, device)
-                        for p in ("paper", "reimplementation")]}
+           "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1)}
+    if not args.no_training:
+        out["training"] = [training_speed(p, args.batch, args.steps, device)
+                           for p in ("paper", "reimplementation")]
+    if not args.no_features:
+        out["features"] = features_benchmarks(args)
     if not args.no_ensemble:
         out["ensemble"] = ensemble_wall_clock(args.members, args.epochs, args.cpus)
     print(json.dumps(out, indent=2))

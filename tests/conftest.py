@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
+import tempfile
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("RAY_ACCEPT_CLUSTER_UNAVAILABLE", "1")
 # Ray Data's progress bars are noise in test logs.
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Shared VQA feature copies (features/shared.py) go to a folder of this session, not the node's.
+os.environ.setdefault("RAY_UPDOWN_FEATURE_CACHE", tempfile.mkdtemp(prefix="ray-updown-test-features-"))
+atexit.register(shutil.rmtree, os.environ["RAY_UPDOWN_FEATURE_CACHE"], True)
 
 import pytest  # noqa: E402
 

@@ -98,7 +98,8 @@ def tiny_vqa(tmp_path_factory):
 def tiny_config(paths, storage_path, name, **top) -> VqaTrainConfig:
     data = {k: paths[k] for k in ("train_questions", "train_annotations", "val_questions",
                                   "val_annotations", "features")}
-    values = {"data": {**data, "answer_min_count": 1, "max_boxes": 5},
+    values = {"data": {**data, "answer_min_count": 1, "max_boxes": 5,
+                       "feature_cache_dir": os.path.join(paths["root"], "feature-cache")},
               "model": {"hidden": 32, "embed_dim": 8, "question_len": 6},
               "optimizer": "adamax", "lr": 0.05, "epochs": 6, "batch_size": 16, "patience": 0,
               "storage_path": str(storage_path), "name": name}
@@ -113,12 +114,51 @@ def test_batches_hold_padded_regions_and_soft_targets(tiny_vqa, tmp_path):
     data = prepare_vqa_data(cfg.data, question_len=6, embed_dim=8)
     assert data.stats["train_questions"] == 144 and data.stats["val_questions"] == 60
     assert sorted(data.vocabs.answers.itos) == sorted(["1", "2", "3", "blue", "green", "no", "red", "yes"])
+    assert data.stats["feature_source"] == "shared"  # a tiny store fits the node's cache
     batch = data.train.__getitems__([0, 1, 2])
-    assert batch["question_tokens"].shape == (3, 6) and batch["feats"].shape == (3, 5, D)
-    assert batch["mask"].dtype == torch.bool and batch["mask"][0].sum() >= 3
+    # Padding per batch: K = the largest region count of the batch (images have 3-5 regions).
+    k = int(batch["mask"].sum(1).max())
+    assert batch["question_tokens"].shape == (3, 6) and batch["feats"].shape == (3, k, D)
+    assert 3 <= k <= 5 and batch["mask"].dtype == torch.bool and batch["mask"][0].sum() >= 3
     assert torch.all(batch["feats"][~batch["mask"]] == 0)
     # 9 annotators said the answer (score 1), one said another candidate (score 0.3).
     assert sorted(batch["targets"][0][batch["targets"][0] > 0].tolist()) == pytest.approx([0.3, 1.0])
+
+
+def test_shared_copy_and_store_reader_train_identically(tiny_vqa, tmp_path, monkeypatch):
+    """The same run from the node's shared copy and from the store reader: same batches, so
+    the same losses to the bit (CPU, fixed seeds)."""
+    losses = {}
+    for access in ("shared", "store"):
+        cfg = tiny_config(tiny_vqa, tmp_path, access, epochs=2)
+        cfg.data.feature_access, cfg.data.spatial = access, True
+        data = prepare_vqa_data(cfg.data, 6, 8)
+        assert data.stats["feature_source"] == access
+        session = LocalSession(str(tmp_path / access))
+        run_vqa_loop(cfg.to_dict(), session)
+        losses[access] = [(m["train_loss"], m["val_accuracy"]) for m, _ in session.reports]
+    assert losses["shared"] == losses["store"] and len(losses["shared"]) == 2
+    # "auto" falls back to the store reader when the copy would not fit the node's memory.
+    from ray_updown.features import shared
+
+    monkeypatch.setattr(shared, "memory_available", lambda: 1024)
+    cfg = tiny_config(tiny_vqa, tmp_path, "auto")
+    cfg.data.feature_cache_dir = str(tmp_path / "empty-cache")
+    assert prepare_vqa_data(cfg.data, 6, 8).stats["feature_source"] == "store"
+
+
+def test_feature_access_options_validate_and_stay_literal():
+    cfg = VqaTrainConfig.from_dict({"data": {"feature_access": "store", "feature_cache_dir": "c"}})
+    absolute = cfg.absolute()
+    assert absolute.data.feature_access == "store"  # not a path, left alone
+    assert absolute.data.feature_cache_dir == os.path.abspath("c")
+    with pytest.raises(ConfigError, match="data.feature_access"):
+        VqaTrainConfig.from_dict({"data": {"feature_access": "ram"}})
+    with pytest.raises(ConfigError, match="data.feature_access: features_in_memory = false"):
+        VqaTrainConfig.from_dict({"data": {"feature_access": "shared", "features_in_memory": False}})
+    with pytest.raises(ConfigError, match="data.device_features_share"):
+        VqaTrainConfig.from_dict({"data": {"device_features_share": 1.5}})
+    assert VqaTrainConfig.from_dict({"data": {"features_in_memory": False}}).data.access() == "store"
 
 
 def test_config_loads_from_yaml_with_preset(tmp_path):

@@ -237,7 +237,9 @@ def vqa_config(cfg, world: WorldFiles, features: str, max_boxes: int, runs: str,
                          val_questions=world.questions("val"),
                          val_annotations=world.annotations("val"), features=features,
                          glove=world.glove, answer_min_count=cfg.vqa_answer_min_count,
-                         max_boxes=max_boxes, features_in_memory=True)
+                         max_boxes=max_boxes, features_in_memory=True,
+                         # The demo's shared feature copies live in its own folder.
+                         feature_cache_dir=os.path.join(runs, "feature_cache"))
     return VqaTrainConfig(data=data, model=VqaModelOptions(preset="paper", hidden=cfg.vqa_hidden),
                           optimizer=cfg.vqa_optimizer, lr=cfg.vqa_lr or None, epochs=epochs,
                           batch_size=cfg.vqa_batch_size, patience=cfg.vqa_patience,

@@ -36,10 +36,14 @@ def storage_kwargs(uri: str) -> dict:
 def build_trainer(worker: Callable[[dict], None], loop_config: dict, *, name: str,
                   storage_path: str, num_workers: int, use_gpu: bool = False,
                   cpus_per_worker: float = 1.0, max_failures: int = 0,
-                  keep_checkpoints: int | None = None, score_metric: str | None = None):
+                  keep_checkpoints: int | None = None, score_metric: str | None = None,
+                  resources_per_worker: dict[str, float] | None = None,
+                  callbacks: list | None = None):
     """A TorchTrainer of `num_workers` DDP workers (NCCL on GPU, gloo on CPU) running
     `worker(loop_config)`. Keeps `keep_checkpoints` checkpoints (None: all), the best by
-    `score_metric` (max) when one is given, else the latest."""
+    `score_metric` (max) when one is given, else the latest. `resources_per_worker` adds
+    custom resources to each worker's CPUs; `callbacks` are Ray Train callbacks (inside a Tune
+    trial, `TuneReportCallback` forwards rank 0's reports to Tune)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -52,19 +56,22 @@ def build_trainer(worker: Callable[[dict], None], loop_config: dict, *, name: st
         worker, train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=name, **storage_kwargs(storage_path),
+                                     resources_per_worker={**(resources_per_worker or {}),
+                                                           "CPU": cpus_per_worker}),
+        run_config=RunConfig(name=name, **storage_kwargs(storage_path), callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints,
                                                                 **scoring)))
 
 
 def checkpoint_uri(checkpoint, storage_path: str) -> str:
-    """A Ray checkpoint's location as a URI of our storage module (Ray drops the scheme)."""
+    """A Ray checkpoint's location (a Checkpoint or its path) as a URI of our storage module
+    (Ray drops the scheme)."""
+    path = checkpoint if isinstance(checkpoint, str) else checkpoint.path
     if storage.is_remote(storage_path):
         scheme = storage_path.split("://", 1)[0]
-        return f"{scheme}://{checkpoint.path.lstrip('/')}"
-    return checkpoint.path
+        return f"{scheme}://{path.lstrip('/')}"
+    return path
 
 
 def history(result) -> list[dict]:

@@ -8,8 +8,10 @@ and returns `VqaDataset`s whose batches are dicts of tensors:
     question_id [B] int64, question_tokens [B, T] int64, feats [B, K, D'] float32,
     mask [B, K] bool (True = real region), targets [B, A] float32 soft scores (when annotated)
 
-K = `max_boxes` (images with fewer regions are padded, more are cut to the detector's best
-ranked); D' = feature dim + 7 when `spatial` adds the box geometry (features/spatial.py).
+K = the batch's largest region count, at most `max_boxes` (images with fewer regions are
+padded, more are cut to the detector's best ranked); D' = feature dim + 7 when `spatial` adds
+the box geometry (features/spatial.py). The regions come from the node's shared copy of the
+store or from the store's reader (`feature_access`, vqa/regions.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from dataclasses import field as dc_field
-from typing import Any, Literal, Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -38,8 +40,9 @@ from ray_updown.data.vqa import (
     tokenize_question,
 )
 from ray_updown.errors import ConfigError, DataError
-from ray_updown.features.spatial import SPATIAL_DIM, spatial_features
-from ray_updown.features.store import FeatureStore, pad_regions
+from ray_updown.features.spatial import SPATIAL_DIM
+from ray_updown.features.store import FeatureStore
+from ray_updown.vqa.regions import FlatRegions, Regions, StoreRegions, open_regions
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,13 @@ class VqaDataConfig:
     train_on: list[Literal["train", "val"]] = dc_field(default_factory=lambda: ["train"])
     max_boxes: int = 100             # K regions per image after padding / cutting
     spatial: bool = False            # append the 7 box-geometry values to each region
-    features_in_memory: bool = True  # decode every needed image once (small stores, demos)
+    # Where batches read regions (vqa/regions.py): "shared" = one padding-free copy per node,
+    # memory-mapped by every trial and worker; "store" = the row-group reader (stores larger
+    # than memory); "auto" = shared when the copy fits the cache folder and memory.
+    feature_access: Literal["auto", "shared", "store"] = "auto"
+    feature_cache_dir: str = ""      # node-local folder of the shared copy; "" = $TMPDIR/ray-updown-features
+    device_features_share: float = 0.5  # on CUDA: copy to the GPU when <= this share of free memory
+    features_in_memory: bool = True  # False = feature_access "store" (older configs)
 
     def validate(self) -> None:
         validate_fields(self)  # train_on
@@ -76,15 +85,29 @@ class VqaDataConfig:
         for name in ("answer_min_count", "max_boxes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"must be >= 1, got {getattr(self, name)}", record=name)
+        if not 0.0 <= self.device_features_share <= 1.0:
+            raise ConfigError(f"must be in [0, 1], got {self.device_features_share}",
+                              record="device_features_share")
+        if not self.features_in_memory and self.feature_access == "shared":
+            raise ConfigError("features_in_memory = false contradicts feature_access = shared",
+                              record="feature_access")
         if self.vg_qa and not self.vg_image_data:
             raise ConfigError("vg_qa needs vg_image_data (to map VG images to COCO ids)",
                               record="vg_image_data")
 
     def absolute(self) -> "VqaDataConfig":
         """A copy whose local relative paths are absolute (Tune trials run in their own cwd)."""
-        values = {k: absolute_uri(v) if isinstance(v, str) and k != "train_on" else v
+        values = {k: absolute_uri(v) if k in _URI_FIELDS and isinstance(v, str) else v
                   for k, v in self.__dict__.items()}
         return VqaDataConfig(**values)
+
+    def access(self) -> str:
+        """feature_access, with the older features_in_memory = false meaning "store"."""
+        return self.feature_access if self.features_in_memory else "store"
+
+
+_URI_FIELDS = ("train_questions", "train_annotations", "val_questions", "val_annotations",
+               "features", "glove", "vg_qa", "vg_image_data", "feature_cache_dir")
 
 
 def absolute_uri(uri: str) -> str:
@@ -128,51 +151,6 @@ def vg_to_coco_ids(image_data_uri: str) -> dict[int, int]:
     return out
 
 
-class RegionFeatures:
-    """Padded region tensors of a set of images, from a `FeatureStore`.
-
-    In memory: every image is decoded once into float16 [I, K, D'] (fast batches; for stores
-    that fit in RAM). Otherwise each batch reads its images from the store (row-group cache).
-    """
-
-    def __init__(self, store: FeatureStore, image_ids: Sequence[Any], max_boxes: int,
-                 spatial: bool, in_memory: bool):
-        self.store = store
-        self.max_boxes = int(max_boxes)
-        self.spatial = bool(spatial)
-        self.in_memory = bool(in_memory)
-        self.feature_dim = store.feature_dim
-        self.row = {image_id: i for i, image_id in enumerate(dict.fromkeys(image_ids))}
-        self._feats: torch.Tensor | None = None
-        self._mask: torch.Tensor | None = None
-        if self.in_memory and self.row:
-            ids = list(self.row)
-            chunks = [self._read(ids[i:i + 256]) for i in range(0, len(ids), 256)]
-            self._feats = torch.cat([c[0].half() for c in chunks])
-            self._mask = torch.cat([c[1] for c in chunks])
-
-    @property
-    def region_dim(self) -> int:
-        return self.feature_dim + (SPATIAL_DIM if self.spatial else 0)
-
-    def _read(self, image_ids: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        records_ = [self.store.get(i) for i in image_ids]
-        feats, boxes, mask = pad_regions(records_, self.max_boxes)
-        if self.spatial:
-            w = torch.tensor([float(r.image_w) for r in records_])
-            h = torch.tensor([float(r.image_h) for r in records_])
-            geometry = spatial_features(boxes, w, h) * mask.unsqueeze(2)
-            feats = torch.cat([feats, geometry], dim=2)
-        return feats, mask
-
-    def batch(self, image_ids: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """feats [B, K, D'] float32 and mask [B, K] bool for these images."""
-        if self._feats is None:
-            return self._read(image_ids)
-        rows = torch.as_tensor([self.row[i] for i in image_ids], dtype=torch.long)
-        return self._feats[rows].float(), self._mask[rows]
-
-
 @dataclass
 class EncodedQuestions:
     """Questions as arrays (targets sparse: up to 10 (answer index, soft score) pairs each)."""
@@ -207,26 +185,46 @@ def encode_questions(questions: Sequence[VqaQuestion], vocabs: VqaVocabularies,
 
 
 class VqaDataset(torch.utils.data.Dataset):
-    """Questions with their images' regions; `__getitems__` builds a whole batch at once."""
+    """Questions with their images' regions; `__getitems__` builds a whole batch at once.
 
-    def __init__(self, encoded: EncodedQuestions, regions: RegionFeatures, num_answers: int):
+    `to(device)` moves the question arrays and (a flat copy's) regions to the device: the
+    batch is then built there from its indices alone (vqa/regions.py)."""
+
+    def __init__(self, encoded: EncodedQuestions, regions: Regions, num_answers: int):
         self.encoded = encoded
         self.regions = regions
         self.num_answers = int(num_answers)
+        self.image_rows = regions.rows(encoded.image_ids)  # question -> image row, once
+        self.device = torch.device("cpu")
+        self._arrays = {"question_id": torch.from_numpy(encoded.question_ids),
+                        "question_tokens": torch.from_numpy(encoded.tokens),
+                        "target_index": torch.from_numpy(encoded.target_index),
+                        "target_score": torch.from_numpy(encoded.target_score)}
 
     def __len__(self) -> int:
         return len(self.encoded)
 
+    def to(self, device: torch.device | str) -> "VqaDataset":
+        device = torch.device(device)
+        if isinstance(self.regions, FlatRegions):
+            self.regions.to(device)
+        elif device.type != "cpu":
+            raise DataError("only the shared flat copy of the features can move to a device")
+        self._arrays = {k: v.to(device) for k, v in self._arrays.items()}
+        self.device = device
+        return self
+
     def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         idx = np.asarray(indices, dtype=np.int64)
-        e = self.encoded
-        feats, mask = self.regions.batch([e.image_ids[i] for i in idx])
-        batch = {"question_id": torch.from_numpy(e.question_ids[idx]),
-                 "question_tokens": torch.from_numpy(e.tokens[idx]), "feats": feats, "mask": mask}
-        if e.annotated:
-            targets = torch.zeros(len(idx), self.num_answers + 1)  # last column absorbs -1
-            cols = torch.from_numpy(e.target_index[idx]).clamp(min=-1) % (self.num_answers + 1)
-            targets.scatter_(1, cols, torch.from_numpy(e.target_score[idx]))
+        feats, mask = self.regions.gather(self.image_rows[idx])
+        at = torch.from_numpy(idx).to(self.device, non_blocking=True)
+        a = self._arrays
+        batch = {"question_id": a["question_id"][at], "question_tokens": a["question_tokens"][at],
+                 "feats": feats, "mask": mask}
+        if self.encoded.annotated:
+            targets = torch.zeros(len(idx), self.num_answers + 1, device=self.device)
+            cols = a["target_index"][at].clamp(min=-1) % (self.num_answers + 1)  # -1 -> last
+            targets.scatter_(1, cols, a["target_score"][at])
             batch["targets"] = targets[:, :self.num_answers].contiguous()
         return batch
 
@@ -332,14 +330,16 @@ def prepare_vqa_data(cfg: VqaDataConfig, question_len: int = 14, embed_dim: int 
         embeddings, missing = load_glove(cfg.glove, vocabs.questions.itos, dim=embed_dim)
         log.info("GloVe: %d of %d words not found in %s", missing, len(vocabs.questions), cfg.glove)
     all_ids = [q.image_id for q in train_questions] + [q.image_id for q in loaded.get("val", [])]
-    regions = RegionFeatures(store, all_ids, cfg.max_boxes, cfg.spatial, cfg.features_in_memory)
+    regions = open_regions(store, all_ids, cfg.max_boxes, cfg.spatial, cfg.access(),
+                           cfg.feature_cache_dir or None)
     train = VqaDataset(encode_questions(train_questions, vocabs, question_len), regions, len(answers))
     val = None
     if "val" in loaded:
         val = VqaDataset(encode_questions(loaded["val"], vocabs, question_len), regions, len(answers))
     stats = {"train_questions": len(train), "vg_questions": len(vg),
              "val_questions": len(val) if val is not None else 0,
-             "answers": len(answers), "question_words": len(vocabs.questions)}
+             "answers": len(answers), "question_words": len(vocabs.questions),
+             "feature_source": regions.source}
     return PreparedVqa(vocabs, train, val, embeddings, SPATIAL_DIM if cfg.spatial else 0,
                        store.feature_dim, stats)
 
@@ -349,7 +349,6 @@ def questions_dataset(questions: Sequence[VqaQuestion], vocabs: VqaVocabularies,
                       questions_uri: str = "<questions>") -> VqaDataset:
     """A dataset for prediction (test-dev / test-std questions need no annotations)."""
     check_features(questions, store, questions_uri)
-    regions = RegionFeatures(store, [q.image_id for q in questions], max_boxes, spatial,
-                             in_memory=False)
+    regions = StoreRegions(store, [q.image_id for q in questions], max_boxes, spatial)
     encoded = encode_questions(questions, vocabs, question_len)
     return VqaDataset(encoded, regions, len(vocabs.answers))

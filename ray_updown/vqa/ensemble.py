@@ -3,7 +3,8 @@
 The paper's test-std entry averages 30 models (supp. 6.3). `train_ensemble` runs the members
 as trials of one Tune experiment sharing the cluster (each trial asks for `cpus_per_trial`
 CPUs and optionally a fraction of a GPU; Tune runs as many at once as the resources, or
-`max_concurrent_trials`, allow), then writes the manifest `<storage_path>/<name>/ensemble.json`:
+`max_concurrent_trials`, allow; custom `resources_per_trial` place members on chosen node
+types), then writes the manifest `<storage_path>/<name>/ensemble.json`:
 
     {"kind": "vqa_ensemble", "config": {...VqaTrainConfig...},
      "members": [{"seed": 0, "checkpoint": "s3://.../checkpoint_000004", "val_accuracy": 0.61,
@@ -13,6 +14,8 @@ Resuming: members already in the manifest are never trained again. An experiment
 interrupted (driver killed, node lost) is continued with `Tuner.restore` - its finished trials
 stay finished, unfinished ones continue from their last checkpoint - before a new experiment
 trains whatever members are still missing (e.g. when more members are asked for).
+A member whose node is lost mid-training is a failed trial: with `max_failures` > 0 in the
+config, Tune restarts it (on any node with room) from its last reported checkpoint.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +40,8 @@ from ray_updown.train.worker import pick_device, shard_batches
 from ray_updown.vqa.config import METRIC, VqaTrainConfig
 from ray_updown.vqa.data import VqaVocabularies, questions_dataset
 from ray_updown.vqa.model import VqaConfig, VqaModel, ensemble_scores
-from ray_updown.vqa.train import check_inputs, tune_experiment_path, tune_run_config, tune_trainable
+from ray_updown.vqa.sweep import vqa_trial
+from ray_updown.vqa.train import check_inputs, tune_experiment_path, tune_run_config
 from ray_updown.weights import load_state_strict
 
 log = logging.getLogger(__name__)
@@ -63,13 +67,15 @@ def read_manifest(uri: str) -> dict:
 
 def train_ensemble(cfg: VqaTrainConfig | str, members: int = 30, *,
                    overrides: Sequence[str] = (), cpus_per_trial: float = 1.0,
-                   gpus_per_trial: float | None = None, max_concurrent_trials: int = 0,
-                   callbacks: Iterable[Any] | None = None) -> dict:
+                   gpus_per_trial: float | None = None,
+                   resources_per_trial: Mapping[str, float] | None = None,
+                   max_concurrent_trials: int = 0, callbacks: Iterable[Any] | None = None) -> dict:
     """Train (or finish training) an ensemble of `members` models, seeds cfg.seed + 0..N-1.
 
     `cfg` is a config or a YAML file (e.g. a sweep's best_config.yaml) with `overrides`.
     `gpus_per_trial` defaults to 1 when cfg.use_gpu, else 0 (fractions such as 0.25 share a
-    GPU). Returns the manifest (with its "uri"). A member whose trial fails is not in the
+    GPU: 8 GPUs at 0.25 run 32 members at once); `resources_per_trial` adds custom resources
+({"member_node": 1}). Returns the manifest (with its "uri"). A member whose trial fails is not in the
     manifest; the first failure is re-raised after the manifest of the others is written.
     """
     from ray import tune
@@ -86,13 +92,13 @@ def train_ensemble(cfg: VqaTrainConfig | str, members: int = 30, *,
     if cfg.num_workers > 1:
         log.warning("ensemble members train on one worker each; num_workers=%d is ignored",
                     cfg.num_workers)
+    gpus = gpus_per_trial if gpus_per_trial is not None else (1.0 if cfg.use_gpu else 0.0)
+    trainable = vqa_trial(cpus_per_trial, gpus, resources_per_trial)
     ensure_ray()
     root = ensemble_root(cfg)
     manifest_uri = storage.join(root, MANIFEST_FILE)
     manifest = read_manifest(manifest_uri) if storage.exists(manifest_uri) else \
         {"kind": "vqa_ensemble", "config": cfg.to_dict(), "members": []}
-    gpus = gpus_per_trial if gpus_per_trial is not None else (1.0 if cfg.use_gpu else 0.0)
-    trainable = tune_trainable(cpus_per_trial, gpus)
     failures: list[BaseException] = []
     plan_uri = storage.join(root, PLAN_FILE)
     plan = storage.read_json(plan_uri) if storage.exists(plan_uri) else None

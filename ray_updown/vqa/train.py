@@ -9,6 +9,11 @@
   (ensemble.py) and the ASHA sweep (sweep.py);
 * `run_vqa_loop(config, LocalSession(folder))`: one process, no Ray.
 
+Features: `prepare_vqa_data` maps the node's shared copy of the store (one per node, every
+trial and worker reading the same pages) or falls back to the store reader; on CUDA the flat
+copy moves to the GPU when it fits (`data.device_features_share`) and batches are gathered
+there (vqa/regions.py).
+
 Each epoch: `train_step` over this worker's share of the questions (binary cross-entropy
 against soft scores, AdaDelta (paper) or Adamax (re-implementation), clipped gradients), then
 `evaluate` (the soft score of the top answer, i.e. its official accuracy) and a checkpoint.
@@ -39,6 +44,7 @@ from ray_updown.vqa.data import (
     prepare_vqa_data,
 )
 from ray_updown.vqa.model import VqaConfig, VqaModel, soft_accuracy, vqa_loss
+from ray_updown.vqa.regions import regions_to_device
 from ray_updown.weights import load_state_strict
 
 __all__ = ["LocalSession", "run_vqa_loop", "train_vqa", "vqa_trainable"]
@@ -57,6 +63,17 @@ def build_optimizer(cfg: VqaTrainConfig, params) -> torch.optim.Optimizer:
     if cfg.optimizer == "adadelta":
         return torch.optim.Adadelta(params, lr=lr, weight_decay=cfg.weight_decay)
     return torch.optim.Adamax(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def place_features(data: PreparedVqa, device: torch.device, share: float) -> bool:
+    """On CUDA, the flat features (and the questions) go to the device once when they fit
+    `share` of its free memory; True when batches are then built there."""
+    if not regions_to_device(data.train.regions, device, share):
+        return False
+    for dataset in (data.train, data.val):
+        if dataset is not None:
+            dataset.to(device)
+    return True
 
 
 def batch_to(batch: dict, device: torch.device) -> dict:
@@ -121,6 +138,10 @@ def run_vqa_loop(config: dict, session: Session) -> None:
         load_state_strict(model, weights, "restored checkpoint")
         optimizer.load_state_dict(trainer_state["optimizer"])
         state.update({k: trainer_state[k] for k in state if k in trainer_state})
+    # Features gathered on the GPU need no loader processes (and CUDA tensors must not cross
+    # into them); otherwise the loader workers map the node's shared copy.
+    loader_workers = 0 if place_features(data, device, cfg.data.device_features_share) \
+        else cfg.loader_workers
     model.to(device)
     optimizer_to(optimizer, device)
     ddp_model = session.wrap(model)
@@ -134,7 +155,7 @@ def run_vqa_loop(config: dict, session: Session) -> None:
         batches = shard_batches(len(data.train), cfg.batch_size, rank, world,
                                 seed=cfg.seed, epoch=epoch)
         loader = torch.utils.data.DataLoader(
-            data.train, batch_sampler=batches, num_workers=cfg.loader_workers,
+            data.train, batch_sampler=batches, num_workers=loader_workers,
             collate_fn=_identity)  # the dataset's __getitems__ builds whole batches
         for batch in loader:
             losses.append(train_step(ddp_model, optimizer, batch_to(batch, device), cfg.grad_clip))

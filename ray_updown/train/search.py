@@ -1,0 +1,150 @@
+"""What every Ray Tune experiment of the project shares: search spaces over a typed config,
+and what one trial asks the cluster for.
+
+A search space is a plain mapping (YAML-able) from config keys to distributions::
+
+    lr: {loguniform: [0.001, 1.0]}         # dotted paths work too: top-level settings,
+    model.hidden: {choice: [256, 512]}     # model and data settings are nested
+    batch_size: {grid: [128, 256]}         # every value, crossed with the other grids
+    model.dropout: {uniform: [0.0, 0.5]}
+    epochs: 10                             # a plain value fixes the key for every trial
+
+Supported: choice, grid, uniform, loguniform, randint, lograndint, quniform [low, high, q].
+A bare name that is not a top-level field ("hidden") is resolved to the one section holding
+it ("model.hidden"). Works for any dataclass config (VqaTrainConfig, CaptionTrainConfig).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from ray_updown.config import from_dict, read_yaml_mapping, to_dict
+from ray_updown.errors import ConfigError
+
+SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint", "lograndint", "quniform")
+_BUILT_IN = {"cpu", "gpu", "CPU", "GPU", "memory"}  # not custom resources
+
+
+def load_search_space(uri: str) -> dict:
+    """A search space from a YAML (or JSON) file."""
+    return read_yaml_mapping(uri, "a search space is a mapping of config keys")
+
+
+def resolve_key(key: str, cfg: Any) -> list[str]:
+    """A space key as a path into the config dict ("hidden" -> ["model", "hidden"])."""
+    values = to_dict(cfg)
+    if "." in key:
+        path, node = key.split("."), values
+        for part in path:
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError("not a config key", record=f"space.{key}")
+            node = node[part]
+        return path
+    if key in values:
+        return [key]
+    owners = [section for section, v in values.items() if isinstance(v, dict) and key in v]
+    if len(owners) != 1:
+        problem = "not a config key" if not owners else f"ambiguous: in sections {owners}"
+        raise ConfigError(problem, record=f"space.{key}")
+    return [owners[0], key]
+
+
+def domain(key: str, spec: Any):
+    """A Tune sampler for one spec ({"loguniform": [a, b]} ...), or the plain value."""
+    from ray import tune
+
+    if not isinstance(spec, Mapping):
+        return spec
+    if len(spec) != 1 or next(iter(spec)) not in SAMPLERS:
+        raise ConfigError(f"expected one of {list(SAMPLERS)} as the only key, got {dict(spec)}",
+                          record=f"space.{key}")
+    kind, args = next(iter(spec.items()))
+    if not isinstance(args, (list, tuple)) or not args:
+        raise ConfigError(f"{kind} needs a non-empty list, got {args!r}", record=f"space.{key}")
+    if kind in ("choice", "grid"):
+        return tune.choice(list(args)) if kind == "choice" else tune.grid_search(list(args))
+    n = 3 if kind == "quniform" else 2
+    if len(args) != n or not all(isinstance(a, (int, float)) and not isinstance(a, bool)
+                                 for a in args):
+        raise ConfigError(f"{kind} needs {n} numbers, got {args!r}", record=f"space.{key}")
+    low, high = args[0], args[1]
+    if not low < high or (kind.startswith("log") and low <= 0):
+        raise ConfigError(f"{kind} needs 0 < low < high (low < high for linear), got {args!r}",
+                          record=f"space.{key}")
+    if kind == "quniform":
+        return tune.quniform(low, high, args[2])
+    return getattr(tune, kind)(low, high)
+
+
+def tune_param_space(cfg: Any, space: Mapping[str, Any]) -> dict:
+    """The full config dict with the space's keys replaced by Tune samplers.
+
+    Values given outright and every choice/grid candidate are type-checked now (as a config
+    of cfg's class), so a bad space fails before any trial starts.
+    """
+    params = to_dict(cfg)
+    for key, spec in space.items():
+        path = resolve_key(str(key), cfg)
+        if isinstance(spec, Mapping):
+            kind = next(iter(spec)) if len(spec) == 1 else None
+            listed = spec.get(kind) if kind in ("choice", "grid") else None
+            candidates = list(listed) if isinstance(listed, (list, tuple)) else []
+        else:
+            candidates = [spec]
+        for value in candidates:
+            trial = to_dict(cfg)
+            set_path(trial, path, value)
+            try:
+                from_dict(type(cfg), trial).validate()
+            except ConfigError as exc:
+                raise ConfigError(f"value {value!r}: {exc.problem}", record=f"space.{key}") from None
+        set_path(params, path, domain(str(key), spec))
+    return params
+
+
+def set_path(values: dict, path: Sequence[str], value: Any) -> None:
+    for part in path[:-1]:
+        values = values[part]
+    values[path[-1]] = value
+
+
+def searched_values(config: dict, space: Mapping[str, Any], cfg: Any) -> dict:
+    """{space key: the value a trial's config dict holds for it}."""
+    values = {}
+    for key in space:
+        node: Any = config
+        for part in resolve_key(str(key), cfg):
+            node = node.get(part) if isinstance(node, dict) else None
+        values[str(key)] = node
+    return values
+
+
+def trial_resources(cpus: float, gpus: float = 0.0,
+                    custom: Mapping[str, float] | None = None) -> dict[str, float]:
+    """`tune.with_resources` dict of one trial: CPUs, a GPU or a fraction of one, and custom
+    resources (e.g. {"spot_gpu_node": 1}) that only some node types of a cluster declare,
+    which is how trials are steered to, or make an autoscaler launch, those nodes."""
+    if cpus < 0 or gpus < 0:
+        raise ConfigError(f"cpus and gpus per trial must be >= 0, got {cpus}, {gpus}",
+                          record="resources")
+    resources: dict[str, float] = {"cpu": float(cpus)}
+    if gpus > 0:
+        resources["gpu"] = float(gpus)
+    for name, amount in (custom or {}).items():
+        if name in _BUILT_IN:
+            raise ConfigError(f"{name!r} is not a custom resource: use the cpus/gpus settings",
+                              record=f"resources.{name}")
+        if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount <= 0:
+            raise ConfigError(f"must be a positive number, got {amount!r}",
+                              record=f"resources.{name}")
+        resources[str(name)] = float(amount)
+    return resources
+
+
+def trial_name(result) -> str:
+    """The trial folder's name of a Tune result."""
+    return result.path.rstrip("/").rsplit("/", 1)[-1]
+
+
+__all__ = ["SAMPLERS", "load_search_space", "resolve_key", "domain", "tune_param_space",
+           "set_path", "searched_values", "trial_resources", "trial_name"]
