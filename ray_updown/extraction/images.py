@@ -12,7 +12,12 @@ one-line reason; nothing raises out of `decode_image` except `ImageDecodeError`:
 - 16-bit and 32-bit integer images are scaled to 8 bits (Pillow's own conversion clips them);
   float images are clipped to [0, 255] (or scaled from [0, 1]).
 - Decompression-bomb guard: the pixel count is read from the header and checked against
-  `max_image_pixels` before any pixel is decoded.
+  `max_image_pixels` before any pixel is decoded. That limit decides, not Pillow's own
+  (about 179 MP), and the reason quotes it.
+- Extreme aspect ratios: an image longer than `max_aspect_ratio` times its width (or wider
+  than that times its height; 1000 by default) is refused with its size. Under that limit
+  every image is accepted: the detector scales the long side to its cap and pads a short side
+  that ends up thinner than its minimum (detector/transform.py).
 - Very large images are decoded reduced (JPEG DCT scaling) and downscaled to the size the
   detector would resize them to anyway (`target_size`), so blocks stay small; the original
   size is kept so boxes map back to original pixels (`boxes_to_original`).
@@ -22,6 +27,7 @@ one-line reason; nothing raises out of `decode_image` except `ImageDecodeError`:
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -34,6 +40,8 @@ from ray_updown.errors import DataError
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _HIGH_DEPTH_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+# Pillow's bomb limit is a module global; it is lifted only to read a refused file's header.
+_PIL_LIMIT_LOCK = threading.Lock()
 
 
 class ImageDecodeError(DataError):
@@ -48,14 +56,17 @@ class DecodeLimits:
     the paper). Larger images are downscaled to exactly that scale here, never below it, so
     the detector's own resize is then ~1.0. 0 disables the downscale.
     max_image_pixels: decompression-bomb guard (width * height from the header).
-    min_image_side: smaller images are rejected (a 1x1 image has no regions to speak of and
-    the detector's resize needs at least 2 pixels a side).
+    min_image_side: smaller images are rejected (a 1x1 image has no regions to speak of).
+    max_aspect_ratio: images whose longer side exceeds this many times the shorter are
+    rejected. 1000 (the paper's longer-side cap in pixels) is where the shorter side would
+    shrink below one pixel at the detector's scale: a line, not a picture. 0 disables.
     """
 
     min_side: int = 600
     max_side: int = 1000
     max_image_pixels: int = 100_000_000
     min_image_side: int = 2
+    max_aspect_ratio: float = 1000.0
 
 
 @dataclass
@@ -133,17 +144,29 @@ def _high_depth_to_uint8(arr: np.ndarray) -> np.ndarray:
     return ((arr - lo) * 255 // max(top - lo, 1)).astype(np.uint8)
 
 
+def _open(data: bytes) -> Image.Image:
+    """Image.open, header only. Our `max_image_pixels` guard decides, so a file over Pillow's
+    own bomb limit is opened again with that limit lifted, just to read its size."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            return Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError:
+            pass
+        with _PIL_LIMIT_LOCK:
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                return Image.open(io.BytesIO(data))
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+
+
 def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> DecodedImage:
     """Bytes of any Pillow-readable format -> `DecodedImage`; ImageDecodeError with the reason."""
     if len(data) == 0:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            # Our own guard below decides; Pillow's global limit still stops absurd files.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"decompression-bomb guard: {exc}") from None
+        img = _open(data)
     except UnidentifiedImageError:
         raise ImageDecodeError(f"not a recognised image format ({len(data)} bytes, "
                                f"starting {data[:8]!r})") from None
@@ -158,6 +181,10 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> DecodedI
     if min(stored_w, stored_h) < limits.min_image_side:
         raise ImageDecodeError(f"image is {stored_w}x{stored_h} pixels; the smallest accepted "
                                f"side is {limits.min_image_side}")
+    ratio = max(stored_w, stored_h) / max(min(stored_w, stored_h), 1)
+    if limits.max_aspect_ratio > 0 and ratio > limits.max_aspect_ratio:
+        raise ImageDecodeError(f"image is {stored_w}x{stored_h} pixels: aspect ratio 1:{ratio:.6g} "
+                               f"is beyond max_aspect_ratio 1:{limits.max_aspect_ratio:g}")
     try:
         if img.format in ("JPEG", "MPO"):
             # DCT-domain reduction: decodes a 1/2, 1/4 or 1/8 image no smaller than the

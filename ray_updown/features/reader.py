@@ -24,6 +24,7 @@ import torch
 
 from ray_updown import storage
 from ray_updown.errors import DataError, StorageError
+from ray_updown.extraction.inputs import PLAN_FILE
 from ray_updown.features.schema import ERRORS_DIR, FEATURES_DIR, INDEX_FILE, StoreMeta
 from ray_updown.features.spatial import spatial_features
 from ray_updown.features.writer import DecodedRows, FeatureRecord
@@ -55,6 +56,20 @@ def _open_parquet(uri: str) -> pq.ParquetFile:
         raise StorageError("no such file", file=uri) from None
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"not a readable Parquet file ({exc})", file=uri) from None
+
+
+def _check_parts(store_uri: str, shards: Sequence[tuple[str, int]]) -> None:
+    """In a store the extraction wrote (it keeps its plan there), every features part has its
+    errors part: the extraction writes that one first, so a features part without it was
+    damaged (deleted, or copied without it) and the store's accounting is incomplete."""
+    if not shards or not storage.exists(storage.join(store_uri, PLAN_FILE)):
+        return  # imported stores (TSV, HDF5) have no errors parts
+    errors = {name for name, _ in _list_shards(store_uri, ERRORS_DIR)}
+    for name, _ in shards:
+        if name not in errors:
+            raise DataError(f"this features part has no errors part ({ERRORS_DIR}/{name}): the "
+                            "shard is incomplete; re-run the extraction to repair it",
+                            file=storage.join(store_uri, FEATURES_DIR, name))
 
 
 def build_index(store_uri: str, write: bool = True) -> pa.Table:
@@ -129,6 +144,7 @@ class FeatureStore:
         shards = _list_shards(self.uri, FEATURES_DIR)
         if not shards and not _list_shards(self.uri, ERRORS_DIR):
             raise StorageError("not a feature store (no shards under features/ or errors/)", file=self.uri)
+        _check_parts(self.uri, shards)
         self._index = self._load_index(shards)
         kv = self._index.schema.metadata or {}
         self._files = [n for n, _ in json.loads(kv.get(b"files", b"[]"))]
@@ -225,7 +241,10 @@ class FeatureStore:
         for name, _ in _list_shards(self.uri, ERRORS_DIR):
             uri = storage.join(self.uri, ERRORS_DIR, name)
             pa_fs, path = storage.pyarrow_filesystem(uri)
-            rows.extend(pq.read_table(path, filesystem=pa_fs).to_pylist())
+            try:
+                rows.extend(pq.read_table(path, filesystem=pa_fs).to_pylist())
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise DataError(f"not a readable Parquet file ({exc})", file=uri) from None
         return rows
 
     def to_torch_dataset(self, image_ids: Sequence[Any] | None = None,

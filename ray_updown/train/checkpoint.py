@@ -38,7 +38,11 @@ def save_checkpoint_dir(path: str, model: torch.nn.Module, config: dict,
 
 
 def load_checkpoint_dir(path: str) -> tuple[dict[str, torch.Tensor], dict, dict | None]:
-    """(weights, config, trainer_state or None) from a checkpoint directory (local or URI)."""
+    """(weights, config, trainer_state or None) from a checkpoint directory (local or URI).
+
+    A damaged file (truncated on disk, half uploaded) is a CheckpointError naming it, never
+    a raw safetensors, json or torch error."""
+    source = str(path)  # errors name the checkpoint's own files, not a local copy
     if storage.is_remote(path):
         local = tempfile.mkdtemp(prefix="ckpt-")
         fs, fs_path = storage.filesystem(path)
@@ -47,16 +51,34 @@ def load_checkpoint_dir(path: str) -> tuple[dict[str, torch.Tensor], dict, dict 
     weights_file = os.path.join(path, MODEL_FILE)
     config_file = os.path.join(path, CONFIG_FILE)
     if not os.path.exists(weights_file) or not os.path.exists(config_file):
-        raise CheckpointError(f"not a checkpoint: needs {MODEL_FILE} and {CONFIG_FILE}", file=path)
+        raise CheckpointError(f"not a checkpoint: needs {MODEL_FILE} and {CONFIG_FILE}", file=source)
+
+    def damaged(what: str, name: str, exc: BaseException) -> CheckpointError:
+        return CheckpointError(f"unreadable {what} ({_one_line(exc)}); the checkpoint is damaged: "
+                               "resume from an earlier one or start a new run",
+                               file=storage.join(source, name))
+
     try:
         weights = load_file(weights_file)
     except Exception as exc:
-        raise CheckpointError(f"unreadable weights ({exc})", file=weights_file) from None
-    with open(config_file) as f:
-        config = json.load(f)
+        raise damaged("weights", MODEL_FILE, exc) from None
+    try:
+        with open(config_file) as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise damaged("config", CONFIG_FILE, exc) from None
     state_file = os.path.join(path, STATE_FILE)
-    trainer_state = torch.load(state_file, weights_only=True) if os.path.exists(state_file) else None
+    trainer_state = None
+    if os.path.exists(state_file):
+        try:
+            trainer_state = torch.load(state_file, weights_only=True)
+        except Exception as exc:  # truncated zip, bad pickle stream, refused global
+            raise damaged("trainer state", STATE_FILE, exc) from None
     return weights, config, trainer_state
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
 
 
 def check_vocabulary(theirs: list[str] | None, ours: list[str], what: str, unit: str,

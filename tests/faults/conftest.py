@@ -1,0 +1,95 @@
+"""The fault-injection suite's own scaffolding (run it in its own pytest process:
+`pytest tests/faults`, as `make faults` and `make test` do).
+
+It never uses the main suite's session cluster (`ray_cluster`): multi-node tests start their
+own `ray.cluster_utils.Cluster`, so each module here starts and stops the Ray it needs.
+All S3 traffic, from the test process and from every Ray worker, goes through a
+fault-injecting proxy (flaky_proxy.py) in front of a moto server.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # flaky_proxy, faultkit
+
+from flaky_proxy import FlakyProxy  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def flaky_s3():
+    """A moto S3 server behind a FlakyProxy; AWS_ENDPOINT_URL points at the proxy.
+
+    Started before any Ray of this session, so that every worker inherits the endpoint."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    moto.start()
+    proxy = FlakyProxy(f"http://127.0.0.1:{port}").start()
+    saved = {k: os.environ.get(k) for k in
+             ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update({"AWS_ENDPOINT_URL": proxy.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+    proxy.moto_endpoint = f"http://127.0.0.1:{port}"
+    yield proxy
+    proxy.stop()
+    moto.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture()
+def proxy(flaky_s3):
+    """The session's proxy, healthy at the start and at the end of every test."""
+    flaky_s3.healthy()
+    yield flaky_s3
+    flaky_s3.healthy()
+
+
+@pytest.fixture()
+def bucket(flaky_s3, request):
+    """A fresh bucket (made directly on moto, past the proxy's faults); its s3:// URI."""
+    import boto3
+
+    name = "f-" + request.node.name.lower().replace("_", "-")[:30].strip("-") + "-" + os.urandom(3).hex()
+    boto3.client("s3", endpoint_url=flaky_s3.moto_endpoint).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="module")
+def local_ray(flaky_s3):
+    """A single-node Ray for one module, stopped at its end (multi-node modules start their
+    own clusters, and one process holds one Ray at a time)."""
+    import ray
+
+    ray.shutdown()
+    # "local": a new instance even when another Ray on this machine left its address behind.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"WANDB_MODE": "disabled"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def detector():
+    """The tests' tiny bottom-up detector (random weights, named vocabularies)."""
+    from ray_updown.detector import BottomUpDetector, tiny_config
+
+    torch.manual_seed(0)
+    return BottomUpDetector(tiny_config(), object_vocab=["ball", "cube", "cone", "ring"],
+                            attribute_vocab=["red", "green", "blue"]).eval()

@@ -1,0 +1,186 @@
+"""Helpers of the fault suite: inputs, slow or dying detectors (they travel to the Ray actors
+by value, through ModelSpec.factory, the pipeline's model hook) and the accounting checks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+from ray import cloudpickle
+
+from ray_updown import storage
+from ray_updown.detector import load_detector
+from ray_updown.features.store import FeatureStore
+
+# Ray workers cannot import this module: the detector wrappers travel by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def write_images(uri: str, count: int, size=(48, 40)) -> None:
+    """`count` random PNGs named 1.png ... count.png (image ids 1..count) under `uri`."""
+    rng = np.random.default_rng(count)
+    for i in range(1, count + 1):
+        arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        path = f"/tmp/faultkit-{os.getpid()}.png"
+        Image.fromarray(arr).save(path, format="PNG")
+        with open(path, "rb") as f:
+            storage.write_bytes(storage.join(uri, f"{i}.png"), f.read())
+        os.remove(path)
+
+
+def assert_accounted(out: str, count: int, errors: int = 0) -> FeatureStore:
+    """Images 1..count are each exactly once in the store: a feature row or an error row."""
+    store = FeatureStore(out)
+    ids = store.image_ids
+    failed = [e["image_id"] for e in store.errors()]
+    assert len(ids) == len(set(ids)), "duplicate feature rows"
+    assert len(failed) == len(set(failed)), "duplicate error rows"
+    assert not set(ids) & set(failed), "an image is both a feature and an error row"
+    assert sorted(ids + failed) == list(range(1, count + 1)), "inputs != features + errors"
+    assert len(failed) == errors, store.errors()
+    return store
+
+
+class Detector:
+    """Wraps the tiny detector: `delay` seconds per batch (so a run lasts long enough to be
+    hit mid-way), and the process dies (os._exit, as an OOM kill would) while fewer than
+    `kills` marker files are in `kill_dir`: in extract_regions, or in the actor's start-up
+    (`when="start"`). An actor appends its node's id to `node_file` when it starts."""
+
+    def __init__(self, checkpoint: str, delay: float = 0.0, kill_dir: str = "", kills: int = 0,
+                 when: str = "batch", node_file: str = ""):
+        self.model = load_detector(checkpoint)
+        self.delay, self.kill_dir, self.kills = delay, kill_dir, kills
+        if _in_actor():
+            if node_file:
+                import ray
+
+                with open(node_file, "a") as f:
+                    f.write(ray.get_runtime_context().get_node_id() + "\n")
+            if when == "start":
+                self._maybe_die()
+
+    def __getattr__(self, name):
+        if name == "extract_batches":  # the actor's fast path would bypass extract_regions
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def _maybe_die(self) -> None:
+        if self.kills and len(os.listdir(self.kill_dir)) < self.kills:
+            open(os.path.join(self.kill_dir, f"killed-{os.getpid()}"), "w").close()
+            os._exit(1)
+
+    def extract_regions(self, images):
+        self._maybe_die()
+        time.sleep(self.delay)
+        return self.model.extract_regions(images)
+
+
+def _in_actor() -> bool:
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+
+
+def make_detector(checkpoint: str, delay: float = 0.0, kill_dir: str = "", kills: int = 0,
+                  when: str = "batch", node_file: str = "") -> Detector:
+    return Detector(checkpoint, delay, kill_dir, kills, when, node_file)
+
+
+_DRIVER = """
+import functools, sys
+sys.path.insert(0, {here!r})
+import faultkit
+import ray_updown.extraction.pipeline as pipeline
+factory = functools.partial(faultkit.make_detector, **{factory!r})
+pipeline.run_extraction = functools.partial(pipeline.run_extraction, model_factory=factory)
+from ray_updown.cli import main
+sys.exit(main({argv!r}))
+"""
+
+
+def run_cli(args: list[str], factory: dict | None = None, timeout: float = 180
+            ) -> subprocess.CompletedProcess:
+    """`ray-updown <args>` in a subprocess, as a user runs it, connected to this process's
+    Ray. With `factory` (make_detector's arguments) `extract` runs that detector: the CLI
+    itself, with the pipeline's model hook set."""
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    if factory is None:
+        command = [sys.executable, "-m", "ray_updown.cli", *args]
+    else:
+        here = os.path.dirname(os.path.abspath(__file__))
+        command = [sys.executable, "-c", _DRIVER.format(here=here, factory=factory, argv=args)]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def write_vqa_world(root: str, train_images: int = 24, val_images: int = 8, dim: int = 8) -> dict:
+    """A tiny VQA world in the real file formats (questions, annotations, a feature store):
+    each image's regions encode a colour, so the model has something to learn. Returns the
+    data section of a VqaTrainConfig."""
+    from ray_updown.features.store import FeatureRecord, StoreMeta, feature_shard_uri, write_feature_shard
+
+    rng = np.random.default_rng(0)
+    colors = ("red", "blue", "green")
+    records, paths = [], {}
+    for split, ids in (("train2014", range(1, train_images + 1)),
+                       ("val2014", range(1001, 1001 + val_images))):
+        questions, annotations = [], []
+        for image_id in ids:
+            color = int(rng.integers(3))
+            feats = rng.normal(0, 0.1, size=(3, dim)).astype(np.float32)
+            feats[0, color] += 2.0
+            xy = rng.uniform(0, 50, size=(3, 2)).astype(np.float32)
+            records.append(FeatureRecord(image_id, 100, 80, np.concatenate([xy, xy + 10], 1), feats))
+            qid = image_id * 10
+            questions.append({"question_id": qid, "image_id": image_id,
+                              "question": "what color is the ball?"})
+            annotations.append({"question_id": qid, "image_id": image_id,
+                                "question_type": "what color is the", "answer_type": "other",
+                                "multiple_choice_answer": colors[color],
+                                "answers": [{"answer": colors[color], "answer_confidence": "yes",
+                                             "answer_id": n + 1} for n in range(10)]})
+        key = split[:-4]
+        paths[f"{key}_questions"] = os.path.join(root, f"v2_OpenEnded_mscoco_{split}_questions.json")
+        paths[f"{key}_annotations"] = os.path.join(root, f"v2_mscoco_{split}_annotations.json")
+        storage.write_json(paths[f"{key}_questions"], {"info": {}, "task_type": "Open-Ended",
+                           "data_type": "mscoco", "data_subtype": split, "license": {},
+                           "questions": questions})
+        storage.write_json(paths[f"{key}_annotations"], {"info": {}, "data_type": "mscoco",
+                           "data_subtype": split, "license": {}, "annotations": annotations})
+    paths["features"] = os.path.join(root, "features")
+    write_feature_shard(records, feature_shard_uri(paths["features"], 0), StoreMeta(feature_dim=dim))
+    return {**paths, "answer_min_count": 1, "max_boxes": 3}
+
+
+def vqa_config(data: dict, storage_path: str, name: str, **top):
+    """A tiny VqaTrainConfig over write_vqa_world's data."""
+    from ray_updown.vqa.config import VqaTrainConfig
+
+    values = {"data": data, "model": {"hidden": 16, "embed_dim": 8, "question_len": 6},
+              "optimizer": "adamax", "lr": 0.05, "epochs": 3, "batch_size": 8, "patience": 0,
+              "storage_path": storage_path, "name": name, **top}
+    return VqaTrainConfig.from_dict(values)
+
+
+def write_checkpoint_dir(path: str) -> str:
+    """A small real checkpoint directory (weights, config, trainer state with an optimizer)."""
+    import torch
+
+    from ray_updown.train.checkpoint import save_checkpoint_dir
+
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.Adamax(model.parameters())
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    save_checkpoint_dir(path, model, {"model": {"in": 4, "out": 3}},
+                        {"epoch": 1, "optimizer": optimizer.state_dict()})
+    return path
