@@ -16,12 +16,25 @@
 (c) images/s of the demo configuration with 1 and with 2 actors (each with --threads torch
     threads); peak RSS of each extraction actor process (ru_maxrss, read in the
     actor after each batch).
+Issue 13 adds:
+(d) traffic per image of the demo run: bytes the driver received (the workers' per-shard
+    counts), object-store bytes (shard ranges in, counts out), and the decoded-pixel and
+    encoded bytes the workers kept in their own processes (what a read -> decode -> detect
+    stream would have put through the object store, and the old driver-side writer through
+    the driver).
+(e) planning a --plan-rows (10,000,000) row Parquet manifest with a trivial model
+    (plan_only: list, plan, save the plan, check what is complete; no pipeline): the
+    driver's planning seconds and peak RSS (its own process), first run and resumed run.
+(f) images/s of the demo configuration on a local multi-node cluster
+    (`ray.cluster_utils.Cluster`, raylets on 127.0.0.1) with 1, 2 and 3 nodes, one actor
+    (and one CPU) per node. On this 2-core machine that checks overhead, not scaling.
 
 The extraction actors take one logical CPU each; Ray is started with one logical CPU more than
 the machine has cores so the decode tasks always have a slot (they use ~1% of a core here).
 Each detector forward uses the same number of torch threads as the bare forward (--threads).
 
     .venv/bin/python benchmarks/extract.py [--paper-images 4] [--demo-images 160] [--skip-paper]
+        [--plan-rows 10000000] [--skip-plan] [--skip-nodes] [--node-images 96]
 """
 
 from __future__ import annotations
@@ -34,9 +47,12 @@ import os
 import platform
 import resource
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 from ray_updown import storage
@@ -58,14 +74,25 @@ class TimedModel:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def extract_regions(self, images):
-        start = time.time()
-        out = self.model.extract_regions(images)
-        entry = {"pid": os.getpid(), "start": start, "end": time.time(), "images": len(images),
+    def _log(self, start: float, images: int) -> None:
+        entry = {"pid": os.getpid(), "start": start, "end": time.time(), "images": images,
                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         with open(os.path.join(self.log_dir, f"{os.getpid()}.jsonl"), "a") as f:
             f.write(json.dumps(entry) + "\n")
+
+    def extract_regions(self, images):
+        start = time.time()
+        out = self.model.extract_regions(images)
+        self._log(start, len(images))
         return out
+
+    def extract_batches(self, chunks):
+        """The actor's streaming path (stages.DetectorActor uses it when the model has it)."""
+        start = time.time()
+        for chunk, out in zip(chunks, self.model.extract_batches(chunks)):
+            self._log(start, len(chunk))
+            yield out
+            start = time.time()
 
 
 def timed_detector(checkpoint: str, log_dir: str) -> TimedModel:
@@ -115,6 +142,7 @@ def pipeline(checkpoint: str, images_uri: str, out: str, batch_size: int, actors
     for c in calls:
         per_actor[c["pid"]] = max(per_actor.get(c["pid"], 0.0), c["peak_rss_mb"])
     return {"images": n, "errors": summary["errors"], "actors": actors,
+            "traffic_per_image_bytes": traffic(summary),
             "torch_threads_per_actor": cfg.torch_threads,
             "end_to_end_seconds": summary["seconds"], "end_to_end_images_per_s": summary["images_per_s"],
             "steady_seconds": round(steady_seconds, 2),
@@ -125,6 +153,89 @@ def pipeline(checkpoint: str, images_uri: str, out: str, batch_size: int, actors
                 "model_load_in_actor": round(max(c["end"] - c["start"] for c in loads), 2),
                 "to_first_forward": round(first_forward - started, 2)},
             "peak_rss_mb_per_actor": sorted(round(v, 1) for v in per_actor.values())}
+
+
+def traffic(summary: dict) -> dict:
+    n = max(1, summary["images_processed"])
+    return {"driver_received": round(summary["driver_received_bytes"] / n, 1),
+            "object_store": round(summary["object_store_bytes"] / n, 1),
+            "decoded_pixels_kept_in_workers": round(summary["decoded_bytes_in_workers"] / n),
+            "encoded_read_in_workers": round(summary["encoded_bytes_read"] / n)}
+
+
+# A planning run in a fresh process that imports only the pipeline (not this module's torch
+# and detector), so its peak RSS is the driver's own; a trivial model, plan_only.
+_PLAN_CHILD = """
+import json, resource, sys, time
+from ray_updown.extraction.pipeline import ExtractConfig, run_extraction
+class TrivialModel:
+    name, feature_dim = "trivial", 4
+    def extract_regions(self, images):
+        return []
+start = time.time()
+summary = run_extraction(ExtractConfig(manifest=sys.argv[1], out=sys.argv[2], plan_only=True),
+                         model_factory=TrivialModel)
+print(json.dumps({"rows": summary["inputs"], "shards": summary["shards"],
+                  "shards_to_do": summary["shards_to_do"], "plan_seconds": summary["plan_seconds"],
+                  "wall_seconds": round(time.time() - start, 2),
+                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+"""
+
+
+def plan_benchmark(root: str, rows: int) -> dict:
+    """A `rows`-row manifest (COCO-style URIs in S3), planned twice in fresh processes."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    ids = pa.array(np.arange(rows, dtype=np.int64))
+    uris = pc.binary_join_element_wise(
+        "s3://bucket/train2014/COCO_train2014_", pc.utf8_lpad(pc.cast(ids, pa.string()), 12, "0"),
+        ".jpg", "")
+    manifest = f"{root}/manifest.parquet"
+    pq.write_table(pa.table({"image_id": ids, "uri": uris}), manifest, row_group_size=1 << 20)
+    del ids, uris
+    runs = {}
+    for name in ("first_run", "resumed_run"):
+        done = subprocess.run([sys.executable, "-c", _PLAN_CHILD, manifest, f"{root}/plan-store"],
+                              capture_output=True, text=True, check=True,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        runs[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"rows": rows, "manifest_mb": round(os.path.getsize(manifest) / 1e6, 1), **runs,
+            "target": "<= 60 s and <= 2048 MB peak RSS"}
+
+
+def nodes_benchmark(checkpoint: str, images_uri: str, root: str, limits: DecodeLimits,
+                    threads: int, max_nodes: int = 3) -> dict:
+    """Demo images/s with 1..max_nodes raylets (head + workers), one actor and CPU each."""
+    import ray
+    import ray._private.ray_constants
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback addresses
+    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+    node = {"num_cpus": 1, "resources": {"extract_node": 1}, "node_ip_address": "127.0.0.1"}
+    out = {}
+    for count in range(1, max_nodes + 1):
+        cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+        try:
+            for _ in range(count - 1):
+                cluster.add_node(**node)
+            ray.init(address=cluster.address, log_to_driver=False)
+            cfg = ExtractConfig(images=images_uri, out=f"{root}/store-nodes-{count}",
+                                checkpoint=checkpoint, batch_size=8, num_actors=count,
+                                cpus_per_actor=1, torch_threads=threads, rows_per_shard=16,
+                                actor_resources={"extract_node": 1},
+                                min_side=limits.min_side, max_side=limits.max_side)
+            summary = run_extraction(cfg)
+            out[f"{count}_nodes"] = {"images": summary["images_processed"],
+                                     "images_per_s": summary["images_per_s"],
+                                     "shards_by_node": sorted(summary["shards_by_node"].values())}
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+    return out
 
 
 def efficiency(bare_before: dict, piped: dict, bare_after: dict) -> dict:
@@ -146,6 +257,11 @@ def main() -> None:
     parser.add_argument("--paper-images", type=int, default=4)
     parser.add_argument("--demo-images", type=int, default=600)
     parser.add_argument("--skip-paper", action="store_true")
+    parser.add_argument("--plan-rows", type=int, default=10_000_000)
+    parser.add_argument("--skip-plan", action="store_true")
+    parser.add_argument("--skip-nodes", action="store_true")
+    parser.add_argument("--skip-efficiency", action="store_true")
+    parser.add_argument("--node-images", type=int, default=96)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the bare forward and of each actor (1: this "
                              "shared 2-core machine is oversubscribed; 2 threads then run slower)")
@@ -155,13 +271,38 @@ def main() -> None:
     torch.manual_seed(0)
     import ray
 
-    ray.init(num_cpus=CORES + 1, include_dashboard=False, log_to_driver=False)
     results: dict = {"machine": {"cores": CORES, "cpu": platform.processor() or platform.machine(),
                                  "torch": torch.__version__, "ray": ray.__version__,
                                  "torch_threads_per_forward": args.threads,
                                  "load_average_at_start": os.getloadavg()}}
+    if not args.skip_plan:
+        results["planning"] = plan_benchmark(root, args.plan_rows)
+        shutil.rmtree(f"{root}/plan-store", ignore_errors=True)
+        os.remove(f"{root}/manifest.parquet")
 
-    # Data and checkpoints (random weights; the forward's cost does not depend on them).
+    build_world(WorldConfig(num_images=args.demo_images, image_size=128), f"{root}/world")
+    vocab = storage.read_text(f"{root}/world/visual_genome/objects_vocab.txt").split("\n")
+    attrs = storage.read_text(f"{root}/world/visual_genome/attributes_vocab.txt").split("\n")
+    demo_ckpt = f"{root}/ckpt-demo"
+    save_detector(BottomUpDetector(world_config(len([v for v in vocab if v]) + 1,
+                                                len([a for a in attrs if a]) + 1)), demo_ckpt)
+    demo_images, demo_limits = f"{root}/world/images", DecodeLimits(128, 213)
+    if not args.skip_efficiency:
+        ray.init(num_cpus=CORES + 1, include_dashboard=False, log_to_driver=False)
+        efficiency_runs(args, root, results, demo_ckpt, demo_images, demo_limits)
+        ray.shutdown()
+    if not args.skip_nodes:
+        build_world(WorldConfig(num_images=args.node_images, image_size=128), f"{root}/node-world")
+        results["nodes_demo_images_per_s"] = nodes_benchmark(
+            demo_ckpt, f"{root}/node-world/images", root, demo_limits, args.threads)
+    results["machine"]["load_average_at_end"] = os.getloadavg()
+    shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps(results, indent=1))
+
+
+def efficiency_runs(args, root: str, results: dict, demo_ckpt: str, demo_images: str,
+                    demo_limits: DecodeLimits) -> None:
+    """(a), (c) and (d): pipeline against bare forward, 1 and 2 actors, traffic per image."""
     if not args.skip_paper:
         build_world(WorldConfig(num_images=args.paper_images, image_size=(800, 600), seed=1),
                     f"{root}/paper-world")
@@ -173,19 +314,15 @@ def main() -> None:
                          args.threads),
                 bare_forward(paper_ckpt, paper_images, 1, paper_limits, False, args.threads)]
         results["paper_resnet101_600x1000"] = efficiency(*runs)
-
-    build_world(WorldConfig(num_images=args.demo_images, image_size=128), f"{root}/world")
-    vocab = storage.read_text(f"{root}/world/visual_genome/objects_vocab.txt").split("\n")
-    attrs = storage.read_text(f"{root}/world/visual_genome/attributes_vocab.txt").split("\n")
-    demo_ckpt = f"{root}/ckpt-demo"
-    save_detector(BottomUpDetector(world_config(len([v for v in vocab if v]) + 1,
-                                                len([a for a in attrs if a]) + 1)), demo_ckpt)
-    demo_images, demo_limits = f"{root}/world/images", DecodeLimits(128, 213)
     runs = [bare_forward(demo_ckpt, demo_images, 8, demo_limits, True, args.threads),
             pipeline(demo_ckpt, demo_images, f"{root}/store-demo-1", 8, 1, demo_limits, args.threads),
             bare_forward(demo_ckpt, demo_images, 8, demo_limits, True, args.threads)]
     results["demo_world_detector"] = efficiency(*runs)
     one = runs[1]
+    results["traffic_per_image_bytes"] = {
+        "demo": one["traffic_per_image_bytes"],
+        "paper": (results["paper_resnet101_600x1000"]["pipeline"]["traffic_per_image_bytes"]
+                  if not args.skip_paper else None)}
     two = pipeline(demo_ckpt, demo_images, f"{root}/store-demo-2", 8, 2, demo_limits, args.threads)
     results["actors"] = {
         "config": "demo", "images": two["images"],
@@ -198,9 +335,6 @@ def main() -> None:
             "demo_two_actors": two["peak_rss_mb_per_actor"],
             "paper": (results["paper_resnet101_600x1000"]["pipeline"]["peak_rss_mb_per_actor"]
                       if not args.skip_paper else None)}}
-    results["machine"]["load_average_at_end"] = os.getloadavg()
-    shutil.rmtree(root, ignore_errors=True)
-    print(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -65,7 +65,9 @@ _STAGES: dict[str, tuple[str, str, str, dict[str, tuple[str, str]]]] = {
                  "--checkpoint": ("checkpoint", "detector checkpoint (ours, see README)"),
                  "--model": ("model", "detector (regions) or grid (baseline)"),
                  "--actors": ("num_actors", "detector actors"),
-                 "--gpus-per-actor": ("num_gpus_per_actor", "GPUs per detector actor")}),
+                 "--gpus-per-actor": ("num_gpus_per_actor", "GPUs per detector actor"),
+                 "--boxes-from": ("boxes_from", "feature store whose boxes (per image_id) "
+                                  "the detector pools instead of choosing its own")}),
     "train-captioner": ("train the Up-Down captioner, XE or SCST (Ray Train)",
                         "ray_updown.captioning.config:CaptionTrainConfig",
                         "ray_updown.captioning.train:train_captioner",
@@ -121,7 +123,7 @@ def _cmd_ensemble(args: argparse.Namespace) -> None:
     if cfg is None:
         return
     manifest = train_ensemble(cfg, members=args.members, cpus_per_trial=args.cpus_per_trial,
-                              gpus_per_trial=args.gpus_per_trial)
+                              gpus_per_trial=args.gpus_per_trial, resources_per_trial=args.resources)
     _print_summary({"manifest": manifest.get("uri"), "members": len(manifest["members"])})
 
 
@@ -136,7 +138,23 @@ def _cmd_tune(args: argparse.Namespace) -> None:
         raise ConfigError("tune needs --space (a YAML file of the search space)")
     best = run_sweep(cfg, args.space, num_samples=args.samples,
                      max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial,
-                     gpus_per_trial=args.gpus_per_trial)
+                     gpus_per_trial=args.gpus_per_trial, resources_per_trial=args.resources)
+    _print_summary({"best_config": best_config_uri(best), "config": to_dict(best)})
+
+
+def _cmd_tune_captioner(args: argparse.Namespace) -> None:
+    from ray_updown.captioning.sweep import best_config_uri, run_captioner_sweep
+    from ray_updown.config import to_dict
+
+    cfg = _config_or_show(args, "ray_updown.captioning.config:CaptionTrainConfig", {})
+    if cfg is None:
+        return
+    if not args.space:
+        raise ConfigError("tune-captioner needs --space (a YAML file of the search space)")
+    best = run_captioner_sweep(cfg, args.space, num_samples=args.samples,
+                               max_concurrent=args.max_concurrent,
+                               workers_per_trial=args.workers_per_trial,
+                               resources_per_worker=args.resources)
     _print_summary({"best_config": best_config_uri(best), "config": to_dict(best)})
 
 
@@ -278,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(run=_run_stage(stage))
 
     for name, help_text in (("ensemble", "train an N-member VQA ensemble as Ray Tune trials"),
-                            ("tune", "ASHA hyperparameter sweep of the VQA model (Ray Tune)")):
+                            ("tune", "ASHA hyperparameter sweep of the VQA model (Ray Tune)"),
+                            ("tune-captioner", "ASHA sweep of the captioner: each trial a "
+                                               "multi-worker Ray Train run")):
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == "ensemble":
             p.add_argument("--members", type=int, default=30, help="ensemble size (paper: 30)")
@@ -286,10 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--space", help="YAML search space, e.g. {lr: {loguniform: [0.1, 2]}}")
             p.add_argument("--samples", type=int, default=8, help="trials")
             p.add_argument("--max-concurrent", type=int, default=0, help="0 = as resources allow")
-        p.add_argument("--cpus-per-trial", type=float, default=1.0)
-        p.add_argument("--gpus-per-trial", type=float, default=None, help="fractions allowed")
+        if name == "tune-captioner":
+            p.add_argument("--workers-per-trial", type=int, default=None,
+                           help="DDP workers per trial (default: config num_workers)")
+        else:
+            p.add_argument("--cpus-per-trial", type=float, default=1.0)
+            p.add_argument("--gpus-per-trial", type=float, default=None, help="fractions allowed")
+        p.add_argument("--resources", type=json.loads, default=None,
+                       help='custom resources per trial (tune-captioner: per worker) as JSON, '
+                            'e.g. \'{"sweep_node": 1}\'')
         _add_config_args(p)
-        p.set_defaults(run=_cmd_ensemble if name == "ensemble" else _cmd_tune)
+        p.set_defaults(run={"ensemble": _cmd_ensemble, "tune": _cmd_tune,
+                            "tune-captioner": _cmd_tune_captioner}[name])
 
     p = sub.add_parser("evaluate", help="score a results file as the official tools do")
     p.add_argument("task", choices=["captions", "vqa"])

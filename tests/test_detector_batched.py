@@ -198,3 +198,26 @@ def test_best_scores_of_one_image_keep_their_shape():
     boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 11, 11]], dtype=torch.float32)
     best = per_class_nms_best_scores(boxes, torch.tensor([[0.9], [0.8]]), 0.3, True)
     assert best.tolist() == pytest.approx([0.9, 0.0])
+
+
+def test_given_boxes_get_the_features_a_normal_forward_gives_them():
+    """Features for given boxes equal those of the same boxes inside a normal forward."""
+    torch.manual_seed(0)
+    model = _separated(BottomUpDetector(tiny_config(num_classes=6, num_attributes=5)))
+    model.prepare_inference("cpu")
+    images = _images(5)
+    normal = model.extract_regions(images)
+    given = model.extract_given_boxes(images, [r["boxes"] for r in normal])
+    for a, b in zip(normal, given):
+        np.testing.assert_array_equal(b["boxes"], a["boxes"])  # returned as given, in order
+        np.testing.assert_allclose(b["features"], a["features"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(b["object_ids"], a["object_ids"])
+        np.testing.assert_array_equal(b["attr_ids"], a["attr_ids"])
+        np.testing.assert_allclose(b["object_conf"], a["object_conf"], rtol=1e-5)
+    # A box list of any length, an image without boxes, and order kept.
+    boxes = [np.array([[0, 0, 10, 10], [5, 5, 60, 40], [0, 0, 10, 10]], np.float32),
+             np.zeros((0, 4), np.float32), np.array([[1, 2, 30, 50]], np.float32)]
+    out = model.extract_given_boxes(images, boxes)
+    assert [len(r["boxes"]) for r in out] == [3, 0, 1]
+    np.testing.assert_array_equal(out[0]["features"][0], out[0]["features"][2])
+    assert out[1]["features"].shape == (0, model.feature_dim)

@@ -14,16 +14,9 @@ import torch
 from ray_updown import storage
 from ray_updown.detector import BottomUpDetector, save_detector, tiny_config
 from ray_updown.errors import CheckpointError, ConfigError, DataError, StorageError
-from ray_updown.extraction.inputs import (
-    InputImage,
-    image_id_from_name,
-    list_images,
-    load_plan,
-    plan_shards,
-    read_manifest,
-    save_plan,
-)
+from ray_updown.extraction.inputs import image_id_from_name, list_images, list_inputs, read_manifest
 from ray_updown.extraction.pipeline import ExtractConfig, run_extraction
+from ray_updown.extraction.plan import PlanReader, load_plan, plan_table, save_plan, shard_ranges
 from ray_updown.extraction.stages import DetectorActor, ModelSpec, result_schema
 from ray_updown.features.store import FeatureRecord, StoreMeta, feature_shard_uri, write_feature_shard
 
@@ -52,43 +45,100 @@ def test_manifests_in_three_formats_resolve_relative_uris(tmp_path):
     pq.write_table(table, tmp_path / "m.parquet")
     (tmp_path / "m.csv").write_text("image_id,uri\n5,imgs/5.jpg\n6,/abs/6.jpg\n")
     (tmp_path / "m.jsonl").write_text('{"image_id": 8, "uri": "8.jpg"}\n')
-    rows = read_manifest(str(tmp_path / "m.parquet"))
-    assert [(r.image_id, r.uri) for r in rows] == [("x1", str(tmp_path / "imgs/1.jpg")),
-                                                   ("x2", "s3://bucket/2.jpg")]
-    rows = read_manifest(str(tmp_path / "m.csv"), images_root="s3://other")
-    assert [(r.image_id, r.uri) for r in rows] == [(5, "s3://other/imgs/5.jpg"), (6, "/abs/6.jpg")]
-    assert read_manifest(str(tmp_path / "m.jsonl"))[0].image_id == 8
+    rows = read_manifest(str(tmp_path / "m.parquet")).to_pylist()
+    assert [(r["image_id"], r["uri"]) for r in rows] == [("x1", str(tmp_path / "imgs/1.jpg")),
+                                                         ("x2", "s3://bucket/2.jpg")]
+    rows = read_manifest(str(tmp_path / "m.csv"), images_root="s3://other").to_pylist()
+    assert [(r["image_id"], r["uri"]) for r in rows] == [(5, "s3://other/imgs/5.jpg"), (6, "/abs/6.jpg")]
+    assert read_manifest(str(tmp_path / "m.jsonl")).column("image_id").to_pylist() == [8]
     (tmp_path / "bad.csv").write_text("id,path\n1,a.jpg\n")
     with pytest.raises(DataError, match="lacks column"):
         read_manifest(str(tmp_path / "bad.csv"))
+    (tmp_path / "empty.csv").write_text("image_id,uri\n1,a.jpg\n2,\n")
+    with pytest.raises(DataError, match="empty image_id or uri") as info:
+        read_manifest(str(tmp_path / "empty.csv"))
+    assert info.value.record == "row 1"
 
 
-def _inputs(names):
-    return [InputImage(image_id_from_name(n), f"/img/{n}") for n in names]
+def test_manifest_boxes_become_the_plans_given_boxes(tmp_path):
+    boxes = [[[1, 2, 30, 40], [0, 0, 5, 5]], None, []]
+    pq.write_table(pa.table({"image_id": [1, 2, 3], "uri": ["a.jpg", "b.jpg", "c.jpg"],
+                             "boxes": boxes}), tmp_path / "m.parquet")
+    inputs = read_manifest(str(tmp_path / "m.parquet"))
+    assert inputs.schema.field("given_boxes").type == pa.list_(pa.list_(pa.float32()))
+    plan = plan_table(inputs, 2)
+    assert plan.column("given_boxes").to_pylist() == [[[1, 2, 30, 40], [0, 0, 5, 5]], None, []]
+    # CSV cells hold JSON; a cell that is not JSON names its row.
+    (tmp_path / "m.csv").write_text('image_id,uri,boxes\n1,a.jpg,"[[1, 2, 3, 4]]"\n2,b.jpg,\n')
+    assert read_manifest(str(tmp_path / "m.csv")).column("given_boxes").to_pylist() == [
+        [[1, 2, 3, 4]], None]
+    (tmp_path / "bad.csv").write_text('image_id,uri,boxes\n1,a.jpg,"[[1, 2"\n')
+    with pytest.raises(DataError, match="boxes is not a JSON list") as info:
+        read_manifest(str(tmp_path / "bad.csv"))
+    assert info.value.record == "row 0"
+
+
+def _inputs(names, extra=()):
+    return pa.table({"image_id": pa.array([image_id_from_name(n) for n in names]
+                                          + [i for i, _ in extra], pa.int64()),
+                     "uri": [f"/img/{n}" for n in names] + [u for _, u in extra]})
+
+
+def _rows(plan, *columns):
+    return [tuple(r[c] for c in columns) for r in plan.to_pylist()]
 
 
 def test_shard_plan_is_deterministic_and_extends_without_moving_rows(tmp_path):
     names = [f"{i}.jpg" for i in (5, 1, 4, 2, 3)]
-    plan = plan_shards(_inputs(names), rows_per_shard=2)
-    assert [(p.uri, p.shard) for p in plan] == [
+    plan = plan_table(_inputs(names), rows_per_shard=2)
+    assert _rows(plan, "uri", "shard") == [
         ("/img/1.jpg", 0), ("/img/2.jpg", 0), ("/img/3.jpg", 1), ("/img/4.jpg", 1), ("/img/5.jpg", 2)]
-    assert plan == plan_shards(_inputs(reversed(names)), rows_per_shard=2)
+    assert plan.equals(plan_table(_inputs(list(reversed(names))), rows_per_shard=2))
     save_plan(str(tmp_path), plan)
     previous = load_plan(str(tmp_path))
-    assert [(p.image_id, p.uri, p.shard) for p in previous] == [(p.image_id, p.uri, p.shard) for p in plan]
+    assert previous.equals(plan)
     # New images (one sorting first) go to new shards; old rows keep theirs; a repeated id errs.
-    grown = plan_shards(_inputs(names + ["0.jpg", "6.jpg"]) + [InputImage(3, "/img/copy/3.jpg")],
-                        rows_per_shard=2, previous=previous)
-    assert [(p.uri, p.shard) for p in grown[:5]] == [(p.uri, p.shard) for p in plan]
-    assert [(p.uri, p.shard) for p in grown[5:]] == [
+    grown = plan_table(_inputs(names + ["0.jpg", "6.jpg"], [(3, "/img/copy/3.jpg")]),
+                       rows_per_shard=2, previous=previous)
+    assert _rows(grown.slice(0, 5), "uri", "shard") == _rows(plan, "uri", "shard")
+    assert _rows(grown.slice(5), "uri", "shard") == [
         ("/img/0.jpg", 3), ("/img/6.jpg", 3), ("/img/copy/3.jpg", 4)]
-    dup = grown[-1]
-    assert dup.stage == "list" and "duplicate image id 3" in dup.reason and "/img/3.jpg" in dup.reason
-    assert [p.row for p in grown] == list(range(8))
-    twice = plan_shards([InputImage(1, "/img/a.jpg"), InputImage(2, "/img/a.jpg")], 5)
-    assert twice[1].stage == "list" and "duplicate uri (already listed as image id 1)" in twice[1].reason
+    dup = grown.to_pylist()[-1]
+    assert dup["stage"] == "list" and "duplicate image id 3" in dup["reason"] and "/img/3.jpg" in dup["reason"]
+    assert grown.column("row").to_pylist() == list(range(8))
+    assert shard_ranges(grown).to_pylist()[3:] == [
+        {"shard": 3, "first_row": 5, "num_rows": 2}, {"shard": 4, "first_row": 7, "num_rows": 1}]
+    twice = plan_table(pa.table({"image_id": [1, 2], "uri": ["/img/a.jpg", "/img/a.jpg"]}), 5)
+    assert twice.to_pylist()[1]["stage"] == "list"
+    assert "duplicate uri (already listed as image id 1)" in twice.to_pylist()[1]["reason"]
     with pytest.raises(DataError, match="mix integers and strings"):
-        plan_shards([InputImage("a.jpg", "/img/a.jpg")], 2, previous)
+        plan_table(pa.table({"image_id": ["a.jpg"], "uri": ["/img/a.jpg"]}), 2, previous)
+
+
+def test_a_worker_reads_its_shards_rows_from_the_saved_plan(tmp_path, monkeypatch):
+    import ray_updown.extraction.plan as plan_module
+
+    monkeypatch.setattr(plan_module, "PLAN_ROW_GROUP", 3)  # shards straddle row groups
+    inputs = pa.table({"image_id": pa.array(range(10), pa.int64()),
+                       "uri": [f"/img/{i:02d}.jpg" for i in range(10)]})
+    plan = plan_table(inputs, 4)
+    save_plan(str(tmp_path), plan)
+    reader = PlanReader(str(tmp_path))
+    assert reader.file.num_row_groups == 4
+    for r in shard_ranges(plan).to_pylist():
+        rows = reader.rows(r["first_row"], r["num_rows"])
+        assert rows.equals(plan.slice(r["first_row"], r["num_rows"]))
+    with pytest.raises(DataError, match="the plan holds 10"):
+        reader.rows(8, 4)
+
+
+def test_a_listing_is_arrow_and_streams_local_folders(tmp_path):
+    for i in range(3):
+        (tmp_path / "d" / f"sub{i}").mkdir(parents=True)
+        (tmp_path / "d" / f"sub{i}" / f"{i + 1}.jpg").write_bytes(b"x")
+    listing = list_inputs(str(tmp_path / "d"))
+    assert listing.table.column("image_id").to_pylist() == [1, 2, 3]
+    assert listing.table.column("uri").to_pylist() == sorted(listing.table.column("uri").to_pylist())
 
 
 class PoisonModel:
@@ -121,12 +171,53 @@ def test_actor_retries_one_by_one_and_maps_boxes_to_original_pixels():
     assert table.schema == result_schema(meta)
     rows = {r["image_id"]: r for r in table.to_pylist()}
     assert set(rows) == {1, 2, 3, 4}
-    assert (rows[2]["stage"], rows[2]["reason"]) == ("detect", "ValueError: poisoned pixel")
+    # The reason names the image, its file and its own size, not a batch position.
+    assert (rows[2]["stage"], rows[2]["reason"]) == (
+        "detect", "image 2 (b, 40x20 pixels): ValueError: poisoned pixel")
     assert (rows[4]["stage"], rows[4]["reason"], rows[4]["features"]) == ("decode", "truncated", None)
     for i, colour in ((1, 50), (3, 90)):
         assert rows[i]["reason"] == "" and rows[i]["image_w"] == 40 and rows[i]["image_h"] == 20
         assert rows[i]["boxes"] == [[0, 0, 40, 20]]  # decoded at half size: boxes doubled
         assert rows[i]["features"] == [[colour] * 3] and rows[i]["attr_ids"] == [2]
+
+
+class CountingPoisonModel(PoisonModel):
+    calls: list[int] = []
+
+    def extract_regions(self, images):
+        CountingPoisonModel.calls.append(len(images))
+        return super().extract_regions(images)
+
+
+def test_actor_forwards_in_chunks_and_retries_only_the_failing_one():
+    meta = StoreMeta(feature_dim=3, image_id_type="int64", detector="poison-test")
+    actor = DetectorActor(ModelSpec(factory=CountingPoisonModel), meta, forward_batch_size=2)
+    colours = (50, 60, 13, 70, 80)
+    batch = {"image_id": np.arange(5), "uri": np.array(list("abcde"), dtype=object),
+             "row": np.arange(5), "shard": np.zeros(5, np.int64),
+             "stage": np.array([""] * 5, dtype=object), "reason": np.array([""] * 5, dtype=object),
+             "pixels": [np.full((10, 20, 3), v, np.uint8) for v in colours],
+             "image_w": np.full(5, 20, np.int32), "image_h": np.full(5, 10, np.int32)}
+    CountingPoisonModel.calls.clear()
+    rows = {r["image_id"]: r for r in actor(batch).to_pylist()}
+    # Forwards of 2, 2, 1; only the second (holding the poisoned image) is redone one by one.
+    assert CountingPoisonModel.calls == [2, 2, 1, 1, 1]
+    assert [rows[i]["stage"] for i in range(5)] == ["", "", "detect", "", ""]
+    assert [rows[i]["features"][0][0] for i in (0, 1, 3, 4)] == [50, 60, 70, 80]
+
+
+def test_detector_streams_batches_like_single_calls():
+    torch.manual_seed(0)
+    model = BottomUpDetector(tiny_config()).prepare_inference("cpu")
+    rng = np.random.default_rng(0)
+    batches = [[rng.integers(0, 256, (40, 50, 3), dtype=np.uint8) for _ in range(2)],
+               [np.zeros((4, 4), np.uint8)],  # not an image: that batch's exception, then on
+               [rng.integers(0, 256, (60, 30, 3), dtype=np.uint8)]]
+    streamed = list(model.extract_batches(batches))
+    assert isinstance(streamed[1], DataError)
+    for images, got in zip((batches[0], batches[2]), (streamed[0], streamed[2])):
+        for a, b in zip(model.extract_regions(images), got):
+            np.testing.assert_array_equal(a["features"], b["features"])
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +275,40 @@ def test_config_errors_are_named():
     spec = ExtractConfig(images="x", out="y", model="grid", grid_size=3).model_spec(
         functools.partial(PoisonModel))
     assert (spec.kind, spec.grid_size, spec.factory is not None) == ("grid", 3, True)
+
+
+def test_workers_write_shards_from_arrow_tables(tmp_path):
+    from ray_updown.extraction.shards import numpy_batch
+    from ray_updown.features.store import FeatureStore, records_to_table, write_feature_table
+
+    meta = StoreMeta(feature_dim=3, image_id_type="int64", detector="t")
+    records = [FeatureRecord(i, 8, 6, np.array([[0, 0, 4, 4]] * i, np.float32),
+                             np.full((i, 3), i, np.float32)) for i in (1, 2)]
+    table = records_to_table(records, meta)
+    uri = feature_shard_uri(str(tmp_path / "s"), 0)
+    assert write_feature_table(table, uri, meta) == 2
+    store = FeatureStore(str(tmp_path / "s"))
+    assert store.get(2).features.shape == (2, 3) and (store.get(2).features == 2).all()
+    with pytest.raises(DataError, match="lacks column"):
+        write_feature_table(table.drop_columns(["boxes"]), uri, meta)
+    # The plan rows a worker hands the detector: given_boxes as None or lists of boxes.
+    plan = plan_table(pa.table({"image_id": pa.array([1, 2], pa.int64()), "uri": ["/a", "/b"],
+                                "given_boxes": pa.array([None, [[1.0, 2.0, 3.0, 4.0]]],
+                                                        pa.list_(pa.list_(pa.float32())))}), 4)
+    batch = numpy_batch(plan)
+    assert list(batch["given_boxes"]) == [None, [[1.0, 2.0, 3.0, 4.0]]]
+    assert batch["image_id"].dtype == np.int64 and list(batch["uri"]) == ["/a", "/b"]
+
+
+def test_an_s3_prefix_is_listed_page_by_page(s3_bucket, monkeypatch):
+    import ray_updown.extraction.inputs as inputs
+
+    for i in range(1, 6):
+        storage.write_bytes(f"{s3_bucket}/pages/{i}.jpg", b"x")
+    storage.write_bytes(f"{s3_bucket}/pages/notes.txt", b"x")
+    monkeypatch.setattr(inputs, "S3_PAGE_KEYS", 2)
+    pages = list(inputs._pages(f"{s3_bucket}/pages/"))
+    assert [len(p) for p in pages] == [2, 2, 2]  # one list request a page
+    listing = list_inputs(f"{s3_bucket}/pages/")
+    assert listing.table.column("image_id").to_pylist() == [1, 2, 3, 4, 5]
+    assert listing.skipped_summary()["by_reason"] == {"suffix": 1}

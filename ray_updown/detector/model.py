@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -54,6 +54,17 @@ def to_host(tensor: Tensor) -> Tensor:
     host.copy_(tensor, non_blocking=True)
     torch.cuda.current_stream(tensor.device).synchronize()
     return host
+
+
+def upload_images(images: list, device: torch.device) -> list:
+    """HxWx3 uint8 arrays -> tensors on a CUDA `device`, copied from pinned memory without
+    blocking the host (the caller orders them on its stream). Anything else, or any other
+    device, is returned as given: the transform checks and moves it."""
+    if device.type != "cuda":
+        return list(images)
+    return [torch.from_numpy(np.ascontiguousarray(image)).pin_memory().to(device, non_blocking=True)
+            if isinstance(image, np.ndarray) and image.dtype == np.uint8 else image
+            for image in images]
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
@@ -181,13 +192,7 @@ class BottomUpDetector(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with timer("transform"):
-                batch = self.transform(images, self.device, self.dtype)
-                if self.device.type == "cuda":
-                    batch.tensor = batch.tensor.contiguous(memory_format=torch.channels_last)
-            with timer("trunk"):
-                features, feature_sizes = self.backbone(
-                    batch.tensor, batch.sizes_tensor if batch.padded else None)
+            batch, features, feature_sizes = self._trunk(images, timer)
             with timer("rpn"):
                 proposals, _, _ = self.rpn(features, feature_sizes, batch)
             with timer("roi_heads"):
@@ -200,40 +205,128 @@ class BottomUpDetector(nn.Module):
             self.train(was_training)
         return self._unpack(host, batch)
 
+    def _trunk(self, images: list, timer: StageTimer) -> tuple[ImageBatch, Tensor, Tensor | None]:
+        """Transform and trunk: the padded batch, its res4 map and the valid sizes on it."""
+        with timer("transform"):
+            batch = self.transform(images, self.device, self.dtype)
+            if self.device.type == "cuda":
+                batch.tensor = batch.tensor.contiguous(memory_format=torch.channels_last)
+        with timer("trunk"):
+            features, feature_sizes = self.backbone(
+                batch.tensor, batch.sizes_tensor if batch.padded else None)
+        return batch, features, feature_sizes
+
+    def extract_batches(self, batches: Iterable[list]) -> Iterator[list[dict[str, Any]] | Exception]:
+        """`extract_regions` over consecutive batches, yielding each one's results, or the
+        exception it raised (the stream goes on; the caller decides, e.g. image by image).
+
+        On CUDA the next batch's pixels are copied to the device on a side stream while the
+        current batch computes, so the GPU does not wait for the host-to-device copy.
+        """
+        if self.device.type != "cuda":
+            for images in batches:
+                try:
+                    yield self.extract_regions(images)
+                except Exception as exc:  # handed to the caller, not swallowed
+                    yield exc
+            return
+        copy_stream = torch.cuda.Stream(self.device)
+
+        def stage(images: list) -> tuple[list, torch.cuda.Event]:
+            with torch.cuda.stream(copy_stream):
+                uploaded = upload_images(images, self.device)
+            return uploaded, copy_stream.record_event()
+
+        pending = iter(batches)
+        following = next(pending, None)
+        staged = stage(following) if following is not None else None
+        while staged is not None:
+            uploaded, copied = staged
+            following = next(pending, None)
+            staged = stage(following) if following is not None else None  # overlaps the compute
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(copied)
+            for tensor in uploaded:
+                if isinstance(tensor, Tensor):
+                    tensor.record_stream(compute)  # made on the copy stream, used on this one
+            try:
+                yield self.extract_regions(uploaded)
+            except Exception as exc:
+                yield exc
+
     def _select_and_pack(self, batch: ImageBatch, proposals: list[Tensor], region: Tensor,
                          class_logits: Tensor, attr_logits: Tensor) -> Tensor:
-        """Select each image's regions and pack every output of the batch into one flat
-        float32 tensor: (N, M, 4 + D + 4) rows of boxes, features, object id/conf, attribute
-        id/conf (ids < 2^24 are exact in float32), then the N kept counts."""
+        """Select each image's regions (generate_tsv's rule) and pack them (`_pack`)."""
         cfg = self.config
-        n, device = len(batch), region.device
         counts = [len(p) for p in proposals]
         # Per image, as the unbatched rule did: a scalar divisor is computed differently
         # (a reciprocal product on CUDA) from an elementwise one.
         boxes = [p.float() / batch.scales[i] for i, p in enumerate(proposals)]
         class_probs = class_logits.float().softmax(dim=1)
-        padded_probs = pad_sequence(list(class_probs.split(counts)), batch_first=True)
         chosen = select_regions_batched(
-            pad_sequence(boxes, batch_first=True), padded_probs,
-            torch.tensor(counts, device=device), nms_threshold=cfg.select_nms,
+            pad_sequence(boxes, batch_first=True),
+            pad_sequence(list(class_probs.split(counts)), batch_first=True),
+            torch.tensor(counts, device=region.device), nms_threshold=cfg.select_nms,
             conf_threshold=cfg.select_conf, min_boxes=cfg.min_boxes, max_boxes=cfg.max_boxes,
             plus_one=cfg.box_plus_one, greedy_scan=self.greedy_scan)
-        width = 4 + cfg.feature_dim + 4
+        return self._pack(boxes, chosen.index, chosen.num_kept, region, class_probs, attr_logits)
+
+    def _pack(self, boxes: list[Tensor], index: Tensor, num_kept: Tensor, region: Tensor,
+              class_probs: Tensor, attr_logits: Tensor) -> Tensor:
+        """Every output of the batch in one flat float32 tensor, for one host copy: (N, M,
+        4 + D + 4) rows of boxes, features, object id/conf, attribute id/conf (ids < 2^24
+        are exact in float32), then the N kept counts. `index` (N, M) picks each image's
+        regions among its own (`boxes[i]`), the first `num_kept[i]` of them real."""
+        n, device = len(boxes), region.device
+        counts = [len(b) for b in boxes]
+        width = 4 + self.config.feature_dim + 4
         if sum(counts) == 0:
-            return torch.cat([torch.zeros(n * chosen.index.shape[1] * width, device=device),
-                              chosen.num_kept.float()])
+            return torch.cat([torch.zeros(n * index.shape[1] * width, device=device),
+                              num_kept.float()])
         # Rows of the flat (sum R, ...) outputs; slots past an image's count repeat a real row
         # (any row: they are cut off on the host).
         offsets = torch.tensor([0] + counts[:-1], device=device).cumsum(0)
         last = torch.tensor([max(c - 1, 0) for c in counts], device=device)
-        rows = (offsets[:, None] + torch.minimum(chosen.index, last[:, None])).reshape(-1)
+        rows = (offsets[:, None] + torch.minimum(index, last[:, None])).reshape(-1)
         rows = rows.clamp(max=len(region) - 1)
         object_conf, object_ids = class_probs[rows, 1:].max(dim=1)
         attr_conf, attr_ids = attr_logits[rows].float().softmax(dim=1)[:, 1:].max(dim=1)
         packed = torch.cat([torch.cat(boxes)[rows], region[rows].float(),
                             (object_ids + 1).float()[:, None], object_conf[:, None],
                             (attr_ids + 1).float()[:, None], attr_conf[:, None]], dim=1)
-        return torch.cat([packed.reshape(-1), chosen.num_kept.float()])
+        return torch.cat([packed.reshape(-1), num_kept.float()])
+
+    @torch.no_grad()
+    def extract_given_boxes(self, images: list, boxes: list, timer: StageTimer = untimed
+                            ) -> list[dict[str, Any]]:
+        """Region features for boxes the caller already has (ground truth, RefCOCO, another
+        detector): the same outputs as `extract_regions`, one row per given box, in order.
+
+        boxes: per image a (k, 4) array of x1 y1 x2 y2 in the image's pixels. They replace
+        the RPN's proposals: pooled on res4 at the image's scale, through res5 and the
+        heads, with no selection. The caller checks them (finite, x1 < x2, inside the image).
+        """
+        if len(boxes) != len(images):
+            raise ConfigError(f"{len(boxes)} box lists for {len(images)} images", record="boxes")
+        was_training = self.training
+        self.eval()
+        try:
+            batch, features, _ = self._trunk(images, timer)
+            given = [torch.as_tensor(np.asarray(b, np.float32).reshape(-1, 4), device=self.device)
+                     for b in boxes]
+            with timer("roi_heads"):
+                # Into the resized frame exactly as proposals come out of it (x scale).
+                pooled = [b * batch.scales[i] for i, b in enumerate(given)]
+                region, class_logits, attr_logits = self.roi_heads.predict_flat(features, pooled)
+            counts = torch.tensor([len(b) for b in given], device=self.device)
+            width = int(counts.max()) if len(given) else 0
+            index = torch.arange(width, device=self.device).expand(len(given), width)
+            with timer("to_host"):
+                host = to_host(self._pack(given, index, counts, region,
+                                          class_logits.float().softmax(dim=1), attr_logits))
+        finally:
+            self.train(was_training)
+        return self._unpack(host, batch)
 
     def _unpack(self, host: Tensor, batch: ImageBatch) -> list[dict[str, Any]]:
         n, dim = len(batch), self.config.feature_dim

@@ -1,26 +1,39 @@
-"""Which images an extraction run processes, their ids, and their deterministic shards.
+"""Which images an extraction run processes and their ids, as Arrow tables (plan.py shards them).
 
-Inputs come from a URI prefix or glob (`list_images`) or a manifest (`read_manifest`: Parquet,
-CSV or JSON lines with `image_id` and `uri` columns). Without a manifest, ids follow the file
-naming of the public data sets: COCO `COCO_val2014_000000391895.jpg` -> 391895, COCO 2017
-`000000391895.jpg` -> 391895, Visual Genome `2345.jpg` -> 2345. When any name does not follow
-them, every id is the path relative to the prefix (strings), so a store has one id type.
+Inputs come from a URI prefix or glob (`list_inputs`) or a manifest (`read_manifest`: Parquet,
+CSV or JSON lines with `image_id` and `uri` columns, and optionally `boxes`). Without a
+manifest, ids follow the file naming of the public data sets: COCO
+`COCO_val2014_000000391895.jpg` -> 391895, COCO 2017 `000000391895.jpg` -> 391895, Visual Genome
+`2345.jpg` -> 2345. When any name does not follow them, every id is the path relative to the
+prefix (strings), so a store has one id type.
 
-`plan_shards` sorts by URI and cuts the list into shards of `rows_per_shard`. The plan is
-saved beside the output (`extract_plan.parquet`) on the first run and is the source of truth
-afterwards: a re-run keeps every planned image in its shard and gives images that appeared
-since then new shards after the last one, so a finished shard never changes meaning. An image
-whose id or URI repeats one already planned becomes an error row (stage "list"), not a
-silent duplicate. Each plan row's position (`row`) identifies it through the pipeline.
+A listing takes the files whose suffix is an image suffix, in any case (`.JPG` counts). Every
+other file under the prefix is skipped, never silently: `list_inputs` returns them with why
+(`suffix`: not an image suffix, e.g. `.svg`, `.txt`; `hidden`: a name or folder below the
+prefix starting with `.`, e.g. `.DS_Store`, macOS `._IMG_1.jpg`; `no name`: an object key
+ending in `/`), and the run's summary counts and names them.
+
+Memory: inputs are Arrow columns, never one Python object per image. An object-store prefix
+is listed page by page (1000 keys a request); each page becomes Arrow arrays before the next
+is fetched, so a listing of millions holds its URIs once, as Arrow strings.
+
+Given boxes: a manifest's optional `boxes` column holds, per image, a list of [x1, y1, x2, y2]
+in original pixels (null or [] where the detector should choose). It becomes the plan's
+`given_boxes` column, Arrow list<list<float32>>.
 """
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
@@ -28,15 +41,19 @@ import pyarrow.parquet as pq
 from ray_updown import storage
 from ray_updown.errors import ConfigError, DataError, StorageError
 
+PLAN_FILE = "extract_plan.parquet"  # plan.py writes it; the reader finds stores by it
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-PLAN_FILE = "extract_plan.parquet"
+BOXES_TYPE = pa.list_(pa.list_(pa.float32()))
 # COCO 2014 (COCO_<split>2014_<12 digits>), COCO 2017 (12 digits) and VG (<digits>).
 _ID_NAME = re.compile(r"^(?:COCO_[A-Za-z]+\d{4}_)?(\d{1,18})$")
+_ID_REGEX = r"^(?:.*/)?(?:COCO_[A-Za-z]+\d{4}_)?(?P<id>\d{1,18})(?:\.[^./]*)?$"
+_KEEP_SKIPPED = 10_000  # names kept of skipped files (all are counted)
+S3_PAGE_KEYS = 1000  # keys per list request (S3's maximum)
 
 
 @dataclass
 class InputImage:
-    """One input row. A non-empty `reason` means the row is already an error (stage "list")."""
+    """One input row, for small uses and tests; runs keep inputs and plans as Arrow tables."""
 
     image_id: int | str
     uri: str
@@ -46,6 +63,28 @@ class InputImage:
     row: int = -1  # position in the plan: the row's identity through the pipeline
 
 
+@dataclass
+class InputListing:
+    """The images of a prefix or glob (`table`: image_id, uri), and the files under it that are
+    not taken: counted by reason, the first `_KEEP_SKIPPED` named in `skipped` (uri, why)."""
+
+    table: pa.Table
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    skipped_by_reason: Counter = field(default_factory=Counter)
+
+    @property
+    def images(self) -> list[InputImage]:
+        """The table as objects (small listings only)."""
+        return [InputImage(i, u) for i, u in zip(self.table.column("image_id").to_pylist(),
+                                                 self.table.column("uri").to_pylist())]
+
+    def skipped_summary(self, first: int = 50) -> dict[str, object]:
+        """{count, by_reason, first: the first `first` skipped URIs (sorted)} for the summary."""
+        return {"count": int(sum(self.skipped_by_reason.values())),
+                "by_reason": dict(sorted(self.skipped_by_reason.items())),
+                "first": [uri for uri, _ in self.skipped[:first]]}
+
+
 def image_id_from_name(uri: str) -> int | None:
     """The integer id in a COCO / VG file name, or None when the name follows neither."""
     stem = posixpath.basename(str(uri)).rsplit(".", 1)[0]
@@ -53,29 +92,135 @@ def image_id_from_name(uri: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _relative(uri: str, root: str) -> str:
-    root = str(root).rstrip("/")
+def _glob_root(root: str) -> str:
     if any(ch in root for ch in "*?["):  # a glob: relative to its fixed leading folders
         root = root[: min(root.find(ch) for ch in "*?[" if ch in root)].rsplit("/", 1)[0]
+    return root
+
+
+def _relative(uri: str, root: str) -> str:
+    root = _glob_root(str(root).rstrip("/"))
     rel = str(uri)[len(root):] if str(uri).startswith(root) else posixpath.basename(str(uri))
     return rel.lstrip("/") or posixpath.basename(str(uri))
 
 
+def _normal_suffixes(suffixes: tuple[str, ...]) -> tuple[str, ...]:
+    """Lower case with a leading dot: "JPG", ".jpg" and ".JPG" are one suffix."""
+    out = [str(x).strip().lower() for x in suffixes if str(x).strip()]
+    return tuple(x if x.startswith(".") else "." + x for x in out)
+
+
+def _skip_reason(uri: str, root: str, suffixes: tuple[str, ...]) -> str:
+    """Why a listed file is not an input ("" when it is one)."""
+    if str(uri).endswith("/") or not posixpath.basename(str(uri)):
+        return "no name"
+    # Only the part below the prefix counts: a prefix inside a hidden folder is the user's choice.
+    if any(part.startswith(".") for part in _relative(uri, root).split("/")):
+        return "hidden"
+    if suffixes and not str(uri).lower().endswith(suffixes):
+        return "suffix"
+    return ""
+
+
+def _pages(images_uri: str) -> Iterator[list[str]]:
+    """The files under a prefix, a page at a time (object stores: one list request a page;
+    local folders: one directory a page). Globs are expanded in one go."""
+    fs, path = storage.filesystem(images_uri)
+    try:
+        if any(ch in path for ch in "*?["):
+            yield [storage._unprotocol(images_uri, p) for p in fs.glob(path) if fs.isfile(p)]
+        elif fs.isfile(path):
+            yield [storage._unprotocol(images_uri, path)]
+        elif str(images_uri).startswith("s3://") and hasattr(fs, "_list_pages"):
+            yield from _s3_pages(fs, path)
+        elif not storage.is_remote(images_uri) and os.path.isdir(path):
+            for folder, dirs, files in os.walk(path):
+                dirs.sort()
+                yield [os.path.join(folder, f) for f in files]
+        elif fs.isdir(path):
+            yield [storage._unprotocol(images_uri, p) for p in fs.find(path)]
+        else:
+            raise StorageError("no such file or prefix", file=images_uri)
+    except StorageError:
+        raise
+    except Exception as exc:
+        raise StorageError(f"cannot list ({type(exc).__name__})", file=images_uri) from None
+
+
+def _s3_pages(fs, path: str) -> Iterator[list[str]]:
+    from fsspec.asyn import sync
+
+    bucket, _, prefix = path.partition("/")
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    pages = fs._list_pages("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=S3_PAGE_KEYS)
+    while True:
+        try:
+            page = sync(fs.loop, pages.__anext__)
+        except StopAsyncIteration:
+            return
+        yield [f"s3://{bucket}/{c['Key']}" for c in page.get("Contents", [])]
+
+
+def _ids_from_names(uris: pa.ChunkedArray, images_uri: str) -> pa.ChunkedArray:
+    """COCO / VG ids from the file names, or every id the relative path when any is not one."""
+    found = pc.extract_regex(uris, _ID_REGEX)
+    if len(uris) and not found.null_count:
+        return pc.cast(pc.struct_field(found, "id"), pa.int64())
+    root = _glob_root(str(images_uri).rstrip("/"))
+    if not storage.is_remote(images_uri):
+        root = storage.filesystem(root)[1] if root else root
+    rel = pc.utf8_ltrim(pc.utf8_slice_codeunits(uris, len(root)), characters="/")
+    base = pc.struct_field(pc.extract_regex(uris, r"(?P<b>[^/]*)$"), "b")
+    rel = pc.if_else(pc.equal(rel, ""), base, rel)
+    return pc.if_else(pc.starts_with(uris, root), rel, base)
+
+
+def list_inputs(images_uri: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> InputListing:
+    """Images under a prefix (recursively) or matching a glob, sorted by URI, with ids from
+    their names, and the skipped files (see the module docstring)."""
+    wanted = _normal_suffixes(tuple(suffixes))
+    # Local listings come back as absolute paths: compare them with an absolute prefix.
+    root = images_uri if storage.is_remote(images_uri) else storage.filesystem(images_uri)[1]
+    chunks, skipped, reasons = [], [], Counter()
+    for page in _pages(images_uri):
+        keep = []
+        for uri in page:
+            why = _skip_reason(uri, root, wanted)
+            if not why:
+                keep.append(uri)
+                continue
+            reasons[why] += 1
+            if len(skipped) < _KEEP_SKIPPED:
+                skipped.append((uri, why))
+        chunks.append(pa.array(keep, pa.string()))
+    uris = pa.chunked_array(chunks, pa.string())
+    uris = pc.take(uris, pc.sort_indices(uris))
+    table = pa.table({"image_id": _ids_from_names(uris, images_uri), "uri": uris})
+    return InputListing(table, sorted(skipped), reasons)
+
+
 def list_images(images_uri: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[InputImage]:
-    """Images under a prefix (recursively) or matching a glob, with ids from their names."""
-    uris = storage.list_files(images_uri, tuple(suffixes) or None)
-    ids = [image_id_from_name(u) for u in uris]
-    if any(i is None for i in ids):
-        ids = [_relative(u, images_uri) for u in uris]
-    return [InputImage(image_id=i, uri=u) for i, u in zip(ids, uris)]
+    """The images of `list_inputs` as objects, without the skipped files (small listings)."""
+    return list_inputs(images_uri, suffixes).images
 
 
-def _read_table(uri: str) -> pa.Table:
+def read_parquet_lean(source, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file's `columns` (those it has), a row group at a time on one thread: the
+    table plus one group's buffers, not the whole file's decode buffers at once."""
+    file = pq.ParquetFile(source, pre_buffer=False)
+    names = file.schema_arrow.names
+    columns = [c for c in columns if c in names] if columns else names
+    groups = [file.read_row_group(i, columns=columns, use_threads=False)
+              for i in range(file.num_row_groups)]
+    return pa.concat_tables(groups) if groups else file.schema_arrow.empty_table().select(columns)
+
+
+def _read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     pa_fs, path = storage.pyarrow_filesystem(uri)
     lower = uri.lower()
     try:
         if lower.endswith(".parquet"):
-            return pq.read_table(path, filesystem=pa_fs)
+            return read_parquet_lean(pa_fs.open_input_file(path), columns)
         with pa_fs.open_input_stream(path) as f:
             if lower.endswith(".csv"):
                 return pa_csv.read_csv(f)
@@ -89,99 +234,69 @@ def _read_table(uri: str) -> pa.Table:
                       file=uri, record="manifest")
 
 
-def read_manifest(manifest_uri: str, images_root: str | None = None) -> list[InputImage]:
-    """Rows (image_id, uri) of a manifest; relative URIs resolve against `images_root`
-    (default: the manifest's folder). Integer id columns give int ids, text columns strings."""
-    table = _read_table(manifest_uri)
+def _first(mask: pa.Array | pa.ChunkedArray) -> int:
+    return int(np.flatnonzero(np.asarray(mask.to_numpy(zero_copy_only=False), bool))[0])
+
+
+def _boxes_column(column: pa.ChunkedArray, uri: str) -> pa.ChunkedArray:
+    """A manifest's `boxes` as list<list<float32>>; CSV cells may hold JSON text."""
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        import json
+
+        values = []
+        for n, text in enumerate(column.to_pylist()):
+            try:
+                values.append(json.loads(text) if text not in (None, "") else None)
+            except ValueError:
+                raise DataError("boxes is not a JSON list of [x1, y1, x2, y2]", file=uri,
+                                record=f"row {n}") from None
+        column = pa.chunked_array([pa.array(values)]) if values else column
+    try:
+        return pc.cast(column, BOXES_TYPE) if len(column) else column.cast(BOXES_TYPE)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise DataError(f"boxes column must hold, per image, a list of [x1, y1, x2, y2] "
+                        f"({column.type}: {exc})", file=uri) from None
+
+
+def read_manifest(manifest_uri: str, images_root: str | None = None) -> pa.Table:
+    """image_id, uri (relative URIs resolved against `images_root`, default the manifest's
+    folder) and, when the manifest has boxes, given_boxes. Integer id columns give int64 ids,
+    text columns strings."""
+    table = _read_table(manifest_uri, ["image_id", "uri", "boxes"])
     missing = [c for c in ("image_id", "uri") if c not in table.column_names]
     if missing:
         raise DataError(f"manifest lacks column(s) {missing} (needs image_id and uri)",
                         file=manifest_uri)
-    id_type = table.schema.field("image_id").type
-    if pa.types.is_integer(id_type):
-        as_id = int
-    elif pa.types.is_string(id_type) or pa.types.is_large_string(id_type):
-        as_id = str
+    ids, uris = table.column("image_id"), table.column("uri")
+    if pa.types.is_integer(ids.type):
+        ids = pc.cast(ids, pa.int64())
+    elif pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type):
+        ids = pc.cast(ids, pa.string())
     else:
-        raise DataError(f"image_id column must hold integers or strings, not {id_type}",
+        raise DataError(f"image_id column must hold integers or strings, not {ids.type}",
                         file=manifest_uri)
-    root = images_root or posixpath.dirname(str(manifest_uri).rstrip("/"))
-    out = []
-    for n, (image_id, uri) in enumerate(zip(table.column("image_id").to_pylist(),
-                                            table.column("uri").to_pylist())):
-        if image_id is None or image_id == "" or uri is None or str(uri) == "":
-            raise DataError("empty image_id or uri", file=manifest_uri, record=f"row {n}")
-        uri = str(uri)
-        if not (storage.is_remote(uri) or uri.startswith(("/", "file://"))):
-            uri = storage.join(root, uri)
-        out.append(InputImage(image_id=as_id(image_id), uri=uri))
-    return out
+    uris = pc.cast(uris, pa.string())
+    empty = pc.or_kleene(pc.is_null(uris), pc.equal(uris, ""))
+    empty = pc.or_kleene(empty, pc.is_null(ids))
+    if pa.types.is_string(ids.type):
+        empty = pc.or_kleene(empty, pc.equal(ids, ""))
+    empty = pc.fill_null(empty, True)
+    if pc.any(empty).as_py():
+        raise DataError("empty image_id or uri", file=manifest_uri, record=f"row {_first(empty)}")
+    root = (images_root or posixpath.dirname(str(manifest_uri).rstrip("/"))).rstrip("/")
+    absolute = pc.or_(pc.match_substring_regex(uris, r"^[a-z][a-z0-9+.-]*://"),
+                      pc.starts_with(uris, "/"))
+    if not pc.all(absolute).as_py():  # (joined only when needed: a copy of every URI)
+        sep = "/" if storage.is_remote(root) or root.startswith("file://") else os.sep
+        uris = pc.if_else(absolute, uris, pc.binary_join_element_wise(root, uris, sep))
+    columns = {"image_id": ids, "uri": uris}
+    if "boxes" in table.column_names:
+        columns["given_boxes"] = _boxes_column(table.column("boxes"), manifest_uri)
+    return pa.table(columns)
 
 
-def _id_kind(images: list[InputImage]) -> set[str]:
-    return {"string" if isinstance(i.image_id, str) else "int64" for i in images}
+def save_plan(out_uri: str, plan) -> None:
+    """plan.save_plan (kept here for callers that plan small stores by hand)."""
+    from ray_updown.extraction.plan import save_plan as save
 
-
-def plan_shards(inputs: list[InputImage], rows_per_shard: int,
-                previous: list[InputImage] | None = None) -> list[InputImage]:
-    """Shard assignment: the previous plan unchanged, then new URIs (sorted) in new shards."""
-    if rows_per_shard < 1:
-        raise ConfigError(f"must be >= 1, got {rows_per_shard}", record="rows_per_shard")
-    previous = list(previous or [])
-    kinds = _id_kind(previous) | _id_kind(inputs)
-    if len(kinds) > 1:
-        raise DataError("image ids mix integers and strings (the store was started with one "
-                        "kind, the inputs give the other); use a manifest or a new output")
-    known = {p.uri for p in previous}
-    # Stable sort: rows of a manifest naming one file twice keep their order.
-    fresh = sorted((i for i in inputs if i.uri not in known), key=lambda i: i.uri)
-    first_new = max((p.shard for p in previous), default=-1) + 1
-    plan = [InputImage(p.image_id, p.uri, p.shard, p.stage, p.reason, n)
-            for n, p in enumerate(previous)]
-    plan += [InputImage(i.image_id, i.uri, first_new + n // rows_per_shard, row=len(previous) + n)
-             for n, i in enumerate(fresh)]
-    first_uri: dict[int | str, str] = {}
-    first_id: dict[str, int | str] = {}
-    for row in plan:  # previous rows first, so an already-stored image keeps its row
-        if row.reason:
-            continue
-        if row.uri in first_id:
-            row.stage, row.reason = "list", (f"duplicate uri (already listed as image id "
-                                             f"{first_id[row.uri]!r})")
-        elif row.image_id in first_uri:
-            row.stage, row.reason = "list", (f"duplicate image id {row.image_id!r} "
-                                             f"(first at {first_uri[row.image_id]})")
-        else:
-            first_uri[row.image_id], first_id[row.uri] = row.uri, row.image_id
-    return plan
-
-
-def plan_table(plan: list[InputImage]) -> pa.Table:
-    id_type = pa.string() if _id_kind(plan) == {"string"} else pa.int64()
-    return pa.table({
-        "image_id": pa.array([p.image_id for p in plan], type=id_type),
-        "uri": pa.array([p.uri for p in plan], type=pa.string()),
-        "shard": pa.array([p.shard for p in plan], type=pa.int32()),
-        "stage": pa.array([p.stage for p in plan], type=pa.string()),
-        "reason": pa.array([p.reason for p in plan], type=pa.string()),
-        "row": pa.array([p.row for p in plan], type=pa.int64()),
-    })
-
-
-def save_plan(out_uri: str, plan: list[InputImage]) -> None:
-    with storage.atomic_write(storage.join(out_uri, PLAN_FILE), "wb") as f:
-        pq.write_table(plan_table(plan), f, compression="zstd")
-
-
-def load_plan(out_uri: str) -> list[InputImage] | None:
-    """The saved plan of a store, or None when the store has none yet."""
-    uri = storage.join(out_uri, PLAN_FILE)
-    if not storage.exists(uri):
-        return None
-    pa_fs, path = storage.pyarrow_filesystem(uri)
-    try:
-        table = pq.read_table(path, filesystem=pa_fs)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"unreadable extraction plan ({exc}); delete it to re-plan", file=uri) from None
-    cols = {c: table.column(c).to_pylist() for c in ("image_id", "uri", "shard", "stage", "reason")}
-    return [InputImage(*values, row=n) for n, values in enumerate(zip(*cols.values()))]
+    save(out_uri, plan)

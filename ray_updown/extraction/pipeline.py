@@ -8,37 +8,55 @@ reads top to bottom in `run_extraction`:
 1. Check before any work: the config, that the output can be written (StorageError), that the
    checkpoint loads and matches its config (CheckpointError), that an existing store was made
    by the same model.
-2. List the inputs (prefix, glob or manifest; inputs.py) and cut them into
-   deterministic shards by sorted URI. The plan is saved beside the output and reused, so a
-   re-run sees the same shards.
-3. Skip shards that are complete. A shard is complete when both of its files exist:
-   `errors/part-N.parquet` is written first, `features/part-N.parquet` last, each atomically
-   (storage.atomic_write: temp + rename locally, a single upload on object stores). So a crash,
-   a killed actor or a killed driver leaves only whole shards, and a re-run redoes the others
-   under the same names: no image is ever written twice.
-4. Ray Data: from_arrow(plan) -> map_batches(read bytes, threads) -> map_batches(decode,
-   CPU tasks; uint8 arrays in blocks) -> map_batches(DetectorActor, ActorPoolStrategy(size=N),
-   num_gpus per actor, batch_size, max_restarts / max_task_retries so a killed actor is
-   replaced and its batch retried). Every stage keeps its rows; failures become error rows.
-5. The driver streams the actors' Arrow output, groups rows by shard, and as soon as a shard
-   has all its rows writes its two files (on a small thread pool, so the pipeline keeps
-   flowing). Rows are deduplicated by plan row, so a retried batch cannot duplicate an image.
-   Driver memory is bounded by the shards in flight; the driver moves ~0.2-0.4 MB per image,
-   far below what a driver node can write.
-6. Build the store index, check input rows = feature rows + error rows over every shard
-   (a mismatch is a DataError), write `extract_summary.json` and print one summary line.
+2. List the inputs (prefix page by page, glob or manifest; inputs.py) and plan them
+   (plan.py): deterministic shards by sorted URI, as one Arrow table, saved beside the output
+   (`extract_plan.parquet`) and reused, so a re-run sees the same shards. `boxes_from` joins
+   the boxes of an existing store into the plan by image_id (given_boxes).
+3. Skip shards that are complete (shards.complete_shards): both parts there, their footers
+   readable, their rows adding up to the plan's; anything else is redone whole.
+4. Workers write the store. Ray Data: from_arrow(the shards to do: shard, first_row,
+   num_rows; one block each) -> map_batches(ShardWriter, ActorPoolStrategy(size=N), num_gpus
+   per actor, batch_size=1, max_restarts / max_task_retries so a killed actor or node is
+   replaced and its shard redone). Each actor reads its shard's rows from the saved plan,
+   reads, decodes and detects them in chunks (the next chunk loading while the current one is
+   in the model) and writes `errors/part-N.parquet`, then `features/part-N.parquet`, each
+   atomically (storage.atomic_write: temp + rename locally, a single upload on object stores).
+   It returns one row of counts (shards.COUNT_COLUMNS).
+
+   Why whole shards in one actor call, not a streaming read -> decode -> detect pipeline
+   with the driver (or a datasink) writing: a shard's files must hold all its rows, and
+   streamed batches cut across shards, so someone has to gather them. Gathering on the driver
+   sent ~0.3 MB per image through it (the previous design); gathering in a sink needs a
+   shuffle. In the actor, nothing per image leaves it: the driver receives ~100 bytes per
+   shard, the object store carries the shard ranges in and the counts out, and decoded
+   pixels (~1.8 MB per paper-scale image) stay in the process that uses them. The cost: a
+   killed actor redoes its whole shard (rows_per_shard bounds it), and each actor decodes its
+   own images (on a thread beside the model; raise cpus_per_actor if decoding falls behind).
+
+   Exactly once: a shard is written whole, by one call, under names the plan fixes. A retried
+   task, a restarted actor, a replaced node or a re-run after a killed driver writes the same
+   shard again, whole, under the same names, so no image is in two files, and a shard whose
+   features part (the commit) is missing is redone. Failures beyond the retries are one line
+   with the re-run hint (failures.py).
+5. Check input rows = feature rows + error rows over every shard from the footers (a mismatch
+   is a DataError), build the store index, write `extract_summary.json` (with the shards each
+   node wrote and the bytes the driver received) and print one summary line.
+
+Driver memory is the plan's Arrow table while planning (~100 bytes an image; freed before
+the pipeline starts) and then one row per shard: ten million images plan in bounded memory
+(benchmarks/extract.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import time
 import uuid
 import warnings
-from collections import defaultdict
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -49,26 +67,13 @@ import pyarrow.parquet as pq
 from ray_updown import storage
 from ray_updown.config import validate_fields
 from ray_updown.errors import ConfigError, DataError, StorageError
+from ray_updown.extraction.failures import ray_failures_as_one_line
 from ray_updown.extraction.images import DecodeLimits
-from ray_updown.extraction.inputs import (
-    IMAGE_SUFFIXES,
-    list_images,
-    load_plan,
-    plan_shards,
-    plan_table,
-    read_manifest,
-    save_plan,
-)
-from ray_updown.extraction.stages import DetectorActor, ModelSpec, build_model, decode_stage, describe_model, read_stage
-from ray_updown.features.reader import build_index
-from ray_updown.features.schema import ERRORS_DIR, FEATURES_DIR, StoreMeta, feature_schema
-from ray_updown.features.writer import (
-    error_shard_uri,
-    feature_shard_uri,
-    table_to_records,
-    write_error_shard,
-    write_feature_shard,
-)
+from ray_updown.extraction.inputs import IMAGE_SUFFIXES, InputListing, list_inputs, read_manifest
+from ray_updown.extraction.plan import join_boxes_from, make_plan, save_plan
+from ray_updown.extraction.shards import ShardWriter, complete_shards, count_rows, shard_files
+from ray_updown.extraction.stages import ModelSpec, build_model, describe_model
+from ray_updown.features.schema import FEATURES_DIR, StoreMeta
 
 SUMMARY_FILE = "extract_summary.json"
 
@@ -89,6 +94,9 @@ class ExtractConfig:
     grid_size: int = 7
     rows_per_shard: int = 256
     batch_size: int = 4  # images per detector forward
+    # Forwards per actor call; on a GPU the next forward's images are copied to the device
+    # while the current one computes (0: 4 with GPUs, 1 without).
+    forwards_per_call: int = 0
     num_actors: int = 1
     num_gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
@@ -100,11 +108,17 @@ class ExtractConfig:
     max_side: int = 1000
     max_image_pixels: int = 100_000_000
     min_image_side: int = 2
+    max_aspect_ratio: float = 1000.0  # longer side / shorter side; beyond it an error row
     read_threads: int = 16
-    decode_batch_size: int = 16
+    decode_batch_size: int = 16  # (unused since workers decode their own shards; kept for configs)
     max_restarts: int = 3  # per extraction actor
     max_task_retries: int = 3
+    # Custom resources each actor needs, e.g. {"gpu_node": 1} to place them on chosen nodes.
+    actor_resources: dict[str, float] = field(default_factory=dict)
     suffixes: list[str] = field(default_factory=lambda: list(IMAGE_SUFFIXES))
+    # A feature store whose boxes (per image_id) the detector pools instead of choosing its own.
+    boxes_from: str = ""
+    plan_only: bool = False  # plan, save the plan and check what is complete; run nothing
 
     def validate(self) -> None:
         validate_fields(self)  # model
@@ -112,15 +126,20 @@ class ExtractConfig:
                     "read_threads", "grid_size"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"must be >= 1, got {getattr(self, key)}", record=key)
+        if self.forwards_per_call < 0:
+            raise ConfigError(f"must be >= 0, got {self.forwards_per_call}", record="forwards_per_call")
         if self.half and self.num_gpus_per_actor <= 0:
             raise ConfigError("half precision needs GPUs (num_gpus_per_actor > 0)", record="half")
         if self.max_boxes and self.min_boxes > self.max_boxes:
             raise ConfigError(f"min_boxes {self.min_boxes} > max_boxes {self.max_boxes}",
                               record="min_boxes")
 
+    def actor_forwards(self) -> int:
+        return self.forwards_per_call or (4 if self.num_gpus_per_actor > 0 else 1)
+
     def limits(self) -> DecodeLimits:
         return DecodeLimits(self.min_side, self.max_side, self.max_image_pixels,
-                            self.min_image_side)
+                            self.min_image_side, self.max_aspect_ratio)
 
     def model_spec(self, factory: Callable[[], Any] | None = None) -> ModelSpec:
         return ModelSpec(self.model, self.checkpoint, self.grid_size, self.min_boxes,
@@ -134,11 +153,6 @@ def run_extraction(cfg: ExtractConfig, model_factory: Callable[[], Any] | None =
     `model_factory` (optional, picklable) builds any model with `extract_regions(images)`,
     `name` and `feature_dim` instead of loading `cfg.checkpoint`. Returns the run summary.
     """
-    import ray
-    from ray.util.annotations import RayDeprecationWarning
-
-    from ray_updown.ray_session import ensure_ray
-
     cfg.validate()
     if not cfg.out:  # empty by default, like images and manifest
         raise ConfigError("an output URI is needed", record="out")
@@ -152,82 +166,138 @@ def run_extraction(cfg: ExtractConfig, model_factory: Callable[[], Any] | None =
     # actors' business.
     model_info = describe_model(build_model(dataclasses.replace(spec, half=False), "cpu"),
                                 None if spec.factory is not None else spec.checkpoint)
-    inputs = (read_manifest(cfg.manifest, cfg.images or None) if cfg.manifest
-              else list_images(cfg.images, tuple(cfg.suffixes)))
-    if not inputs:
-        raise ConfigError("no input images found", file=cfg.manifest or cfg.images)
-    plan = plan_shards(inputs, cfg.rows_per_shard, load_plan(out))
-    id_type = "string" if isinstance(plan[0].image_id, str) else "int64"
+    planning = time.time()
+    listing = (InputListing(read_manifest(cfg.manifest, cfg.images or None)) if cfg.manifest
+               else list_inputs(cfg.images, tuple(cfg.suffixes)))
+    inputs, skipped = listing.table, listing.skipped_summary()
+    listing = None  # the plan below holds the inputs from here on
+    if not inputs.num_rows:
+        raise ConfigError(f"no input images found{_skipped_text(skipped)}",
+                          file=cfg.manifest or cfg.images)
+    if cfg.boxes_from:
+        inputs = join_boxes_from(inputs, cfg.boxes_from)
+    plan, ranges, total, id_type = make_plan(out, inputs, cfg.rows_per_shard)
+    inputs = None
     meta = StoreMeta(feature_dim=model_info["feature_dim"], image_id_type=id_type,
                      detector=model_info["name"], detector_config=model_info["config"],
                      checkpoint_hash=model_info["checkpoint_hash"],
                      object_vocab=model_info["object_vocab"],
                      attribute_vocab=model_info["attribute_vocab"])
     _check_same_model(out, meta)
-    save_plan(out, plan)
-
-    expected = defaultdict(int)
-    for row in plan:
-        expected[row.shard] += 1
-    done = _complete_shards(out)
-    todo = [row for row in plan if row.shard not in done]
-    todo_shards = sorted({row.shard for row in todo})
+    if plan is not None:  # new or grown; else the saved plan stands
+        save_plan(out, plan)
+    plan = None  # from here on the driver holds one row per shard
+    done = complete_shards(out, ranges)
+    todo = ranges.filter(pc.invert(pc.is_in(ranges.column("shard"), pa.array(done, pa.int32()))))
+    plan_seconds = time.time() - planning
+    n_todo = int(pc.sum(todo.column("num_rows")).as_py() or 0)
+    if cfg.plan_only:
+        return {"inputs": total, "shards": ranges.num_rows, "shards_to_do": todo.num_rows,
+                "images_to_do": n_todo, "plan_seconds": round(plan_seconds, 3),
+                "skipped_files": skipped, "store": out, "plan_only": True}
     started = time.time()
-    if todo:
-        ensure_ray()
-        cpus = ray.cluster_resources().get("CPU", 0.0)
-        if cpus and cfg.num_actors * cfg.cpus_per_actor >= cpus:
-            warnings.warn(f"{cfg.num_actors} actors x {cfg.cpus_per_actor} CPUs take all {cpus:g} "
-                          "CPUs of the cluster: the read/decode tasks wait for the autoscaler "
-                          "(lower num_actors or cpus_per_actor on a fixed cluster)")
-        started = time.time()
-        rows_per_block = max(cfg.decode_batch_size, math.ceil(len(todo) / 20000))
-        table = plan_table(todo)
-        blocks = [table.slice(i, rows_per_block) for i in range(0, len(todo), rows_per_block)]
-        ds = ray.data.from_arrow(blocks)
-        ds = ds.map_batches(read_stage, batch_size=cfg.decode_batch_size, batch_format="numpy",
-                            fn_kwargs={"threads": cfg.read_threads})
-        ds = ds.map_batches(decode_stage, batch_size=cfg.decode_batch_size, batch_format="numpy",
-                            fn_kwargs={"limits": cfg.limits()})
-        with warnings.catch_warnings():
-            # Ray 2.60 deprecates passing actor options as extra kwargs but has no named
-            # parameter for these yet; its defaults (-1) would retry a poison batch forever.
-            warnings.simplefilter("ignore", RayDeprecationWarning)
-            ds = ds.map_batches(
-                DetectorActor, batch_size=cfg.batch_size, batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-                num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None,
-                max_restarts=cfg.max_restarts, max_task_retries=cfg.max_task_retries,
-                fn_constructor_kwargs={
-                    "spec": spec, "meta": meta, "use_gpu": cfg.num_gpus_per_actor > 0,
-                    "torch_threads": cfg.torch_threads or max(1, int(cfg.cpus_per_actor))})
-        _write_shards(ds.iter_batches(batch_format="pyarrow", batch_size=None),
-                      out, meta, {s: expected[s] for s in todo_shards})
+    written = _run_shards(cfg, spec, meta, out, todo) if todo.num_rows else _no_shards()
     seconds = time.time() - started
 
+    from ray_updown.features.reader import build_index  # (torch: not while planning)
+
+    counts = count_rows(out, ranges)
     build_index(out)
-    counts = _count_rows(out, expected)
     summary = {
-        "inputs": len(plan), "features": counts["features"], "errors": counts["errors"],
-        "errors_by_stage": counts["errors_by_stage"], "shards": len(expected),
-        "shards_processed": len(todo_shards), "shards_skipped": len(expected) - len(todo_shards),
-        "images_processed": len(todo), "seconds": round(seconds, 3),
-        "images_per_s": round(len(todo) / seconds, 3) if todo and seconds > 0 else 0.0,
+        "inputs": total, "features": counts["features"], "errors": counts["errors"],
+        "errors_by_stage": counts["errors_by_stage"], "shards": ranges.num_rows,
+        "shards_processed": todo.num_rows, "shards_skipped": ranges.num_rows - todo.num_rows,
+        "images_processed": n_todo, "skipped_files": skipped, "seconds": round(seconds, 3),
+        "images_per_s": round(n_todo / seconds, 3) if n_todo and seconds > 0 else 0.0,
+        "plan_seconds": round(plan_seconds, 3), **written,
         "detector": meta.detector, "feature_dim": meta.feature_dim,
         "checkpoint_hash": meta.checkpoint_hash, "detector_config": meta.detector_config,
         "config": dataclasses.asdict(cfg), "store": out,
     }
     storage.write_json(storage.join(out, SUMMARY_FILE), summary, indent=1)
-    print(f"extract: {summary['images_processed']} images in {seconds:.1f} s "
-          f"({summary['images_per_s']:.2f} images/s), {len(todo_shards)} shards written, "
+    print(f"extract: {n_todo} images in {seconds:.1f} s "
+          f"({summary['images_per_s']:.2f} images/s), {todo.num_rows} shards written, "
           f"{summary['shards_skipped']} already complete; store {out}: {summary['features']} "
-          f"feature rows, {summary['errors']} errors of {summary['inputs']} inputs",
-          file=sys.stderr)
+          f"feature rows, {summary['errors']} errors of {summary['inputs']} inputs"
+          f"{_skipped_text(skipped)}", file=sys.stderr)
     return summary
 
 
+def _no_shards() -> dict[str, Any]:
+    return {"shards_by_node": {}, "driver_received_bytes": 0, "object_store_bytes": 0,
+            "decoded_bytes_in_workers": 0, "encoded_bytes_read": 0}
+
+
+def _run_shards(cfg: ExtractConfig, spec: ModelSpec, meta: StoreMeta, out: str,
+                todo: pa.Table) -> dict[str, Any]:
+    """The Ray Data run over the shards to do; what the workers reported, in sum."""
+    import ray
+    from ray.util.annotations import RayDeprecationWarning
+
+    from ray_updown.ray_session import ensure_ray
+
+    ensure_ray()
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    if cpus and cfg.num_actors * cfg.cpus_per_actor >= cpus + 1:
+        warnings.warn(f"{cfg.num_actors} actors x {cfg.cpus_per_actor} CPUs need more than the "
+                      f"{cpus:g} CPUs of the cluster: some wait for the autoscaler")
+    # One block per shard (a few shards a block beyond 10,000): each is one actor call.
+    per_block = max(1, math.ceil(todo.num_rows / 10_000))
+    blocks = [todo.slice(i, per_block) for i in range(0, todo.num_rows, per_block)]
+    ds = ray.data.from_arrow(blocks)
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates passing actor options as extra kwargs but has no named
+        # parameter for these yet; its defaults (-1) would retry a poison batch forever.
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        ds = ds.map_batches(
+            ShardWriter, batch_size=1, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+            num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None,
+            resources=dict(cfg.actor_resources) or None,
+            max_restarts=cfg.max_restarts, max_task_retries=cfg.max_task_retries,
+            fn_constructor_kwargs={
+                "out": out, "spec": spec, "meta": meta, "limits": cfg.limits(),
+                "read_threads": cfg.read_threads, "forward_batch_size": cfg.batch_size,
+                "forwards_per_call": cfg.actor_forwards(), "use_gpu": cfg.num_gpus_per_actor > 0,
+                "torch_threads": cfg.torch_threads or max(1, int(cfg.cpus_per_actor))})
+    reported: dict[int, dict[str, Any]] = {}
+    received = 0
+    with ray_failures_as_one_line(out, todo.num_rows, cfg.max_restarts, cfg.max_task_retries):
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            received += batch.nbytes
+            for row in batch.to_pylist():  # one row per shard: ~100 bytes
+                if row["failure"]:  # a shard a worker could not write (or read the plan for)
+                    raise StorageError(row["failure"], file=row["failure_file"])
+                reported[int(row["shard"])] = row
+    missing = sorted(set(todo.column("shard").to_pylist()) - set(reported))
+    if missing:
+        raise DataError(f"no worker reported shard(s) {missing[:20]}; re-run to complete them",
+                        file=out)
+    rows = list(reported.values())
+    return {"shards_by_node": dict(Counter(r["node"] for r in rows)),
+            "driver_received_bytes": received,
+            "object_store_bytes": int(sum(b.nbytes for b in blocks)) + received,
+            "decoded_bytes_in_workers": int(sum(r["pixel_bytes"] for r in rows)),
+            "encoded_bytes_read": int(sum(r["encoded_bytes"] for r in rows))}
+
+
+def _skipped_text(skipped: dict[str, Any], names: int = 5) -> str:
+    """'; 3 files under the input skipped (hidden 1, suffix 2): a.svg, ...' or ''."""
+    if not skipped["count"]:
+        return ""
+    reasons = ", ".join(f"{why} {n}" for why, n in skipped["by_reason"].items())
+    shown = ", ".join(str(u).rsplit("/", 1)[-1] or str(u) for u in skipped["first"][:names])
+    more = ", ..." if skipped["count"] > names else ""
+    return (f"; {skipped['count']} file(s) under the input skipped as not images ({reasons}): "
+            f"{shown}{more} (all in {SUMMARY_FILE})")
+
+
 def _check_writable(out: str) -> None:
-    """Write and delete a probe object so an unwritable output fails before any work."""
+    """Write and delete a probe object so an unwritable output fails before any work.
+
+    Local folders the probe created are removed again: a run that fails a later check must
+    not leave an empty output folder (the plan, written after the checks, creates it)."""
+    created = _missing_local_folders(out)
     probe = storage.join(out, f".write-probe-{uuid.uuid4().hex[:8]}")
     try:
         storage.write_bytes(probe, b"probe")
@@ -238,18 +308,36 @@ def _check_writable(out: str) -> None:
                            file=out) from None
     try:
         storage.remove(probe)
+        for folder in created:  # deepest first; rmdir refuses a folder that is not empty
+            os.rmdir(folder)
     except Exception:
-        pass  # a leftover probe is harmless
+        pass  # a leftover probe or folder is harmless
+
+
+def _missing_local_folders(out: str) -> list[str]:
+    """The local folders, deepest first, that writing into `out` would create."""
+    if storage.is_remote(out):
+        return []  # object stores have no folders
+    path, missing = storage.filesystem(out)[1], []
+    while path and not os.path.exists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
 
 
 def _check_same_model(out: str, meta: StoreMeta) -> None:
     """An existing store must hold features of the same model (one feature space a store).
 
     Only what identifies the model is compared: a store written before the vocabularies were
-    recorded (no vocabularies in its shards) is resumed by the same checkpoint."""
-    for shard_uri in _shard_files(out, FEATURES_DIR)[:1]:
+    recorded (no vocabularies in its shards) is resumed by the same checkpoint. The first
+    readable shard decides: a damaged one is redone by this run (_complete_shards)."""
+    for shard_uri in shard_files(out, FEATURES_DIR):
         pa_fs, path = storage.pyarrow_filesystem(shard_uri)
-        theirs = StoreMeta.from_kv(pq.read_schema(path, filesystem=pa_fs).metadata, file=shard_uri)
+        try:
+            theirs = StoreMeta.from_kv(pq.read_schema(path, filesystem=pa_fs).metadata,
+                                       file=shard_uri)
+        except (pa.ArrowInvalid, DataError):
+            continue
         mine = (meta.detector, meta.feature_dim, meta.checkpoint_hash, meta.image_id_type)
         if (theirs.detector, theirs.feature_dim, theirs.checkpoint_hash, theirs.image_id_type) != mine:
             raise ConfigError(f"the output already holds features of {theirs.detector} (D="
@@ -257,98 +345,6 @@ def _check_same_model(out: str, meta: StoreMeta) -> None:
                               f"ids {theirs.image_id_type}); this run would add {mine[0]} (D="
                               f"{mine[1]}, checkpoint {mine[2] or '-'}, ids {mine[3]}); "
                               "use a new output", file=out)
+        return
 
 
-def _shard_files(out: str, folder: str) -> list[str]:
-    uri = storage.join(out, folder)
-    if not storage.exists(uri):
-        return []
-    return [u for u in storage.list_files(uri, (".parquet",))
-            if u.rsplit("/", 1)[-1].startswith("part-")]
-
-
-def _complete_shards(out: str) -> set[int]:
-    def numbers(folder: str) -> set[int]:
-        names = [u.rsplit("/", 1)[-1] for u in _shard_files(out, folder)]
-        return {int(n[len("part-"):-len(".parquet")]) for n in names
-                if n[len("part-"):-len(".parquet")].isdigit()}
-
-    return numbers(FEATURES_DIR) & numbers(ERRORS_DIR)
-
-
-def _write_shards(batches: Any, out: str, meta: StoreMeta, expected: dict[int, int]) -> None:
-    """Group result rows by shard; write each shard once all its rows have arrived."""
-    pending: dict[int, list[pa.Table]] = defaultdict(list)
-    seen: dict[int, set[int]] = defaultdict(set)
-    writes: list[Future] = []
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        for table in batches:
-            shards = table.column("shard")
-            for shard in pc.unique(shards).to_pylist():
-                part = table.filter(pc.equal(shards, shard))
-                rows = part.column("row").to_pylist()
-                fresh = [i for i, r in enumerate(rows) if r not in seen[shard]]
-                if len(fresh) < len(rows):  # a retried batch delivered rows twice
-                    part = part.take(pa.array(fresh, pa.int64()))
-                seen[shard].update(rows)
-                pending[shard].append(part)
-                if len(seen[shard]) == expected[shard]:
-                    complete = pa.concat_tables(pending.pop(shard))
-                    writes.append(pool.submit(_write_shard, out, shard, complete, meta))
-            for f in [f for f in writes if f.done()]:
-                f.result()  # surface a failed write early
-        for f in writes:
-            f.result()
-    missing = {s: expected[s] - len(seen[s]) for s in expected if len(seen[s]) != expected[s]}
-    if missing:
-        raise DataError(f"rows lost in the pipeline for shard(s) {missing} (shard: missing rows); "
-                        "nothing was written for them, re-run to retry", file=out)
-
-
-def _write_shard(out: str, shard: int, rows: pa.Table, meta: StoreMeta) -> None:
-    """errors part first, features part last: the features file is the commit."""
-    failed = pc.not_equal(rows.column("reason"), "")
-    errors = rows.filter(failed).select(["image_id", "uri", "stage", "reason"]).to_pylist()
-    write_error_shard(errors, error_shard_uri(out, shard), meta.image_id_type)
-    ok = rows.filter(pc.invert(failed))
-    records = table_to_records(ok.select(feature_schema(meta).names))
-    write_feature_shard(records, feature_shard_uri(out, shard), meta)
-
-
-def _count_rows(out: str, expected: dict[int, int]) -> dict[str, Any]:
-    """Rows per shard from the Parquet footers (and error stages); checks the invariant."""
-    features = errors = 0
-    by_stage: dict[str, int] = defaultdict(int)
-    for shard, want in sorted(expected.items()):
-        n_feat = _num_rows(feature_shard_uri(out, shard))
-        err_uri = error_shard_uri(out, shard)
-        pa_fs, path = storage.pyarrow_filesystem(err_uri)
-        try:
-            stages = pq.read_table(path, filesystem=pa_fs, columns=["stage"]).column("stage")
-        except (FileNotFoundError, OSError):
-            raise DataError(f"shard {shard} has no errors part; re-run to complete it",
-                            file=err_uri) from None
-        for stage, n in zip(*_value_counts(stages)):
-            by_stage[stage] += n
-        if n_feat + len(stages) != want:
-            raise DataError(f"shard {shard} holds {n_feat} feature + {len(stages)} error rows, "
-                            f"but {want} images are planned for it (input rows must equal feature "
-                            "rows + error rows)", file=out)
-        features += n_feat
-        errors += len(stages)
-    return {"features": features, "errors": errors, "errors_by_stage": dict(by_stage)}
-
-
-def _num_rows(uri: str) -> int:
-    pa_fs, path = storage.pyarrow_filesystem(uri)
-    try:
-        return pq.ParquetFile(pa_fs.open_input_file(path)).metadata.num_rows
-    except (FileNotFoundError, OSError):
-        raise DataError("feature part of a shard is missing; re-run to complete it", file=uri) from None
-
-
-def _value_counts(column: pa.ChunkedArray) -> tuple[list[str], list[int]]:
-    counts = pc.value_counts(column.combine_chunks()) if len(column) else pa.array([], pa.struct(
-        [("values", pa.string()), ("counts", pa.int64())]))
-    return ([str(v) for v in counts.field("values").to_pylist()],
-            counts.field("counts").to_pylist())

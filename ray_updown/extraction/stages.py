@@ -7,11 +7,15 @@ rows holds by construction, and one bad image never fails a batch.
     read_stage     uri -> bytes (a thread pool: object stores answer slowly but in parallel)
     decode_stage   bytes -> HxWx3 uint8 pixels + original size (images.decode_image)
     DetectorActor  pixels -> one result row per input: feature columns, or the error
+
+A detect-stage reason names the image as the user knows it, `image <id> (<file name>, <w>x<h>
+pixels): <problem>`, with the file's own size, never a position in a batch or a resized size.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -31,6 +35,11 @@ _EMPTY_PIXELS = np.zeros((0, 0, 3), dtype=np.uint8)
 def _one_line(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}" if not isinstance(exc, RayUpdownError) else str(exc)
     return " ".join(text.split())[:500]
+
+
+def _problem(exc: BaseException) -> str:
+    """The problem alone: a package error's `record` inside a model call is a batch position."""
+    return " ".join(exc.problem.split())[:500] if isinstance(exc, RayUpdownError) else _one_line(exc)
 
 
 def _strings(values: Any) -> list[str]:
@@ -178,11 +187,35 @@ def result_schema(meta: StoreMeta) -> pa.Schema:
     return pa.schema(head + [f.with_nullable(True) for f in features if f.name != "image_id"])
 
 
+MAX_GIVEN_BOXES = 1000  # per image: a bound on res5 work and memory, far above real use
+
+
+def check_given_boxes(value: Any, width: int, height: int,
+                      limit: int = MAX_GIVEN_BOXES) -> np.ndarray:
+    """A manifest's boxes for one image -> (k, 4) float32 x1 y1 x2 y2, or ValueError naming
+    the first bad box: not four numbers, NaN/inf, empty or inverted, outside the image."""
+    rows = [np.asarray(box, dtype=np.float64).reshape(-1) for box in value]
+    if len(rows) > limit:
+        raise ValueError(f"{len(rows)} boxes given, at most {limit} per image")
+    for j, box in enumerate(rows):
+        shown = "[" + ", ".join(f"{v:g}" for v in box) + "]"
+        if box.shape != (4,):
+            raise ValueError(f"box {j} {shown}: not four numbers x1, y1, x2, y2")
+        if not np.isfinite(box).all():
+            raise ValueError(f"box {j} {shown}: not a finite number")
+        x1, y1, x2, y2 = box
+        if x2 <= x1 or y2 <= y1:
+            raise ValueError(f"box {j} {shown}: empty or inverted (x2 <= x1 or y2 <= y1)")
+        if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
+            raise ValueError(f"box {j} {shown}: outside the {width}x{height} image")
+    return np.array(rows, dtype=np.float32).reshape(-1, 4)
+
+
 class DetectorActor:
     """Holds one model per actor process; a batch of decoded rows -> a result table."""
 
     def __init__(self, spec: ModelSpec, meta: StoreMeta, torch_threads: int = 1,
-                 use_gpu: bool = False):
+                 use_gpu: bool = False, forward_batch_size: int = 0):
         import torch
 
         if torch_threads > 0:
@@ -191,6 +224,7 @@ class DetectorActor:
         self.model = build_model(spec, device)
         self.meta = meta
         self.schema = result_schema(meta)
+        self.forward_batch_size = forward_batch_size  # 0: the whole call in one forward
 
     def _run(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
         out = self.model.extract_regions(images)
@@ -198,21 +232,88 @@ class DetectorActor:
             raise RuntimeError(f"model returned {len(out)} results for {len(images)} images")
         return out
 
+    def _forwards(self, chunks: list[list[np.ndarray]]):
+        """Each chunk's results or exception; the detector overlaps its GPU uploads."""
+        if hasattr(self.model, "extract_batches"):
+            yield from self.model.extract_batches(chunks)
+            return
+        for chunk in chunks:
+            try:
+                yield self.model.extract_regions(chunk)
+            except Exception as exc:
+                yield exc
+
     def _detect(self, images: list[np.ndarray]) -> list[dict[str, Any] | str]:
-        """One forward for the batch; if it raises, one image at a time (errors as reasons)."""
+        """Forwards of `forward_batch_size` images; where one raises (or returns the wrong
+        count), its images one at a time, errors as reasons."""
         if not images:
             return []
-        try:
-            return list(self._run(images))
-        except Exception:
-            pass
+        size = self.forward_batch_size or len(images)
+        chunks = [images[i: i + size] for i in range(0, len(images), size)]
         results: list[dict[str, Any] | str] = []
-        for image in images:
-            try:
-                results.append(self._run([image])[0])
-            except Exception as exc:
-                results.append(_one_line(exc))
+        for chunk, out in zip(chunks, self._forwards(chunks)):
+            if isinstance(out, list) and len(out) == len(chunk):
+                results.extend(out)
+                continue
+            for image in chunk:
+                try:
+                    results.append(self._run([image])[0])
+                except Exception as exc:
+                    results.append(_problem(exc))
         return results
+
+    def _given_boxes(self, batch: dict[str, np.ndarray], stages: list[str],
+                     reasons: list[str]) -> dict[int, np.ndarray]:
+        """Rows whose manifest gave boxes -> their checked (k, 4) boxes; bad ones become
+        error rows (stage "boxes") naming the image and the box."""
+        column = batch.get("given_boxes")
+        out: dict[int, np.ndarray] = {}
+        if column is None:
+            return out
+        for i, value in enumerate(column):
+            if reasons[i] or value is None or len(value) == 0:
+                continue  # no boxes given: the detector chooses
+            try:
+                out[i] = check_given_boxes(value, int(batch["image_w"][i]), int(batch["image_h"][i]))
+            except ValueError as exc:
+                stages[i], reasons[i] = "boxes", self._reason(
+                    batch["image_id"][i], _strings(batch["uri"])[i], int(batch["image_w"][i]),
+                    int(batch["image_h"][i]), str(exc))
+        return out
+
+    def _pool_given(self, batch: dict[str, np.ndarray], rows: list[int],
+                    given: dict[int, np.ndarray]) -> list[dict[str, Any] | str]:
+        """Features for given boxes, in forwards of `forward_batch_size` (one at a time where
+        a forward fails). Boxes go into the decoded image's frame first."""
+        if not rows:
+            return []
+        if not hasattr(self.model, "extract_given_boxes"):
+            return [f"{getattr(self.model, 'name', 'this model')} cannot pool given boxes"] * len(rows)
+        images, boxes = [], []
+        for i in rows:
+            pixels = np.asarray(batch["pixels"][i])
+            scale = np.array([pixels.shape[1] / int(batch["image_w"][i]),
+                              pixels.shape[0] / int(batch["image_h"][i])] * 2, np.float32)
+            images.append(pixels)
+            boxes.append(given[i] * scale)
+        size = self.forward_batch_size or len(rows)
+        results: list[dict[str, Any] | str] = []
+        for start in range(0, len(rows), size):
+            chunk = slice(start, start + size)
+            try:
+                results.extend(self.model.extract_given_boxes(images[chunk], boxes[chunk]))
+            except Exception:
+                for image, image_boxes in zip(images[chunk], boxes[chunk]):
+                    try:
+                        results.append(self.model.extract_given_boxes([image], [image_boxes])[0])
+                    except Exception as exc:
+                        results.append(_problem(exc))
+        return results
+
+    @staticmethod
+    def _reason(image_id: Any, uri: str, width: int, height: int, problem: str) -> str:
+        name = posixpath.basename(uri.rstrip("/")) or uri
+        return " ".join(f"image {image_id} ({name}, {width}x{height} pixels): {problem}".split())[:700]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["uri"])
@@ -220,16 +321,23 @@ class DetectorActor:
         uris, shards = _strings(batch["uri"]), [int(s) for s in batch["shard"]]
         plan_rows = [int(r) for r in batch["row"]]
         stages, reasons = _strings(batch["stage"]), _strings(batch["reason"])
-        todo = [i for i in range(n) if not reasons[i]]
-        results = self._detect([np.asarray(batch["pixels"][i]) for i in todo])
+        given = self._given_boxes(batch, stages, reasons)
+        todo = [i for i in range(n) if not reasons[i] and i not in given]
+        pooled = [i for i in range(n) if not reasons[i] and i in given]
+        results = dict(zip(todo, self._detect([np.asarray(batch["pixels"][i]) for i in todo])))
+        results.update(zip(pooled, self._pool_given(batch, pooled, given)))
         records: dict[int, FeatureRecord] = {}
-        for i, result in zip(todo, results):
+        for i, result in sorted(results.items()):
             try:
                 if isinstance(result, str):
                     raise RuntimeError(result)
                 records[i] = self._record(ids[i], batch, i, result)
+                if i in given:  # stored exactly as given, not through the decode-scale round trip
+                    records[i] = dataclasses.replace(records[i], boxes=given[i])
             except Exception as exc:
-                stages[i], reasons[i] = "detect", result if isinstance(result, str) else _one_line(exc)
+                problem = result if isinstance(result, str) else _one_line(exc)
+                stages[i], reasons[i] = "detect", self._reason(
+                    ids[i], uris[i], int(batch["image_w"][i]), int(batch["image_h"][i]), problem)
         ok = [i for i in range(n) if i in records]
         bad = [i for i in range(n) if i not in records]
         parts = []

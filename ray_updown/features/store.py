@@ -13,12 +13,14 @@ from ray_updown.features.writer import (
                                         records_to_table,
                                         table_to_records,
                                         write_error_shard,
+                                        write_error_table,
                                         write_feature_shard,
+                                        write_feature_table,
 )
 
 __all__ = [
     "FeatureRecord", "FeatureStore", "RegionFeatureDataset", "StoreMeta", "build_index",
     "error_schema", "error_shard_uri", "feature_schema", "feature_shard_uri",
     "infer_image_id_type", "pad_regions", "records_to_table", "table_to_records",
-    "write_error_shard", "write_feature_shard",
+    "write_error_shard", "write_error_table", "write_feature_shard", "write_feature_table",
 ]

@@ -260,7 +260,42 @@ def write_feature_shard(records: Sequence[FeatureRecord], uri: str, meta: StoreM
     return table.num_rows
 
 
+def write_feature_table(table: pa.Table, uri: str, meta: StoreMeta,
+                        row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES) -> int:
+    """Write one feature shard atomically from an Arrow table with the store's columns (as
+    `records_to_table` makes them; nullability aside). Checks the schema and that every
+    per-box column has num_boxes entries. Returns the row count."""
+    schema = feature_schema(meta)
+    missing = [name for name in schema.names if name not in table.column_names]
+    if missing:
+        raise DataError(f"feature table lacks column(s) {missing}", file=uri)
+    try:
+        table = pa.Table.from_arrays([table.column(f.name).cast(f.type) for f in schema],
+                                     schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise DataError(f"feature table does not fit the store's schema ({exc})", file=uri) from None
+    if table.num_rows:
+        DecodedRows(table.slice(0, min(table.num_rows, 64)), file=uri)  # per-box counts agree
+    counts = table.column("num_boxes").to_numpy() if table.num_rows else np.zeros(0)
+    mean_bytes = float(np.mean(counts)) * meta.feature_dim * 2 + 64 if len(counts) else 1.0
+    rows = int(np.clip(row_group_bytes // max(mean_bytes, 1), 1, MAX_ROW_GROUP_ROWS))
+    _write_parquet_atomic(table, uri, rows)
+    return table.num_rows
+
+
 ERROR_FIELDS = ("image_id", "uri", "stage", "reason")
+
+
+def write_error_table(table: pa.Table, uri: str, image_id_type: str) -> int:
+    """Write one errors shard atomically from an Arrow table (image_id, uri, stage, reason)."""
+    schema = error_schema(image_id_type)
+    try:
+        table = pa.Table.from_arrays([table.column(f.name).cast(f.type) for f in schema],
+                                     schema=schema)
+    except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise DataError(f"error table does not fit the errors schema ({exc})", file=uri) from None
+    _write_parquet_atomic(table, uri, 4096)
+    return table.num_rows
 
 
 def write_error_shard(rows: Sequence[Mapping[str, Any]], uri: str,
