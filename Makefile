@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SCALE ?= 1
 
-.PHONY: demo test lint setup clean bench
+.PHONY: demo test faults cluster-tests lint setup clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,9 +21,21 @@ setup: $(STAMP)
 demo: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python jobs/demo.py --out runs/demo --scale $(SCALE)
 
-# Lint first: it takes a second and fails fast.
+# Lint first: it takes a second and fails fast. The fault-injection suite runs in its own
+# pytest process, and so do the multi-node/autoscaler tests: they start and kill their own Ray
+# clusters (tests/faults/conftest.py, tests/cluster/conftest.py).
 test: lint
-	WANDB_MODE=disabled $(BIN)/python -m pytest -q tests
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q tests --ignore=tests/faults --ignore=tests/cluster
+	$(MAKE) faults
+	$(MAKE) cluster-tests
+
+faults: $(STAMP)
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q tests/faults
+
+# Multi-node and autoscaler tests: each starts its own Ray cluster on 127.0.0.1. Run them in
+# their own pytest process, after the main suite (never beside another Ray user).
+cluster-tests: $(STAMP)
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q tests/cluster
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
