@@ -209,7 +209,8 @@ def test_corrupt_shard_names_the_file(tmp_path):
 
 
 def test_plan_incomplete_and_stray_shards(tmp_path):
-    from ray_updown.extraction.inputs import InputImage, save_plan
+    from ray_updown.extraction.inputs import InputImage
+    from ray_updown.extraction.plan import save_plan
 
     uri = str(tmp_path / "store")
     build_store(uri)

@@ -293,10 +293,3 @@ def read_manifest(manifest_uri: str, images_root: str | None = None) -> pa.Table
     if "boxes" in table.column_names:
         columns["given_boxes"] = _boxes_column(table.column("boxes"), manifest_uri)
     return pa.table(columns)
-
-
-def save_plan(out_uri: str, plan) -> None:
-    """plan.save_plan (kept here for callers that plan small stores by hand)."""
-    from ray_updown.extraction.plan import save_plan as save
-
-    save(out_uri, plan)

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ray_updown import storage
+from ray_updown.detector.safe_pickle import safe_torch_load
 from ray_updown.errors import CheckpointError
 from ray_updown.train.worker import unwrap
 
@@ -71,8 +72,12 @@ def load_checkpoint_dir(path: str) -> tuple[dict[str, torch.Tensor], dict, dict 
     trainer_state = None
     if os.path.exists(state_file):
         try:
-            trainer_state = torch.load(state_file, weights_only=True)
-        except Exception as exc:  # truncated zip, bad pickle stream, refused global
+            with open(state_file, "rb") as f:
+                # The package's loader: torch's own refusal advises weights_only=False.
+                trainer_state = safe_torch_load(f.read(), source=state_file)
+        except CheckpointError as exc:  # truncated zip, bad pickle stream, refused global
+            raise damaged("trainer state", STATE_FILE, exc) from None
+        except OSError as exc:
             raise damaged("trainer state", STATE_FILE, exc) from None
     return weights, config, trainer_state
 
