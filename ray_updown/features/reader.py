@@ -46,7 +46,7 @@ def _list_shards(store_uri: str, folder: str) -> list[tuple[str, int]]:
     return sorted((n, s) for n, s in out if _SHARD_RE.match(n))
 
 
-def _open_parquet(uri: str) -> pq.ParquetFile:
+def open_parquet(uri: str) -> pq.ParquetFile:
     pa_fs, path = storage.pyarrow_filesystem(uri)
     try:
         # No pre-buffering: it reads through Arrow's I/O thread pool, whose per-thread allocator
@@ -85,7 +85,7 @@ def build_index(store_uri: str, write: bool = True) -> pa.Table:
     meta: StoreMeta | None = None
     for file_no, (name, _) in enumerate(shards):
         uri = storage.join(store_uri, FEATURES_DIR, name)
-        pf = _open_parquet(uri)
+        pf = open_parquet(uri)
         file_meta = StoreMeta.from_kv(pf.schema_arrow.metadata, file=uri)
         if meta is None:
             meta = file_meta
@@ -276,7 +276,7 @@ class FeatureStore:
     def _parquet_file(self, f: int) -> pq.ParquetFile:
         pf = self._parquet.get(f)
         if pf is None:
-            pf = _open_parquet(self._file_uris[f])
+            pf = open_parquet(self._file_uris[f])
             self._parquet[f] = pf
             while len(self._parquet) > _OPEN_FILES:
                 self._parquet.popitem(last=False)

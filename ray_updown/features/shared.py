@@ -47,10 +47,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from ray_updown import storage
 from ray_updown.errors import DataError, StorageError
+from ray_updown.features.reader import open_parquet
 from ray_updown.features.schema import FEATURES_DIR, StoreMeta
 from ray_updown.features.writer import DecodedRows
 
@@ -259,16 +259,6 @@ def remove_cache(store_uri: str, cache_dir: str | None = None) -> bool:
     return True
 
 
-def _open(uri: str) -> pq.ParquetFile:
-    pa_fs, path = storage.pyarrow_filesystem(uri)
-    try:
-        return pq.ParquetFile(pa_fs.open_input_file(path), pre_buffer=False)
-    except FileNotFoundError:
-        raise StorageError("no such file", file=uri) from None
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"not a readable Parquet file ({exc})", file=uri) from None
-
-
 def _shard_uris(fingerprint: dict[str, Any]) -> list[str]:
     return [storage.join(fingerprint["store"], FEATURES_DIR, s[0]) for s in fingerprint["shards"]]
 
@@ -279,7 +269,7 @@ def scan_store(fingerprint: dict[str, Any]) -> dict[str, Any]:
     images = regions = 0
     meta: StoreMeta | None = None
     for uri in _shard_uris(fingerprint):
-        pf = _open(uri)
+        pf = open_parquet(uri)
         file_meta = StoreMeta.from_kv(pf.schema_arrow.metadata, file=uri)
         if meta is not None and file_meta.feature_dim != meta.feature_dim:
             raise DataError(f"feature dim {file_meta.feature_dim} differs from the other shards' "
@@ -309,7 +299,7 @@ def _build(fingerprint: dict[str, Any], key: str, tmp: str) -> None:
     ids: list[Any] = []
     i = r = 0
     for uri in _shard_uris(fingerprint):
-        pf = _open(uri)
+        pf = open_parquet(uri)
         for rg in range(pf.num_row_groups):
             try:
                 group = DecodedRows(pf.read_row_group(rg, use_threads=False), file=uri)
