@@ -243,24 +243,33 @@ class DetectorActor:
             except Exception as exc:
                 yield exc
 
-    def _detect(self, images: list[np.ndarray]) -> list[dict[str, Any] | str]:
-        """Forwards of `forward_batch_size` images; where one raises (or returns the wrong
-        count), its images one at a time, errors as reasons."""
-        if not images:
-            return []
-        size = self.forward_batch_size or len(images)
-        chunks = [images[i: i + size] for i in range(0, len(images), size)]
+    def _chunked(self, items: list) -> list[list]:
+        size = self.forward_batch_size or len(items)
+        return [items[i: i + size] for i in range(0, len(items), size)]
+
+    @staticmethod
+    def _retry_failed_chunks(chunks: list[list], outputs, run_one) -> list[dict[str, Any] | str]:
+        """Each chunk's output where it is a full list; where a forward raised (or returned
+        the wrong count), its items one at a time, so one bad image costs only its own row."""
         results: list[dict[str, Any] | str] = []
-        for chunk, out in zip(chunks, self._forwards(chunks)):
+        for chunk, out in zip(chunks, outputs):
             if isinstance(out, list) and len(out) == len(chunk):
                 results.extend(out)
                 continue
-            for image in chunk:
+            for item in chunk:
                 try:
-                    results.append(self._run([image])[0])
+                    results.append(run_one(item))
                 except Exception as exc:
                     results.append(_problem(exc))
         return results
+
+    def _detect(self, images: list[np.ndarray]) -> list[dict[str, Any] | str]:
+        """Forwards of `forward_batch_size` images, errors as reasons."""
+        if not images:
+            return []
+        chunks = self._chunked(images)
+        return self._retry_failed_chunks(chunks, self._forwards(chunks),
+                                         lambda image: self._run([image])[0])
 
     def _given_boxes(self, batch: dict[str, np.ndarray], stages: list[str],
                      reasons: list[str]) -> dict[int, np.ndarray]:
@@ -296,19 +305,18 @@ class DetectorActor:
                               pixels.shape[0] / int(batch["image_h"][i])] * 2, np.float32)
             images.append(pixels)
             boxes.append(given[i] * scale)
-        size = self.forward_batch_size or len(rows)
-        results: list[dict[str, Any] | str] = []
-        for start in range(0, len(rows), size):
-            chunk = slice(start, start + size)
+        chunks = self._chunked(list(zip(images, boxes)))
+
+        def pool(pairs):
             try:
-                results.extend(self.model.extract_given_boxes(images[chunk], boxes[chunk]))
-            except Exception:
-                for image, image_boxes in zip(images[chunk], boxes[chunk]):
-                    try:
-                        results.append(self.model.extract_given_boxes([image], [image_boxes])[0])
-                    except Exception as exc:
-                        results.append(_problem(exc))
-        return results
+                return self.model.extract_given_boxes([image for image, _ in pairs],
+                                                      [b for _, b in pairs])
+            except Exception as exc:
+                return exc
+
+        return self._retry_failed_chunks(
+            chunks, map(pool, chunks),
+            lambda pair: self.model.extract_given_boxes([pair[0]], [pair[1]])[0])
 
     @staticmethod
     def _reason(image_id: Any, uri: str, width: int, height: int, problem: str) -> str:
