@@ -5,6 +5,28 @@ C4, 1601 classes (background first), 401 attributes ("no attribute" first), 12 C
 RoIPool 14x14, res5 with stride 1 / dilation 2, legacy "+1" box arithmetic and delta weights
 (1, 1, 1, 1). `world_config()` and `tiny_config()` are narrow, shallow variants for the
 synthetic world (128-px images, 14-60 px objects) and the tests.
+
+Inference conventions. The public ports of the model compute the same network with different
+small rules, and a converted model must reproduce its own port (`converters.layout_conventions`).
+`CONVENTIONS` names each port's set; a set is plain config fields, so it round-trips like the
+rest, and any field can still be overridden alone:
+- "caffe" (peteanderson80/bottom-up-attention, the paper's released features; our default):
+  resized sides rounded half to even (cv2.resize's cvRound, as Python's `round`), the long-side
+  cap tested on the rounded side (`prep_im_for_blob`); proposals with a side under
+  `16 x im_scale` dropped before the pre-NMS top-k (`_filter_boxes`, `>=` keeps); attribute
+  confidence from the softmax over all 401 outputs, "no attribute" dropped after (generate_tsv).
+- "milvlg" (bottom-up-attention.pytorch, caffe mode): Caffe's resize (`get_image_blob`) and
+  attribute softmax (`BUACaffeFastRCNNOutputLayers`), but its own proposal filter
+  (`find_top_bua_rpn_proposals`): after clipping keep x2 > x1 and y2 > y1, then sides (+1)
+  strictly `> 16 x im_scale`, before the top-k.
+- "detectron2" (the Hugging Face FRCNN; "py-bottom-up-attention" is the same with PIL's
+  resize, see transform.py): detectron2's ResizeShortestEdge (cap tested on the unrounded
+  long side, sides `int(x + 0.5)`); proposals
+  ranked first, the pre-NMS top-k clipped, then sides `> PROPOSAL_GENERATOR.MIN_SIZE` = 0
+  network-input pixels kept (`find_top_rpn_proposals`, `Boxes.nonempty`); attribute confidence
+  from the softmax over the 400 attributes, "no attribute" dropped before (`_predict_attrs`,
+  the demo's `pred_attr_logits[..., :-1].softmax(-1)`).
+Shared by all, so not a choice: dw/dh clamped at log(1000/16), bilinear resampling.
 """
 
 from __future__ import annotations
@@ -31,6 +53,22 @@ RESNET_STAGES: dict[int, tuple[tuple[int, int, int, int], str]] = {
 # Caffe's BGR means of the released model (cfg.PIXEL_MEANS of peteanderson80/bottom-up-attention).
 CAFFE_PIXEL_MEAN_BGR = (102.9801, 115.9465, 122.7717)
 
+# The inference conventions of each port (module docstring), as config field values.
+CONVENTIONS: dict[str, dict[str, Any]] = {
+    "caffe": dict(resize_rule="caffe", resize_interpolation="bilinear", rpn_size_filter="caffe",
+                  rpn_min_size=16.0, attr_confidence="with_none"),
+    "milvlg": dict(resize_rule="caffe", resize_interpolation="bilinear", rpn_size_filter="milvlg",
+                   rpn_min_size=16.0, attr_confidence="with_none"),
+    # py-bottom-up-attention: detectron2's rules with PIL's resize.
+    "py-bottom-up-attention": dict(resize_rule="detectron2", resize_interpolation="pil",
+                                   rpn_size_filter="detectron2", rpn_min_size=0.0,
+                                   attr_confidence="without_none"),
+    # The Hugging Face FRCNN: the same with F.interpolate on float pixels.
+    "detectron2": dict(resize_rule="detectron2", resize_interpolation="bilinear",
+                       rpn_size_filter="detectron2", rpn_min_size=0.0,
+                       attr_confidence="without_none"),
+}
+
 
 @dataclass
 class DetectorConfig:
@@ -55,6 +93,13 @@ class DetectorConfig:
     input_format: Literal["BGR", "RGB"] = "BGR"
     min_size: int = 600
     max_size: int = 1000
+    # How the resized size is computed (module docstring, "Inference conventions"): "caffe"
+    # rounds half to even and caps on the rounded long side; "detectron2" caps on the unrounded
+    # long side and rounds with int(x + 0.5).
+    resize_rule: Literal["caffe", "detectron2"] = "caffe"
+    # "bilinear" on the float image (cv2, F.interpolate) or "pil": PIL's antialiased bilinear
+    # on the 8-bit image, 8-bit output (py-bottom-up-attention's ResizeTransform).
+    resize_interpolation: Literal["bilinear", "pil"] = "bilinear"
 
     # RPN: 3x3 conv, objectness (Caffe 2-way softmax or detectron2 single logit), deltas.
     rpn_channels: int = 512
@@ -69,7 +114,13 @@ class DetectorConfig:
     rpn_pre_nms_train: int = 12000
     rpn_post_nms_train: int = 2000
     rpn_nms: float = 0.7
-    rpn_min_size: float = 16.0  # in original-image pixels (Caffe scales it by im_scale)
+    # Which proposals survive the size test (rpn.py, `size_filter_keep`): "caffe" sides >= the
+    # threshold before the pre-NMS top-k; "milvlg" x2 > x1, y2 > y1 and sides > the threshold,
+    # before the top-k; "detectron2" sides > the threshold among the clipped top-k.
+    rpn_size_filter: Literal["caffe", "milvlg", "detectron2"] = "caffe"
+    # The threshold: original-image pixels for "caffe"/"milvlg" (scaled by im_scale, as they
+    # do), network-input pixels for "detectron2" (its MIN_SIZE is not scaled).
+    rpn_min_size: float = 16.0
     rpn_box_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
 
     # RoI heads.
@@ -81,6 +132,9 @@ class DetectorConfig:
     box_plus_one: bool = True
     attr_embed_dim: int = 256
     attr_hidden_dim: int = 512
+    # Attribute confidence: "with_none" softmax over all attribute outputs, "no attribute"
+    # dropped after (Caffe, MILVLG); "without_none" dropped before the softmax (detectron2, HF).
+    attr_confidence: Literal["with_none", "without_none"] = "with_none"
     res5_chunk: int = 100  # RoIs per res5 call at inference (bounds memory; 0 = all at once)
 
     # Region selection (generate_tsv): per-class NMS, confidence threshold, count clamp.
@@ -145,6 +199,8 @@ class DetectorConfig:
                               record="min_boxes")
         if not self.anchor_sizes or not self.anchor_ratios:
             raise ConfigError("anchor sizes and ratios must not be empty", record="anchor_sizes")
+        if not self.rpn_min_size >= 0:  # also refuses NaN
+            raise ConfigError(f"must be >= 0, got {self.rpn_min_size}", record="rpn_min_size")
 
     # -- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -175,9 +231,21 @@ class DetectorConfig:
 
     def hash(self) -> str:
         """A short digest of the architecture-and-behaviour config (provenance in feature files)."""
-        payload = {k: v for k, v in self.to_dict().items() if k != "extra"}
+        # Conventions at Caffe's values are left out, so configs written before those fields
+        # existed keep their digest (they computed exactly that).
+        caffe = CONVENTIONS["caffe"]
+        payload = {k: v for k, v in self.to_dict().items()
+                   if k != "extra" and not (k in caffe and k != "rpn_min_size" and v == caffe[k])}
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def conventions(name: str) -> dict[str, Any]:
+    """The config fields of a port's inference conventions ("caffe", "milvlg", "detectron2")."""
+    if name not in CONVENTIONS:
+        raise ConfigError(f"unknown conventions {name!r}; known: {sorted(CONVENTIONS)}",
+                          record="conventions")
+    return dict(CONVENTIONS[name])
 
 
 def paper_config(**overrides: Any) -> DetectorConfig:

@@ -12,8 +12,18 @@ at `proposal_generator.rpn_head.*`; cell anchors, when the file carries them
 (`proposal_generator.anchor_generator.cell_anchors.0`), replace ours. Class rows are rotated so
 that background comes first, the detectron2 box predictor gets zero rows for the background
 slot, and "no attribute" is moved to index 0. The converted model keeps its source's
-conventions (objectness form, delta weights, box arithmetic) in its config, so it computes what
-the source computed. Files are read without running code (safe_pickle).
+conventions in its config, so it computes what the source computed: the properties of the
+weights (objectness form, anchors, delta weights, box arithmetic) and, by default, the port's
+inference rules (`config.CONVENTIONS`: resize rounding, proposal size filter, attribute
+confidence). `conventions="caffe"` picks Caffe's inference rules instead, to reproduce the
+features released with the paper from the same weights. Files are read without running code
+(safe_pickle).
+
+| layout                 | reproduces                                    | inference conventions    |
+|------------------------|-----------------------------------------------|--------------------------|
+| py-bottom-up-attention | its demo / detectron2 inference               | "py-bottom-up-attention" |
+| milvlg                 | extract_features.py, caffe mode               | "milvlg"                 |
+| hf-frcnn               | transformers' lxmert demo (modeling_frcnn.py) | "detectron2"             |
 
 Where users get the files (never fetched by this package or its tests):
 - py-bottom-up-attention: http://nlp.cs.unc.edu/models/faster_rcnn_from_caffe_attr.pkl
@@ -38,6 +48,7 @@ from torch import Tensor
 from ray_updown import storage
 from ray_updown.detector.checkpoint import weights_digest
 from ray_updown.detector.config import RESNET_STAGES, DetectorConfig
+from ray_updown.detector.config import conventions as named_conventions
 from ray_updown.detector.rpn import caffe_cell_anchors, detectron2_cell_anchors
 from ray_updown.detector.safe_pickle import safe_torch_load, safe_unpickle
 from ray_updown.errors import CheckpointError
@@ -66,15 +77,23 @@ def _family(layout: str) -> str:
     return "milvlg" if layout == "milvlg" else "detectron2"
 
 
-def layout_conventions(layout: str) -> dict[str, Any]:
-    """The config fields that are properties of a layout's weights."""
+# The inference conventions (config.CONVENTIONS) each layout's own port runs with.
+PORT_CONVENTIONS = {"py-bottom-up-attention": "py-bottom-up-attention", "milvlg": "milvlg",
+                    "hf-frcnn": "detectron2"}
+
+
+def layout_conventions(layout: str, conventions: str | None = None) -> dict[str, Any]:
+    """The config fields a layout fixes: the properties of its weights, and the inference
+    conventions of its port unless `conventions` names others (e.g. "caffe")."""
     if layout == "milvlg":
-        return dict(rpn_objectness="softmax2", anchor_style="caffe", box_plus_one=True,
-                    box_weights=(1.0, 1.0, 1.0, 1.0), rpn_box_weights=(1.0, 1.0, 1.0, 1.0))
-    if layout in ("py-bottom-up-attention", "hf-frcnn"):
-        return dict(rpn_objectness="sigmoid", anchor_style="detectron2", box_plus_one=False,
-                    box_weights=(10.0, 10.0, 5.0, 5.0), rpn_box_weights=(1.0, 1.0, 1.0, 1.0))
-    raise CheckpointError(f"unknown layout {layout!r}; known: {list(LAYOUTS)}")
+        weights = dict(rpn_objectness="softmax2", anchor_style="caffe", box_plus_one=True,
+                       box_weights=(1.0, 1.0, 1.0, 1.0), rpn_box_weights=(1.0, 1.0, 1.0, 1.0))
+    elif layout in ("py-bottom-up-attention", "hf-frcnn"):
+        weights = dict(rpn_objectness="sigmoid", anchor_style="detectron2", box_plus_one=False,
+                       box_weights=(10.0, 10.0, 5.0, 5.0), rpn_box_weights=(1.0, 1.0, 1.0, 1.0))
+    else:
+        raise CheckpointError(f"unknown layout {layout!r}; known: {list(LAYOUTS)}")
+    return {**weights, **named_conventions(conventions or PORT_CONVENTIONS[layout])}
 
 
 def our_name(name: str, layout: str) -> str | None:
@@ -133,8 +152,9 @@ def _blocks(keys: list[str], prefix: str) -> int:
 
 
 def infer_config(state: Mapping[str, Tensor], layout: str, source: str | None = None,
-                 **overrides: Any) -> DetectorConfig:
-    """Depth, width, class/attribute counts and head sizes read off the published shapes."""
+                 conventions: str | None = None, **overrides: Any) -> DetectorConfig:
+    """Depth, width, class/attribute counts and head sizes read off the published shapes;
+    the layout's conventions (`layout_conventions`), then `overrides`, on top."""
     keys = list(state)
     need = ["backbone.stem.conv1.weight", "proposal_generator.rpn_head.conv.weight",
             _PREDICTOR + "cls_score.weight"]
@@ -161,8 +181,9 @@ def infer_config(state: Mapping[str, Tensor], layout: str, source: str | None = 
         attr_hidden_dim=int(fc.shape[0]),
         rpn_channels=int(state["proposal_generator.rpn_head.conv.weight"].shape[0]),
         norm="frozen_bn", freeze_at=2, pooler="roipool", res5_dilation=2, stride_in_1x1=True,
-        extra={"converted_from": layout, "source": source})
-    values.update(layout_conventions(layout))
+        extra={"converted_from": layout, "source": source,
+               "conventions": conventions or PORT_CONVENTIONS[layout]})
+    values.update(layout_conventions(layout, conventions))
     values.update(overrides)
     return DetectorConfig(**values)
 
@@ -242,14 +263,16 @@ def read_published(uri: str) -> dict[str, Any]:
 
 
 def model_from_published(published: Mapping[str, Any], layout: str = "auto",
-                         source: str | None = None, **overrides: Any):
-    """A BottomUpDetector holding the published weights; strict: every problem is reported."""
+                         source: str | None = None, conventions: str | None = None,
+                         **overrides: Any):
+    """A BottomUpDetector holding the published weights; strict: every problem is reported.
+    `conventions`: None runs the layout's own port's inference rules, "caffe" the paper's."""
     from ray_updown.detector.model import BottomUpDetector
 
     if layout == "auto":
         layout = detect_layout(list(published), source)
     tensors = {k: _tensor(v, k, source) for k, v in published.items()}
-    config = infer_config(tensors, layout, source, **overrides)
+    config = infer_config(tensors, layout, source, conventions, **overrides)
     state, unused = convert_state(tensors, layout, config, source)
     model = BottomUpDetector(config)
     report = state_dict_report(model, state)
@@ -261,8 +284,10 @@ def model_from_published(published: Mapping[str, Any], layout: str = "auto",
     return model.eval()
 
 
-def load_published(uri: str, layout: str = "auto", **overrides: Any):
-    """Convert a downloaded published checkpoint (see the module table) into our model.
+def load_published(uri: str, layout: str = "auto", conventions: str | None = None,
+                   **overrides: Any):
+    """Convert a downloaded published checkpoint (see the module table) into our model, with
+    its port's inference conventions unless `conventions` names others ("caffe").
 
     MILVLG's `-k36` file selects a fixed 36 regions unless overridden; everything else keeps
     the paper's 10-100 adaptive rule.
@@ -271,6 +296,6 @@ def load_published(uri: str, layout: str = "auto", **overrides: Any):
     published = parse_published(data, uri)
     if "k36" in str(uri).rsplit("/", 1)[-1] and "min_boxes" not in overrides:
         overrides = {**overrides, "min_boxes": 36, "max_boxes": 36}
-    model = model_from_published(published, layout, uri, **overrides)
+    model = model_from_published(published, layout, uri, conventions, **overrides)
     model.checkpoint_hash = weights_digest(data)[:16]
     return model

@@ -5,6 +5,12 @@ Paper section 3.1 / supp. 6.1: each region's feature v_i is the mean over res5's
 deltas (4 per class, background slot included as in Caffe). The attribute head concatenates
 v_i with a 256-d embedding of a class (the ground-truth class in training, the argmax class at
 test time), applies fc 512 + ReLU and a (num_attributes)-way softmax (index 0 = no attribute).
+
+Attribute confidence follows the config's `attr_confidence`. Caffe's generate_tsv (and MILVLG)
+take the softmax over all outputs and then drop "no attribute"; the detectron2 ports drop it
+first and take the softmax over the real attributes. At inference the second is produced by
+masking the "no attribute" logit to -inf (`inference_attribute_logits`): every consumer's
+softmax-then-drop then yields the port's numbers, with the same argmax.
 """
 
 from __future__ import annotations
@@ -123,7 +129,7 @@ class RoIHeads(nn.Module):
         # At test time the attribute head is conditioned on the argmax class (all classes,
         # background included, as the released model and its ports do).
         attr_logits = self.attributes(region, class_logits.argmax(dim=1))
-        return region, class_logits, attr_logits
+        return region, class_logits, inference_attribute_logits(attr_logits, self.config)
 
     def predict(self, features: Tensor, proposals: list[Tensor]) -> list[RegionPredictions]:
         """Inference: features, class logits, deltas and attribute logits of every proposal."""
@@ -193,6 +199,16 @@ class RoIHeads(nn.Module):
         picked = logp.gather(1, attributes.clamp(min=0)) * valid
         per_box = -picked.sum(dim=1) / valid.sum(dim=1).clamp(min=1)
         return self.config.attr_loss_weight * per_box[has_any].mean()
+
+
+def inference_attribute_logits(attr_logits: Tensor, config: DetectorConfig) -> Tensor:
+    """Attribute logits as the port scores them (module docstring): under "without_none" the
+    "no attribute" logit (index 0) is -inf, so a softmax over all outputs equals the port's
+    softmax over the real attributes and gives "no attribute" probability 0."""
+    if config.attr_confidence == "with_none":
+        return attr_logits
+    return torch.cat([torch.full_like(attr_logits[:, :1], float("-inf")), attr_logits[:, 1:]],
+                     dim=1)
 
 
 def res5_chunk_for_memory(config: DetectorConfig, device: torch.device, dtype: torch.dtype,

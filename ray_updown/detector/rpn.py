@@ -6,6 +6,15 @@ scores, then the A foreground scores) or detectron2's single logit (A channels).
 proposal step is Caffe's proposal layer: decode, clip, drop boxes smaller than `rpn_min_size`
 original-image pixels, keep the best `pre_nms`, NMS at 0.7, keep the best `post_nms`; run for
 the whole batch at once (`RegionProposalNetwork.propose`).
+
+The size test follows the config's `rpn_size_filter`, the rule of the port a model reproduces
+(`size_filter_keep`): py-faster-rcnn's `_filter_boxes` ("caffe": sides >= 16 x im_scale,
+before the top-k), MILVLG's `find_top_bua_rpn_proposals` ("milvlg": x2 > x1 and y2 > y1,
+then sides > 16 x im_scale, before the top-k) or detectron2's `find_top_rpn_proposals`
+("detectron2": top-k first, then clip, then sides > MIN_SIZE = 0). The order matters: a box
+dropped before the top-k frees its slot for the next anchor, one dropped after does not; and
+under "> 0" a box clipped to zero height (an anchor wholly outside the image) is dropped, which
+">= 0" would keep.
 """
 
 from __future__ import annotations
@@ -60,6 +69,18 @@ def plus_one_nms(boxes: Tensor, scores: Tensor, threshold: float, plus_one: bool
         boxes = boxes.clone()
         boxes[:, 2:] += 1.0
     return nms(boxes.float(), scores.float(), threshold)
+
+
+def size_filter_keep(boxes: Tensor, min_size: Tensor, rule: str, plus_one: bool) -> Tensor:
+    """Which clipped (..., 4) boxes pass a port's size test; `min_size` broadcasts against
+    the boxes' leading dims (the threshold in network-input pixels)."""
+    ws, hs = box_sizes(boxes, plus_one)
+    if rule == "caffe":
+        return (ws >= min_size) & (hs >= min_size)
+    keep = (ws > min_size) & (hs > min_size)
+    if rule == "milvlg":  # BUABoxes.filter_boxes: the raw extent must be positive as well
+        keep &= (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+    return keep
 
 
 class RPNHead(nn.Module):
@@ -144,31 +165,43 @@ class RegionProposalNetwork(nn.Module):
 
     def propose(self, anchors: Tensor, deltas: Tensor, scores: Tensor, valid: Tensor,
                 batch: ImageBatch, pre_nms: int, post_nms: int) -> tuple[list[Tensor], list[Tensor]]:
-        """Caffe's proposal layer for the whole batch: decode, clip, size filter, top-k, NMS.
+        """The proposal layer for the whole batch: decode, clip, size filter, top-k, NMS.
 
         anchors (A, 4) shared; deltas (N, A, 4), scores (N, A), valid (N, A) for the batch.
         Decoding, clipping, the size filter and the pre-NMS top-k run once for all images
         (rejected anchors sort last, so each image keeps the order a per-image sort gives).
-        NMS then runs on each image's top-k slice: torchvision's `batched_nms` would offset
-        each image's coordinates, which changes float32 IoUs in the last bit and with them
-        a few proposals; per-image calls keep them identical to the unbatched rule.
+        A filter after the top-k ("detectron2") moves the rejected boxes of the top-k behind
+        the kept ones, in order. NMS then runs on each image's kept slice: torchvision's
+        `batched_nms` would offset each image's coordinates, which changes float32 IoUs in the
+        last bit and with them a few proposals; per-image calls keep them identical to the
+        unbatched rule.
         """
         cfg = self.config
         n = deltas.shape[0]
         boxes = self.coder.decode(deltas.reshape(-1, 4), anchors.repeat(n, 1)).view(n, -1, 4)
         sizes = torch.tensor(batch.image_sizes, dtype=torch.long, device=boxes.device)
         boxes = clip_boxes_per_image(boxes, sizes, cfg.box_plus_one)
-        ws, hs = box_sizes(boxes, cfg.box_plus_one)
-        # Like the float scalar Caffe compares with: computed in double, then float32.
-        min_size = (torch.tensor(batch.scales, dtype=torch.float64) * cfg.rpn_min_size).float()
-        min_size = min_size.to(boxes.device)[:, None]
-        keep = valid & (ws >= min_size) & (hs >= min_size)
+        after_top_k = cfg.rpn_size_filter == "detectron2"
+        if after_top_k:  # detectron2's MIN_SIZE is in network-input pixels
+            min_size = torch.full((n, 1), cfg.rpn_min_size, dtype=torch.float32)
+        else:  # like the float scalar Caffe compares with: computed in double, then float32
+            scales = torch.tensor(batch.scales, dtype=torch.float64)
+            min_size = (scales * cfg.rpn_min_size).float()[:, None]
+        min_size = min_size.to(boxes.device)
+        keep = valid if after_top_k else valid & size_filter_keep(
+            boxes, min_size, cfg.rpn_size_filter, cfg.box_plus_one)
         ranked = torch.sort(scores.masked_fill(~keep, float("-inf")), dim=1, descending=True,
                             stable=True)
         top = ranked.indices[:, :pre_nms]
         top_boxes = boxes.gather(1, top[:, :, None].expand(-1, -1, 4))
         top_scores = ranked.values[:, :pre_nms]
-        counts = keep.sum(dim=1).clamp(max=pre_nms).tolist()  # the one host sync
+        top_keep = keep.gather(1, top)
+        if after_top_k:
+            top_keep &= size_filter_keep(top_boxes, min_size, cfg.rpn_size_filter, cfg.box_plus_one)
+            order = torch.sort((~top_keep).to(torch.uint8), dim=1, stable=True).indices
+            top_boxes = top_boxes.gather(1, order[:, :, None].expand(-1, -1, 4))
+            top_scores = top_scores.gather(1, order)
+        counts = top_keep.sum(dim=1).tolist()  # the one host sync
         proposals, proposal_scores = [], []
         for i, count in enumerate(counts):
             b, s = top_boxes[i, :count], top_scores[i, :count]

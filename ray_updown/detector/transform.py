@@ -5,6 +5,21 @@ Caffe's preparation (py-faster-rcnn `prep_im_for_blob`): RGB -> BGR, subtract th
 `max_size`, bilinear resize, then zero-pad every image of the batch to the largest one (zero =
 the mean colour). Padding is bottom/right so coordinates are unchanged.
 
+The resized size follows the config's `resize_rule` (`resized_size`): Caffe (and MILVLG) cap
+the scale when the *rounded* long side would exceed `max_size` and round each side half to
+even (cv2.resize rounds `side x fx` with cvRound, like Python's `round`); detectron2's
+ResizeShortestEdge (py-bottom-up-attention, the Hugging Face FRCNN) sets the short side to
+`min_size`, caps on the *unrounded* long side and rounds with `int(x + 0.5)`. They differ on
+half-way sides (403 x 1.5 = 604.5: Caffe 604, detectron2 605) and near the cap.
+
+`resize_interpolation`: "bilinear" resizes the mean-subtracted float image without
+antialiasing, as cv2.resize (Caffe, MILVLG) and the Hugging Face FRCNN's F.interpolate do;
+"pil" follows py-bottom-up-attention's ResizeTransform, which resizes the 8-bit image with
+PIL's bilinear filter (antialiased when shrinking) in two passes, width then height, each
+rounded to 8-bit pixels: torch's antialiased bilinear resize per pass, rounded the same way.
+PIL's fixed-point weights still differ in the last bit, so a few pixels land one grey level
+away (at most two on exact 1.25x enlargements of noise; 0.1-1% of pixels for usual scales).
+
 Extreme aspect ratios. The longer-side cap wins, so a 3x2500 strip scales to about 1x1000 at
 the paper's 600/1000: too thin for the trunk (a 1-pixel side leaves nothing after its stride-2
 stem and max-pool) and for the RPN, which drops proposals under `rpn_min_size` original pixels.
@@ -69,6 +84,22 @@ def caffe_scale(height: int, width: int, min_size: int, max_size: int) -> float:
     return scale
 
 
+def resized_size(height: int, width: int, min_size: int, max_size: int, rule: str
+                 ) -> tuple[float, int, int]:
+    """(scale, new_h, new_w) of an image under a `resize_rule` (module docstring)."""
+    if rule == "caffe":
+        scale = caffe_scale(height, width, min_size, max_size)
+        return scale, int(round(height * scale)), int(round(width * scale))
+    # detectron2 ResizeShortestEdge.get_transform, step for step (the float order matters
+    # on half-way sides).
+    scale = min_size * 1.0 / min(height, width)
+    new_h, new_w = (min_size, scale * width) if height < width else (scale * height, min_size)
+    if max(new_h, new_w) > max_size:
+        cap = max_size * 1.0 / max(new_h, new_w)
+        new_h, new_w, scale = new_h * cap, new_w * cap, scale * cap
+    return scale, int(new_h + 0.5), int(new_w + 0.5)
+
+
 def _as_hwc_uint8(image: object, index: int) -> Tensor:
     """Check an HxWx3 uint8 image; a tensor stays where it is (a GPU upload is not undone)."""
     if not isinstance(image, (np.ndarray, Tensor)):
@@ -95,6 +126,8 @@ class ImageTransform(nn.Module):
         super().__init__()
         self.min_size = config.min_size
         self.max_size = config.max_size
+        self.resize_rule = config.resize_rule
+        self.pil_resize = config.resize_interpolation == "pil"
         self.bgr = config.input_format == "BGR"
         self.min_canvas_side = config.feature_stride
         self.rpn_min_size = float(config.rpn_min_size)
@@ -108,12 +141,22 @@ class ImageTransform(nn.Module):
         x = pixels.permute(2, 0, 1).to(torch.float32)
         if self.bgr:
             x = x.flip(0)
-        x = x - torch.tensor(self.pixel_mean, device=device, dtype=torch.float32).view(3, 1, 1)
-        scale = caffe_scale(h, w, self.min_size, self.max_size)
-        new_h, new_w = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
-        if (new_h, new_w) != (h, w):
-            x = F.interpolate(x[None], size=(new_h, new_w), mode="bilinear",
-                              align_corners=False)[0]
+        mean = torch.tensor(self.pixel_mean, device=device, dtype=torch.float32).view(3, 1, 1)
+        scale, new_h, new_w = resized_size(h, w, self.min_size, self.max_size, self.resize_rule)
+        new_h, new_w = max(1, new_h), max(1, new_w)
+        resize = (new_h, new_w) != (h, w)
+        if self.pil_resize:
+            # PIL resizes the 8-bit image (antialiased when shrinking) in two passes, width
+            # then height, each returning 8-bit pixels (rounded half up, its fixed-point rule).
+            for size in ((h, new_w), (new_h, new_w)) if resize else ():
+                x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False,
+                                  antialias=True)[0].add(0.5).floor().clamp(0, 255)
+            x = x - mean
+        else:
+            x = x - mean
+            if resize:
+                x = F.interpolate(x[None], size=(new_h, new_w), mode="bilinear",
+                                  align_corners=False)[0]
         canvas_h, canvas_w = self.canvas_side(new_h, scale), self.canvas_side(new_w, scale)
         if (canvas_h, canvas_w) != (new_h, new_w):
             x = F.pad(x, (0, canvas_w - new_w, 0, canvas_h - new_h))  # zero = the mean colour
