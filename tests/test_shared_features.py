@@ -1,5 +1,5 @@
 """The per-node shared copy of a feature store (features/shared.py) and the batches gathered
-from it (vqa/regions.py): equal to the store reader's, built once, never stale or half
+from it (features/regions.py): equal to the store reader's, built once, never stale or half
 written, and shared by concurrent processes (PSS, not RSS)."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 
 from ray_updown.errors import DataError
 from ray_updown.features import shared
+from ray_updown.features.regions import FlatRegions, StoreRegions
 from ray_updown.features.shared import (
     SharedFeatures,
     cache_key,
@@ -24,7 +25,6 @@ from ray_updown.features.shared import (
     store_fingerprint,
 )
 from ray_updown.features.store import FeatureRecord, FeatureStore, StoreMeta, feature_shard_uri, write_feature_shard
-from ray_updown.vqa.regions import FlatRegions, StoreRegions
 
 D = 6
 
@@ -201,8 +201,8 @@ def test_a_batch_is_built_on_the_device_from_indices_alone(tmp_path):
     """After `to(device)`, the batch (regions, mask, tokens, targets) is gathered where the
     copy lives. The meta device holds no data: any host round trip (.item(), .tolist(), a
     copy out) would raise, so building a whole batch there shows there is none."""
+    from ray_updown.features.regions import regions_to_device
     from ray_updown.vqa.data import EncodedQuestions, VqaDataset
-    from ray_updown.vqa.regions import regions_to_device
 
     uri, records = write_store(tmp_path / "store", list(range(20)))
     n = 30

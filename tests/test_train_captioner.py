@@ -104,7 +104,7 @@ def test_batches_pad_regions_and_captions(toy_world):
     assert data.vocab.itos[:4] == ["<pad>", "<bos>", "<eos>", "<unk>"] and "dog" in data.vocab
     # Worker 1 of 2 with 6 images a step: 3 images of each of the 5 full steps of 32 images.
     batches = shard_batches(len(data.train_ids), 6, rank=1, world=2, seed=0)
-    loader = make_loader(data, data.open_store(), data.train_ids, batches)
+    loader = make_loader(data, data.open_regions(), data.train_ids, batches)
     assert len(loader) == 5
     batch = next(iter(loader))
     assert batch.image_ids == [data.train_ids[i] for i in batches[0]]
@@ -168,11 +168,11 @@ def test_scst_beam_form_runs_on_ray_from_the_xe_checkpoint(xe_run, tmp_path):
 def _overfit_setup(toy_world, xe_steps):
     data = CaptionData.load(CaptionDataConfig(karpathy=toy_world[0], features=toy_world[1],
                                               vocab_min_count=2, train_images=8, val_images=0))
-    store = data.open_store()
+    regions = data.open_regions()
     cfg = toy_config(*toy_world, Path("unused"))
     torch.manual_seed(0)
-    model = UpDownCaptioner(model_config(cfg, data.vocab, store.feature_dim))
-    batch = next(iter(make_loader(data, store, data.train_ids, [list(range(8))])))
+    model = UpDownCaptioner(model_config(cfg, data.vocab, regions.feature_dim))
+    batch = next(iter(make_loader(data, regions, data.train_ids, [list(range(8))])))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     for _ in range(xe_steps):
         loss, _ = xe_loss(model, batch)

@@ -14,6 +14,13 @@ every caption of the image, SCST (eq. 10-11) scores candidates against all of th
 
 Each worker reads its own share of every batch (`make_loader` over `shard_batches`), the same
 number of steps on every worker so that DDP steps stay in lockstep.
+
+Where the regions come from (`feature_access`, features/regions.py, as for VQA): "shared" maps
+the node's one padding-free copy of the store (features/shared.py), so N trials or DDP workers
+on a node hold the features once, not N times; "store" reads row groups from the store
+(stores larger than the node's memory); "auto" picks "shared" when the copy fits the cache
+folder and memory. On CUDA the flat copy moves to the GPU when it fits
+(`device_features_share`) and batches are gathered there.
 """
 
 from __future__ import annotations
@@ -28,8 +35,15 @@ from torch.utils.data import DataLoader, Dataset
 from ray_updown.config import validate_config, validate_fields
 from ray_updown.data.coco import CaptionImage, Vocab, build_vocab, images_in_split, load_karpathy
 from ray_updown.errors import ConfigError, DataError
-from ray_updown.features.spatial import SPATIAL_DIM, spatial_features
-from ray_updown.features.store import FeatureStore, pad_regions
+from ray_updown.features.regions import (
+    FeatureAccess,
+    Regions,
+    batch_loader,
+    open_regions,
+    padded_records,
+)
+from ray_updown.features.spatial import SPATIAL_DIM
+from ray_updown.features.store import FeatureStore
 
 # The splits of Karpathy's dataset_coco.json (data/coco.py KARPATHY_SPLITS) a config may name.
 KarpathySplit = Literal["train", "restval", "val", "test"]
@@ -50,7 +64,11 @@ class CaptionDataConfig:
     val_split: KarpathySplit = "val"
     val_images: int = 100  # images of val_split scored each epoch (greedy CIDEr-D); 0 = none
     train_images: int = 0  # 0 = every training image; n > 0 = the first n (overfit runs)
-    features_in_memory: bool = False  # decode the whole store once (small stores only)
+    # Where batches read regions (module docstring): auto | shared | store.
+    feature_access: FeatureAccess = "auto"
+    feature_cache_dir: str = ""  # node-local folder of the shared copy; "" = $TMPDIR/ray-updown-features
+    device_features_share: float = 0.5  # on CUDA: copy to the GPU when <= this share of free memory
+    features_in_memory: bool = False  # older configs: true = feature_access "shared"
     loader_workers: int = 0  # DataLoader worker processes per Ray Train worker
 
     def validate(self) -> None:
@@ -61,6 +79,16 @@ class CaptionDataConfig:
         for name in ("val_images", "train_images", "loader_workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"must be >= 0, got {getattr(self, name)}", record=name)
+        if not 0.0 <= self.device_features_share <= 1.0:
+            raise ConfigError(f"must be in [0, 1], got {self.device_features_share}",
+                              record="device_features_share")
+        if self.features_in_memory and self.feature_access == "store":
+            raise ConfigError("features_in_memory = true contradicts feature_access = store",
+                              record="feature_access")
+
+    def access(self) -> FeatureAccess:
+        """feature_access, with the older features_in_memory = true meaning "shared"."""
+        return "shared" if self.features_in_memory else self.feature_access
 
     @property
     def spatial_dim(self) -> int:
@@ -118,7 +146,14 @@ class CaptionData:
         return [im.image_id for im in images_in_split(self.images.values(), split)]
 
     def open_store(self) -> FeatureStore:
-        return FeatureStore(self.config.features, in_memory=self.config.features_in_memory)
+        return FeatureStore(self.config.features)
+
+    def open_regions(self) -> Regions:
+        """The regions of the training and validation images: the node's shared copy or the
+        store reader, as `feature_access` says (module docstring)."""
+        cfg = self.config
+        return open_regions(self.open_store(), self.train_ids + self.val_ids, cfg.max_regions,
+                            cfg.spatial, cfg.access(), cfg.feature_cache_dir or None)
 
     def training_references(self) -> list[list[str]]:
         """References of the training images: the corpus of CIDEr-D's document frequencies
@@ -168,75 +203,49 @@ class CaptionBatch:
 
 def region_tensors(records: Sequence, max_regions: int, spatial: bool) -> tuple[Tensor, Tensor]:
     """(feats [B, K, D(+7)], mask [B, K]) from feature-store records, K = the batch's largest
-    region count capped at max_regions."""
-    k = min(max(r.num_boxes for r in records), max_regions)
-    feats, boxes, mask = pad_regions(records, k)
-    if spatial:
-        w = torch.tensor([float(r.image_w) for r in records])
-        h = torch.tensor([float(r.image_h) for r in records])
-        box_feats = spatial_features(boxes, w, h) * mask.unsqueeze(-1)
-        feats = torch.cat([feats, box_feats.to(feats.dtype)], dim=-1)
-    return feats, mask
+    region count capped at max_regions (prediction reads records; training, `Regions`)."""
+    return padded_records(records, max_regions, spatial)
 
 
 class CaptionImageDataset(Dataset):
-    """Map-style dataset: item i = image_ids[i] with its features and encoded captions."""
+    """Item i = image_ids[i] with its regions and encoded captions; `__getitems__` builds a
+    whole CaptionBatch: one gather of the batch's regions, padded to its largest image."""
 
-    def __init__(self, data: CaptionData, store: FeatureStore, image_ids: Sequence[int]):
+    def __init__(self, data: CaptionData, regions: Regions, image_ids: Sequence[int]):
         self.data = data
-        self.store = store
+        self.regions = regions
         self.image_ids = list(image_ids)
+        self.image_rows = regions.rows(self.image_ids)  # dataset index -> regions row, once
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        image = self.data.images[self.image_ids[i]]
-        cfg = self.data.config
-        try:
-            record = self.store.get(image.image_id)
-        except DataError as exc:
-            raise DataError(f"image {image.image_id} has no region features in the store "
-                            f"({exc.problem})", file=self.store.uri,
-                            record=f"image {image.image_id}") from None
-        captions = [self.data.vocab.encode(t, cfg.max_len)
-                    for t in image.tokens[:cfg.captions_per_image]]
-        return {"image_id": image.image_id, "record": record, "captions": captions,
-                "references": reference_strings(image)}
+    def __getitems__(self, indices: Sequence[int]) -> CaptionBatch:
+        cfg, vocab = self.data.config, self.data.vocab
+        images = [self.data.images[self.image_ids[i]] for i in indices]
+        feats, mask = self.regions.gather(self.image_rows[list(indices)])
+        captions = [(row, vocab.encode(t, cfg.max_len))
+                    for row, image in enumerate(images) for t in image.tokens[:cfg.captions_per_image]]
+        length = max((len(ids) for _, ids in captions), default=1)  # trim to the batch's longest
+        targets = torch.full((len(captions), length), vocab.pad_id, dtype=torch.long)
+        for n, (_, ids) in enumerate(captions):
+            targets[n, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        inputs = torch.cat([torch.full((len(captions), 1), vocab.bos_id, dtype=torch.long),
+                            targets[:, :-1]], dim=1)
+        caption_image = torch.tensor([row for row, _ in captions], dtype=torch.long,
+                                     device=feats.device)
+        return CaptionBatch([im.image_id for im in images], feats, mask, caption_image,
+                            inputs.to(feats.device), targets.to(feats.device),
+                            [reference_strings(im) for im in images])
+
+    def __getitem__(self, i: int) -> CaptionBatch:
+        return self.__getitems__([i])
 
 
-def collate_captions(items: Sequence[dict[str, Any]], config: CaptionDataConfig,
-                     bos_id: int, pad_id: int) -> CaptionBatch:
-    """Pad regions and captions of a list of dataset items into one CaptionBatch."""
-    feats, mask = region_tensors([it["record"] for it in items], config.max_regions,
-                                 config.spatial)
-    captions = [(row, ids) for row, it in enumerate(items) for ids in it["captions"]]
-    length = max((len(ids) for _, ids in captions), default=1)  # trim to the batch's longest
-    targets = torch.full((len(captions), length), pad_id, dtype=torch.long)
-    for n, (_, ids) in enumerate(captions):
-        targets[n, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-    inputs = torch.cat([torch.full((len(captions), 1), bos_id, dtype=torch.long),
-                        targets[:, :-1]], dim=1)
-    caption_image = torch.tensor([row for row, _ in captions], dtype=torch.long)
-    return CaptionBatch([it["image_id"] for it in items], feats, mask, caption_image, inputs,
-                        targets, [it["references"] for it in items])
-
-
-class _Collate:
-    """Picklable collate function (DataLoader worker processes)."""
-
-    def __init__(self, config: CaptionDataConfig, vocab: Vocab):
-        self.config, self.bos_id, self.pad_id = config, vocab.bos_id, vocab.pad_id
-
-    def __call__(self, items: Sequence[dict[str, Any]]) -> CaptionBatch:
-        return collate_captions(items, self.config, self.bos_id, self.pad_id)
-
-
-def make_loader(data: CaptionData, store: FeatureStore, image_ids: Sequence[int],
+def make_loader(data: CaptionData, regions: Regions, image_ids: Sequence[int],
                 batches: Sequence[Sequence[int]]) -> DataLoader:
     """A loader of CaptionBatches: batch n holds the images `image_ids[i]` for i in
-    `batches[n]` (this worker's share of an epoch, from `train.worker.shard_batches`)."""
-    dataset = CaptionImageDataset(data, store, image_ids)
-    return DataLoader(dataset, batch_sampler=[list(b) for b in batches],
-                      collate_fn=_Collate(data.config, data.vocab),
-                      num_workers=data.config.loader_workers)
+    `batches[n]` (this worker's share of an epoch, from `train.worker.shard_batches`).
+    Loader processes (`loader_workers`) map the same shared copy as their trainer."""
+    workers = data.config.loader_workers if regions.device.type == "cpu" else 0
+    return batch_loader(CaptionImageDataset(data, regions, image_ids), batches, workers)

@@ -141,7 +141,8 @@ def run_captioner_sweep(cfg: CaptionTrainConfig | str, space: Mapping[str, Any] 
         raise ConfigError(f"the sweep ranks trials by {METRIC} on validation images: "
                           "set data.val_images > 0", record="data.val_images")
     data = dataclasses.replace(cfg.data, karpathy=_absolute(cfg.data.karpathy),
-                               features=_absolute(cfg.data.features))
+                               features=_absolute(cfg.data.features),
+                               feature_cache_dir=_absolute(cfg.data.feature_cache_dir))
     cfg = dataclasses.replace(
         cfg, data=data, storage_path=_absolute(cfg.storage_path),
         scst=dataclasses.replace(cfg.scst, init_from=_absolute(cfg.scst.init_from)),

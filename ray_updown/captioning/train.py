@@ -32,6 +32,7 @@ from ray_updown.captioning.objectives import CiderReward, greedy_cider, scst_los
 from ray_updown.config import to_dict
 from ray_updown.data.coco import Vocab
 from ray_updown.errors import CheckpointError, ConfigError
+from ray_updown.features.regions import regions_to_device
 from ray_updown.train.checkpoint import CONFIG_FILE, check_vocabulary, load_checkpoint_dir, save_checkpoint_dir
 from ray_updown.train.session import RayTrainSession, Session
 from ray_updown.train.trainer import build_trainer, checkpoint_uri, fit, history, latest_checkpoint
@@ -143,8 +144,12 @@ def run_captioner_loop(cfg: CaptionTrainConfig, session: Session) -> None:
     torch.manual_seed(cfg.seed + rank)
     device = pick_device()
     data = CaptionData.load(cfg.data, check_features=False)  # the driver checked them
-    store = data.open_store()
-    mcfg = model_config(cfg, data.vocab, store.feature_dim)
+    # The node's shared copy (or the store reader): one copy per node whatever the number of
+    # trials and workers; on CUDA it moves to the device when it fits, and batches are then
+    # gathered there (and built in this process: make_loader runs no loader processes).
+    regions = data.open_regions()
+    regions_to_device(regions, device, cfg.data.device_features_share)
+    mcfg = model_config(cfg, data.vocab, regions.feature_dim)
     model = UpDownCaptioner(mcfg)
     ckpt_config = checkpoint_config(cfg, mcfg, data.vocab)
     state = restore(session, cfg, model, data.vocab)
@@ -154,7 +159,7 @@ def run_captioner_loop(cfg: CaptionTrainConfig, session: Session) -> None:
     if "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
 
-    val_loader = make_loader(data, store, data.val_ids,
+    val_loader = make_loader(data, regions, data.val_ids,
                              shard_batches(len(data.val_ids), cfg.batch_size, rank, world))
     reward = CiderReward(data.training_references(), data.vocab)
     total_steps = cfg.epochs * steps_per_epoch(len(data.train_ids), cfg.batch_size)
@@ -162,7 +167,7 @@ def run_captioner_loop(cfg: CaptionTrainConfig, session: Session) -> None:
         if session.logs_to_wandb else None
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
-        loader = make_loader(data, store, data.train_ids, shard_batches(
+        loader = make_loader(data, regions, data.train_ids, shard_batches(
             len(data.train_ids), cfg.batch_size, rank, world, seed=cfg.seed, epoch=epoch))
         # SCST samples: reproducible per (seed, epoch, rank), so a resumed run draws the same
         generator = torch.Generator(device=device)

@@ -194,7 +194,8 @@ def train_caption_model(cfg, world: WorldFiles, features: str, runs: str, name: 
     # max_regions only caps: batches pad to their largest image (<= 36 regions, 196 cells).
     data = CaptionDataConfig(karpathy=world.karpathy, features=features,
                              max_len=cfg.caption_max_len, max_regions=256, val_images=cfg.caption_val_images,
-                             features_in_memory=True)
+                             features_in_memory=True,
+                             feature_cache_dir=os.path.join(runs, "feature_cache"))
     dim = cfg.caption_dim
     train_cfg = CaptionTrainConfig(
         name=name, storage_path=runs, objective=objective, data=data,

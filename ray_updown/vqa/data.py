@@ -11,7 +11,7 @@ and returns `VqaDataset`s whose batches are dicts of tensors:
 K = the batch's largest region count, at most `max_boxes` (images with fewer regions are
 padded, more are cut to the detector's best ranked); D' = feature dim + 7 when `spatial` adds
 the box geometry (features/spatial.py). The regions come from the node's shared copy of the
-store or from the store's reader (`feature_access`, vqa/regions.py).
+store or from the store's reader (`feature_access`, features/regions.py).
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from ray_updown.data.vqa import (
     tokenize_question,
 )
 from ray_updown.errors import ConfigError, DataError
+from ray_updown.features.regions import FlatRegions, Regions, StoreRegions, open_regions
 from ray_updown.features.spatial import SPATIAL_DIM
 from ray_updown.features.store import FeatureStore
-from ray_updown.vqa.regions import FlatRegions, Regions, StoreRegions, open_regions
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class VqaDataConfig:
     train_on: list[Literal["train", "val"]] = dc_field(default_factory=lambda: ["train"])
     max_boxes: int = 100             # K regions per image after padding / cutting
     spatial: bool = False            # append the 7 box-geometry values to each region
-    # Where batches read regions (vqa/regions.py): "shared" = one padding-free copy per node,
+    # Where batches read regions (features/regions.py): "shared" = one padding-free copy per node,
     # memory-mapped by every trial and worker; "store" = the row-group reader (stores larger
     # than memory); "auto" = shared when the copy fits the cache folder and memory.
     feature_access: Literal["auto", "shared", "store"] = "auto"
@@ -188,7 +188,7 @@ class VqaDataset(torch.utils.data.Dataset):
     """Questions with their images' regions; `__getitems__` builds a whole batch at once.
 
     `to(device)` moves the question arrays and (a flat copy's) regions to the device: the
-    batch is then built there from its indices alone (vqa/regions.py)."""
+    batch is then built there from its indices alone (features/regions.py)."""
 
     def __init__(self, encoded: EncodedQuestions, regions: Regions, num_answers: int):
         self.encoded = encoded

@@ -12,7 +12,7 @@
 Features: `prepare_vqa_data` maps the node's shared copy of the store (one per node, every
 trial and worker reading the same pages) or falls back to the store reader; on CUDA the flat
 copy moves to the GPU when it fits (`data.device_features_share`) and batches are gathered
-there (vqa/regions.py).
+there (features/regions.py).
 
 Each epoch: `train_step` over this worker's share of the questions (binary cross-entropy
 against soft scores, AdaDelta (paper) or Adamax (re-implementation), clipped gradients), then
@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ray_updown import storage
+from ray_updown.features.regions import batch_loader, regions_to_device
 from ray_updown.train.checkpoint import load_checkpoint_dir, save_checkpoint_dir
 from ray_updown.train.session import LocalSession, RayTrainSession, Session, TuneSession
 from ray_updown.train.trainer import build_trainer, checkpoint_uri, fit, storage_kwargs
@@ -44,7 +45,6 @@ from ray_updown.vqa.data import (
     prepare_vqa_data,
 )
 from ray_updown.vqa.model import VqaConfig, VqaModel, soft_accuracy, vqa_loss
-from ray_updown.vqa.regions import regions_to_device
 from ray_updown.weights import load_state_strict
 
 __all__ = ["LocalSession", "run_vqa_loop", "train_vqa", "vqa_trainable"]
@@ -154,10 +154,7 @@ def run_vqa_loop(config: dict, session: Session) -> None:
         started, losses = time.perf_counter(), []
         batches = shard_batches(len(data.train), cfg.batch_size, rank, world,
                                 seed=cfg.seed, epoch=epoch)
-        loader = torch.utils.data.DataLoader(
-            data.train, batch_sampler=batches, num_workers=loader_workers,
-            collate_fn=_identity)  # the dataset's __getitems__ builds whole batches
-        for batch in loader:
+        for batch in batch_loader(data.train, batches, loader_workers):
             losses.append(train_step(ddp_model, optimizer, batch_to(batch, device), cfg.grad_clip))
         seconds = time.perf_counter() - started
         metrics = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else math.nan,
@@ -179,10 +176,6 @@ def run_vqa_loop(config: dict, session: Session) -> None:
                                                                  trainer_state))
     if run is not None:
         run.finish()
-
-
-def _identity(batch):
-    return batch
 
 
 def _train_worker(config: dict) -> None:

@@ -1,4 +1,5 @@
-"""Where a VQA batch's regions come from, and where they live while training.
+"""Where a training batch's regions come from, and where they live while training
+(the VQA model and the captioner read them the same way).
 
 Two sources give the same batches (tests check equality):
 
@@ -10,20 +11,24 @@ Two sources give the same batches (tests check equality):
 * `StoreRegions`: the store's row-group reader, for stores larger than the node's memory.
 
 Padding is per batch: K = the batch's largest region count, capped at `max_boxes` (images
-with more keep their first, i.e. the detector's best-ranked, regions), at least 1. The model
-masks padded regions, so K changes nothing but the work done.
+with more keep their first, i.e. the detector's best-ranked, regions), at least 1. The models
+mask padded regions, so K changes nothing but the work done.
+
+`open_regions` picks the source (`feature_access`: "auto", "shared", "store"),
+`regions_to_device` moves a flat copy to a GPU when it fits, and `batch_loader` is the
+DataLoader over a dataset whose `__getitems__` builds whole batches from such a source.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 
-from ray_updown.features.reader import FeatureStore, pad_regions
+from ray_updown.features.reader import FeatureRecord, FeatureStore, pad_regions
 from ray_updown.features.shared import (
     SharedFeatures,
     shared_copy_fits,
@@ -33,9 +38,24 @@ from ray_updown.features.spatial import SPATIAL_DIM, spatial_features
 
 log = logging.getLogger(__name__)
 
+FeatureAccess = Literal["auto", "shared", "store"]
+
 
 def _batch_width(counts: np.ndarray) -> int:
     return max(1, int(counts.max())) if len(counts) else 1
+
+
+def padded_records(records: Sequence[FeatureRecord], max_boxes: int, spatial: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """feats [B, K, D'] float32 and mask [B, K] bool of store records, K = the batch's largest
+    region count capped at `max_boxes` (at least 1); D' = D + 7 when `spatial`."""
+    k = min(int(max_boxes), _batch_width(np.asarray([r.num_boxes for r in records])))
+    feats, boxes, mask = pad_regions(records, k)
+    if spatial:
+        w = torch.tensor([float(r.image_w) for r in records])
+        h = torch.tensor([float(r.image_h) for r in records])
+        feats = torch.cat([feats, spatial_features(boxes, w, h) * mask.unsqueeze(2)], dim=2)
+    return feats, mask
 
 
 class StoreRegions:
@@ -61,13 +81,7 @@ class StoreRegions:
     def gather(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """feats [B, K, D'] float32 and mask [B, K] bool of these rows' images."""
         records = [self.store.get(self.image_ids[r]) for r in rows]
-        k = min(self.max_boxes, _batch_width(np.asarray([r.num_boxes for r in records])))
-        feats, boxes, mask = pad_regions(records, max(k, 1))
-        if self.spatial:
-            w = torch.tensor([float(r.image_w) for r in records])
-            h = torch.tensor([float(r.image_h) for r in records])
-            feats = torch.cat([feats, spatial_features(boxes, w, h) * mask.unsqueeze(2)], dim=2)
-        return feats, mask
+        return padded_records(records, self.max_boxes, self.spatial)
 
 
 class FlatRegions:
@@ -161,7 +175,7 @@ Regions = StoreRegions | FlatRegions
 
 
 def open_regions(store: FeatureStore, image_ids: Sequence[Any], max_boxes: int, spatial: bool,
-                 access: str = "auto", cache_dir: str | None = None) -> Regions:
+                 access: FeatureAccess = "auto", cache_dir: str | None = None) -> Regions:
     """The regions of `image_ids`: the node's shared copy ("shared"; "auto" when it fits the
     cache folder and memory) or the store's row-group reader ("store")."""
     if access == "auto":
@@ -187,3 +201,15 @@ def regions_to_device(regions: Regions, device: torch.device, share: float) -> b
         return False
     regions.to(device)
     return True
+
+
+def _whole_batch(batch: Any) -> Any:
+    return batch
+
+
+def batch_loader(dataset: torch.utils.data.Dataset, batches: Sequence[Sequence[int]],
+                 num_workers: int = 0) -> torch.utils.data.DataLoader:
+    """A DataLoader of `batches` (lists of indices) from a dataset whose `__getitems__` builds
+    a whole batch; loader processes unpickle a flat copy as its path and map the same pages."""
+    return torch.utils.data.DataLoader(dataset, batch_sampler=[list(b) for b in batches],
+                                       num_workers=num_workers, collate_fn=_whole_batch)
