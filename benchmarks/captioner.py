@@ -14,17 +14,31 @@ faster. Rates are captions per second: XE counts target captions, SCST candidate
 Then the CIDEr-D part (benchmarks/cider.py): our CIDEr-D against pycocoevalcap's on
 synthetic COCO-like captions, and the reward's share of an SCST step.
 
+Then where the features live while training (captioning/data.py over features/regions.py),
+on a synthetic store of 36 x 2048 float16 regions per image and a Karpathy file of 5 random
+captions per image:
+* loader throughput: shuffled images/s of the training loader (`make_loader`, whole
+  CaptionBatches) with 0, 2 and N loader processes, from the store reader and the shared copy;
+* PSS (/proc/<pid>/smaps_rollup, not RSS) of 1 and 4 concurrent trial processes, each
+  gathering every image and taking two XE steps of the "small" model, mapping the node's one
+  shared copy or each holding its own (benchmarks/vqa.py's harness);
+* GPU epoch: not measured (no GPU on the machine of these figures).
+
     python benchmarks/captioner.py [--steps 1] [--cider-images 5000] [--threads N]
+                                   [--no-models] [--no-features] [--pss-images 2000]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -119,12 +133,18 @@ def bench_config(name: str, dims: dict, xe_images: int, scst_images: int, steps:
     return out
 
 
-def bench_cider(images: int) -> dict:
-    """Our CIDEr-D vs pycocoevalcap's (benchmarks/cider.py's synthetic captions)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cider.py")
-    spec = importlib.util.spec_from_file_location("benchmark_cider", path)
+def sibling(name: str):
+    """Another benchmark script of this folder, imported as a module."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def bench_cider(images: int) -> dict:
+    """Our CIDEr-D vs pycocoevalcap's (benchmarks/cider.py's synthetic captions)."""
+    module = sibling("cider")
     from pycocoevalcap.cider.cider import Cider
 
     from ray_updown.metrics.cider import CiderD, cider_d
@@ -148,25 +168,133 @@ def bench_cider(images: int) -> dict:
             "means": [float(ref_mean), float(ours_mean)]}
 
 
+# -- where the features live: loader throughput and PSS of concurrent trials --------------
+
+def write_karpathy(path: str, images: int, seed: int = 0) -> str:
+    """A Karpathy file of `images` training images (ids 0..N-1) with REFS random captions."""
+    rng = np.random.default_rng(seed)
+    words = [f"w{i}" for i in range(50)]
+    rows = [{"cocoid": i, "filename": f"{i}.jpg", "split": "train",
+             "sentences": [{"tokens": list(t), "raw": " ".join(t)}
+                           for t in (rng.choice(words, 10) for _ in range(REFS))]}
+            for i in range(images)]
+    with open(path, "w") as f:
+        json.dump({"dataset": "coco", "images": rows}, f)
+    return path
+
+
+def caption_data(karpathy: str, store: str, cache: str, access: str, workers: int):
+    from ray_updown.captioning.data import CaptionData, CaptionDataConfig
+
+    return CaptionData.load(CaptionDataConfig(
+        karpathy=karpathy, features=store, vocab_min_count=1, max_regions=REGIONS, val_images=0,
+        train_splits=["train"], feature_access=access, feature_cache_dir=cache,
+        loader_workers=workers), check_features=False)
+
+
+def loader_throughput(karpathy: str, store: str, cache: str, workers: list[int], batch: int,
+                      max_images: dict[str, int]) -> list[dict]:
+    """Shuffled images/s of the captioner's training loader, timed from its first batch."""
+    from ray_updown.captioning.data import make_loader
+
+    vqa_bench, out = sibling("vqa"), []
+    for access, name in (("store", "store_reader"), ("shared", "shared_copy")):
+        for w in workers:
+            data = caption_data(karpathy, store, cache, access, w)
+            regions = data.open_regions()
+            order = np.resize(np.random.default_rng(0).permutation(len(data.train_ids)),
+                              max_images[name])
+            batches = [order[i:i + batch].tolist() for i in range(0, len(order), batch)]
+            loader = make_loader(data, regions, data.train_ids, batches)
+            out.append({"source": name, **vqa_bench.timed_loader(loader, w,
+                                                                 lambda b: len(b.image_ids))})
+    return out
+
+
+def pss_child(path: str, batch: int, mode: str) -> None:
+    """One captioner 'trial': gather every image once and take two XE steps (small model)."""
+    vqa_bench = sibling("vqa")
+
+    def work():
+        regions = vqa_bench.trial_regions(path, mode, REGIONS)
+        dims = CONFIGS["small"]
+        vocab = Vocab(list(SPECIALS) + [f"w{i}" for i in range(dims["vocab_words"])])
+        model = UpDownCaptioner(CaptionerConfig(
+            vocab_size=len(vocab), feat_dim=FEATURE_DIM, max_len=MAX_LEN,
+            embed_dim=dims["embed_dim"], hidden_dim=dims["hidden_dim"], att_dim=dims["att_dim"]))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        rows, rng = np.arange(regions.shared.num_images), np.random.default_rng(0)
+        for n, start in enumerate(range(0, len(rows), batch)):
+            feats, mask = regions.gather(rows[start:start + batch])
+            if n < 2:
+                captions = random_batch(vocab, len(feats), rng)
+                loss, _ = xe_loss(model, dataclasses.replace(captions, feats=feats, mask=mask))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        return regions, model
+
+    vqa_bench.serve_until_stdin(work)
+
+
+def features_benchmarks(args) -> dict:
+    vqa_bench = sibling("vqa")
+    root = tempfile.mkdtemp(prefix="captioner-features-", dir=args.work_dir)
+    try:
+        store = vqa_bench.write_synthetic_store(os.path.join(root, "store"), args.loader_images)
+        karpathy = write_karpathy(os.path.join(root, "dataset_coco.json"), args.loader_images)
+        workers = sorted({0, 2, *args.loader_workers})
+        return {
+            "loader": {"images_in_store": args.loader_images, "batch": args.loader_batch,
+                       "rows": loader_throughput(karpathy, store, os.path.join(root, "cache"),
+                                                 workers, args.loader_batch,
+                                                 {"store_reader": args.reader_images,
+                                                  "shared_copy": args.shared_images})},
+            "pss": vqa_bench.pss_benchmark(root, args.pss_images, script=os.path.abspath(__file__),
+                                           batch=args.batch, trials=tuple(args.pss_trials)),
+            "gpu_epoch_s": "not measured (no GPU on this machine)"}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1, help="timed steps per measurement")
     parser.add_argument("--cider-images", type=int, default=5000)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's "
                         "default); on a busy shared machine 1 thread is often faster")
+    parser.add_argument("--no-models", action="store_true", help="skip the step rates and CIDEr-D")
+    parser.add_argument("--no-features", action="store_true", help="skip loader and PSS figures")
+    parser.add_argument("--loader-images", type=int, default=2000, help="images of the loader store")
+    parser.add_argument("--loader-batch", type=int, default=20)
+    parser.add_argument("--loader-workers", type=int, nargs="*", default=[4],
+                        help="loader processes measured besides 0 and 2")
+    parser.add_argument("--reader-images", type=int, default=600)
+    parser.add_argument("--shared-images", type=int, default=4000)
+    parser.add_argument("--pss-images", type=int, default=2000, help="images of the PSS copy")
+    parser.add_argument("--pss-trials", type=int, nargs="*", default=[1, 4])
+    parser.add_argument("--batch", type=int, default=20, help="images a PSS trial gathers at once")
+    parser.add_argument("--work-dir", default=None, help="where the synthetic stores go")
+    parser.add_argument("--pss-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--pss-mode", default="shared", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.pss_child:
+        return pss_child(args.pss_child, args.batch, args.pss_mode)
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     report = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "torch": torch.__version__, "processor": platform.processor() or
-                          platform.machine(), "device": "cpu"},
-              # the paper's steps hold 100 captions (20 images x 5); 50 here keep it short
-              "paper": bench_config("paper", CONFIGS["paper"], xe_images=10, scst_images=10,
-                                    steps=args.steps),
-              "small": bench_config("small", CONFIGS["small"], xe_images=20, scst_images=20,
-                                    steps=args.steps),
-              "cider_d": bench_cider(args.cider_images)}
+                          platform.machine(), "device": "cpu"}}
+    if not args.no_models:
+        # the paper's steps hold 100 captions (20 images x 5); 50 here keep it short
+        report["paper"] = bench_config("paper", CONFIGS["paper"], xe_images=10, scst_images=10,
+                                       steps=args.steps)
+        report["small"] = bench_config("small", CONFIGS["small"], xe_images=20, scst_images=20,
+                                       steps=args.steps)
+        report["cider_d"] = bench_cider(args.cider_images)
+    if not args.no_features:
+        report["features"] = features_benchmarks(args)
     report["total_seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report, indent=2))
 

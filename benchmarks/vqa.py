@@ -9,9 +9,11 @@
    set in the real file formats whose regions encode the answers, and the official accuracy
    of each member and of the ensemble (`predict_ensemble` + `evaluate_vqa`).
 
-3. Where the features live (features/shared.py, vqa/regions.py), on synthetic stores:
-   * PSS (from /proc/<pid>/smaps_rollup, not RSS) of 1 and 4 concurrent "trials" that map one
-     shared copy, gather every image and train two steps: the features count once;
+3. Where the features live (features/shared.py, features/regions.py), on synthetic stores:
+   * PSS (from /proc/<pid>/smaps_rollup, not RSS) of 1 and 4 concurrent "trials" (processes)
+     that gather every image and train two steps, either mapping the node's one shared copy
+     (the features count once) or each holding its own private copy of the same arrays (the
+     features count once per trial; the padded copies of before were larger still);
    * DataLoader throughput (shuffled images/s, 0, 2 and N loader processes) from the store's
      row-group reader and from the shared copy;
    * one VQA epoch of the paper's model at COCO's proportions (443,757 questions, 82,783
@@ -191,23 +193,46 @@ def _paper_model(device: torch.device):
     return model, build_optimizer(VqaTrainConfig(optimizer="adadelta"), model.parameters())
 
 
-def pss_child(path: str, batch: int) -> None:
-    """One 'trial': map the shared copy, gather every image once (touching all of it) and
-    take two training steps with the paper's model; then wait on stdin while measured."""
-    from ray_updown.features.shared import SharedFeatures
-    from ray_updown.vqa.regions import FlatRegions
+PSS_MODES = ("shared", "own")  # map the node's copy / hold a private copy of its arrays
 
+
+def trial_regions(path: str, mode: str, max_boxes: int = REGIONS):
+    """A PSS trial's regions: the shared copy mapped ("shared"), or its arrays read into this
+    process's own memory ("own": what every trial held before there was one copy per node)."""
+    from ray_updown.features.regions import FlatRegions
+    from ray_updown.features.shared import SharedFeatures
+
+    copy = SharedFeatures(path)
+    if mode == "own":  # private pages; dropping the memmaps unmaps the file
+        copy.features, copy.boxes = np.array(copy.features), np.array(copy.boxes)
+    return FlatRegions(copy, max_boxes, False)
+
+
+def serve_until_stdin(work) -> None:
+    """Run a PSS trial's `work()`, say "ready", then wait on stdin while measured, holding
+    what the work returned (its regions and model)."""
     torch.set_num_threads(1)
-    regions = FlatRegions(SharedFeatures(path), REGIONS, False)
-    model, optimizer = _paper_model(torch.device("cpu"))
-    rows = np.arange(regions.shared.num_images)
-    for n, start in enumerate(range(0, len(rows), batch)):
-        feats, mask = regions.gather(rows[start:start + batch])
-        if n < 2:
-            b = _batch(len(feats), torch.device("cpu"), seed=n)
-            train_step(model, optimizer, {**b, "feats": feats, "mask": mask}, 0.25)
+    held = work()
     print("ready", flush=True)
     sys.stdin.readline()
+    del held
+
+
+def pss_child(path: str, batch: int, mode: str) -> None:
+    """One VQA 'trial': gather every image once (touching all of the features) and take two
+    training steps with the paper's model."""
+    def work():
+        regions = trial_regions(path, mode)
+        model, optimizer = _paper_model(torch.device("cpu"))
+        rows = np.arange(regions.shared.num_images)
+        for n, start in enumerate(range(0, len(rows), batch)):
+            feats, mask = regions.gather(rows[start:start + batch])
+            if n < 2:
+                b = _batch(len(feats), torch.device("cpu"), seed=n)
+                train_step(model, optimizer, {**b, "feats": feats, "mask": mask}, 0.25)
+        return regions, model
+
+    serve_until_stdin(work)
 
 
 def _rss(pid: int) -> int:
@@ -215,11 +240,11 @@ def _rss(pid: int) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
-def pss_trials(path: str, feature_file: str, trials: int, batch: int = 64) -> dict:
+def pss_trials(command: list[str], feature_file: str, trials: int, mode: str) -> dict:
+    """PSS of `trials` concurrent processes running `command` (a script's --pss-child)."""
     from ray_updown.features.shared import pss_bytes
 
-    procs = [subprocess.Popen([sys.executable, __file__, "--pss-child", path, "--batch", str(batch)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for _ in range(trials)]
     try:
         if [p.stdout.readline().strip() for p in procs] != ["ready"] * trials:
@@ -231,25 +256,33 @@ def pss_trials(path: str, feature_file: str, trials: int, batch: int = 64) -> di
         for p in procs:
             p.communicate("\n", timeout=60)
     mib = 2 ** 20
-    return {"trials": trials, "pss_total_mib": round(sum(pss) / mib, 1),
+    return {"trials": trials, "features": mode, "pss_total_mib": round(sum(pss) / mib, 1),
             "pss_features_total_mib": round(sum(features) / mib, 1),
             "pss_rest_per_trial_mib": round((sum(pss) - sum(features)) / trials / mib, 1),
             "rss_total_mib": round(sum(rss) / mib, 1)}
 
 
-def pss_benchmark(root: str, images: int) -> dict:
-    """PSS of 1 and 4 concurrent trials mapping one shared copy (the features count once)."""
+def pss_benchmark(root: str, images: int, script: str = __file__, batch: int = 64,
+                  trials: tuple[int, ...] = (1, 4)) -> dict:
+    """PSS of 1 and 4 concurrent trials (`script --pss-child`) mapping one shared copy (the
+    features count once) or each holding its own (they count once per trial)."""
     from ray_updown.features.shared import shared_features
 
     store = write_synthetic_store(os.path.join(root, "pss-store"), images)
     copy = shared_features(store, os.path.join(root, "cache"))
     feature_file = os.path.join(copy.path, "features.npy")
     mib = 2 ** 20
+
+    def command(mode: str) -> list[str]:
+        return [sys.executable, script, "--pss-child", copy.path, "--pss-mode", mode,
+                "--batch", str(batch)]
+
     return {"images": images, "regions_per_image": REGIONS, "feat_dim": FEAT_DIM,
             "shared_copy_mib": round(copy.nbytes / mib, 1),
             "features_mib": round(copy.features.nbytes / mib, 1),
             "per_trial_padded_copy_before_mib": round(images * 100 * FEAT_DIM * 2 / mib, 1),
-            "runs": [pss_trials(copy.path, feature_file, n) for n in (1, 4)]}
+            "runs": [pss_trials(command(mode), feature_file, n, mode)
+                     for mode in PSS_MODES for n in trials]}
 
 
 class _ImageBatches(torch.utils.data.Dataset):
@@ -269,8 +302,8 @@ def loader_throughput(store: str, cache: str, images: int, workers: list[int], b
                       max_images: dict[str, int]) -> list[dict]:
     """Shuffled images/s through a DataLoader from the store reader and the shared copy."""
     from ray_updown.features.reader import FeatureStore
+    from ray_updown.features.regions import FlatRegions, StoreRegions
     from ray_updown.features.shared import shared_features
-    from ray_updown.vqa.regions import FlatRegions, StoreRegions
 
     fs = FeatureStore(store)
     sources = {"store_reader": StoreRegions(fs, fs.image_ids, REGIONS, False),
@@ -284,27 +317,32 @@ def loader_throughput(store: str, cache: str, images: int, workers: list[int], b
         for w in workers:
             loader = torch.utils.data.DataLoader(_ImageBatches(regions, images), batch_sampler=batches,
                                                  num_workers=w, collate_fn=lambda b: b)
-            started = time.perf_counter()
-            it = iter(loader)
-            next(it)
-            first = time.perf_counter()
-            seen = sum(len(feats) for feats, _ in it)
-            seconds = time.perf_counter() - first
-            out.append({"source": name, "loader_workers": w, "images": seen,
-                        "startup_s": round(first - started, 2), "seconds": round(seconds, 2),
-                        "images_per_s": round(seen / seconds, 1),
-                        "images_per_s_per_process": round(seen / seconds / max(w, 1), 1)})
+            out.append({"source": name, **timed_loader(loader, w, lambda b: len(b[0]))})
     return out
+
+
+def timed_loader(loader, workers: int, images_of) -> dict:
+    """Images/s of one pass over `loader`, timed from its first batch (worker start-up, given
+    apart, is not reading); `images_of(batch)` counts a batch's images."""
+    started = time.perf_counter()
+    it = iter(loader)
+    next(it)
+    first = time.perf_counter()
+    seen = sum(images_of(b) for b in it)
+    seconds = time.perf_counter() - first
+    return {"loader_workers": workers, "images": seen, "startup_s": round(first - started, 2),
+            "seconds": round(seconds, 2), "images_per_s": round(seen / seconds, 1),
+            "images_per_s_per_process": round(seen / seconds / max(workers, 1), 1)}
 
 
 def vqa_epoch(store: str, cache: str, questions: int, images: int, batch: int,
               device: torch.device) -> dict:
     """One training epoch of the paper's model: batches gathered from the shared copy (on the
     GPU when it fits), synthetic questions and soft targets."""
+    from ray_updown.features.regions import FlatRegions, regions_to_device
     from ray_updown.features.shared import shared_features
     from ray_updown.train.worker import shard_batches
     from ray_updown.vqa.data import EncodedQuestions, VqaDataset
-    from ray_updown.vqa.regions import FlatRegions, regions_to_device
 
     rng = np.random.default_rng(0)
     index = np.full((questions, 10), -1, np.int64)
@@ -349,7 +387,7 @@ def features_benchmarks(args) -> dict:
     images, questions = max(1, round(COCO_IMAGES * scale)), max(1, round(COCO_QUESTIONS * scale))
     root = tempfile.mkdtemp(prefix="vqa-features-", dir=args.work_dir)
     try:
-        out: dict = {"pss": pss_benchmark(root, args.pss_images)}
+        out: dict = {"pss": pss_benchmark(root, args.pss_images, trials=tuple(args.pss_trials))}
         store = write_synthetic_store(os.path.join(root, "store"), images)
         cache = os.path.join(root, "cache")
         workers = sorted({0, 2, *args.loader_workers})
@@ -361,7 +399,7 @@ def features_benchmarks(args) -> dict:
                                                       "regions": REGIONS, "feat_dim": FEAT_DIM},
                         **vqa_epoch(store, cache, questions, images, args.epoch_batch, device)}
         if device.type != "cuda":
-            out["epoch"]["gpu_epoch"] = "not yet measured: no GPU on this machine"
+            out["epoch"]["gpu_epoch_s"] = "not measured (no GPU on this machine)"
         return out
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -391,10 +429,13 @@ def main() -> None:
     parser.add_argument("--shared-images", type=int, default=8000,
                         help="images read per shared-copy run")
     parser.add_argument("--work-dir", default=None, help="where the synthetic stores go")
+    parser.add_argument("--pss-trials", type=int, nargs="*", default=[1, 4],
+                        help="concurrent trial processes of the PSS runs")
     parser.add_argument("--pss-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--pss-mode", default="shared", choices=PSS_MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.pss_child:
-        return pss_child(args.pss_child, args.batch)
+        return pss_child(args.pss_child, args.batch, args.pss_mode)
     os.environ.setdefault("WANDB_MODE", "disabled")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = {"benchmark": "vqa", "device": str(device), "torch_threads": torch.get_num_threads(),
