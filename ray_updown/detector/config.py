@@ -27,6 +27,18 @@ rest, and any field can still be overridden alone:
   from the softmax over the 400 attributes, "no attribute" dropped before (`_predict_attrs`,
   the demo's `pred_attr_logits[..., :-1].softmax(-1)`).
 Shared by all, so not a choice: dw/dh clamped at log(1000/16), bilinear resampling.
+
+Final region selection (`region_selection`, select_ports.py), also per port:
+- "caffe", "milvlg": "generate_tsv": per-class NMS 0.3 over the proposals, best surviving score
+  >= 0.2, 10..100 regions by rank (generate_tsv.py; MILVLG `save_roi_features`); the boxes
+  are the proposals. MILVLG's -k36 file sets min = max = 36 (converters.load_published).
+- "py-bottom-up-attention": "per_class_top_k": (proposal, class) detections scoring > 0.2,
+  class-wise NMS over the regressed class boxes, the best 36, NMS thresholds 0.5, 0.6, 0.7,
+  0.8, 0.9 tried until 36 are kept (demo_feature_extraction_attr.ipynb; the notebook's
+  np.arange(0.5, 1.0, 0.1) differs from these only below float32 resolution).
+- "detectron2" (HF): "best_class_top_k": each proposal's best class and its regressed box, one
+  class-agnostic NMS, no score threshold, the best 36 (`do_nms`, `ROIOutputs.inference`; the
+  NMS threshold NMS_THRESH_TEST = 0.6 and MAX_DETECTIONS = 36 of the hub's config.yaml).
 """
 
 from __future__ import annotations
@@ -54,20 +66,30 @@ RESNET_STAGES: dict[int, tuple[tuple[int, int, int, int], str]] = {
 CAFFE_PIXEL_MEAN_BGR = (102.9801, 115.9465, 122.7717)
 
 # The inference conventions of each port (module docstring), as config field values.
+_GENERATE_TSV = dict(region_selection="generate_tsv", select_nms=0.3, select_conf=0.2,
+                     select_nms_steps=(), min_boxes=10, max_boxes=100)
 CONVENTIONS: dict[str, dict[str, Any]] = {
     "caffe": dict(resize_rule="caffe", resize_interpolation="bilinear", rpn_size_filter="caffe",
-                  rpn_min_size=16.0, attr_confidence="with_none"),
+                  rpn_min_size=16.0, attr_confidence="with_none", **_GENERATE_TSV),
     "milvlg": dict(resize_rule="caffe", resize_interpolation="bilinear", rpn_size_filter="milvlg",
-                   rpn_min_size=16.0, attr_confidence="with_none"),
+                   rpn_min_size=16.0, attr_confidence="with_none", **_GENERATE_TSV),
     # py-bottom-up-attention: detectron2's rules with PIL's resize.
     "py-bottom-up-attention": dict(resize_rule="detectron2", resize_interpolation="pil",
                                    rpn_size_filter="detectron2", rpn_min_size=0.0,
-                                   attr_confidence="without_none"),
+                                   attr_confidence="without_none",
+                                   region_selection="per_class_top_k", select_nms=0.3,
+                                   select_conf=0.2, select_nms_steps=(0.5, 0.6, 0.7, 0.8, 0.9),
+                                   min_boxes=36, max_boxes=36),
     # The Hugging Face FRCNN: the same with F.interpolate on float pixels.
     "detectron2": dict(resize_rule="detectron2", resize_interpolation="bilinear",
                        rpn_size_filter="detectron2", rpn_min_size=0.0,
-                       attr_confidence="without_none"),
+                       attr_confidence="without_none", region_selection="best_class_top_k",
+                       select_nms=0.3, select_conf=0.2, select_nms_steps=(0.6,), min_boxes=36,
+                       max_boxes=36),
 }
+# Fields that existed before the conventions did: always part of the digest (`hash`).
+_DIGESTED_BEFORE_CONVENTIONS = {"rpn_min_size", "select_nms", "select_conf", "min_boxes",
+                                "max_boxes"}
 
 
 @dataclass
@@ -137,9 +159,16 @@ class DetectorConfig:
     attr_confidence: Literal["with_none", "without_none"] = "with_none"
     res5_chunk: int = 100  # RoIs per res5 call at inference (bounds memory; 0 = all at once)
 
-    # Region selection (generate_tsv): per-class NMS, confidence threshold, count clamp.
-    select_nms: float = 0.3
-    select_conf: float = 0.2
+    # Final region selection (module docstring; select_ports.py): "generate_tsv" per-class NMS
+    # over the proposals, best score >= select_conf, min..max by rank, proposal boxes;
+    # "per_class_top_k" (proposal, class) detections > select_conf, class-wise NMS, the best
+    # max_boxes; "best_class_top_k" each proposal's best class, class-agnostic NMS, the best
+    # max_boxes. The top-k rules return regressed class boxes and try `select_nms_steps` in
+    # order until min_boxes regions are kept.
+    region_selection: Literal["generate_tsv", "per_class_top_k", "best_class_top_k"] = "generate_tsv"
+    select_nms: float = 0.3  # generate_tsv's NMS threshold
+    select_conf: float = 0.2  # unused by best_class_top_k (no score threshold)
+    select_nms_steps: tuple[float, ...] = ()  # the top-k rules' NMS thresholds, in order
     min_boxes: int = 10
     max_boxes: int = 100
 
@@ -201,6 +230,14 @@ class DetectorConfig:
             raise ConfigError("anchor sizes and ratios must not be empty", record="anchor_sizes")
         if not self.rpn_min_size >= 0:  # also refuses NaN
             raise ConfigError(f"must be >= 0, got {self.rpn_min_size}", record="rpn_min_size")
+        if self.region_selection != "generate_tsv" and not (
+                self.select_nms_steps and all(0 <= t <= 1 for t in self.select_nms_steps)):
+            raise ConfigError(f"{self.region_selection} needs NMS thresholds in [0, 1], got "
+                              f"{self.select_nms_steps}", record="select_nms_steps")
+        if self.region_selection == "per_class_top_k" and not 0 < self.select_conf < 1:
+            # Above a threshold t a proposal has fewer than 1/t classes: that bounds the work.
+            raise ConfigError(f"per_class_top_k needs 0 < select_conf < 1, got {self.select_conf}",
+                              record="select_conf")
 
     # -- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -217,7 +254,8 @@ class DetectorConfig:
         for key, value in data.items():
             default = getattr(cls(), key) if key != "extra" else None
             if isinstance(default, tuple) and isinstance(value, (list, tuple)):
-                value = tuple(float(v) if isinstance(default[0], float) else v for v in value)
+                floats = not default or isinstance(default[0], float)  # () holds thresholds
+                value = tuple(float(v) if floats else v for v in value)
             elif isinstance(default, bool):
                 value = bool(value)
             elif isinstance(default, int) and not isinstance(default, bool):
@@ -235,7 +273,8 @@ class DetectorConfig:
         # existed keep their digest (they computed exactly that).
         caffe = CONVENTIONS["caffe"]
         payload = {k: v for k, v in self.to_dict().items()
-                   if k != "extra" and not (k in caffe and k != "rpn_min_size" and v == caffe[k])}
+                   if k != "extra" and not (k in caffe and k not in _DIGESTED_BEFORE_CONVENTIONS
+                                            and v == caffe[k])}
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 

@@ -23,7 +23,8 @@ from ray_updown.detector.boxes import clip_boxes
 from ray_updown.detector.config import DetectorConfig
 from ray_updown.detector.roi_heads import DetectionTarget, RegionPredictions, RoIHeads, res5_chunk_for_memory
 from ray_updown.detector.rpn import RegionProposalNetwork
-from ray_updown.detector.select import GreedyScan, select_regions_batched
+from ray_updown.detector.select import GreedyScan
+from ray_updown.detector.select_ports import ChosenRegions, choose_regions, regions_of_proposals
 from ray_updown.detector.transform import ImageBatch, ImageTransform
 from ray_updown.errors import ConfigError
 
@@ -185,8 +186,9 @@ class BottomUpDetector(nn.Module):
         features were pooled from), features (k, D) float32, object_ids (k,) int32 detector
         class indices (1.., background excluded), object_conf (k,) float32, attr_ids (k,) int32
         attribute indices (1.., "no attribute" excluded), attr_conf (k,) float32, image_w,
-        image_h. Regions are chosen by `select_regions_batched` (generate_tsv's rule) for the
-        whole batch at once; the outputs reach the host in one copy. `timer(stage)` wraps each
+        image_h. Regions are chosen by the config's `region_selection` (select_ports.py; the
+        top-k rules return regressed boxes) for the whole batch at once; the outputs reach
+        the host in one copy. `timer(stage)` wraps each
         stage (benchmarks/detector.py times them).
         """
         was_training = self.training
@@ -256,45 +258,35 @@ class BottomUpDetector(nn.Module):
 
     def _select_and_pack(self, batch: ImageBatch, proposals: list[Tensor], region: Tensor,
                          class_logits: Tensor, attr_logits: Tensor) -> Tensor:
-        """Select each image's regions (generate_tsv's rule) and pack them (`_pack`)."""
-        cfg = self.config
-        counts = [len(p) for p in proposals]
-        # Per image, as the unbatched rule did: a scalar divisor is computed differently
-        # (a reciprocal product on CUDA) from an elementwise one.
-        boxes = [p.float() / batch.scales[i] for i, p in enumerate(proposals)]
-        class_probs = class_logits.float().softmax(dim=1)
-        chosen = select_regions_batched(
-            pad_sequence(boxes, batch_first=True),
-            pad_sequence(list(class_probs.split(counts)), batch_first=True),
-            torch.tensor(counts, device=region.device), nms_threshold=cfg.select_nms,
-            conf_threshold=cfg.select_conf, min_boxes=cfg.min_boxes, max_boxes=cfg.max_boxes,
-            plus_one=cfg.box_plus_one, greedy_scan=self.greedy_scan)
-        return self._pack(boxes, chosen.index, chosen.num_kept, region, class_probs, attr_logits)
+        """Select each image's regions (the config's rule, select_ports.py) and pack them."""
+        chosen = choose_regions(self.config, batch, proposals, class_logits.float().softmax(dim=1),
+                                lambda: self.roi_heads.predictor.bbox_pred(region),
+                                self.roi_heads.coder, self.greedy_scan)
+        return self._pack(chosen, [len(p) for p in proposals], region, attr_logits)
 
-    def _pack(self, boxes: list[Tensor], index: Tensor, num_kept: Tensor, region: Tensor,
-              class_probs: Tensor, attr_logits: Tensor) -> Tensor:
+    def _pack(self, chosen: ChosenRegions, counts: list[int], region: Tensor,
+              attr_logits: Tensor) -> Tensor:
         """Every output of the batch in one flat float32 tensor, for one host copy: (N, M,
         4 + D + 4) rows of boxes, features, object id/conf, attribute id/conf (ids < 2^24
-        are exact in float32), then the N kept counts. `index` (N, M) picks each image's
-        regions among its own (`boxes[i]`), the first `num_kept[i]` of them real."""
-        n, device = len(boxes), region.device
-        counts = [len(b) for b in boxes]
+        are exact in float32), then the N kept counts. `counts`: proposals per image, whose
+        flat rows `region` and `attr_logits` hold; the first `num_kept[i]` regions are real."""
+        n, device, index = len(counts), region.device, chosen.proposal_index
         width = 4 + self.config.feature_dim + 4
         if sum(counts) == 0:
             return torch.cat([torch.zeros(n * index.shape[1] * width, device=device),
-                              num_kept.float()])
+                              chosen.num_kept.float()])
         # Rows of the flat (sum R, ...) outputs; slots past an image's count repeat a real row
         # (any row: they are cut off on the host).
         offsets = torch.tensor([0] + counts[:-1], device=device).cumsum(0)
         last = torch.tensor([max(c - 1, 0) for c in counts], device=device)
         rows = (offsets[:, None] + torch.minimum(index, last[:, None])).reshape(-1)
         rows = rows.clamp(max=len(region) - 1)
-        object_conf, object_ids = class_probs[rows, 1:].max(dim=1)
         attr_conf, attr_ids = attr_logits[rows].float().softmax(dim=1)[:, 1:].max(dim=1)
-        packed = torch.cat([torch.cat(boxes)[rows], region[rows].float(),
-                            (object_ids + 1).float()[:, None], object_conf[:, None],
+        packed = torch.cat([chosen.boxes.reshape(-1, 4).float(), region[rows].float(),
+                            chosen.object_ids.reshape(-1, 1).float(),
+                            chosen.object_conf.reshape(-1, 1).float(),
                             (attr_ids + 1).float()[:, None], attr_conf[:, None]], dim=1)
-        return torch.cat([packed.reshape(-1), num_kept.float()])
+        return torch.cat([packed.reshape(-1), chosen.num_kept.float()])
 
     @torch.no_grad()
     def extract_given_boxes(self, images: list, boxes: list, timer: StageTimer = untimed
@@ -321,9 +313,11 @@ class BottomUpDetector(nn.Module):
             counts = torch.tensor([len(b) for b in given], device=self.device)
             width = int(counts.max()) if len(given) else 0
             index = torch.arange(width, device=self.device).expand(len(given), width)
+            probs = class_logits.float().softmax(dim=1).split([len(b) for b in given])
+            chosen = regions_of_proposals(pad_sequence(given, batch_first=True),
+                                          pad_sequence(list(probs), batch_first=True), index, counts)
             with timer("to_host"):
-                host = to_host(self._pack(given, index, counts, region,
-                                          class_logits.float().softmax(dim=1), attr_logits))
+                host = to_host(self._pack(chosen, [len(b) for b in given], region, attr_logits))
         finally:
             self.train(was_training)
         return self._unpack(host, batch)
