@@ -206,6 +206,31 @@ def test_actor_forwards_in_chunks_and_retries_only_the_failing_one():
     assert [rows[i]["features"][0][0] for i in (0, 1, 3, 4)] == [50, 60, 70, 80]
 
 
+class NoRegionsForDarkImages(PoisonModel):
+    """Keeps no region where the image is black, as a port's score threshold may."""
+
+    def extract_regions(self, images):
+        out = super().extract_regions(images)
+        for im, result in zip(images, out):
+            if not im.any():
+                result.update({k: v[:0] for k, v in result.items() if isinstance(v, np.ndarray)})
+        return out
+
+
+def test_an_image_without_regions_becomes_an_error_row():
+    meta = StoreMeta(feature_dim=3, image_id_type="int64", detector="poison-test")
+    actor = DetectorActor(ModelSpec(factory=NoRegionsForDarkImages), meta)
+    batch = {"image_id": np.arange(2), "uri": np.array(["a.jpg", "b.jpg"], dtype=object),
+             "row": np.arange(2), "shard": np.zeros(2, np.int64),
+             "stage": np.array([""] * 2, dtype=object), "reason": np.array([""] * 2, dtype=object),
+             "pixels": [np.full((10, 20, 3), 50, np.uint8), np.zeros((10, 20, 3), np.uint8)],
+             "image_w": np.full(2, 20, np.int32), "image_h": np.full(2, 10, np.int32)}
+    rows = {r["image_id"]: r for r in actor(batch).to_pylist()}
+    assert rows[0]["stage"] == "" and rows[0]["num_boxes"] == 1
+    assert rows[1]["stage"] == "detect"
+    assert "b.jpg" in rows[1]["reason"] and "kept no regions" in rows[1]["reason"]
+
+
 def test_detector_streams_batches_like_single_calls():
     torch.manual_seed(0)
     model = BottomUpDetector(tiny_config()).prepare_inference("cpu")

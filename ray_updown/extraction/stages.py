@@ -367,6 +367,10 @@ class DetectorActor:
         pixels = batch["pixels"][i]
         scale_x, scale_y = pixels.shape[1] / width, pixels.shape[0] / height
         features = np.asarray(result["features"])
+        if features.ndim == 2 and features.shape[0] == 0:
+            # A port's selection may keep nothing (no class scores above its threshold); an
+            # image without regions would break every consumer, so it is an error row.
+            raise ValueError("the detector kept no regions for this image")
         if features.ndim == 2 and features.shape[1] != self.meta.feature_dim:
             raise ValueError(f"model gave {features.shape[1]}-d features, the store holds "
                              f"{self.meta.feature_dim}-d")
