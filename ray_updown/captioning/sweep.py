@@ -31,7 +31,9 @@ from ray_updown.captioning.train import check_inputs, run_captioner_loop
 from ray_updown.config import dump_config, from_dict, load_config, to_dict
 from ray_updown.errors import ConfigError
 from ray_updown.train.search import (
+    asha_tune_config,
     load_search_space,
+    restore_or_new_tuner,
     searched_values,
     trial_name,
     trial_resources,
@@ -125,7 +127,6 @@ def run_captioner_sweep(cfg: CaptionTrainConfig | str, space: Mapping[str, Any] 
     sweep_results.json (per trial: searched values, epochs, best CIDEr-D and its checkpoint).
     """
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     from ray_updown.ray_session import ensure_ray
 
@@ -158,25 +159,19 @@ def run_captioner_sweep(cfg: CaptionTrainConfig | str, space: Mapping[str, Any] 
     trainable = tune.with_resources(tune.with_parameters(captioner_trial, workers=workers),
                                     trial_resources(driver_cpus, 0.0, driver_resources))
     ensure_ray()
-    kwargs = storage_kwargs(root)
-    path = kwargs["storage_path"].rstrip("/") + "/" + experiment
-    fs = kwargs.get("storage_filesystem")
-    if tune.Tuner.can_restore(path, storage_filesystem=fs):
-        log.info("resuming the sweep at %s", path)
-        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=True,
-                                   storage_filesystem=fs)
-    else:
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs,
-                                  grace_period=grace_period, reduction_factor=reduction_factor)
-        tuner = tune.Tuner(
+
+    def new_tuner():
+        return tune.Tuner(
             trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(metric=METRIC, mode="max", num_samples=num_samples,
-                                        scheduler=scheduler,
-                                        max_concurrent_trials=max_concurrent or None),
-            run_config=tune.RunConfig(name=experiment, **kwargs,
+            tune_config=asha_tune_config(METRIC, cfg.epochs, grace_period, reduction_factor,
+                                         num_samples, max_concurrent),
+            run_config=tune.RunConfig(name=experiment, **storage_kwargs(root),
                                       callbacks=list(callbacks or []) or None,
                                       failure_config=tune.FailureConfig(
                                           max_failures=cfg.max_failures)))
+
+    tuner = restore_or_new_tuner(root, experiment, trainable, new_tuner,
+                                 message="resuming the sweep at %s", logger=log)
     grid = tuner.fit()
     if not any(r.error is None and r.metrics and METRIC in r.metrics for r in grid):
         errors = [r.error for r in grid if r.error is not None]

@@ -254,26 +254,25 @@ def train_vqa_trials(configs: dict[str, Any], root: str, experiment: str) -> dic
     retained checkpoints)."""
     from ray import tune
 
+    from ray_updown.train.search import restore_or_new_tuner
     from ray_updown.train.trainer import checkpoint_uri
     from ray_updown.vqa.config import METRIC
-    from ray_updown.vqa.train import tune_experiment_path, tune_run_config, tune_trainable
+    from ray_updown.vqa.train import tune_run_config, tune_trainable
 
     names = list(configs)
     first = next(iter(configs.values()))
     by_features = {cfg.absolute().data.features: name for name, cfg in configs.items()}
     trainable = tune_trainable(cpus_per_trial=1.0)
-    path, fs = tune_experiment_path(root, experiment)
-    if tune.Tuner.can_restore(path, storage_filesystem=fs):
-        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=True,
-                                   storage_filesystem=fs)
-    else:
+
+    def new_tuner():
         # One trial per model: the models differ only in their data section (features, K).
         datas = [cfg.absolute().to_dict()["data"] for cfg in configs.values()]
         param_space = {**first.absolute().to_dict(), "data": tune.grid_search(datas)}
-        tuner = tune.Tuner(trainable, param_space=param_space,
-                           tune_config=tune.TuneConfig(trial_dirname_creator=_trial_dirname),
-                           run_config=tune_run_config(first, root, experiment))
-    grid = tuner.fit()
+        return tune.Tuner(trainable, param_space=param_space,
+                          tune_config=tune.TuneConfig(trial_dirname_creator=_trial_dirname),
+                          run_config=tune_run_config(first, root, experiment))
+
+    grid = restore_or_new_tuner(root, experiment, trainable, new_tuner).fit()
     out: dict[str, dict] = {}
     for result in grid:
         if result.error is not None:

@@ -16,7 +16,8 @@ it ("model.hidden"). Works for any dataclass config (VqaTrainConfig, CaptionTrai
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+import logging
+from typing import Any, Callable, Mapping, Sequence
 
 from ray_updown.config import from_dict, read_yaml_mapping, to_dict
 from ray_updown.errors import ConfigError
@@ -141,10 +142,62 @@ def trial_resources(cpus: float, gpus: float = 0.0,
     return resources
 
 
+def asha_tune_config(metric: str, max_t: int, grace_period: int, reduction_factor: int,
+                     num_samples: int, max_concurrent: int = 0):
+    """TuneConfig of a search maximising `metric` with ASHA early stopping on
+    training_iteration (one per epoch): `num_samples` draws, at most `max_concurrent` trials
+    at once (0: as many as the cluster's resources allow)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t,
+                              grace_period=grace_period, reduction_factor=reduction_factor)
+    return tune.TuneConfig(metric=metric, mode="max", num_samples=num_samples, scheduler=scheduler,
+                           max_concurrent_trials=max_concurrent or None)
+
+
+def tune_experiment_path(root: str, experiment: str) -> tuple[str, Any]:
+    """(path, pyarrow filesystem or None) of the Tune experiment <root>/<experiment>, as
+    `Tuner.can_restore` and `Tuner.restore` want them."""
+    from ray_updown.train.trainer import storage_kwargs
+
+    kwargs = storage_kwargs(root)
+    return kwargs["storage_path"].rstrip("/") + "/" + experiment, kwargs.get("storage_filesystem")
+
+
+def restore_tuner(root: str, experiment: str, trainable: Any, *, message: str | None = None,
+                  logger: logging.Logger | None = None):
+    """The interrupted Tune experiment <root>/<experiment>, restored (finished trials stay
+    finished, unfinished ones continue, errored ones restart), or None when there is none.
+
+    `message` (with one %s for the experiment's path) is logged at INFO on `logger` when
+    the experiment is restored.
+    """
+    from ray import tune
+
+    path, fs = tune_experiment_path(root, experiment)
+    if not tune.Tuner.can_restore(path, storage_filesystem=fs):
+        return None
+    if message:
+        (logger or logging.getLogger(__name__)).info(message, path)
+    return tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=True,
+                              storage_filesystem=fs)
+
+
+def restore_or_new_tuner(root: str, experiment: str, trainable: Any, new_tuner: Callable[[], Any],
+                         *, message: str | None = None, logger: logging.Logger | None = None):
+    """`restore_tuner`'s tuner, or `new_tuner()` (called only then) when there is nothing to
+    restore: re-running an experiment under the same storage and name resumes it."""
+    tuner = restore_tuner(root, experiment, trainable, message=message, logger=logger)
+    return new_tuner() if tuner is None else tuner
+
+
 def trial_name(result) -> str:
     """The trial folder's name of a Tune result."""
     return result.path.rstrip("/").rsplit("/", 1)[-1]
 
 
 __all__ = ["SAMPLERS", "load_search_space", "resolve_key", "domain", "tune_param_space",
-           "set_path", "searched_values", "trial_resources", "trial_name"]
+           "set_path", "searched_values", "trial_resources", "trial_name", "asha_tune_config",
+           "tune_experiment_path",
+           "restore_tuner", "restore_or_new_tuner"]

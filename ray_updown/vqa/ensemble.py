@@ -35,13 +35,14 @@ from ray_updown.errors import CheckpointError, ConfigError, DataError
 from ray_updown.features.store import FeatureStore
 from ray_updown.metrics.vqa_eval import write_vqa_results
 from ray_updown.train.checkpoint import load_checkpoint_dir
+from ray_updown.train.search import restore_tuner
 from ray_updown.train.trainer import checkpoint_uri, raise_unwrapped
 from ray_updown.train.worker import pick_device, shard_batches
 from ray_updown.vqa.config import METRIC, VqaTrainConfig
 from ray_updown.vqa.data import VqaVocabularies, questions_dataset
 from ray_updown.vqa.model import VqaConfig, VqaModel, ensemble_scores
 from ray_updown.vqa.sweep import vqa_trial
-from ray_updown.vqa.train import check_inputs, tune_experiment_path, tune_run_config
+from ray_updown.vqa.train import check_inputs, tune_run_config
 from ray_updown.weights import load_state_strict
 
 log = logging.getLogger(__name__)
@@ -105,11 +106,9 @@ def train_ensemble(cfg: VqaTrainConfig | str, members: int = 30, *,
 
     # 1. Continue an interrupted experiment whose members are not all in the manifest.
     if plan and set(plan.get("seeds", [])) - _done_seeds(manifest):
-        path, fs = tune_experiment_path(root, plan["experiment"])
-        if tune.Tuner.can_restore(path, storage_filesystem=fs):
-            log.info("resuming the interrupted ensemble experiment %s", path)
-            tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True,
-                                       restart_errored=True, storage_filesystem=fs)
+        tuner = restore_tuner(root, plan["experiment"], trainable, logger=log,
+                              message="resuming the interrupted ensemble experiment %s")
+        if tuner is not None:
             failures += _collect(tuner.fit(), plan["experiment"], cfg, manifest)
             storage.write_json(manifest_uri, manifest, indent=2)
 

@@ -21,8 +21,10 @@ from ray_updown.config import dump_config, load_config
 from ray_updown.errors import ConfigError
 from ray_updown.train.search import (
     SAMPLERS,
+    asha_tune_config,
     load_search_space,
     resolve_key,
+    restore_or_new_tuner,
     searched_values,
     trial_name,
     trial_resources,
@@ -30,7 +32,7 @@ from ray_updown.train.search import (
 )
 from ray_updown.train.trainer import raise_unwrapped
 from ray_updown.vqa.config import METRIC, VqaTrainConfig
-from ray_updown.vqa.train import check_inputs, tune_experiment_path, tune_run_config, vqa_trainable
+from ray_updown.vqa.train import check_inputs, tune_run_config, vqa_trainable
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,6 @@ def run_sweep(cfg: VqaTrainConfig | str, space: Mapping[str, Any] | str, num_sam
     same storage and `experiment` name resumes an interrupted sweep.
     """
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     from ray_updown.ray_session import ensure_ray
 
@@ -80,20 +81,16 @@ def run_sweep(cfg: VqaTrainConfig | str, space: Mapping[str, Any] | str, num_sam
     trainable = vqa_trial(cpus_per_trial, gpus, resources_per_trial)
     ensure_ray()
     root = storage.join(cfg.storage_path, cfg.name)
-    path, fs = tune_experiment_path(root, experiment)
-    if tune.Tuner.can_restore(path, storage_filesystem=fs):
-        log.info("resuming the sweep at %s", path)
-        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=True,
-                                   storage_filesystem=fs)
-    else:
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs,
-                                  grace_period=grace_period, reduction_factor=reduction_factor)
-        tuner = tune.Tuner(
+
+    def new_tuner():
+        return tune.Tuner(
             trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(metric=METRIC, mode="max", num_samples=num_samples,
-                                        scheduler=scheduler,
-                                        max_concurrent_trials=max_concurrent or None),
+            tune_config=asha_tune_config(METRIC, cfg.epochs, grace_period, reduction_factor,
+                                         num_samples, max_concurrent),
             run_config=tune_run_config(cfg, root, experiment, callbacks))
+
+    tuner = restore_or_new_tuner(root, experiment, trainable, new_tuner,
+                                 message="resuming the sweep at %s", logger=log)
     grid = tuner.fit()
     finished = [r for r in grid if r.error is None and r.metrics and METRIC in r.metrics]
     if not finished:

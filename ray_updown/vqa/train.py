@@ -258,9 +258,3 @@ def tune_run_config(cfg: VqaTrainConfig, root: str, experiment: str, callbacks=N
         failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1, **scoring))
 
-
-def tune_experiment_path(root: str, experiment: str) -> tuple[str, Any]:
-    """(path, pyarrow filesystem or None) of an experiment, as Tuner.restore wants them."""
-    kwargs = storage_kwargs(root)
-    path = kwargs["storage_path"].rstrip("/") + "/" + experiment
-    return path, kwargs.get("storage_filesystem")
