@@ -21,7 +21,7 @@ captions per image:
   CaptionBatches) with 0, 2 and N loader processes, from the store reader and the shared copy;
 * PSS (/proc/<pid>/smaps_rollup, not RSS) of 1 and 4 concurrent trial processes, each
   gathering every image and taking two XE steps of the "small" model, mapping the node's one
-  shared copy or each holding its own (benchmarks/vqa.py's harness);
+  shared copy or each holding its own (benchmarks/training_features.py, as for VQA);
 * GPU epoch: not measured (no GPU on the machine of these figures).
 
     python benchmarks/captioner.py [--steps 1] [--cider-images 5000] [--threads N]
@@ -43,6 +43,7 @@ import time
 
 import numpy as np
 import torch
+import training_features
 
 from ray_updown.captioning.data import CaptionBatch
 from ray_updown.captioning.model import CaptionerConfig, UpDownCaptioner
@@ -197,7 +198,7 @@ def loader_throughput(karpathy: str, store: str, cache: str, workers: list[int],
     """Shuffled images/s of the captioner's training loader, timed from its first batch."""
     from ray_updown.captioning.data import make_loader
 
-    vqa_bench, out = sibling("vqa"), []
+    out = []
     for access, name in (("store", "store_reader"), ("shared", "shared_copy")):
         for w in workers:
             data = caption_data(karpathy, store, cache, access, w)
@@ -206,17 +207,15 @@ def loader_throughput(karpathy: str, store: str, cache: str, workers: list[int],
                               max_images[name])
             batches = [order[i:i + batch].tolist() for i in range(0, len(order), batch)]
             loader = make_loader(data, regions, data.train_ids, batches)
-            out.append({"source": name, **vqa_bench.timed_loader(loader, w,
-                                                                 lambda b: len(b.image_ids))})
+            out.append({"source": name, **training_features.timed_loader(
+                loader, w, lambda b: len(b.image_ids))})
     return out
 
 
 def pss_child(path: str, batch: int, mode: str) -> None:
     """One captioner 'trial': gather every image once and take two XE steps (small model)."""
-    vqa_bench = sibling("vqa")
-
     def work():
-        regions = vqa_bench.trial_regions(path, mode, REGIONS)
+        regions = training_features.trial_regions(path, mode, REGIONS)
         dims = CONFIGS["small"]
         vocab = Vocab(list(SPECIALS) + [f"w{i}" for i in range(dims["vocab_words"])])
         model = UpDownCaptioner(CaptionerConfig(
@@ -234,14 +233,13 @@ def pss_child(path: str, batch: int, mode: str) -> None:
                 optimizer.step()
         return regions, model
 
-    vqa_bench.serve_until_stdin(work)
+    training_features.serve_until_stdin(work)
 
 
 def features_benchmarks(args) -> dict:
-    vqa_bench = sibling("vqa")
     root = tempfile.mkdtemp(prefix="captioner-features-", dir=args.work_dir)
     try:
-        store = vqa_bench.write_synthetic_store(os.path.join(root, "store"), args.loader_images)
+        store = training_features.write_synthetic_store(os.path.join(root, "store"), args.loader_images)
         karpathy = write_karpathy(os.path.join(root, "dataset_coco.json"), args.loader_images)
         workers = sorted({0, 2, *args.loader_workers})
         return {
@@ -250,8 +248,9 @@ def features_benchmarks(args) -> dict:
                                                  workers, args.loader_batch,
                                                  {"store_reader": args.reader_images,
                                                   "shared_copy": args.shared_images})},
-            "pss": vqa_bench.pss_benchmark(root, args.pss_images, script=os.path.abspath(__file__),
-                                           batch=args.batch, trials=tuple(args.pss_trials)),
+            "pss": training_features.pss_benchmark(root, args.pss_images,
+                                                   script=os.path.abspath(__file__),
+                                                   batch=args.batch, trials=tuple(args.pss_trials)),
             "gpu_epoch_s": "not measured (no GPU on this machine)"}
     finally:
         shutil.rmtree(root, ignore_errors=True)
