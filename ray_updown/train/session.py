@@ -4,7 +4,7 @@ Every loop (detector/train/loop.py, captioning/train.py, vqa/train.py) is a func
 config and a `Session`:
 
     session.rank, session.world     this worker's place in the DDP group
-    with session.restore() as path: the local directory of the last checkpoint, or None
+    with session.restore() as path: the local directory of the last intact checkpoint, or None
     session.wrap(model)             DistributedDataParallel when world > 1
     session.report(metrics, write_checkpoint=None)
                                     every worker reports; rank 0 also calls
@@ -15,17 +15,28 @@ Three sessions run the same loop: `RayTrainSession` in a Ray Train worker (Train
 report from every rank; only rank 0's checkpoint is kept), `TuneSession` in a Ray Tune
 function trial (one worker; wandb goes through Tune's callback), and `LocalSession` in one
 plain process with no Ray at all, for debugging and fast tests.
+
+A checkpoint damaged on disk (truncated by a full disk, half uploaded) is not resumed from:
+`restore` checks each checkpoint's manifest (checkpoint.py) and falls back to the newest
+earlier one that is intact, or raises a CheckpointError naming the damaged file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import posixpath
 import shutil
 import tempfile
-from typing import Callable, ContextManager, Iterator, Protocol
+from typing import Callable, ContextManager, Iterable, Iterator, Protocol
 
 import torch
+
+from ray_updown.ray_session import progress_line
+from ray_updown.train.checkpoint import find_damage, nothing_intact, resuming_before, write_manifest
+
+log = logging.getLogger(__name__)
 
 CheckpointWriter = Callable[[str], None]  # writes a checkpoint into the directory it is given
 
@@ -43,12 +54,45 @@ class Session(Protocol):
 
 
 @contextlib.contextmanager
-def _as_directory(checkpoint) -> Iterator[str | None]:
+def _newest_intact(checkpoints: Iterable[tuple[str, ContextManager[str]]]) -> Iterator[str | None]:
+    """The local directory of the first intact one of `checkpoints` (newest first: its URI and
+    a context that gives its local directory), None when there are none."""
+    damage = None
+    for uri, directory in checkpoints:
+        with directory as path:
+            found = find_damage(path, source=uri)
+            if found is None:
+                if damage is not None:
+                    log.warning(resuming_before(damage, uri))
+                yield path
+                return
+        damage = damage or found
+    if damage is not None:
+        raise nothing_intact(damage)
+    yield None
+
+
+def _ray_checkpoints(checkpoint) -> Iterator[tuple[str, ContextManager[str]]]:
+    """The checkpoint Ray restores (a ray.train/ray.tune Checkpoint, or None), then the run's
+    earlier ones beside it, newest first (Ray names them in the order it wrote them)."""
     if checkpoint is None:
-        yield None
         return
-    with checkpoint.as_directory() as path:
-        yield path
+    yield _ray_uri(checkpoint), checkpoint.as_directory()
+    import pyarrow.fs
+
+    folder, name = posixpath.split(checkpoint.path.rstrip("/"))
+    found = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(folder))
+    earlier = sorted((f.path for f in found if f.type == pyarrow.fs.FileType.Directory
+                      and f.base_name.startswith("checkpoint_") and f.base_name < name),
+                     reverse=True)
+    for path in earlier:
+        older = type(checkpoint)(path, filesystem=checkpoint.filesystem)
+        yield _ray_uri(older), older.as_directory()
+
+
+def _ray_uri(checkpoint) -> str:
+    kind = checkpoint.filesystem.type_name
+    return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path.lstrip('/')}"
 
 
 def _report_to(api, metrics: dict, write_checkpoint: CheckpointWriter | None) -> None:
@@ -59,6 +103,7 @@ def _report_to(api, metrics: dict, write_checkpoint: CheckpointWriter | None) ->
         return
     with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
         write_checkpoint(tmp)
+        write_manifest(tmp)
         api.report(metrics, checkpoint=api.Checkpoint.from_directory(tmp))
 
 
@@ -71,11 +116,12 @@ class RayTrainSession:
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.logs_to_wandb = self.rank == 0
+        self.run_name = context.get_experiment_name()
 
     def restore(self) -> ContextManager[str | None]:
         import ray.train
 
-        return _as_directory(ray.train.get_checkpoint())
+        return _newest_intact(_ray_checkpoints(ray.train.get_checkpoint()))
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         import ray.train.torch
@@ -86,6 +132,15 @@ class RayTrainSession:
         import ray.train
 
         _report_to(ray.train, metrics, write_checkpoint if self.rank == 0 else None)
+        if self.rank == 0:
+            progress_line(f"{self.run_name}: {epoch_summary(metrics)}")
+
+
+def epoch_summary(metrics: dict) -> str:
+    """`epoch 3: train_loss 0.412, val_accuracy 61.2, ...`: the numbers of one report."""
+    numbers = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                        if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool))
+    return f"epoch {metrics.get('epoch', '?')}: {numbers}"
 
 
 class TuneSession:
@@ -96,7 +151,7 @@ class TuneSession:
     def restore(self) -> ContextManager[str | None]:
         import ray.tune
 
-        return _as_directory(ray.tune.get_checkpoint())
+        return _newest_intact(_ray_checkpoints(ray.tune.get_checkpoint()))
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
@@ -109,7 +164,7 @@ class TuneSession:
 
 class LocalSession:
     """One process, no Ray: report n writes `folder/checkpoint_{n:06d}`; `restore` gives the
-    newest one there. `reports` keeps (metrics, checkpoint path or None) of this process."""
+    newest intact one there. `reports` keeps (metrics, checkpoint path or None) of this process."""
 
     rank, world, logs_to_wandb = 0, 1, True
 
@@ -123,10 +178,9 @@ class LocalSession:
         return sorted(n for n in os.listdir(self.folder)
                       if n.startswith("checkpoint_") and not n.endswith(".partial"))
 
-    @contextlib.contextmanager
-    def restore(self) -> Iterator[str | None]:
-        names = self._checkpoints()
-        yield os.path.join(self.folder, names[-1]) if names else None
+    def restore(self) -> ContextManager[str | None]:
+        paths = [os.path.join(self.folder, n) for n in reversed(self._checkpoints())]
+        return _newest_intact((p, contextlib.nullcontext(p)) for p in paths)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
@@ -139,5 +193,6 @@ class LocalSession:
             shutil.rmtree(partial, ignore_errors=True)
             os.makedirs(partial)
             write_checkpoint(partial)
+            write_manifest(partial)
             os.replace(partial, path)
         self.reports.append((dict(metrics), path))

@@ -6,7 +6,10 @@ the run, and what comes back from it.
     checkpoint_uri(result.checkpoint, storage_path)
 
 Re-running with the same `storage_path` and `name` resumes from the run's last checkpoint
-(Ray Train's own restore; the loop reads it through `session.restore()`).
+(Ray Train's own restore; the loop reads it through `session.restore()`). At least two are
+kept, so that a latest checkpoint damaged on disk has an earlier one to fall back to: `fit`
+says so in one warning line, or fails with one line before any worker starts when none of
+the run's checkpoints is intact.
 
 Each job reads and checks its data files on the driver before it builds the trainer (its
 `check_inputs`), so bad input is one line before any Ray worker starts; what can only fail
@@ -15,11 +18,15 @@ inside a worker comes back from `fit` as the package's own error.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Callable
 
 from ray_updown import storage
 from ray_updown.errors import RayUpdownError, StorageError
+from ray_updown.train.checkpoint import find_damage, nothing_intact, resuming_before
+
+log = logging.getLogger(__name__)
 
 
 def storage_kwargs(uri: str) -> dict:
@@ -40,10 +47,11 @@ def build_trainer(worker: Callable[[dict], None], loop_config: dict, *, name: st
                   resources_per_worker: dict[str, float] | None = None,
                   callbacks: list | None = None):
     """A TorchTrainer of `num_workers` DDP workers (NCCL on GPU, gloo on CPU) running
-    `worker(loop_config)`. Keeps `keep_checkpoints` checkpoints (None: all), the best by
-    `score_metric` (max) when one is given, else the latest. `resources_per_worker` adds
-    custom resources to each worker's CPUs; `callbacks` are Ray Train callbacks (inside a Tune
-    trial, `TuneReportCallback` forwards rank 0's reports to Tune)."""
+    `worker(loop_config)`. Keeps `keep_checkpoints` checkpoints (None: all; at least 2), the
+    best by `score_metric` (max) when one is given, else the latest (Ray always keeps the
+    latest too). `resources_per_worker` adds custom resources to each worker's CPUs;
+    `callbacks` are Ray Train callbacks (inside a Tune trial, `TuneReportCallback` forwards
+    rank 0's reports to Tune)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -60,8 +68,9 @@ def build_trainer(worker: Callable[[dict], None], loop_config: dict, *, name: st
                                                            "CPU": cpus_per_worker}),
         run_config=RunConfig(name=name, **storage_kwargs(storage_path), callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints,
-                                                                **scoring)))
+                             checkpoint_config=CheckpointConfig(
+                                 num_to_keep=max(keep_checkpoints, 2) if keep_checkpoints else None,
+                                 **scoring)))
 
 
 def checkpoint_uri(checkpoint, storage_path: str) -> str:
@@ -122,12 +131,39 @@ def fit(trainer, run_uri: str | None = None) -> Any:
     rather than as Ray's wrapper around it. A new run (`run_uri` did not exist) that fails
     before its first checkpoint leaves no folder behind: there is nothing in it to resume."""
     new_run = run_uri is not None and not storage.exists(run_uri)
+    if run_uri is not None and not new_run:
+        _check_resume(run_uri)
     try:
         return trainer.fit()
     except Exception as exc:
         if new_run and not _has_checkpoint(run_uri):
             storage.remove(run_uri, recursive=True)
         raise_unwrapped(exc)
+
+
+def _check_resume(run_uri: str) -> None:
+    """Before a re-run starts its workers: warn when its latest checkpoint is damaged and the
+    workers will resume from an earlier one (session.restore), fail when none is intact.
+    Files in object storage are checked by size (their bytes by the workers, once fetched)."""
+    contents = not storage.is_remote(run_uri)
+    checkpoints = _checkpoint_dirs(run_uri)
+    damage = find_damage(checkpoints[0], contents) if checkpoints else None
+    if damage is None:
+        return
+    intact = next((c for c in checkpoints[1:] if find_damage(c, contents) is None), None)
+    if intact is None:
+        raise nothing_intact(damage)
+    log.warning(resuming_before(damage, intact))
+
+
+def _checkpoint_dirs(run_uri: str) -> list[str]:
+    """The run's `checkpoint_*` directories, newest first (Ray names them in order)."""
+    fs, path = storage.filesystem(run_uri)
+    try:
+        found = [p for p in fs.glob(path.rstrip("/") + "/checkpoint_*") if fs.isdir(p)]
+    except OSError:
+        return []
+    return sorted((storage.join(run_uri, p.rsplit("/", 1)[1]) for p in found), reverse=True)
 
 
 def _has_checkpoint(run_uri: str) -> bool:
