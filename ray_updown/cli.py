@@ -3,7 +3,8 @@
 Each subcommand parses its flags, builds the stage's typed config (defaults, then `--config`
 YAML, then the convenience flags, then `key=value` overrides) and calls the stage's one entry
 function, which ends with a summary of what it wrote where. Errors of the package are printed
-as one line on stderr with exit status 2; no stack trace.
+as one line on stderr with exit status 2; no stack trace (cli_output.py: errors, warnings
+and the Ray workers' output).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import sys
 from typing import Any, Callable
 
-from ray_updown.errors import ConfigError, RayUpdownError
+from ray_updown.errors import ConfigError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -404,26 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        args.run(args)
-    except RayUpdownError as exc:
-        print(f"ray-updown {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"ray-updown {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        # A package error that reached us inside Ray's or Tune's wrappers is still ours.
-        from ray_updown.train.trainer import package_error
+    from ray_updown.cli_output import run_command
 
-        error = package_error(exc)
-        if error is None:
-            raise
-        print(f"ray-updown {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    args = build_parser().parse_args(argv)
+    return run_command(args.command, lambda: args.run(args))
 
 
 if __name__ == "__main__":

@@ -326,3 +326,32 @@ def test_the_cli_prints_a_wrapped_package_error_as_one_line(monkeypatch, capsys)
     assert cli.main(["train-vqa"]) == 2
     captured = capsys.readouterr()
     assert captured.err.strip() == "ray-updown train-vqa: error: q.json: bad" and not captured.out
+
+
+def test_any_other_worker_failure_is_one_line_naming_it_and_the_logs(monkeypatch, capsys):
+    from ray.train import WorkerGroupError
+
+    from ray_updown import cli
+
+    def fails(cfg):
+        raise WorkerGroupError("Training failed due to worker errors\nTraceback ...",
+                               {0: RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")})
+
+    monkeypatch.setattr("ray_updown.vqa.train.train_vqa", fails)
+    assert cli.main(["train-vqa"]) == 1
+    captured = capsys.readouterr()
+    assert not captured.out and len(captured.err.splitlines()) == 1, captured.err
+    assert captured.err.startswith("ray-updown train-vqa: error: a Ray worker failed: "
+                                   "RuntimeError: CUDA out of memory.; its traceback is in "
+                                   "Ray's worker logs"), captured.err
+
+
+def test_a_bug_on_the_driver_keeps_its_traceback(monkeypatch):
+    from ray_updown import cli
+
+    def fails(cfg):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr("ray_updown.vqa.train.train_vqa", fails)
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["train-vqa"])

@@ -4,6 +4,7 @@ by value, through ModelSpec.factory, the pipeline's model hook) and the accounti
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -120,6 +121,32 @@ def run_cli(args: list[str], factory: dict | None = None, timeout: float = 180
         command = [sys.executable, "-c", _DRIVER.format(here=here, factory=factory, argv=args)]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+# What Ray itself logs on a driver's console when it starts or joins a cluster (e.g. "INFO
+# worker.py:2029 -- Started a local Ray instance."): the only lines a command may print
+# besides its own.
+_RAY_DRIVER_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|WARNING) \S+\.py:\d+ -- ")
+
+
+def progress_of(command: str) -> re.Pattern:
+    """A worker's progress line as the CLI shows it: `ray-updown <command>: <run>: epoch N: ...`."""
+    return re.compile(rf"ray-updown {re.escape(command)}: \S+: epoch (\d+): ")
+
+
+def console(done: subprocess.CompletedProcess, command: str) -> tuple[list[str], list[str]]:
+    """(the command's warning lines, its error lines) on stdout + stderr, after checking that
+    nothing else is there but Ray's start-up lines and the summary on stdout: no traceback,
+    no line of a Ray worker."""
+    text = done.stdout + done.stderr
+    assert "Traceback" not in text, text[-3000:]
+    ours = [line for line in done.stderr.splitlines() if line.strip()
+            and not _RAY_DRIVER_LINE.match(line) and not progress_of(command).match(line)]
+    assert all(line.startswith(f"ray-updown {command}: ") for line in ours), text[-3000:]
+    warnings = [line for line in ours if line.startswith(f"ray-updown {command}: warning: ")]
+    errors = [line for line in ours if line.startswith(f"ray-updown {command}: error: ")]
+    assert len(warnings) + len(errors) == len(ours), ours
+    return warnings, errors
 
 
 def write_vqa_world(root: str, train_images: int = 24, val_images: int = 8, dim: int = 8) -> dict:
