@@ -254,7 +254,7 @@ def _cmd_import_hdf5(args: argparse.Namespace) -> None:
 def _cmd_convert(args: argparse.Namespace) -> None:
     from ray_updown.detector import load_published, save_detector
 
-    model = load_published(args.published, layout=args.layout)
+    model = load_published(args.published, layout=args.layout, conventions=args.conventions)
     digest = save_detector(model, args.out)
     _print_summary({"published": args.published, "layout": args.layout, "out": args.out,
                     "detector": model.name, "sha256": digest})
@@ -394,6 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint directory URI to write")
     p.add_argument("--layout", default="auto",
                    choices=["auto", "py-bottom-up-attention", "milvlg", "hf-frcnn"])
+    # Checked by the converter (detector/config.py CONVENTIONS), so the CLI starts without torch.
+    p.add_argument("--conventions", default=None,
+                   help="inference rules to run with: caffe, milvlg, py-bottom-up-attention or "
+                        "detectron2 (default: the layout's own port's; 'caffe' reproduces the "
+                        "features released with the paper)")
     p.set_defaults(run=_cmd_convert)
 
     p = sub.add_parser("demo", help="the whole paper on a synthetic world, with a report")

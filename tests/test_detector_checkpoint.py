@@ -323,3 +323,29 @@ def test_cli_converts_a_published_pickle(tmp_path, capsys):
     assert summary["out"] == out and len(summary["sha256"]) == 64
     model = load_detector(out)
     assert model.config.extra["converted_from"] == "py-bottom-up-attention"
+
+
+@pytest.mark.parametrize("conventions, selection", [(None, "per_class_top_k"),
+                                                    ("caffe", "generate_tsv")])
+def test_cli_converts_with_the_ports_or_the_named_conventions(tmp_path, capsys, conventions,
+                                                             selection):
+    from ray_updown.cli import main
+
+    source = _write_published(tmp_path, "py-bottom-up-attention", small_published("py-bottom-up-attention"))
+    out = str(tmp_path / "converted")
+    flags = ["--conventions", conventions] if conventions else []
+    assert main(["convert-detector", "--published", source, "--out", out, *flags]) == 0
+    config = load_detector(out).config
+    assert config.region_selection == selection
+    assert config.extra["conventions"] == (conventions or "py-bottom-up-attention")
+
+
+def test_cli_refuses_unknown_conventions_in_one_line(tmp_path, capsys):
+    from ray_updown.cli import main
+
+    source = _write_published(tmp_path, "py-bottom-up-attention", small_published("py-bottom-up-attention"))
+    assert main(["convert-detector", "--published", source, "--out", str(tmp_path / "c"),
+                 "--conventions", "cafe"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown conventions 'cafe'" in err, err
+    assert not (tmp_path / "c").exists()
