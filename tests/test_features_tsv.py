@@ -25,7 +25,7 @@ def records(n=5, seed=0, string_ids=False):
             boxes=np.concatenate([xy, xy + 5], 1),
             features=np.maximum(rng.normal(size=(k, D)), 0).astype(np.float32),
             object_ids=rng.integers(1, 1601, k), object_conf=rng.uniform(0, 1, k),
-            attr_ids=rng.integers(0, 401, k), attr_conf=rng.uniform(0, 1, k)))
+            attr_ids=rng.integers(1, 401, k), attr_conf=rng.uniform(0, 1, k)))
     return out
 
 
@@ -47,9 +47,18 @@ def test_lxmert_layout_field_order_and_dtypes():
     fields = format_tsv_line(r, "lxmert").rstrip("\n").split("\t")
     assert len(fields) == 10
     assert fields[:3] == ["COCO_val2014_000000000000", "48", "64"]  # img_h before img_w
-    np.testing.assert_array_equal(np.frombuffer(base64.b64decode(fields[3]), np.int64), r.object_ids)
+    # LXMERT counts objects and attributes from 0, without background / "no attribute".
+    np.testing.assert_array_equal(np.frombuffer(base64.b64decode(fields[3]), np.int64), r.object_ids - 1)
+    np.testing.assert_array_equal(np.frombuffer(base64.b64decode(fields[5]), np.int64), r.attr_ids - 1)
     np.testing.assert_array_equal(np.frombuffer(base64.b64decode(fields[6]), np.float32), r.attr_conf)
     assert fields[7] == str(r.num_boxes)
+
+
+def test_lxmert_refuses_regions_without_a_label():
+    r = records(1)[0]
+    r.object_ids[0] = 0  # background / a store without labels
+    with pytest.raises(DataError, match="image 42: object_ids holds 0 .* export the 'original'"):
+        format_tsv_line(r, "lxmert")
 
 
 @pytest.mark.parametrize("variant,string_ids", [("original", False), ("lxmert", True)])

@@ -9,6 +9,12 @@ lxmert (airsplay/lxmert, src/utils.py FIELDNAMES; note h before w):
     img_id  img_h  img_w  objects_id(int64 k)  objects_conf(float32 k)  attrs_id(int64 k)
     attrs_conf(float32 k)  num_boxes  boxes(float32 k*4)  features(float32 k*D)
 
+In the LXMERT files (Caffe's generate_tsv: `argmax(cls_prob[:, 1:])`) objects_id and attrs_id
+count from 0 over the 1600 objects and 400 attributes; our stores keep background and "no
+attribute" at 0 (vocabulary line i -> id i + 1), so ids shift by one each way. A region
+labelled 0 (background, or a store without labels such as the grid baseline) has no LXMERT id
+and is refused on export.
+
 Lines are split on tabs directly rather than with the csv module, so no process-wide
 `csv.field_size_limit` is needed for the multi-megabyte feature fields. Both import and
 export stream: one line and one shard at a time.
@@ -33,9 +39,9 @@ LXMERT_FIELDS = ("img_id", "img_h", "img_w", "objects_id", "objects_conf", "attr
                  "attrs_conf", "num_boxes", "boxes", "features")
 VARIANTS = {"original": ORIGINAL_FIELDS, "lxmert": LXMERT_FIELDS}
 
-# (TSV field, record attribute, dtype in the file)
-_LXMERT_LABELS = (("objects_id", "object_ids", np.int64), ("objects_conf", "object_conf", np.float32),
-                  ("attrs_id", "attr_ids", np.int64), ("attrs_conf", "attr_conf", np.float32))
+# (TSV field, record attribute, dtype in the file, our id minus the file's)
+_LXMERT_LABELS = (("objects_id", "object_ids", np.int64, 1), ("objects_conf", "object_conf", np.float32, 0),
+                  ("attrs_id", "attr_ids", np.int64, 1), ("attrs_conf", "attr_conf", np.float32, 0))
 
 
 def _fields(variant: str) -> tuple[str, ...]:
@@ -55,9 +61,19 @@ def format_tsv_line(record: FeatureRecord, variant: str = "original") -> str:
     if variant == "original":
         parts = [str(record.image_id), str(record.image_w), str(record.image_h)] + common
     else:
-        labels = [_b64(getattr(record, attr), dtype) for _, attr, dtype in _LXMERT_LABELS]
+        labels = [_b64(_lxmert_ids(record, attr) if shift else getattr(record, attr), dtype)
+                  for _, attr, dtype, shift in _LXMERT_LABELS]
         parts = [str(record.image_id), str(record.image_h), str(record.image_w)] + labels + common
     return "\t".join(parts) + "\n"
+
+
+def _lxmert_ids(record: FeatureRecord, attr: str) -> np.ndarray:
+    ids = np.asarray(getattr(record, attr), dtype=np.int64)
+    if (ids < 1).any():
+        raise DataError(f"{attr} holds {int(ids.min())} (background, no attribute, or no label), "
+                        "which the LXMERT layout cannot write: export the 'original' variant",
+                        record=f"image {record.image_id}")
+    return ids - 1
 
 
 def _decode(field: str, value: str, dtype: Any, width: int | None, k: int, where: dict) -> np.ndarray:
@@ -114,8 +130,10 @@ def parse_tsv_line(line: str, variant: str = "original", file: str | None = None
     arrays = {"boxes": _decode("boxes", row["boxes"], np.float32, 4, k, where),
               "features": _decode("features", row["features"], np.float32, -1, k, where)}
     if variant == "lxmert":
-        for tsv_name, attr, dtype in _LXMERT_LABELS:
-            arrays[attr] = _decode(tsv_name, row[tsv_name], dtype, None, k, where)
+        for tsv_name, attr, dtype, shift in _LXMERT_LABELS:
+            arrays[attr] = _decode(tsv_name, row[tsv_name], dtype, None, k, where) + shift
+            if shift and (arrays[attr] < shift).any():
+                raise DataError(f"field {tsv_name} holds a negative id", **where)
     if k == 0:
         raise DataError("num_boxes is 0: a feature row needs at least one box", **where)
     try:
