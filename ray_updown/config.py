@@ -86,6 +86,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"expected a number, got {value!r}", file=source, record=key) from None
     if tp is str:
+        if value is None:  # `key:` or `key: null` in YAML: left empty, never the text "None"
+            return ""
         if isinstance(value, (dict, list)):
             raise ConfigError(f"expected a string, got {value!r}", file=source, record=key)
         return str(value)

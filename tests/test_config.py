@@ -36,6 +36,13 @@ def test_defaults_yaml_then_overrides(tmp_path):
     assert "epochs: 2" in dump_config(TrainConfig())
 
 
+def test_an_empty_or_null_string_is_empty_never_the_text_none(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  name:\n")
+    assert load_config(TrainConfig, str(path)).optim.name == ""
+    assert load_config(TrainConfig, None, ["optim.name=null"]).optim.name == ""
+
+
 @pytest.mark.parametrize("override,needle", [
     ("epochs=three", "epochs"), ("optim.lr=fast", "optim.lr"), ("bogus=1", "bogus"),
     ("optim.nope=1", "nope"), ("no-equals-sign", "key=value"), ("resume=maybe", "resume"),
