@@ -91,19 +91,32 @@ def _rpn_inputs(model: BottomUpDetector, rng: np.random.Generator, sizes: list[t
     return batch, features, feature_sizes
 
 
+def spread_rpn_model(config) -> BottomUpDetector:
+    """A detector whose RPN weights spread scores and deltas: boxes clip, shrink, overlap."""
+    torch.manual_seed(0)
+    model = BottomUpDetector(config).eval()
+    with torch.no_grad():
+        for p in model.rpn.head.parameters():
+            p.normal_(0, 0.05)
+    return model
+
+
 @pytest.mark.parametrize("config", [
     paper_config(min_size=96, max_size=160),  # Caffe: 2-way softmax, +1 boxes, size filter
     world_config(num_classes=5, num_attributes=3, min_size=96, max_size=160),  # detectron2 style
 ], ids=["caffe", "detectron2"])
 def test_batched_proposals_equal_per_image_reference(config):
-    torch.manual_seed(0)
-    model = BottomUpDetector(config).eval()
-    with torch.no_grad():
-        for p in model.rpn.head.parameters():
-            p.normal_(0, 0.05)  # spread scores and deltas: boxes clip, shrink, overlap
+    assert_batched_proposals_equal(spread_rpn_model(config), ref.propose_one_image,
+                                   ([(120, 90), (60, 200), (300, 40)], [(80, 80)],
+                                    [(40, 1000), (64, 64)]))
+
+
+def assert_batched_proposals_equal(model: BottomUpDetector, propose_one_image, size_sets) -> None:
+    """The RPN's batched proposals for each batch of image sizes equal `propose_one_image`
+    (rpn, anchors, deltas, scores, image size, scale, pre_nms, post_nms) image by image."""
     rng = np.random.default_rng(0)
-    rpn = model.rpn
-    for sizes in ([(120, 90), (60, 200), (300, 40)], [(80, 80)], [(40, 1000), (64, 64)]):
+    rpn, config = model.rpn, model.config
+    for sizes in size_sets:
         batch, features, feature_sizes = _rpn_inputs(model, rng, sizes)
         with torch.no_grad():
             proposals, scores, _ = rpn(features, feature_sizes, batch)
@@ -111,7 +124,7 @@ def test_batched_proposals_equal_per_image_reference(config):
         anchors = rpn.grid_anchors(*features.shape[-2:])
         valid = rpn._valid_anchors(len(sizes), *features.shape[-2:], feature_sizes)
         for i in range(len(sizes)):
-            boxes, kept = ref.propose_one_image(
+            boxes, kept = propose_one_image(
                 rpn, anchors[valid[i]], deltas[i][valid[i]].float(), objectness[i][valid[i]].float(),
                 batch.image_sizes[i], batch.scales[i], config.rpn_pre_nms_test,
                 config.rpn_post_nms_test)

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_detector_batched import _rpn_inputs
+from test_detector_batched import assert_batched_proposals_equal, spread_rpn_model
 from test_detector_checkpoint import _write_published, published_spec, small_published
 
 from ray_updown.detector import BottomUpDetector, load_published, paper_config, tiny_config, world_config
@@ -172,27 +172,8 @@ def _port_proposals(rpn, anchors, deltas, scores, image_size, scale, pre_nms, po
     paper_config(min_size=96, max_size=160, **conventions("milvlg")),
 ], ids=["detectron2", "detectron2-min10", "milvlg"])
 def test_batched_proposals_equal_the_ports_per_image_steps(config):
-    torch.manual_seed(0)
-    model = BottomUpDetector(config).eval()
-    with torch.no_grad():
-        for p in model.rpn.head.parameters():
-            p.normal_(0, 0.05)  # spread scores and deltas: boxes clip, shrink, overlap
-    rng = np.random.default_rng(0)
-    rpn = model.rpn
-    for sizes in ([(120, 90), (60, 200), (300, 40)], [(40, 1000), (64, 64)]):
-        batch, features, feature_sizes = _rpn_inputs(model, rng, sizes)
-        with torch.no_grad():
-            proposals, scores, _ = rpn(features, feature_sizes, batch)
-            objectness, _, deltas = rpn._flatten(*rpn.head(features))
-        anchors = rpn.grid_anchors(*features.shape[-2:])
-        valid = rpn._valid_anchors(len(sizes), *features.shape[-2:], feature_sizes)
-        for i in range(len(sizes)):
-            boxes, kept = _port_proposals(
-                rpn, anchors[valid[i]], deltas[i][valid[i]].float(), objectness[i][valid[i]].float(),
-                batch.image_sizes[i], batch.scales[i], config.rpn_pre_nms_test,
-                config.rpn_post_nms_test)
-            assert len(boxes) > 0
-            assert torch.equal(proposals[i], boxes) and torch.equal(scores[i], kept)
+    assert_batched_proposals_equal(spread_rpn_model(config), _port_proposals,
+                                   ([(120, 90), (60, 200), (300, 40)], [(40, 1000), (64, 64)]))
 
 
 # -- resize ---------------------------------------------------------------------------------
