@@ -34,7 +34,7 @@ from typing import Callable, ContextManager, Iterable, Iterator, Protocol
 import torch
 
 from ray_updown.ray_session import progress_line
-from ray_updown.train.checkpoint import find_damage, nothing_intact, resuming_before, write_manifest
+from ray_updown.train.checkpoint import MANIFEST_FILE, find_damage, nothing_intact, resuming_before, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -54,40 +54,53 @@ class Session(Protocol):
 
 
 @contextlib.contextmanager
-def _newest_intact(checkpoints: Iterable[tuple[str, ContextManager[str]]]) -> Iterator[str | None]:
-    """The local directory of the first intact one of `checkpoints` (newest first: its URI and
-    a context that gives its local directory), None when there are none."""
+def _newest_intact(checkpoints: Iterable[tuple[str, ContextManager[str], bool]]
+                   ) -> Iterator[str | None]:
+    """The local directory of the first intact one of `checkpoints` (newest first: its URI, a
+    context that gives its local directory, and whether Ray registered it), None when there
+    are none. An unregistered one counts only when its manifest shows it complete."""
     damage = None
-    for uri, directory in checkpoints:
+    for uri, directory, registered in checkpoints:
         with directory as path:
-            found = find_damage(path, source=uri)
-            if found is None:
+            complete = registered or os.path.exists(os.path.join(path, MANIFEST_FILE))
+            found = find_damage(path, source=uri) if complete else None
+            if complete and found is None:
                 if damage is not None:
                     log.warning(resuming_before(damage, uri))
                 yield path
                 return
-        damage = damage or found
+        if registered:
+            damage = damage or found
     if damage is not None:
         raise nothing_intact(damage)
     yield None
 
 
-def _ray_checkpoints(checkpoint) -> Iterator[tuple[str, ContextManager[str]]]:
-    """The checkpoint Ray restores (a ray.train/ray.tune Checkpoint, or None), then the run's
-    earlier ones beside it, newest first (Ray names them in the order it wrote them)."""
-    if checkpoint is None:
-        return
-    yield _ray_uri(checkpoint), checkpoint.as_directory()
+def _run_checkpoints(registered, filesystem=None, folder: str | None = None
+                     ) -> Iterator[tuple[str, ContextManager[str], bool]]:
+    """The run's checkpoints in `folder` (default: the one beside `registered`, the checkpoint
+    Ray restores, a ray.train/ray.tune Checkpoint or None), newest first (Ray names them in
+    the order it wrote them). Those newer than `registered` were persisted by a worker whose
+    report Ray never took in (its node died in between: Ray would restart from the checkpoint
+    before, or from scratch); they are offered as unregistered."""
     import pyarrow.fs
+    import ray.train
 
-    folder, name = posixpath.split(checkpoint.path.rstrip("/"))
-    found = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(folder))
-    earlier = sorted((f.path for f in found if f.type == pyarrow.fs.FileType.Directory
-                      and f.base_name.startswith("checkpoint_") and f.base_name < name),
-                     reverse=True)
-    for path in earlier:
-        older = type(checkpoint)(path, filesystem=checkpoint.filesystem)
-        yield _ray_uri(older), older.as_directory()
+    if folder is None:
+        if registered is None:
+            return
+        filesystem, folder = registered.filesystem, posixpath.dirname(registered.path.rstrip("/"))
+    kind = type(registered) if registered is not None else ray.train.Checkpoint
+    newest_registered = posixpath.basename(registered.path.rstrip("/")) if registered else ""
+    try:
+        found = filesystem.get_file_info(pyarrow.fs.FileSelector(folder))
+    except (FileNotFoundError, OSError):
+        found = []
+    names = sorted((f.base_name for f in found if f.type == pyarrow.fs.FileType.Directory
+                    and f.base_name.startswith("checkpoint_")), reverse=True)
+    for name in names:
+        checkpoint = kind(posixpath.join(folder, name), filesystem=filesystem)
+        yield _ray_uri(checkpoint), checkpoint.as_directory(), name <= newest_registered
 
 
 def _ray_uri(checkpoint) -> str:
@@ -121,7 +134,10 @@ class RayTrainSession:
     def restore(self) -> ContextManager[str | None]:
         import ray.train
 
-        return _newest_intact(_ray_checkpoints(ray.train.get_checkpoint()))
+        storage = ray.train.get_context().get_storage()
+        return _newest_intact(_run_checkpoints(ray.train.get_checkpoint(),
+                                               storage.storage_filesystem,
+                                               storage.experiment_fs_path))
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         import ray.train.torch
@@ -151,7 +167,7 @@ class TuneSession:
     def restore(self) -> ContextManager[str | None]:
         import ray.tune
 
-        return _newest_intact(_ray_checkpoints(ray.tune.get_checkpoint()))
+        return _newest_intact(_run_checkpoints(ray.tune.get_checkpoint()))
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
@@ -180,7 +196,7 @@ class LocalSession:
 
     def restore(self) -> ContextManager[str | None]:
         paths = [os.path.join(self.folder, n) for n in reversed(self._checkpoints())]
-        return _newest_intact((p, contextlib.nullcontext(p)) for p in paths)
+        return _newest_intact((p, contextlib.nullcontext(p), True) for p in paths)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model

@@ -228,3 +228,35 @@ def test_a_local_session_resumes_from_its_newest_intact_checkpoint(tmp_path, cap
     with pytest.raises(CheckpointError, match=f"{second}/state.txt: truncated: .* no earlier"):
         with session.restore():
             pass
+
+
+def test_a_ray_run_resumes_from_a_complete_checkpoint_ray_never_registered(tmp_path, caplog):
+    """A worker persisted checkpoint 3 and its node died before Ray took in the report: Ray
+    hands over checkpoint 2 (or nothing); the run resumes from 3. A newer one whose upload
+    never finished (no manifest, or a file short) is passed over without a warning."""
+    import pyarrow.fs
+    import ray.train
+
+    from ray_updown.train.session import _newest_intact, _run_checkpoints
+
+    folder = tmp_path / "run"
+    written = {}
+    for epoch in (1, 2, 3, 4, 5):
+        path = folder / f"checkpoint_2026-12-01_00-00-0{epoch}.000000"
+        path.mkdir(parents=True)
+        (path / "state.txt").write_text(str(epoch))
+        write_manifest(str(path))
+        written[epoch] = path
+    (written[5] / "manifest.json").unlink()  # upload cut before its manifest
+    (written[4] / "state.txt").write_text("")  # upload cut mid-file
+    fs = pyarrow.fs.LocalFileSystem()
+
+    def restored(registered):
+        checkpoint = ray.train.Checkpoint(str(written[registered]), filesystem=fs) \
+            if registered else None
+        with _newest_intact(_run_checkpoints(checkpoint, fs, str(folder))) as path:
+            return Path(path, "state.txt").read_text()
+
+    assert restored(2) == "3" and restored(None) == "3"
+    assert restored(4) == "3"  # a registered one that is damaged falls back, with a warning
+    assert "truncated" in caplog.text and caplog.text.count("truncated") == 1

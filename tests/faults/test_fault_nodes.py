@@ -115,5 +115,7 @@ def test_a_node_removed_mid_training_resumes_from_the_last_checkpoint(cluster, t
     killer.join(timeout=5)
     assert removed, "no node was removed"
     assert out["metrics"]["epoch"] == 12  # completed despite losing its worker's node
-    # Whether the restarted worker group resumes from the run's checkpoint is not asserted:
-    # observed both (resumed_from_epoch 1, and 0: a restart from scratch) on Ray 2.60.
+    # The node died after the second checkpoint's files began to appear, so the first is
+    # complete on disk, registered or not: the restarted worker group resumes from a
+    # checkpoint, never from scratch (Ray alone sometimes handed it none: session.restore).
+    assert out["metrics"]["resumed_from_epoch"] >= 1
