@@ -42,7 +42,7 @@ from ray_updown.vqa.config import METRIC, VqaTrainConfig
 from ray_updown.vqa.data import VqaVocabularies, questions_dataset
 from ray_updown.vqa.model import VqaConfig, VqaModel, ensemble_scores
 from ray_updown.vqa.sweep import vqa_trial
-from ray_updown.vqa.train import check_inputs, tune_run_config
+from ray_updown.vqa.train import best_intact_checkpoint, check_inputs, tune_run_config
 from ray_updown.weights import load_state_strict
 
 log = logging.getLogger(__name__)
@@ -145,12 +145,12 @@ def _collect(grid, experiment: str, cfg: VqaTrainConfig, manifest: dict) -> list
             failures.append(result.error)
             continue
         seed = int(result.config["seed"])
-        pairs = [(m.get(METRIC, -np.inf), c, m) for c, m in (result.best_checkpoints or [])]
-        if not pairs:
-            failures.append(CheckpointError(f"member with seed {seed} left no checkpoint",
+        best = best_intact_checkpoint(result.best_checkpoints, cfg.storage_path)
+        if best is None:
+            failures.append(CheckpointError(f"member with seed {seed} left no intact checkpoint",
                                             file=result.path))
             continue
-        score, checkpoint, metrics = max(pairs, key=lambda p: p[0])
+        checkpoint, metrics = best
         if seed in done:
             continue
         manifest["members"].append({

@@ -32,7 +32,7 @@ import torch
 
 from ray_updown import storage
 from ray_updown.features.regions import batch_loader, regions_to_device
-from ray_updown.train.checkpoint import load_checkpoint_dir, save_checkpoint_dir
+from ray_updown.train.checkpoint import find_damage, load_checkpoint_dir, save_checkpoint_dir
 from ray_updown.train.session import LocalSession, RayTrainSession, Session, TuneSession
 from ray_updown.train.trainer import build_trainer, checkpoint_uri, fit, storage_kwargs
 from ray_updown.train.worker import all_reduce, init_wandb, optimizer_to, pick_device, shard_batches
@@ -212,10 +212,11 @@ def train_vqa(cfg: VqaTrainConfig) -> dict:
     trainer = build_trainer(
         _train_worker, cfg.to_dict(), name=cfg.name, storage_path=cfg.storage_path,
         num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker,
-        max_failures=cfg.max_failures, keep_checkpoints=1,
+        max_failures=cfg.max_failures, keep_checkpoints=2,
         score_metric=METRIC if has_val(cfg) else None)
     result = fit(trainer, storage.join(cfg.storage_path, cfg.name))
-    best = _best_checkpoint(result.best_checkpoints) or result.checkpoint
+    best = best_intact_checkpoint(result.best_checkpoints, cfg.storage_path)
+    best = best[0] if best else result.checkpoint
     metrics = dict(result.metrics or {})
     return {"best_checkpoint": checkpoint_uri(best, cfg.storage_path) if best else None,
             "latest_checkpoint": checkpoint_uri(result.checkpoint, cfg.storage_path)
@@ -224,9 +225,12 @@ def train_vqa(cfg: VqaTrainConfig) -> dict:
             "path": storage.join(cfg.storage_path, cfg.name)}
 
 
-def _best_checkpoint(pairs):
-    scored = [(m.get(METRIC, -math.inf), c) for c, m in (pairs or [])]
-    return max(scored, key=lambda p: p[0])[1] if scored else None
+def best_intact_checkpoint(pairs, storage_path: str):
+    """(checkpoint, metrics) of the best-scoring kept checkpoint that is intact, or None (a
+    damaged one the run fell back from stays in the run's folder and in Ray's record)."""
+    scored = [(m.get(METRIC, -math.inf), c, m) for c, m in (pairs or [])
+              if find_damage(checkpoint_uri(c, storage_path), contents=False) is None]
+    return max(scored, key=lambda p: p[0])[1:] if scored else None
 
 
 # -- Ray Tune plumbing shared by the ensemble and the sweep ---------------------------------
@@ -242,7 +246,8 @@ def tune_trainable(cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0):
 
 
 def tune_run_config(cfg: VqaTrainConfig, root: str, experiment: str, callbacks=None):
-    """RunConfig of one Tune experiment at <root>/<experiment>: best + latest checkpoint kept."""
+    """RunConfig of one Tune experiment at <root>/<experiment>: the two best checkpoints (an
+    earlier one to fall back to, session.restore) and the latest are kept."""
     from ray import tune
 
     callbacks = list(callbacks or [])
@@ -256,5 +261,5 @@ def tune_run_config(cfg: VqaTrainConfig, root: str, experiment: str, callbacks=N
     return tune.RunConfig(
         name=experiment, **storage_kwargs(root), callbacks=callbacks or None,
         failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1, **scoring))
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2, **scoring))
 
