@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 import ray
+from conftest import FAST_HEALTH_CHECKS
 from ray import tune
 from worlds import vqa_config, write_vqa_world
 
@@ -70,9 +71,13 @@ def _marked_dead(node_id: str, within_s: float = 30.0) -> bool:
 
 def test_a_member_whose_node_is_lost_resumes_from_its_checkpoint(make_cluster, tmp_path):
     member_node = {"num_cpus": 1, "resources": {"member_node": 1}}
-    _CLUSTERS.append(make_cluster(1, [member_node, member_node]))
+    # A worker whose raylet was killed runs on until it notices (Ray checks every second by
+    # default): check every 100 ms, and give the member enough epochs that it cannot finish
+    # in between, or the loss would go unnoticed.
+    _CLUSTERS.append(make_cluster(1, [member_node, member_node], _system_config={
+        **FAST_HEALTH_CHECKS, "raylet_death_check_interval_milliseconds": 100}))
     cfg = vqa_config(write_vqa_world(str(tmp_path / "vqa")), str(tmp_path / "runs"), "ens",
-                     epochs=6, max_failures=2)
+                     epochs=16, max_failures=2)
     log = LoseAMembersNode()
     manifest = train_ensemble(cfg, members=2, resources_per_trial={"member_node": 1},
                               callbacks=[log])
