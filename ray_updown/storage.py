@@ -94,10 +94,21 @@ def _unprotocol(uri: str, fs_path: str) -> str:
     return fs_path
 
 
+@contextlib.contextmanager
+def listing_errors(uri: str) -> Iterator[None]:
+    """Any failure while listing `uri` becomes one StorageError naming it (ours pass through)."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as exc:
+        raise StorageError(f"cannot list ({type(exc).__name__})", file=uri) from None
+
+
 def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
     """All files under a prefix (recursively) or matching a glob, sorted, as URIs."""
     fs, path = filesystem(uri)
-    try:
+    with listing_errors(uri):
         if any(ch in path for ch in "*?["):
             found = fs.glob(path)
             found = [p for p in found if fs.isfile(p)]
@@ -107,10 +118,6 @@ def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
             found = fs.find(path)
         else:
             raise StorageError("no such file or prefix", file=uri)
-    except StorageError:
-        raise
-    except Exception as exc:
-        raise StorageError(f"cannot list ({type(exc).__name__})", file=uri) from None
     out = [_unprotocol(uri, p) for p in found]
     if suffixes:
         out = [p for p in out if p.lower().endswith(tuple(s.lower() for s in suffixes))]

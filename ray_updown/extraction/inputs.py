@@ -126,7 +126,7 @@ def _pages(images_uri: str) -> Iterator[list[str]]:
     """The files under a prefix, a page at a time (object stores: one list request a page;
     local folders: one directory a page). Globs are expanded in one go."""
     fs, path = storage.filesystem(images_uri)
-    try:
+    with storage.listing_errors(images_uri):
         if any(ch in path for ch in "*?["):
             yield [storage._unprotocol(images_uri, p) for p in fs.glob(path) if fs.isfile(p)]
         elif fs.isfile(path):
@@ -141,10 +141,6 @@ def _pages(images_uri: str) -> Iterator[list[str]]:
             yield [storage._unprotocol(images_uri, p) for p in fs.find(path)]
         else:
             raise StorageError("no such file or prefix", file=images_uri)
-    except StorageError:
-        raise
-    except Exception as exc:
-        raise StorageError(f"cannot list ({type(exc).__name__})", file=images_uri) from None
 
 
 def _s3_pages(fs, path: str) -> Iterator[list[str]]:
