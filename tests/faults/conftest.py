@@ -38,19 +38,14 @@ def flaky_s3():
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     moto.start()
     proxy = FlakyProxy(f"http://127.0.0.1:{port}").start()
-    saved = {k: os.environ.get(k) for k in
-             ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update({"AWS_ENDPOINT_URL": proxy.endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
-    proxy.moto_endpoint = f"http://127.0.0.1:{port}"
-    yield proxy
+    with pytest.MonkeyPatch.context() as env:  # put back whatever was set before
+        for key, value in {"AWS_ENDPOINT_URL": proxy.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            env.setenv(key, value)
+        proxy.moto_endpoint = f"http://127.0.0.1:{port}"
+        yield proxy
     proxy.stop()
     moto.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture()
