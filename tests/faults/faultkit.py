@@ -17,6 +17,9 @@ from ray_updown import storage
 from ray_updown.detector import load_detector
 from ray_updown.features.store import FeatureStore
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+from tiny_vqa import vqa_config, write_vqa_world  # noqa: E402,F401
+
 # Ray workers cannot import this module: the detector wrappers travel by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -147,55 +150,6 @@ def console(done: subprocess.CompletedProcess, command: str) -> tuple[list[str],
     errors = [line for line in ours if line.startswith(f"ray-updown {command}: error: ")]
     assert len(warnings) + len(errors) == len(ours), ours
     return warnings, errors
-
-
-def write_vqa_world(root: str, train_images: int = 24, val_images: int = 8, dim: int = 8) -> dict:
-    """A tiny VQA world in the real file formats (questions, annotations, a feature store):
-    each image's regions encode a colour, so the model has something to learn. Returns the
-    data section of a VqaTrainConfig."""
-    from ray_updown.features.store import FeatureRecord, StoreMeta, feature_shard_uri, write_feature_shard
-
-    rng = np.random.default_rng(0)
-    colors = ("red", "blue", "green")
-    records, paths = [], {}
-    for split, ids in (("train2014", range(1, train_images + 1)),
-                       ("val2014", range(1001, 1001 + val_images))):
-        questions, annotations = [], []
-        for image_id in ids:
-            color = int(rng.integers(3))
-            feats = rng.normal(0, 0.1, size=(3, dim)).astype(np.float32)
-            feats[0, color] += 2.0
-            xy = rng.uniform(0, 50, size=(3, 2)).astype(np.float32)
-            records.append(FeatureRecord(image_id, 100, 80, np.concatenate([xy, xy + 10], 1), feats))
-            qid = image_id * 10
-            questions.append({"question_id": qid, "image_id": image_id,
-                              "question": "what color is the ball?"})
-            annotations.append({"question_id": qid, "image_id": image_id,
-                                "question_type": "what color is the", "answer_type": "other",
-                                "multiple_choice_answer": colors[color],
-                                "answers": [{"answer": colors[color], "answer_confidence": "yes",
-                                             "answer_id": n + 1} for n in range(10)]})
-        key = split[:-4]
-        paths[f"{key}_questions"] = os.path.join(root, f"v2_OpenEnded_mscoco_{split}_questions.json")
-        paths[f"{key}_annotations"] = os.path.join(root, f"v2_mscoco_{split}_annotations.json")
-        storage.write_json(paths[f"{key}_questions"], {"info": {}, "task_type": "Open-Ended",
-                           "data_type": "mscoco", "data_subtype": split, "license": {},
-                           "questions": questions})
-        storage.write_json(paths[f"{key}_annotations"], {"info": {}, "data_type": "mscoco",
-                           "data_subtype": split, "license": {}, "annotations": annotations})
-    paths["features"] = os.path.join(root, "features")
-    write_feature_shard(records, feature_shard_uri(paths["features"], 0), StoreMeta(feature_dim=dim))
-    return {**paths, "answer_min_count": 1, "max_boxes": 3}
-
-
-def vqa_config(data: dict, storage_path: str, name: str, **top):
-    """A tiny VqaTrainConfig over write_vqa_world's data."""
-    from ray_updown.vqa.config import VqaTrainConfig
-
-    values = {"data": data, "model": {"hidden": 16, "embed_dim": 8, "question_len": 6},
-              "optimizer": "adamax", "lr": 0.05, "epochs": 3, "batch_size": 8, "patience": 0,
-              "storage_path": storage_path, "name": name, **top}
-    return VqaTrainConfig.from_dict(values)
 
 
 def write_checkpoint_dir(path: str) -> str:
