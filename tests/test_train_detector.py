@@ -35,7 +35,7 @@ def tiny_world(tmp_path_factory):
 
 def tiny_config(root: str, storage_path: str, **kwargs) -> DetectorTrainConfig:
     model = demo_model_config(depth=10, width=8, rpn_channels=16, min_size=96, max_size=160,
-                              anchor_sizes=(16.0, 32.0, 64.0),
+                              anchor_sizes=(16.0, 32.0, 64.0, 128.0),
                               pooler_resolution=4, roi_batch_per_image=16,
                               rpn_post_nms_train=32, rpn_pre_nms_train=200, rpn_pre_nms_test=200,
                               rpn_post_nms_test=20, attr_embed_dim=8, attr_hidden_dim=16,
@@ -52,8 +52,8 @@ def test_data_keeps_coco_splits_and_builds_targets(tiny_world):
     data = DetectorData.load(DetectorDataConfig(root=tiny_world))
     sizes = {k: len(v) for k, v in data.splits.items()}
     assert sizes == {"train": 14, "val": 1, "test": 1}  # the Karpathy split of the world
-    assert data.object_vocab.names[0] == "__background__" and data.num_classes == 9
-    assert data.num_attributes == 14
+    assert data.object_vocab.names[0] == "__background__" and data.num_classes == 10
+    assert data.num_attributes == 24  # 13 for the shapes, 3 textures and 7 colours of the backdrop
     image = data.decode("train", 96, 160)[0]
     pixels, target = image.target(flip=False)
     assert pixels.shape == (96, 96, 3) and pixels.dtype == np.uint8
@@ -124,7 +124,7 @@ def test_two_workers_losses_fall_and_checkpoints_load(tiny_run):
         assert key in first["metrics"]
     assert 0.0 <= first["metrics"]["val_map50"] <= 1.0 and first["metrics"]["finished"]
     detector = load_detector(first["detector"])
-    assert detector.config.num_classes == 9 and detector.object_vocab[1] == "circle"
+    assert detector.config.num_classes == 10 and detector.object_vocab[1] == "circle"
     assert detector.config.depth == 10 and detector.attribute_vocab[1] == "red"
     # every Ray checkpoint is itself a detector directory
     assert load_detector(first["checkpoint"]).config.hash() == detector.config.hash()
@@ -174,7 +174,7 @@ def test_resuming_with_another_vocabulary_is_refused(local_runs, tiny_world, tmp
     cfg, folder, _, _, _ = local_runs
     other = world_with_one_more_word(tiny_world, tmp_path, "objects_vocab.txt", "pentagon")
     rerun = dataclasses.replace(cfg, data=DetectorDataConfig(root=other), epochs=6)
-    with pytest.raises(CheckpointError, match="object_vocab does not match.*9 classes, the data 10"
+    with pytest.raises(CheckpointError, match="object_vocab does not match.*10 classes, the data 11"
                        ) as info:
         run_detector_loop(rerun, LocalSession(folder))
     assert "the last checkpoint of run tiny" in info.value.file

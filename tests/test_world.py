@@ -14,7 +14,7 @@ from PIL import Image
 
 from ray_updown import storage
 from ray_updown.config import load_config
-from ray_updown.data.world import WorldConfig, build_world
+from ray_updown.data.world import BACKDROP_COLOURS, WorldConfig, backdrop_colour, build_world
 from ray_updown.data.world_render import CLASS_NAMES, COLOURS
 from ray_updown.errors import ConfigError
 
@@ -137,20 +137,28 @@ def test_visual_genome_and_vocab_formats(world):
     assert all(im["image_id"] == 1_000_000 + im["coco_id"] for im in images)
     assert all(os.path.isfile(os.path.join(root, im["url"])) for im in images)
     aliases = _alias_map(root)
-    assert sorted(set(aliases.values())) == sorted(CLASS_NAMES) and aliases["box"] == "square"
+    assert sorted(set(aliases.values())) == sorted([*CLASS_NAMES, "backdrop"])
+    assert aliases["box"] == "square" and aliases["background"] == "backdrop"
     attr_vocab = {n for line in open(os.path.join(root, "visual_genome/attributes_vocab.txt"))
                   for n in line.strip().split(",")}
     objects = _json(root, "visual_genome/objects.json")
     attributes = _json(root, "visual_genome/attributes.json")
-    assert sum(len(d["objects"]) for d in objects) == stats["objects"]
+    assert sum(len(d["objects"]) for d in objects) == stats["vg_objects"] == stats["objects"] + 20
     for d_obj, d_attr in zip(objects, attributes):
+        # the background: the last object of each image, over the whole picture
+        *shapes, backdrop = d_attr["attributes"]
+        assert backdrop["names"] == ["backdrop"] and [backdrop[k] for k in "xywh"] == [0, 0, 96, 96]
+        assert backdrop["attributes"][0] in {"noisy", "gradient", "lined"}
+        assert backdrop["attributes"][1] in BACKDROP_COLOURS
+        assert all(aliases[o["names"][0]] != "backdrop" for o in shapes)
         assert d_obj["image_id"] == d_attr["image_id"]
         for o, a in zip(d_obj["objects"], d_attr["attributes"]):
             assert o["object_id"] == a["object_id"]
             assert all(isinstance(o[k], int) for k in ("x", "y", "w", "h"))
             assert o["w"] >= 10 and o["h"] >= 10 and o["x"] + o["w"] <= 96 and o["y"] + o["h"] <= 96
             assert o["names"][0] in aliases and o["synsets"][0].count(".") == 2
-            assert a["attributes"][0] in COLOURS and set(a["attributes"]) <= attr_vocab
+            assert set(a["attributes"]) <= attr_vocab
+            assert a is backdrop or a["attributes"][0] in COLOURS
     qas = _json(root, "visual_genome/question_answers.json")
     assert [d["id"] for d in qas] == [d["image_id"] for d in images]
     for d in qas:
@@ -208,6 +216,30 @@ def test_captions_name_only_what_is_in_the_image(world):
             assert {t for t in s["tokens"] if t in COLOURS} <= attrs[im["cocoid"]], s["raw"]
             mentioned_classes |= named
         assert mentioned_classes, im["sentences"]
+
+
+def test_the_backdrop_annotation_names_what_the_captions_say(world):
+    """Captions name the background's texture; its VG annotation carries the same texture."""
+    root, stats = world
+    vg_to_coco = {d["image_id"]: d["coco_id"] for d in _json(root, "visual_genome/image_data.json")}
+    texture = {vg_to_coco[d["image_id"]]: d["attributes"][-1]["attributes"][0]
+               for d in _json(root, "visual_genome/attributes.json")}
+    phrases = {"noisy": "a noisy background", "gradient": "a gradient background",
+               "lined": "a background with thin lines"}
+    said = 0
+    for im in _json(root, "annotations/dataset_coco.json")["images"]:
+        for s in im["sentences"]:
+            mentioned = [k for k, p in phrases.items() if p in s["raw"]]
+            assert mentioned in ([], [texture[im["cocoid"]]]), (s["raw"], texture[im["cocoid"]])
+            said += bool(mentioned)
+    assert said > 20 and sum(stats["backgrounds"].values()) == stats["images"]
+
+
+def test_backdrop_colour_names_the_hue():
+    assert backdrop_colour((128, 128, 128)) == "grey"
+    assert backdrop_colour((140, 110, 110)) == "brown"     # a muted red
+    assert backdrop_colour((110, 110, 140)) == "slate"     # a muted blue
+    assert backdrop_colour((110, 140, 140)) == "teal"
 
 
 def test_answers_agree_with_the_annotations(world):
@@ -281,7 +313,7 @@ def test_objects_stay_visible(world):
 
     limit = WorldConfig().max_occlusion
     for d in _json(root, "visual_genome/objects.json"):
-        objs = d["objects"]
+        objs = d["objects"][:-1]  # the shapes: the backdrop (last) lies behind them all
         for i, o in enumerate(objs):
             mask = np.zeros((o["h"], o["w"]), dtype=bool)
             for p in objs[i + 1:]:
@@ -332,13 +364,14 @@ def test_real_loaders_read_the_world(world):
 
     classes = load_class_vocab(j("visual_genome/objects_vocab.txt"))
     attributes = load_class_vocab(j("visual_genome/attributes_vocab.txt"))
-    assert len(classes) == 9 and classes.index("box") == classes.index("square")
+    assert len(classes) == 10 and classes.index("box") == classes.index("square")
     vg = load_visual_genome(j("visual_genome/image_data.json"), j("visual_genome/objects.json"),
                             j("visual_genome/attributes.json"), classes, attributes, root=root)
-    assert sum(len(im.labels) for im in vg) == stats["objects"]
+    assert sum(len(im.labels) for im in vg) == stats["vg_objects"]
     assert all(im.num_unmapped == 0 and os.path.isfile(im.path) for im in vg)
     colour_ids = {attributes.index(c) for c in COLOURS}
-    assert all(a[0] in colour_ids for im in vg for a in im.attributes)
+    backdrop = classes.index("backdrop")
+    assert all(a[0] in colour_ids for im in vg for a, c in zip(im.attributes, im.labels) if c != backdrop)
 
     words = sorted({t for q in questions for t in tokenize_question(q.question)})
     matrix, n_missing = load_glove(j("glove/glove.synthetic.300d.txt"), words)

@@ -13,7 +13,9 @@ the root URI (local path, s3://, gs://)::
     visual_genome/{objects,attributes}_vocab.txt
     glove/glove.synthetic.300d.txt
 
-so the real loaders read it unchanged. Image i has COCO id i + 1 and VG id 1_000_000 + i + 1.
+so the real loaders read it unchanged. Visual Genome annotates each shape and, as the real data
+set annotates "stuff", the background: a `backdrop` over the whole picture with its texture
+(noisy, gradient, lined) and colour as attributes. Image i has COCO id i + 1 and VG id 1_000_000 + i + 1.
 Each image draws from its own random stream (seed, i), so the same seed gives byte-identical
 files. Every file is written atomically through `ray_updown.storage`, images from a thread
 pool (object stores are slow per request).
@@ -22,6 +24,7 @@ pool (object stores are slow per request).
 from __future__ import annotations
 
 import collections
+import colorsys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -32,6 +35,7 @@ from ray_updown import storage
 from ray_updown.config import validate_fields
 from ray_updown.data import world_language as lang
 from ray_updown.data.world_render import (
+    BACKGROUNDS,
     CLASS_NAMES,
     COLOURS,
     SHAPE_CLASSES,
@@ -49,6 +53,14 @@ VG_ID_OFFSET = 1_000_000
 _DATE = "2017-04-21 00:00:00"  # fixed, so files do not change with the day they were written
 _KEEP_IN_GLOVE = {"yes", "no", "is", "are", "there", "a", "an", "the", "what", "how", "many", "to",
                   "of", "on", "in", "any", "left", "right", "color", "shape", "shapes"}
+# The background is annotated as the real Visual Genome annotates "stuff" (wall, sky, grass):
+# one object over the whole picture, its texture and colour as attributes. The captions name
+# the texture; without the annotation the detector never proposes the region that shows it.
+BACKDROP_CLASS = ("backdrop", ("background", "wall"), "backdrop.n.01")
+BACKDROP_TEXTURES = {"noise": "noisy", "gradient": "gradient", "lines": "lined"}
+# Background colours are desaturated mid tones; named by hue sextant from red, grey when
+# nearly colourless.
+BACKDROP_COLOURS = ("brown", "khaki", "sage", "teal", "slate", "mauve", "grey")
 _LICENSE = {"url": "http://creativecommons.org/licenses/by/4.0/", "name": "CC BY 4.0 (synthetic)"}
 
 
@@ -179,6 +191,14 @@ def build_world(cfg: WorldConfig, out_uri: str) -> dict:
     return docs.stats(out_uri)
 
 
+def backdrop_colour(rgb: tuple[int, int, int]) -> str:
+    """The attribute naming a background colour (one of BACKDROP_COLOURS)."""
+    hue, saturation, _ = colorsys.rgb_to_hsv(*(c / 255.0 for c in rgb))
+    if saturation < 0.1:
+        return "grey"
+    return BACKDROP_COLOURS[int(hue * 6 + 0.5) % 6]
+
+
 def _write(uri: str, body: object) -> None:
     if isinstance(body, str):
         storage.write_text(uri, body)
@@ -255,6 +275,13 @@ class _Documents:
             for key, value in (("classes", obj.cls), ("colours", obj.colour),
                                ("textures", obj.texture), ("sizes", obj.size)):
                 self.counts[key][value] += 1
+        backdrop = {"object_id": self.next_object_id, "x": 0, "y": 0, "w": self.width,
+                    "h": self.height, "names": [BACKDROP_CLASS[0]], "synsets": [BACKDROP_CLASS[2]]}
+        objects.append({**backdrop, "merged_object_ids": []})
+        attributes.append({**backdrop, "attributes": [BACKDROP_TEXTURES[scene.background],
+                                                      backdrop_colour(scene.base_colour)]})
+        self.next_object_id += 1
+        self.counts["backgrounds"][scene.background] += 1
         self.vg_objects.append({"image_id": vg_id, "objects": objects, "image_url": rel})
         self.vg_attributes.append({"image_id": vg_id, "attributes": attributes})
         qas = []
@@ -297,8 +324,9 @@ class _Documents:
         out["visual_genome/attributes.json"] = self.vg_attributes
         out["visual_genome/question_answers.json"] = self.vg_qas
         out["visual_genome/objects_vocab.txt"] = "".join(
-            ",".join((name, *aliases)) + "\n" for name, aliases, _ in SHAPE_CLASSES)
-        attr_lines = [*COLOURS, "striped,stripes", "dotted,spotted", "plain", "small", "large,big"]
+            ",".join((name, *aliases)) + "\n" for name, aliases, _ in (*SHAPE_CLASSES, BACKDROP_CLASS))
+        attr_lines = [*COLOURS, "striped,stripes", "dotted,spotted", "plain", "small", "large,big",
+                      "noisy,noise", "gradient", "lined,lines", *BACKDROP_COLOURS]
         out["visual_genome/attributes_vocab.txt"] = "".join(line + "\n" for line in attr_lines)
         glove_text, self.glove_missing = self._glove()
         out["glove/glove.synthetic.300d.txt"] = glove_text
@@ -313,6 +341,7 @@ class _Documents:
             "captions": self.next_sentid - 1,
             "questions": sum(len(q) for q, _ in self.vqa.values()),
             "objects": objects, "objects_per_image": round(objects / n, 3),
+            "vg_objects": objects + n,  # the shapes and one backdrop per image
             "vg_qas": self.next_qa_id - 1,
             "splits": {s: self.counts["splits"][s] for s in ("train", "restval", "val", "test")},
             "vqa_questions": {k: len(q) for k, (q, _) in self.vqa.items()},
@@ -322,6 +351,7 @@ class _Documents:
             "colours": {c: self.counts["colours"][c] for c in COLOURS},
             "textures": {t: self.counts["textures"][t] for t in TEXTURES},
             "sizes": {s: self.counts["sizes"][s] for s in SIZES},
+            "backgrounds": {b: self.counts["backgrounds"][b] for b in BACKGROUNDS},
             "caption_words": len({w for im in self.karpathy for s in im["sentences"] for w in s["tokens"]}),
             "glove_words": self.glove_words, "glove_missing": self.glove_missing,
         }

@@ -293,11 +293,12 @@ def paper_config(**overrides: Any) -> DetectorConfig:
 
 
 def world_config(num_classes: int, num_attributes: int, **overrides: Any) -> DetectorConfig:
-    """A narrow ResNet C4 for the synthetic world's 128-px images with 14-60 px objects."""
+    """A narrow ResNet C4 for the synthetic world's 128-px images: 14-60 px objects, and the
+    annotated background over the whole picture (the 128-px anchor)."""
     base = DetectorConfig(
         name="bua-world-r18-w16", num_classes=num_classes, num_attributes=num_attributes,
         depth=18, width=16, norm="bn", freeze_at=0, min_size=128, max_size=213,
-        rpn_channels=64, anchor_sizes=(16.0, 32.0, 64.0), anchor_style="detectron2",
+        rpn_channels=64, anchor_sizes=(16.0, 32.0, 64.0, 128.0), anchor_style="detectron2",
         rpn_objectness="sigmoid", rpn_pre_nms_test=600, rpn_post_nms_test=50,
         rpn_pre_nms_train=1000, rpn_post_nms_train=200, rpn_min_size=4.0,
         rpn_boundary_thresh=-1.0, box_plus_one=False, box_weights=(10.0, 10.0, 5.0, 5.0),
@@ -309,7 +310,8 @@ def world_config(num_classes: int, num_attributes: int, **overrides: Any) -> Det
 def tiny_config(num_classes: int = 5, num_attributes: int = 4, **overrides: Any) -> DetectorConfig:
     """The smallest sensible detector (tests): ResNet-10 basic blocks, width 8, 64-px input."""
     base = world_config(num_classes, num_attributes, name="bua-tiny-r10-w8", depth=10, width=8,
-                        rpn_channels=16, min_size=64, max_size=107, rpn_pre_nms_test=200,
+                        rpn_channels=16, min_size=64, max_size=107, anchor_sizes=(16.0, 32.0, 64.0),
+                        rpn_pre_nms_test=200,
                         rpn_post_nms_test=30, rpn_pre_nms_train=300, rpn_post_nms_train=60,
                         attr_embed_dim=8, attr_hidden_dim=16, min_boxes=2, max_boxes=10,
                         pooler_resolution=7, res5_chunk=16)

@@ -17,14 +17,15 @@ def demo_model_config(**overrides) -> DetectorConfig:
 
     Chosen by measurement on a 2-core CPU (README): a narrow ResNet-10 C4 (base width 16),
     input upscaled 2x to 256 px, RoIAlign 5x5 into res5, anchors 32/64/128 (the world's
-    14-60 px objects at 2x), 64 training proposals and 16 sampled RoIs per image, half of them
-    positive. res5 on the sampled RoIs dominates a step, hence the small pool and sample (a
-    third cheaper than 7x7 and 32 RoIs, and better per step). The 2x input matters most: at
+    14-60 px objects at 2x) and 256 (the annotated background, the whole picture), 64
+    training proposals and 16 sampled RoIs per image, half of them positive. res5 on the
+    sampled RoIs dominates a step, hence the small pool and sample (a third cheaper than 7x7
+    and 32 RoIs, and better per step). The 2x input matters most: at
     128 px res4 (stride 16) is an 8x8 map, too coarse to place a 14-px object; at equal CPU
     time the 2x model had twice the mAP of the native-size one.
     """
     base = dict(name="bua-world-r10-w16", depth=10, width=16, min_size=256, max_size=427,
-                anchor_sizes=(32.0, 64.0, 128.0), pooler="roialign", pooler_resolution=5,
+                anchor_sizes=(32.0, 64.0, 128.0, 256.0), pooler="roialign", pooler_resolution=5,
                 pooler_sampling_ratio=2, roi_batch_per_image=16, roi_positive_fraction=0.5,
                 rpn_post_nms_train=64, rpn_pre_nms_train=600, rpn_batch_per_image=128,
                 res5_chunk=256)
