@@ -1,0 +1,166 @@
+"""Why Up-Down can lose on number questions: the regions a detector keeps, fixed 36 or 10-100.
+
+    python -m ray_updown.demo.counting --demo runs/demo [--seeds 2]
+
+Runs on a finished `make demo` folder, with its world and its detector:
+
+1. extracts the region features again under the paper's adaptive rule (every region whose
+   best class scores above the detector's threshold, at least 10 and at most 100), next to
+   the demo's fixed 36;
+2. counts, on the VQA val images, how the kept regions cover the annotated shapes: regions
+   per image, *copies* per shape (regions at IoU >= 0.5 with it: more than one is a
+   duplicate, which a soft-attention model cannot tell from a second shape), and regions
+   covering no shape;
+3. trains the demo's single Up-Down VQA model on both stores, for `--seeds` seeds each, and
+   scores them by answer type on VQA val.
+
+Prints one JSON summary and writes it to <demo>/counting/summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+
+import numpy as np
+
+from ray_updown import storage
+from ray_updown.data.world import BACKDROP_CLASS, VG_ID_OFFSET
+
+ADAPTIVE = (10, 100)  # the paper: 10 to 100 regions above the confidence threshold
+IOU_SAME_OBJECT = 0.5
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box of a [n, 4] with every box of b [m, 4] (x1, y1, x2, y2)."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    area_a = (a[:, 2:] - a[:, :2]).clip(0).prod(-1)
+    area_b = (b[:, 2:] - b[:, :2]).clip(0).prod(-1)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
+
+
+def region_coverage(regions: dict[int, np.ndarray], shapes: dict[int, np.ndarray]) -> dict:
+    """How the kept regions ([k, 4] per image) cover the annotated shapes ([m, 4] per image)."""
+    copies, unmatched, kept = [], [], []
+    for image_id, boxes in regions.items():
+        truth = shapes.get(image_id, np.zeros((0, 4)))
+        kept.append(len(boxes))
+        if len(truth) == 0 or len(boxes) == 0:
+            unmatched.append(len(boxes))
+            copies += [0] * len(truth)
+            continue
+        iou = box_iou(truth, boxes)
+        copies += (iou >= IOU_SAME_OBJECT).sum(1).tolist()
+        unmatched.append(int((iou.max(0) < IOU_SAME_OBJECT).sum()))
+    copies_arr = np.asarray(copies, dtype=float)
+    return {"images": len(kept), "shapes": len(copies),
+            "regions_per_image": round(float(np.mean(kept)), 2) if kept else 0.0,
+            "copies_per_shape": round(float(copies_arr.mean()), 2) if len(copies) else 0.0,
+            "shapes_with_duplicates": round(float((copies_arr >= 2).mean()), 3) if len(copies) else 0.0,
+            "shapes_missed": round(float((copies_arr == 0).mean()), 3) if len(copies) else 0.0,
+            "regions_on_no_shape_per_image": round(float(np.mean(unmatched)), 2) if kept else 0.0}
+
+
+def annotated_shapes(world_root: str) -> dict[int, np.ndarray]:
+    """COCO id -> the annotated shapes' boxes (x1, y1, x2, y2), the backdrop left out."""
+    backdrop_names = {BACKDROP_CLASS[0], *BACKDROP_CLASS[1]}
+    out = {}
+    for image in storage.read_json(storage.join(world_root, "visual_genome", "objects.json")):
+        boxes = [(o["x"], o["y"], o["x"] + o["w"], o["y"] + o["h"]) for o in image["objects"]
+                 if o["names"][0] not in backdrop_names]
+        out[image["image_id"] - VG_ID_OFFSET] = np.asarray(boxes, dtype=float).reshape(-1, 4)
+    return out
+
+
+def stored_boxes(store: str, image_ids: list[int]) -> dict[int, np.ndarray]:
+    from ray_updown.features.store import FeatureStore
+
+    fs = FeatureStore(store)
+    return {i: fs.get(i).boxes.astype(float) for i in image_ids}
+
+
+def run_study(demo: str, seeds: int) -> dict:
+    from ray_updown.config import from_dict
+    from ray_updown.demo.run import DemoConfig
+    from ray_updown.demo.stages import (
+        CONFIG_RECORD,
+        STAGES_DIR,
+        StageBook,
+        WorldFiles,
+        evaluate_vqa_model,
+        extract,
+        log,
+        train_vqa_trials,
+        vqa_config,
+    )
+    from ray_updown.ray_session import ensure_ray
+
+    book = StageBook(demo)
+    config_uri = storage.join(demo, STAGES_DIR, CONFIG_RECORD)
+    if not storage.exists(book.record_uri("detector")) or not storage.exists(config_uri):
+        sys.exit(f"{demo}: not a demo folder with a trained detector (run `make demo` first)")
+    cfg = from_dict(DemoConfig, {**storage.read_json(config_uri), "out": demo})
+    detector = storage.read_json(book.record_uri("detector"))["result"]["detector"]
+    world = WorldFiles(storage.join(demo, "world"))
+    out = storage.join(demo, "counting")
+    runs = storage.join(out, "runs")
+    ensure_ray(cfg.num_cpus or None)
+    stores = {"fixed36": storage.join(demo, "features", "regions"),
+              "adaptive": storage.join(out, "regions_adaptive")}
+    study = StageBook(out)
+    if not storage.exists(book.record_uri("extract_regions")):
+        sys.exit(f"{demo}: the demo has not extracted its region features yet")
+    study.run("extract_adaptive", lambda: extract(world, stores["adaptive"], detector, None,
+                                                  cfg.extract_threads, ADAPTIVE))
+
+    val_ids = [q["image_id"] for q in storage.read_json(world.questions("val"))["questions"]]
+    val_ids = sorted(set(val_ids))
+    shapes = annotated_shapes(world.root)
+    coverage = {name: region_coverage(stored_boxes(store, val_ids), shapes)
+                for name, store in stores.items()}
+    log(f"coverage of the val images' shapes: {json.dumps(coverage)}")
+
+    epochs = cfg.epochs(cfg.vqa_epochs)
+    scores: dict[str, list[dict]] = {name: [] for name in stores}
+    for k in range(seeds):
+        seed_cfg = dataclasses.replace(cfg, seed=cfg.seed + k)
+        configs = {name: vqa_config(seed_cfg, world, store, ADAPTIVE[1] if name == "adaptive" else 36,
+                                    runs, f"vqa-{name}-seed{seed_cfg.seed}", epochs)
+                   for name, store in stores.items()}
+        trained = study.run(f"vqa_seed{seed_cfg.seed}", lambda: train_vqa_trials(
+            configs, runs, f"vqa-seed{seed_cfg.seed}"))
+        for name, store in stores.items():
+            scores[name].append(study.run(f"val_{name}_seed{seed_cfg.seed}", lambda: evaluate_vqa_model(
+                world, [trained[name]["checkpoint"]], store, f"{name}-seed{seed_cfg.seed}",
+                storage.join(out, "results"))))
+    summary = {"demo": demo, "world_seed": cfg.seed, "vqa_seeds": seeds, "coverage": coverage,
+               "vqa": {name: {"overall": [s["overall"] for s in runs_],
+                              **{t: [s["per_answer_type"][t] for s in runs_]
+                                 for t in ("yes/no", "number", "other")}}
+                       for name, runs_ in scores.items()}}
+    for name in stores:
+        summary["vqa"][name]["mean"] = {k: round(float(np.mean(v)), 2)
+                                        for k, v in summary["vqa"][name].items()}
+    storage.write_json(storage.join(out, "summary.json"), summary, indent=1)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--demo", default="runs/demo", help="a finished demo folder")
+    parser.add_argument("--seeds", type=int, default=2, help="VQA seeds per region rule")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    summary = run_study(args.demo, args.seeds)
+    summary["minutes"] = round((time.perf_counter() - started) / 60, 2)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
