@@ -65,7 +65,8 @@ def build_table4(vqa_scores: dict, ensemble: dict, grid_names: list[str]) -> dic
 
 
 def targets_met(table1: dict, table4: dict) -> dict[str, dict]:
-    """The issues' targets, each {"met": bool, "detail": the numbers compared}."""
+    """The issues' targets, each {"met": bool, "detail": the numbers compared, "margin": by
+    how much the first beats the second (negative when missed)}."""
     out: dict[str, dict] = {}
     labels = list(table1["xe"])
     updown = next(label for label in labels if label == "Up-Down")
@@ -73,11 +74,11 @@ def targets_met(table1: dict, table4: dict) -> dict[str, dict]:
     for objective in ("xe", "scst"):
         a, b = table1[objective][updown]["CIDEr"], table1[objective][grid]["CIDEr"]
         out[f"captioning: Up-Down CIDEr > {grid} under {objective.upper()}"] = {
-            "met": a > b, "detail": f"{a:.1f} vs {b:.1f}"}
+            "met": a > b, "detail": f"{a:.1f} vs {b:.1f}", "margin": round(a - b, 2)}
     for label in (grid, updown):
         a, b = table1["scst"][label]["CIDEr"], table1["xe"][label]["CIDEr"]
         out[f"captioning: SCST CIDEr > XE CIDEr for {label}"] = {
-            "met": a > b, "detail": f"{a:.1f} vs {b:.1f}"}
+            "met": a > b, "detail": f"{a:.1f} vs {b:.1f}", "margin": round(a - b, 2)}
     rows = table4["rows"]
     single = rows[table4["single"]]
     grids = {k: v for k, v in rows.items() if k.startswith("ResNet")}
@@ -85,12 +86,14 @@ def targets_met(table1: dict, table4: dict) -> dict[str, dict]:
         best_label = max(grids, key=lambda k: grids[k][key])
         out[f"VQA: Up-Down > every grid baseline ({key})"] = {
             "met": all(single[key] > v[key] for v in grids.values()),
-            "detail": f"{single[key]:.2f} vs best grid {best_label} {grids[best_label][key]:.2f}"}
+            "detail": f"{single[key]:.2f} vs best grid {best_label} {grids[best_label][key]:.2f}",
+            "margin": round(single[key] - grids[best_label][key], 2)}
     best_member = max(table4["members"], key=table4["members"].get)
     ens = rows[table4["ensemble"]]["overall"]
     best = table4["members"][best_member]
     out["VQA: ensemble > its best member (overall)"] = {
-        "met": ens > best, "detail": f"{ens:.2f} vs {best:.2f} ({best_member})"}
+        "met": ens > best, "detail": f"{ens:.2f} vs {best:.2f} ({best_member})",
+        "margin": round(ens - best, 2)}
     return out
 
 

@@ -29,15 +29,21 @@ def plot_curves(series: dict[str, list[tuple[float, float]]], title: str, xlabel
     _save(fig, uri)
 
 
-def plot_bars(groups: dict[str, dict[str, float]], title: str, ylabel: str, uri: str) -> None:
-    """Grouped bars: {group: {bar: value}} (e.g. {"overall": {"up-down": 71.2, "grid 7x7": 60.1}})."""
-    fig, ax = plt.subplots(figsize=(8, 3.2), dpi=110)
+def plot_bars(groups: dict[str, dict[str, float]], title: str, ylabel: str, uri: str,
+              rotate_labels: bool = False) -> None:
+    """Grouped bars: {group: {bar: value}} (e.g. {"overall": {"up-down": 71.2, "grid 7x7": 60.1}});
+    long group names are turned (`rotate_labels`); a zero line shows when a value is negative."""
+    fig, ax = plt.subplots(figsize=(8, 4.2 if rotate_labels else 3.2), dpi=110)
     bars = list(dict.fromkeys(b for g in groups.values() for b in g))  # the tables' row order
     width = 0.8 / max(1, len(bars))
     for j, bar in enumerate(bars):
         xs = [i + j * width for i in range(len(groups))]
         ax.bar(xs, [groups[g].get(bar, 0.0) for g in groups], width=width, label=bar)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], list(groups))
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], list(groups),
+                  rotation=20 if rotate_labels else 0, ha="right" if rotate_labels else "center",
+                  fontsize=8 if rotate_labels else None)
+    if any(v < 0 for g in groups.values() for v in g.values()):
+        ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # never over a bar
