@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from ray_updown.demo.counting import annotated_shapes, box_iou, region_coverage
-
-
-def test_box_iou_of_hand_made_boxes():
-    a = np.array([[0, 0, 10, 10], [0, 0, 10, 10]], dtype=float)
-    b = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30]], dtype=float)
-    iou = box_iou(a, b)
-    assert iou.shape == (2, 3)
-    assert iou[0].tolist() == pytest.approx([1.0, 50 / 150, 0.0])
+from ray_updown.demo.counting import annotated_shapes, draw_study, region_coverage
 
 
 def test_coverage_counts_duplicates_misses_and_context_regions():
     shapes = {1: np.array([[0, 0, 10, 10], [50, 50, 70, 70]], dtype=float),
               2: np.array([[0, 0, 20, 20]], dtype=float)}
     regions = {
-        # shape 1 seen twice (a duplicate), shape 2 missed, one region on the background
+        # image 1: its first shape seen twice (a duplicate), its second missed, one region on
+        # the background; image 2: its one shape seen once
         1: np.array([[0, 0, 10, 10], [0, 0, 10, 11], [80, 80, 99, 99]], dtype=float),
         2: np.array([[0, 0, 20, 20]], dtype=float),
     }
@@ -41,3 +35,14 @@ def test_annotated_shapes_leave_the_backdrop_out(tmp_path):
     assert sorted(shapes) == [1, 2, 3]
     for boxes in shapes.values():
         assert 2 <= len(boxes) <= 5 and (boxes[:, 2:] - boxes[:, :2] < 96).all()
+
+
+def test_study_picture_is_drawn_from_a_summary(tmp_path):
+    per_seed = {"overall": [60.0, 62.0], "yes/no": [58.0, 58.0], "number": [72.0, 74.0],
+                "other": [58.0, 60.0]}
+    summary = {"world_seed": 0, "vqa_seeds": 2, "fixed": "fixed36",
+               "vqa": {name: {**per_seed, "mean": {k: float(np.mean(v)) for k, v in per_seed.items()}}
+                       for name in ("fixed36", "adaptive")}}
+    draw_study(summary, str(tmp_path / "counting.png"))
+    with Image.open(tmp_path / "counting.png") as picture:
+        assert picture.format == "PNG" and picture.size[0] > 400

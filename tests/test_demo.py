@@ -410,3 +410,14 @@ def test_write_report_writes_targets_tables_stages_and_figures(tmp_path, monkeyp
     attention = _section(text, "## Attention")
     assert '**Up-Down (SCST), test image 7**: "a red ball"' in attention
     assert "Q: how many balls? A: 2 (humans: 3)" in attention
+
+
+def test_a_demo_folder_refuses_other_settings_but_not_other_scheduling(tmp_path):
+    from ray_updown.demo.stages import StageBook
+    from ray_updown.errors import ConfigError
+
+    StageBook(str(tmp_path)).check_config({"out": "a", "seed": 0, "parallel_tracks": 4})
+    StageBook(str(tmp_path)).check_config({"out": "b", "seed": 0, "parallel_tracks": 1})
+    with pytest.raises(ConfigError, match="seed: 0 then, 1 now") as info:
+        StageBook(str(tmp_path)).check_config({"out": "a", "seed": 1, "parallel_tracks": 4})
+    assert "parallel_tracks" not in str(info.value)

@@ -53,7 +53,7 @@ def test_data_keeps_coco_splits_and_builds_targets(tiny_world):
     sizes = {k: len(v) for k, v in data.splits.items()}
     assert sizes == {"train": 14, "val": 1, "test": 1}  # the Karpathy split of the world
     assert data.object_vocab.names[0] == "__background__" and data.num_classes == 10
-    assert data.num_attributes == 24  # 13 for the shapes, 3 textures and 7 colours of the backdrop
+    assert data.num_attributes == 24  # "no attribute", 13 for the shapes, 3 + 7 for the backdrop
     image = data.decode("train", 96, 160)[0]
     pixels, target = image.target(flip=False)
     assert pixels.shape == (96, 96, 3) and pixels.dtype == np.uint8

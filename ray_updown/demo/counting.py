@@ -1,4 +1,4 @@
-"""Why Up-Down can lose on number questions: the regions a detector keeps, fixed 36 or 10-100.
+"""Fixed 36 regions or the paper's 10-100: how each covers the shapes, and what it does to VQA.
 
     python -m ray_updown.demo.counting --demo runs/demo [--seeds 2]
 
@@ -6,7 +6,8 @@ Runs on a finished `make demo` folder, with its world and its detector:
 
 1. extracts the region features again under the paper's adaptive rule (every region whose
    best class scores above the detector's threshold, at least 10 and at most 100), next to
-   the demo's fixed 36;
+   the demo's fixed count (36; on the world only the shapes and the backdrop pass the
+   threshold, so the adaptive rule keeps its minimum, 10, almost always);
 2. counts, on the VQA val images, how the kept regions cover the annotated shapes: regions
    per image, *copies* per shape (regions at IoU >= 0.5 with it: more than one is a
    duplicate, which a soft-attention model cannot tell from a second shape), and regions
@@ -31,19 +32,10 @@ import numpy as np
 
 from ray_updown import storage
 from ray_updown.data.world import BACKDROP_CLASS, VG_ID_OFFSET
+from ray_updown.metrics.detection import box_iou_coco
 
 ADAPTIVE = (10, 100)  # the paper: 10 to 100 regions above the confidence threshold
 IOU_SAME_OBJECT = 0.5
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every box of a [n, 4] with every box of b [m, 4] (x1, y1, x2, y2)."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area_a = (a[:, 2:] - a[:, :2]).clip(0).prod(-1)
-    area_b = (b[:, 2:] - b[:, :2]).clip(0).prod(-1)
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
 
 
 def region_coverage(regions: dict[int, np.ndarray], shapes: dict[int, np.ndarray]) -> dict:
@@ -56,7 +48,7 @@ def region_coverage(regions: dict[int, np.ndarray], shapes: dict[int, np.ndarray
             unmatched.append(len(boxes))
             copies += [0] * len(truth)
             continue
-        iou = box_iou(truth, boxes)
+        iou = box_iou_coco(truth, boxes)
         copies += (iou >= IOU_SAME_OBJECT).sum(1).tolist()
         unmatched.append(int((iou.max(0) < IOU_SAME_OBJECT).sum()))
     copies_arr = np.asarray(copies, dtype=float)
@@ -102,21 +94,25 @@ def run_study(demo: str, seeds: int) -> dict:
     )
     from ray_updown.ray_session import ensure_ray
 
+    if seeds < 1:
+        raise SystemExit(f"--seeds must be at least 1, got {seeds}")
     book = StageBook(demo)
     config_uri = storage.join(demo, STAGES_DIR, CONFIG_RECORD)
-    if not storage.exists(book.record_uri("detector")) or not storage.exists(config_uri):
-        sys.exit(f"{demo}: not a demo folder with a trained detector (run `make demo` first)")
+    if not storage.exists(book.record_uri("extract_regions")) or not storage.exists(config_uri):
+        raise SystemExit(f"{demo}: not a demo folder with its region features (run `make demo` first)")
     cfg = from_dict(DemoConfig, {**storage.read_json(config_uri), "out": demo})
+    if cfg.min_regions != cfg.max_regions or not cfg.max_regions:
+        raise SystemExit(f"{demo}: the study compares a fixed region count with 10-100; this demo "
+                         f"kept {cfg.min_regions}-{cfg.max_regions}")
+    fixed = f"fixed{cfg.max_regions}"
     detector = storage.read_json(book.record_uri("detector"))["result"]["detector"]
     world = WorldFiles(storage.join(demo, "world"))
     out = storage.join(demo, "counting")
     runs = storage.join(out, "runs")
     ensure_ray(cfg.num_cpus or None)
-    stores = {"fixed36": storage.join(demo, "features", "regions"),
+    stores = {fixed: storage.join(demo, "features", "regions"),
               "adaptive": storage.join(out, "regions_adaptive")}
     study = StageBook(out)
-    if not storage.exists(book.record_uri("extract_regions")):
-        sys.exit(f"{demo}: the demo has not extracted its region features yet")
     study.run("extract_adaptive", lambda: extract(world, stores["adaptive"], detector, None,
                                                   cfg.extract_threads, ADAPTIVE))
 
@@ -131,7 +127,8 @@ def run_study(demo: str, seeds: int) -> dict:
     scores: dict[str, list[dict]] = {name: [] for name in stores}
     for k in range(seeds):
         seed_cfg = dataclasses.replace(cfg, seed=cfg.seed + k)
-        configs = {name: vqa_config(seed_cfg, world, store, ADAPTIVE[1] if name == "adaptive" else 36,
+        configs = {name: vqa_config(seed_cfg, world, store,
+                                    ADAPTIVE[1] if name == "adaptive" else cfg.max_regions,
                                     runs, f"vqa-{name}-seed{seed_cfg.seed}", epochs)
                    for name, store in stores.items()}
         trained = study.run(f"vqa_seed{seed_cfg.seed}", lambda: train_vqa_trials(
@@ -140,11 +137,12 @@ def run_study(demo: str, seeds: int) -> dict:
             scores[name].append(study.run(f"val_{name}_seed{seed_cfg.seed}", lambda: evaluate_vqa_model(
                 world, [trained[name]["checkpoint"]], store, f"{name}-seed{seed_cfg.seed}",
                 storage.join(out, "results"))))
-    summary = {"demo": demo, "world_seed": cfg.seed, "vqa_seeds": seeds, "coverage": coverage,
-               "vqa": {name: {"overall": [s["overall"] for s in runs_],
-                              **{t: [s["per_answer_type"][t] for s in runs_]
+    summary = {"demo": demo, "world_seed": cfg.seed, "vqa_seeds": seeds, "fixed": fixed,
+               "coverage": coverage,
+               "vqa": {name: {"overall": [s["overall"] for s in per_seed],
+                              **{t: [s["per_answer_type"][t] for s in per_seed]
                                  for t in ("yes/no", "number", "other")}}
-                       for name, runs_ in scores.items()}}
+                       for name, per_seed in scores.items()}}
     for name in stores:
         summary["vqa"][name]["mean"] = {k: round(float(np.mean(v)), 2)
                                         for k, v in summary["vqa"][name].items()}
@@ -157,7 +155,8 @@ def draw_study(summary: dict, uri: str) -> None:
     """VQA val accuracy by answer type, fixed 36 vs adaptive 10-100 (mean over the seeds)."""
     from ray_updown.viz.plots import plot_bars
 
-    labels = {"fixed36": "fixed 36 regions", "adaptive": "10-100 regions (paper's rule)"}
+    fixed = summary.get("fixed", "fixed36")
+    labels = {fixed: f"fixed {fixed[len('fixed'):]} regions", "adaptive": "10-100 regions (paper's rule)"}
     groups = {kind: {labels[name]: summary["vqa"][name]["mean"][kind] for name in labels}
               for kind in ("overall", "yes/no", "number", "other")}
     plot_bars(groups, f"Up-Down VQA on world seed {summary['world_seed']}: regions kept "

@@ -77,10 +77,11 @@ class DemoConfig:
     # 3. features
     extract_threads: int = 2  # torch threads of the one extraction actor
     # Regions kept per image: the paper keeps 10-100 above a 0.2 confidence, its released
-    # features also come with a fixed 36. Measured on world seed 0 (demo/counting.py, README):
-    # the adaptive rule keeps 10.0 regions (2-5 shapes and the backdrop score above 0.2) with
-    # 1.8 copies per shape against 36's 3.6, yet VQA on numbers falls (69.0 vs 73.1, mean of
-    # two seeds) and overall too (57.8 vs 62.0); so the demo keeps the fixed 36.
+    # features also come with a fixed 36. Measured on world seed 0 (demo/counting.py; README,
+    # "The counting gap"): 10-100 keeps 10.0 (only 2-5 shapes and the backdrop pass 0.2, so
+    # the minimum binds) with 1.8 copies per shape against 36's 3.6, yet VQA on numbers
+    # falls with both VQA seeds (69.6 / 68.3 vs 71.8 / 74.4); overall is mixed (52.3 / 63.3
+    # vs 61.7 / 62.3). So the demo keeps the fixed 36.
     min_regions: int = 36
     max_regions: int = 36
     # 4. captioner (M = H = E = caption_dim; the paper has 1000/512/1000)

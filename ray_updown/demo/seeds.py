@@ -5,8 +5,9 @@
 
 Each folder is a finished `make demo` (`python jobs/demo.py --out DIR seed=S`). Prints a
 Markdown table, one row per target and one column per world (met or not, with the numbers
-compared), then a JSON summary; `--png` draws each target's margin per world (how far the
-first number is above the second; below zero is a miss).
+compared), then a JSON summary; `--png` draws each target's margin per world, relative (how
+far the first number is above the second, in % of the second; zero or below is a miss).
+The folders must differ in their seed only (or in scheduling): other settings are refused.
 """
 
 from __future__ import annotations
@@ -17,26 +18,39 @@ import sys
 
 from ray_updown import storage
 from ray_updown.demo.report import targets_met
-from ray_updown.demo.stages import CONFIG_RECORD, STAGES_DIR
+from ray_updown.demo.stages import CONFIG_RECORD, SCHEDULING_ONLY, STAGES_DIR, StageBook
 
 
 def demo_targets(demo: str) -> dict:
-    """{"seed", "minutes", "detector", "targets"} of a finished demo folder."""
-    report_uri = storage.join(demo, STAGES_DIR, "report.json")
-    if not storage.exists(report_uri):
+    """{"demo", "seed", "config", "detector", "targets"} of a finished demo folder."""
+    book = StageBook(demo)
+    if not storage.exists(book.record_uri("report")):
         raise SystemExit(f"{demo}: no finished demo here (no {STAGES_DIR}/report.json)")
-    report = storage.read_json(report_uri)["result"]
+    report = storage.read_json(book.record_uri("report"))["result"]
     config = storage.read_json(storage.join(demo, STAGES_DIR, CONFIG_RECORD))
-    detector = storage.read_json(storage.join(demo, STAGES_DIR, "detector.json"))["result"]
-    return {"demo": demo, "seed": config["seed"],
+    detector = storage.read_json(book.record_uri("detector"))["result"]
+    return {"demo": demo, "seed": config["seed"], "config": config,
             "detector": {k: detector["metrics"].get(k) for k in ("epoch", "val_map50", "test_map50")},
             "targets": targets_met(report["table1"], report["table4"])}
+
+
+def check_same_settings(runs: list[dict]) -> None:
+    """Worlds are compared under one configuration: refuse folders whose settings differ."""
+    ignore = {"seed", *SCHEDULING_ONLY}
+    first = runs[0]["config"]
+    for run in runs[1:]:
+        changed = sorted(k for k in set(first) | set(run["config"])
+                         if k not in ignore and first.get(k) != run["config"].get(k))
+        if changed:
+            raise SystemExit(f"{run['demo']} ran with other settings than {runs[0]['demo']}: "
+                             + ", ".join(f"{k} {first.get(k)!r} vs {run['config'].get(k)!r}"
+                                         for k in changed))
 
 
 def targets_table(runs: list[dict]) -> str:
     """Markdown: a row per target, a column per world."""
     names = list(runs[0]["targets"])
-    lines = ["| target | " + " | ".join(f"seed {r['seed']}" for r in runs) + " |",
+    lines = ["| target | " + " | ".join(_column(r, runs) for r in runs) + " |",
              "|---|" + "---|" * len(runs)]
     for name in names:
         cells = []
@@ -49,15 +63,28 @@ def targets_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _column(run: dict, runs: list[dict]) -> str:
+    """"seed S", or the folder's name when two folders share a seed."""
+    same_seed = sum(r["seed"] == run["seed"] for r in runs) > 1
+    return run["demo"].rstrip("/").rsplit("/", 1)[-1] if same_seed else f"seed {run['seed']}"
+
+
 def draw_margins(runs: list[dict], uri: str) -> None:
+    """Each target's margin per world in % of the number it is compared with (CIDEr margins
+    are tens of points, VQA margins a few: relative margins share one axis)."""
     from ray_updown.viz.plots import plot_bars
 
     short = {name: name.split(": ", 1)[1].replace("CIDEr ", "").replace("every grid baseline", "grids")
              for name in runs[0]["targets"]}
-    groups = {short[name]: {f"seed {r['seed']}": r["targets"][name]["margin"] for r in runs}
+    groups = {short[name]: {_column(r, runs): _relative_margin(r["targets"][name]) for r in runs}
               for name in runs[0]["targets"]}
-    plot_bars(groups, "demo targets: margin per world (< 0 = missed; CIDEr or VQA accuracy points)",
-              "margin", uri, rotate_labels=True)
+    plot_bars(groups, "demo targets on each world: margin (<= 0 = missed)", "margin, % of the compared number",
+              uri, rotate_labels=True)
+
+
+def _relative_margin(target: dict) -> float:
+    """The margin in % of the number it is compared with."""
+    return 100.0 * target["margin"] / target["against"] if target["against"] else 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--png", default="", help="write the margins picture here")
     args = parser.parse_args(argv)
     runs = [demo_targets(d) for d in args.demos]
+    check_same_settings(runs)
     print(targets_table(runs))
     if args.png:
         draw_margins(runs, args.png)

@@ -26,6 +26,8 @@ from ray_updown.errors import ConfigError
 
 STAGES_DIR = "stages"
 CONFIG_RECORD = "demo_config.json"
+# Settings that change when work runs, never its results: a rerun may change them.
+SCHEDULING_ONLY = {"parallel_tracks"}
 
 
 def log(message: str) -> None:
@@ -66,7 +68,8 @@ class StageBook:
         config = plain({k: v for k, v in config.items() if k != "out"})
         if storage.exists(uri):
             before = storage.read_json(uri)
-            changed = sorted(k for k in set(before) | set(config) if before.get(k) != config.get(k))
+            changed = sorted(k for k in set(before) | set(config)
+                             if before.get(k) != config.get(k) and k not in SCHEDULING_ONLY)
             if changed:
                 differences = ", ".join(f"{k}: {before.get(k)!r} then, {config.get(k)!r} now"
                                         for k in changed)

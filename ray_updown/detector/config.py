@@ -310,8 +310,8 @@ def world_config(num_classes: int, num_attributes: int, **overrides: Any) -> Det
 def tiny_config(num_classes: int = 5, num_attributes: int = 4, **overrides: Any) -> DetectorConfig:
     """The smallest sensible detector (tests): ResNet-10 basic blocks, width 8, 64-px input."""
     base = world_config(num_classes, num_attributes, name="bua-tiny-r10-w8", depth=10, width=8,
-                        rpn_channels=16, min_size=64, max_size=107, anchor_sizes=(16.0, 32.0, 64.0),
-                        rpn_pre_nms_test=200,
+                        rpn_channels=16, min_size=64, max_size=107,
+                        anchor_sizes=(16.0, 32.0, 64.0), rpn_pre_nms_test=200,
                         rpn_post_nms_test=30, rpn_pre_nms_train=300, rpn_post_nms_train=60,
                         attr_embed_dim=8, attr_hidden_dim=16, min_boxes=2, max_boxes=10,
                         pooler_resolution=7, res5_chunk=16)
