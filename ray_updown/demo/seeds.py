@@ -18,7 +18,7 @@ import sys
 
 from ray_updown import storage
 from ray_updown.demo.report import targets_met
-from ray_updown.demo.stages import CONFIG_RECORD, SCHEDULING_ONLY, STAGES_DIR, StageBook
+from ray_updown.demo.stages import CONFIG_RECORD, STAGES_DIR, StageBook, changed_settings
 
 
 def demo_targets(demo: str) -> dict:
@@ -36,11 +36,9 @@ def demo_targets(demo: str) -> dict:
 
 def check_same_settings(runs: list[dict]) -> None:
     """Worlds are compared under one configuration: refuse folders whose settings differ."""
-    ignore = {"seed", *SCHEDULING_ONLY}
     first = runs[0]["config"]
     for run in runs[1:]:
-        changed = sorted(k for k in set(first) | set(run["config"])
-                         if k not in ignore and first.get(k) != run["config"].get(k))
+        changed = changed_settings(first, run["config"], ignore={"seed"})
         if changed:
             raise SystemExit(f"{run['demo']} ran with other settings than {runs[0]['demo']}: "
                              + ", ".join(f"{k} {first.get(k)!r} vs {run['config'].get(k)!r}"

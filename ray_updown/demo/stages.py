@@ -49,6 +49,12 @@ def plain(value: Any) -> Any:
     return clean(json.loads(json.dumps(value, default=str)))
 
 
+def changed_settings(before: dict, now: dict, ignore: set[str] = frozenset()) -> list[str]:
+    """The demo settings that differ between two configs, scheduling-only ones left out."""
+    return sorted(k for k in set(before) | set(now)
+                  if k not in SCHEDULING_ONLY and k not in ignore and before.get(k) != now.get(k))
+
+
 class StageBook:
     """Runs stages once: skips those a previous run completed, times and announces the rest."""
 
@@ -68,8 +74,7 @@ class StageBook:
         config = plain({k: v for k, v in config.items() if k != "out"})
         if storage.exists(uri):
             before = storage.read_json(uri)
-            changed = sorted(k for k in set(before) | set(config)
-                             if before.get(k) != config.get(k) and k not in SCHEDULING_ONLY)
+            changed = changed_settings(before, config)
             if changed:
                 differences = ", ".join(f"{k}: {before.get(k)!r} then, {config.get(k)!r} now"
                                         for k in changed)
