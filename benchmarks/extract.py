@@ -88,11 +88,63 @@ class TimedModel:
 
     def extract_batches(self, chunks):
         """The actor's streaming path (stages.DetectorActor uses it when the model has it)."""
+        if not hasattr(self.model, "extract_batches"):  # the stand-in: one call per chunk
+            for chunk in chunks:
+                yield self.extract_regions(chunk)
+            return
         start = time.time()
         for chunk, out in zip(chunks, self.model.extract_batches(chunks)):
             self._log(start, len(chunk))
             yield out
             start = time.time()
+
+
+def timed_stand_in(model_class, rate: float, log_dir: str) -> TimedModel:
+    """The stand-in model of fixed speed (stand_in.py), logging its forwards like the detector."""
+    return TimedModel(model_class(rate), log_dir)
+
+
+def stand_in_pipeline(root: str, rates: list[float], images: int, batch_size: int,
+                      rows_per_shard: int, cpus: float) -> dict:
+    """(g) The pipeline alone: `run_extraction` with a stand-in model of fixed speed R (no
+    detector), one actor with `cpus` CPUs, over `images` JPEGs of 640x480. Efficiency = rate /
+    R. Three rates: end to end (the run's own clock: actor start included), steady (from the
+    first forward to the last features part written: the actor's start excluded) and the
+    actor's start (from the call to the first forward)."""
+    from ray import cloudpickle
+
+    import stand_in
+
+    cloudpickle.register_pickle_by_value(stand_in)  # the actor imports nothing from benchmarks/
+    folder = f"{root}/stand-in-jpegs"
+    stand_in.write_jpegs(folder, images)
+    out: dict = {"model": "STAND-IN of fixed speed (benchmarks/stand_in.py), not the detector",
+                 "images": images, "jpeg_size": "640x480", "batch_size": batch_size,
+                 "rows_per_shard": rows_per_shard, "actors": 1, "cpus_per_actor": cpus}
+    for rate in rates:
+        log_dir = tempfile.mkdtemp(prefix="stand-in-log-", dir=root)
+        store = f"{root}/store-stand-in-{rate:g}"
+        cfg = ExtractConfig(images=folder, out=store, batch_size=batch_size, num_actors=1,
+                            cpus_per_actor=cpus, rows_per_shard=rows_per_shard,
+                            min_side=600, max_side=1000)
+        started = time.time()
+        summary = run_extraction(cfg, model_factory=functools.partial(
+            timed_stand_in, stand_in.StandInModel, rate, log_dir))
+        calls = [json.loads(line) for path in glob.glob(os.path.join(log_dir, "*.jsonl"))
+                 for line in open(path)]
+        first = min(c["start"] for c in calls)
+        last_write = max(os.path.getmtime(p) for p in glob.glob(f"{store}/features/part-*.parquet"))
+        n = summary["images_processed"]
+        steady = n / (last_write - first)
+        out[f"R={rate:g}"] = {
+            "errors": summary["errors"],
+            "end_to_end_images_per_s": summary["images_per_s"],
+            "steady_images_per_s": round(steady, 2),
+            "actor_start_seconds": round(first - started, 2),
+            "efficiency_steady": round(steady / rate, 3),
+            "efficiency_end_to_end": round(summary["images_per_s"] / rate, 3)}
+        shutil.rmtree(store, ignore_errors=True)
+    return out
 
 
 def timed_detector(checkpoint: str, log_dir: str) -> TimedModel:
@@ -262,6 +314,12 @@ def main() -> None:
     parser.add_argument("--skip-nodes", action="store_true")
     parser.add_argument("--skip-efficiency", action="store_true")
     parser.add_argument("--node-images", type=int, default=96)
+    parser.add_argument("--skip-stand-in", action="store_true")
+    parser.add_argument("--stand-in-only", action="store_true",
+                        help="only (g): the pipeline with the stand-in model")
+    parser.add_argument("--stand-in-images", type=int, default=1024)
+    parser.add_argument("--stand-in-rates", default="100,200,1000")
+    parser.add_argument("--stand-in-cpus", type=float, default=2.0)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the bare forward and of each actor (1: this "
                              "shared 2-core machine is oversubscribed; 2 threads then run slower)")
@@ -275,6 +333,17 @@ def main() -> None:
                                  "torch": torch.__version__, "ray": ray.__version__,
                                  "torch_threads_per_forward": args.threads,
                                  "load_average_at_start": os.getloadavg()}}
+    if args.stand_in_only or not args.skip_stand_in:
+        ray.init(num_cpus=max(CORES, int(args.stand_in_cpus)), include_dashboard=False,
+                 log_to_driver=False)
+        results["stand_in_pipeline"] = stand_in_pipeline(
+            root, [float(r) for r in args.stand_in_rates.split(",")], args.stand_in_images,
+            batch_size=32, rows_per_shard=128, cpus=args.stand_in_cpus)
+        ray.shutdown()
+        if args.stand_in_only:
+            shutil.rmtree(root, ignore_errors=True)
+            print(json.dumps(results, indent=1))
+            return
     if not args.skip_plan:
         results["planning"] = plan_benchmark(root, args.plan_rows)
         shutil.rmtree(f"{root}/plan-store", ignore_errors=True)
