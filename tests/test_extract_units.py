@@ -303,7 +303,7 @@ def test_config_errors_are_named():
 
 
 def test_workers_write_shards_from_arrow_tables(tmp_path):
-    from ray_updown.extraction.shards import numpy_batch
+    from ray_updown.extraction.actor import numpy_batch
     from ray_updown.features.store import FeatureStore, records_to_table, write_feature_table
 
     meta = StoreMeta(feature_dim=3, image_id_type="int64", detector="t")

@@ -111,8 +111,8 @@ class BottomUpDetector(nn.Module):
         return next(self.parameters()).dtype
 
     def prepare_inference(self, device: str | torch.device = "auto", half: bool = False, *,
-                          fold_norms: bool = True, greedy_scan: GreedyScan = "torch"
-                          ) -> "BottomUpDetector":
+                          fold_norms: bool = True, greedy_scan: GreedyScan = "torch",
+                          compile_mode: str = "") -> "BottomUpDetector":
         """Ready the model for extraction; returns it, in eval mode.
 
         Moves it to `device` ("auto" = CUDA when present) and folds the frozen BatchNorms into
@@ -120,7 +120,10 @@ class BottomUpDetector(nn.Module):
         CUDA also: channels_last (Tensor Core convolutions want NHWC), cuDNN autotuning (the
         input shapes repeat batch after batch), res5 chunks sized to the free device memory,
         and optionally float16 (`half`). `greedy_scan="triton"` selects regions with the fused
-        kernel of select_kernel.py (opt-in until checked on a GPU).
+        kernel of select_kernel.py (the extraction pipeline's default on CUDA).
+        `compile_mode` ("default", "reduce-overhead": CUDA graphs, "max-autotune"; "" off)
+        torch.compiles the RoI head's res5 (roi_heads.compile_res5); off until measured on a
+        GPU (benchmarks/gpu_check.py).
         """
         target = pick_device(device)
         if half and target.type != "cuda":
@@ -128,6 +131,9 @@ class BottomUpDetector(nn.Module):
         if greedy_scan not in ("torch", "triton"):
             raise ConfigError(f"greedy_scan must be 'torch' or 'triton', not {greedy_scan!r}",
                               record="greedy_scan")
+        if compile_mode not in ("", "default", "reduce-overhead", "max-autotune"):
+            raise ConfigError("compile_mode must be '', 'default', 'reduce-overhead' or "
+                              f"'max-autotune', not {compile_mode!r}", record="compile_mode")
         self.eval()
         if fold_norms:
             fold_frozen_batchnorm(self)
@@ -139,6 +145,8 @@ class BottomUpDetector(nn.Module):
             torch.backends.cudnn.benchmark = True
             self.to(memory_format=torch.channels_last)
             self.roi_heads.inference_chunk = res5_chunk_for_memory(self.config, target, self.dtype)
+        if compile_mode:
+            self.roi_heads.compile_res5(compile_mode)
         return self
 
     # -- the forward ---------------------------------------------------------------------

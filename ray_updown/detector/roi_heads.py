@@ -96,6 +96,19 @@ class RoIHeads(nn.Module):
                                         config.attr_hidden_dim, config.num_attributes)
         self.coder = BoxCoder(config.box_weights, config.box_plus_one)
         self.inference_chunk: int | None = None  # RoIs per res5 call; set for the device
+        self.compiled_res5_means = None  # res5 + mean at inference, compiled (`compile_res5`)
+        self.roi_block = 0  # when compiled: RoI counts are padded to a multiple of this
+
+    def _res5_means(self, pooled: Tensor) -> Tensor:
+        return self.res5(pooled)[0].mean(dim=(2, 3))
+
+    def compile_res5(self, mode: str, roi_block: int = 256) -> None:
+        """torch.compile res5 and its mean for inference, the head that dominates extraction
+        (6.67 of 10.8 ms per image on an H200). RoI counts are padded with empty regions to a
+        multiple of `roi_block`, so "reduce-overhead" records one CUDA graph per few sizes
+        rather than one per batch."""
+        self.compiled_res5_means = torch.compile(self._res5_means, mode=mode, dynamic=True)
+        self.roi_block = roi_block
 
     def pool(self, features: Tensor, rois: Tensor) -> Tensor:
         """RoIPool (Caffe's, as torchvision implements it) or RoIAlign of (K, 5) rois on res4."""
@@ -116,9 +129,18 @@ class RoIHeads(nn.Module):
         chunk = self.inference_chunk or self.config.res5_chunk
         if self.training or chunk <= 0:
             chunk = len(rois)
+        if self.training:
+            return self.res5(self.pool(features, rois))[0].mean(dim=(2, 3))
         # Inference slices the RoIs to bound memory; every RoI is computed independently.
-        return torch.cat([self.res5(self.pool(features, rois[s:s + chunk]))[0].mean(dim=(2, 3))
+        return torch.cat([self._padded_res5_means(self.pool(features, rois[s:s + chunk]))
                           for s in range(0, len(rois), chunk)])
+
+    def _padded_res5_means(self, pooled: Tensor) -> Tensor:
+        count = len(pooled)
+        if self.roi_block and count % self.roi_block:
+            pad = self.roi_block - count % self.roi_block
+            pooled = torch.cat([pooled, pooled.new_zeros((pad,) + pooled.shape[1:])])
+        return (self.compiled_res5_means or self._res5_means)(pooled)[:count]
 
     def predict_flat(self, features: Tensor, proposals: list[Tensor]
                      ) -> tuple[Tensor, Tensor, Tensor]:

@@ -65,13 +65,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ray_updown import storage
-from ray_updown.config import validate_fields
+from ray_updown.config import check_at_least, validate_fields
 from ray_updown.errors import ConfigError, DataError, StorageError
+from ray_updown.extraction.actor import ShardWriter
 from ray_updown.extraction.failures import ray_failures_as_one_line
 from ray_updown.extraction.images import DecodeLimits
 from ray_updown.extraction.inputs import IMAGE_SUFFIXES, InputListing, list_inputs, read_manifest
 from ray_updown.extraction.plan import join_boxes_from, make_plan, save_plan
-from ray_updown.extraction.shards import ShardWriter, complete_shards, count_rows, shard_files
+from ray_updown.extraction.shards import complete_shards, count_rows, shard_files
 from ray_updown.extraction.stages import ModelSpec, build_model, describe_model
 from ray_updown.features.schema import FEATURES_DIR, StoreMeta
 
@@ -93,15 +94,23 @@ class ExtractConfig:
     model: Literal["detector", "grid"] = "detector"
     grid_size: int = 7
     rows_per_shard: int = 256
-    batch_size: int = 4  # images per detector forward
-    # Forwards per actor call; on a GPU the next forward's images are copied to the device
-    # while the current one computes (0: 4 with GPUs, 1 without).
+    batch_size: int = 0  # images per forward; 0: 32 on a GPU (fewer if its memory is small), else 4
+    # Forwards per chunk handed to the model; on a GPU the next forward's images are copied
+    # to the device while the current one computes (0: 2 with GPUs, 1 without).
     forwards_per_call: int = 0
     num_actors: int = 1
     num_gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float = 0.0  # 0: 4 with GPUs (decoding feeds the GPU), else 1
     torch_threads: int = 0  # 0: one per CPU of the actor
+    decode_threads: int = 0  # 0: one per CPU of the actor
+    shards_in_flight: int = 3  # per actor: one decoding, one in the model, one writing
     half: bool = False  # float16 forward (CUDA only)
+    # Region selection's greedy scan: "auto" is the fused Triton kernel on CUDA (when Triton
+    # is installed), the torch loop elsewhere.
+    greedy_scan: Literal["auto", "torch", "triton"] = "auto"
+    # torch.compile of the RoI head (res5 + predictors), off by default until measured on a
+    # GPU: "default", "reduce-overhead" (CUDA graphs) or "max-autotune".
+    compile_mode: Literal["", "default", "reduce-overhead", "max-autotune"] = ""
     min_boxes: int = 0  # 0: the checkpoint's clamp (10-100 in the paper)
     max_boxes: int = 0
     min_side: int = 600  # the detector's test scale; larger images are downscaled to it
@@ -122,12 +131,10 @@ class ExtractConfig:
 
     def validate(self) -> None:
         validate_fields(self)  # model
-        for key in ("rows_per_shard", "batch_size", "num_actors", "decode_batch_size",
-                    "read_threads", "grid_size"):
-            if int(getattr(self, key)) < 1:
-                raise ConfigError(f"must be >= 1, got {getattr(self, key)}", record=key)
-        if self.forwards_per_call < 0:
-            raise ConfigError(f"must be >= 0, got {self.forwards_per_call}", record="forwards_per_call")
+        check_at_least(self, 1, "rows_per_shard", "num_actors", "decode_batch_size", "read_threads",
+                       "grid_size", "shards_in_flight")
+        check_at_least(self, 0, "batch_size", "forwards_per_call", "cpus_per_actor",
+                       "decode_threads", "torch_threads")
         if self.half and self.num_gpus_per_actor <= 0:
             raise ConfigError("half precision needs GPUs (num_gpus_per_actor > 0)", record="half")
         if self.max_boxes and self.min_boxes > self.max_boxes:
@@ -135,7 +142,10 @@ class ExtractConfig:
                               record="min_boxes")
 
     def actor_forwards(self) -> int:
-        return self.forwards_per_call or (4 if self.num_gpus_per_actor > 0 else 1)
+        return self.forwards_per_call or (2 if self.num_gpus_per_actor > 0 else 1)
+
+    def actor_cpus(self) -> float:
+        return self.cpus_per_actor or (4.0 if self.num_gpus_per_actor > 0 else 1.0)
 
     def limits(self) -> DecodeLimits:
         return DecodeLimits(self.min_side, self.max_side, self.max_image_pixels,
@@ -143,7 +153,7 @@ class ExtractConfig:
 
     def model_spec(self, factory: Callable[[], Any] | None = None) -> ModelSpec:
         return ModelSpec(self.model, self.checkpoint, self.grid_size, self.min_boxes,
-                         self.max_boxes, self.half, factory)
+                         self.max_boxes, self.half, factory, self.greedy_scan, self.compile_mode)
 
 
 def run_extraction(cfg: ExtractConfig, model_factory: Callable[[], Any] | None = None
@@ -237,29 +247,33 @@ def _run_shards(cfg: ExtractConfig, spec: ModelSpec, meta: StoreMeta, out: str,
     from ray_updown.ray_session import ensure_ray
 
     ensure_ray()
-    cpus = ray.cluster_resources().get("CPU", 0.0)
-    if cpus and cfg.num_actors * cfg.cpus_per_actor >= cpus + 1:
-        warnings.warn(f"{cfg.num_actors} actors x {cfg.cpus_per_actor} CPUs need more than the "
+    cpus, actor_cpus = ray.cluster_resources().get("CPU", 0.0), cfg.actor_cpus()
+    if cpus and cfg.num_actors * actor_cpus >= cpus + 1:
+        warnings.warn(f"{cfg.num_actors} actors x {actor_cpus:g} CPUs need more than the "
                       f"{cpus:g} CPUs of the cluster: some wait for the autoscaler")
     # One block per shard (a few shards a block beyond 10,000): each is one actor call.
     per_block = max(1, math.ceil(todo.num_rows / 10_000))
     blocks = [todo.slice(i, per_block) for i in range(0, todo.num_rows, per_block)]
     ds = ray.data.from_arrow(blocks)
+    # Each actor runs `shards_in_flight` calls at once, on threads (actor.py streams them).
+    strategy = ray.data.ActorPoolStrategy(
+        size=cfg.num_actors, max_tasks_in_flight_per_actor=cfg.shards_in_flight,
+        max_concurrent_calls_per_actor=cfg.shards_in_flight, enable_true_multi_threading=True)
     with warnings.catch_warnings():
         # Ray 2.60 deprecates passing actor options as extra kwargs but has no named
         # parameter for these yet; its defaults (-1) would retry a poison batch forever.
         warnings.simplefilter("ignore", RayDeprecationWarning)
         ds = ds.map_batches(
-            ShardWriter, batch_size=1, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-            num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None,
+            ShardWriter, batch_size=1, batch_format="numpy", compute=strategy,
+            num_cpus=actor_cpus, num_gpus=cfg.num_gpus_per_actor or None,
             resources=dict(cfg.actor_resources) or None,
             max_restarts=cfg.max_restarts, max_task_retries=cfg.max_task_retries,
             fn_constructor_kwargs={
                 "out": out, "spec": spec, "meta": meta, "limits": cfg.limits(),
                 "read_threads": cfg.read_threads, "forward_batch_size": cfg.batch_size,
                 "forwards_per_call": cfg.actor_forwards(), "use_gpu": cfg.num_gpus_per_actor > 0,
-                "torch_threads": cfg.torch_threads or max(1, int(cfg.cpus_per_actor))})
+                "torch_threads": cfg.torch_threads or max(1, int(actor_cpus)),
+                "decode_threads": cfg.decode_threads or max(1, int(actor_cpus))})
     reported: dict[int, dict[str, Any]] = {}
     received = 0
     with ray_failures_as_one_line(out, todo.num_rows, cfg.max_restarts, cfg.max_task_retries):
