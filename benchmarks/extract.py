@@ -111,9 +111,8 @@ def stand_in_pipeline(root: str, rates: list[float], images: int, batch_size: in
     R. Three rates: end to end (the run's own clock: actor start included), steady (from the
     first forward to the last features part written: the actor's start excluded) and the
     actor's start (from the call to the first forward)."""
-    from ray import cloudpickle
-
     import stand_in
+    from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(stand_in)  # the actor imports nothing from benchmarks/
     folder = f"{root}/stand-in-jpegs"

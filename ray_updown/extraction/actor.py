@@ -86,6 +86,16 @@ def numpy_batch(rows: pa.Table) -> dict[str, np.ndarray]:
     return batch
 
 
+def _ray_node_id() -> str:
+    """The Ray node this actor runs on; "" outside Ray (benchmarks/gpu_check.py runs the
+    actor on machines without Ray)."""
+    try:
+        import ray
+    except ImportError:
+        return ""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 class ForwardThread:
     """One thread that runs `run(item)` for every submitted item, in submission order.
 
@@ -119,8 +129,6 @@ class ShardWriter:
     def __init__(self, out: str, spec: ModelSpec, meta: StoreMeta, limits: DecodeLimits,
                  read_threads: int = 16, forward_batch_size: int = 4, forwards_per_call: int = 1,
                  torch_threads: int = 1, use_gpu: bool = False, decode_threads: int = 1):
-        import ray
-
         self.detector = DetectorActor(spec, meta, torch_threads=torch_threads, use_gpu=use_gpu,
                                       forward_batch_size=forward_batch_size)
         if not forward_batch_size:  # 0: chosen for the device the model landed on
@@ -134,7 +142,7 @@ class ShardWriter:
         self.decoders = ThreadPoolExecutor(max_workers=max(1, decode_threads),
                                            thread_name_prefix="decode")
         self.feed = threading.Lock()
-        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        self.node = _ray_node_id()
 
     def _load(self, rows: pa.Table) -> dict[str, np.ndarray]:
         batch = read_stage(numpy_batch(rows), threads=self.threads)

@@ -1,0 +1,273 @@
+"""Every GPU measurement of extraction in one command, one JSON: the script to run when a GPU is lent.
+
+    python benchmarks/gpu_check.py --out DIR [--checkpoint DETECTOR --images FOLDER]
+    python benchmarks/gpu_check.py --out DIR --dry      # CPU, tiny sizes (the test suite runs it)
+
+Sections, each timed and reported on its own (a failing one records its error, the rest run):
+
+- detector:      benchmarks/detector.py's figures (stages, images/s by batch and precision,
+                 FLOPs, fp16 against fp32 with random weights, the Triton scan against torch);
+- compile:       extract_regions with each torch.compile mode of the RoI head ("" off,
+                 "default", "reduce-overhead" = CUDA graphs) at batch 32, fp16, Triton scan:
+                 images/s after warm-up, the warm-up's seconds, and whether the regions equal
+                 the uncompiled model's;
+- actor:         the streaming actor (extraction/actor.py) with the real model and no Ray:
+                 ShardWriter over JPEGs of 480x640, `shards_in_flight` calls at once on
+                 threads, as Ray Data runs them;
+- ray:           run_extraction through Ray Data, 1 actor on 1 GPU and 2 actors on 0.5 GPU
+                 each, when Ray is importable (reported as skipped where it is not);
+- fidelity:      with --checkpoint and --images: fp16 against fp32 on a trained detector
+                 (share of images selecting the same regions, cosine of their features);
+- kernel_tests:  tests/test_select_kernel.py (the CUDA test and the interpreter test).
+
+Every number comes from this run on this machine; nothing is carried over or estimated.
+Writes DIR/gpu_check.json and prints it. Aims at <= 6 minutes on one H200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)  # detector.py, stand_in.py
+
+
+def _section(report: dict, name: str, run, *args) -> None:
+    started = time.time()
+    try:
+        report[name] = run(*args)
+    except Exception as exc:  # a check reports its failure instead of losing the others
+        report[name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+    report[name]["seconds"] = round(time.time() - started, 1)
+    print(f"gpu_check: {name} done in {report[name]['seconds']} s", file=sys.stderr)
+
+
+def detector_figures(dry: bool) -> dict:
+    import detector
+
+    argv = (["--skip-paper", "--demo-images", "8", "--demo-batches", "4"] if dry
+            else ["--paper-images", "64", "--paper-batches", "1", "32", "--demo-images", "64",
+                  "--demo-batches", "32"])
+    with contextlib.redirect_stdout(sys.stderr):  # this script prints one JSON document
+        return detector.main(argv)
+
+
+def _paper_model(dry: bool, device: str, half: bool, scan: str, compile_mode: str = ""):
+    import torch
+
+    from ray_updown.detector import BottomUpDetector, paper_config, world_config
+
+    torch.manual_seed(0)
+    model = BottomUpDetector(world_config(21, 11) if dry else paper_config())
+    with torch.no_grad():  # separated scores, as a trained model gives
+        model.roi_heads.predictor.cls_score.weight.normal_(0, 0.05)
+    return model.prepare_inference(device, half=half, greedy_scan=scan, compile_mode=compile_mode)
+
+
+def compile_options(dry: bool, device: str) -> dict:
+    """Each compile mode against the uncompiled model: speed, warm-up and equal regions."""
+    import numpy as np
+    import torch
+
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    batch, count = (4, 8) if dry else (32, 128)
+    h, w = (128, 170) if dry else (480, 640)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(count)]
+    modes = ["", "default"] + (["reduce-overhead"] if cuda else [])
+    out, reference = {"batch": batch, "images": count, "half": cuda}, None
+    for mode in modes:
+        model = _paper_model(dry, device, half=cuda, scan="triton" if cuda else "torch",
+                             compile_mode=mode)
+        started = time.perf_counter()
+        first = model.extract_regions(images[:batch])  # compiles (and records graphs)
+        sync()
+        warm_up = time.perf_counter() - started
+        model.extract_regions(images[batch: 2 * batch])  # a second shape settles
+        sync()
+        started = time.perf_counter()
+        for i in range(0, count, batch):
+            model.extract_regions(images[i: i + batch])
+        sync()
+        entry = {"images_per_s": round(count / (time.perf_counter() - started), 2),
+                 "warm_up_seconds": round(warm_up, 1)}
+        if reference is None:
+            reference = first
+        else:
+            same = [a["boxes"].shape == b["boxes"].shape and np.allclose(a["boxes"], b["boxes"], atol=0.5)
+                    for a, b in zip(reference, first)]
+            diffs = [float(np.abs(a["features"] - b["features"]).max())
+                     for a, b, s in zip(reference, first, same) if s and len(a["features"])]
+            entry.update(same_regions_share=round(sum(same) / len(same), 4),
+                         max_feature_abs_diff=round(max(diffs), 6) if diffs else None)
+        out[mode or "off"] = entry
+        del model
+    return out
+
+
+def _world(root: str, dry: bool) -> tuple[str, str, int, int]:
+    """JPEGs and a random-weight checkpoint: (images folder, checkpoint, min_side, max_side)."""
+    import stand_in
+
+    from ray_updown.detector import BottomUpDetector, paper_config, save_detector, world_config
+
+    count, (w, h) = (16, (170, 128)) if dry else (1536, (640, 480))
+    folder, ckpt = f"{root}/jpegs", f"{root}/detector"
+    if not os.path.isdir(folder):
+        stand_in.write_jpegs(folder, count, width=w, height=h)
+        save_detector(BottomUpDetector(world_config(21, 11) if dry else paper_config()), ckpt)
+    return folder, ckpt, (128, 213) if dry else (600, 1000)
+
+
+def actor_without_ray(root: str, dry: bool, device: str) -> dict:
+    """ShardWriter with the real model, `shards_in_flight` calls at once, no Ray."""
+    from ray_updown.extraction.actor import ShardWriter
+    from ray_updown.extraction.pipeline import ExtractConfig, run_extraction
+    from ray_updown.extraction.stages import build_model, describe_model
+    from ray_updown.features.schema import StoreMeta
+
+    folder, ckpt, (lo, hi) = _world(root, dry)
+    cuda = device == "cuda"
+    out = f"{root}/store-actor"
+    cfg = ExtractConfig(images=folder, out=out, checkpoint=ckpt, rows_per_shard=4 if dry else 128,
+                        num_gpus_per_actor=1.0 if cuda else 0.0, half=cuda, min_side=lo,
+                        max_side=hi, plan_only=True)
+    planned = run_extraction(cfg)
+    info = describe_model(build_model(dataclasses.replace(cfg.model_spec(), half=False), "cpu"))
+    meta = StoreMeta(feature_dim=info["feature_dim"], image_id_type="int64", detector=info["name"])
+    writer = ShardWriter(out, cfg.model_spec(), meta, cfg.limits(), forward_batch_size=cfg.batch_size,
+                         forwards_per_call=cfg.actor_forwards(), use_gpu=cuda,
+                         torch_threads=int(cfg.actor_cpus()), decode_threads=int(cfg.actor_cpus()))
+    rows, shards = cfg.rows_per_shard, planned["shards"]
+    total = planned["inputs"]
+    writer.write_shard(0, 0, min(rows, total))  # warm-up: cuDNN autotuning, first compiles
+    started = time.time()
+    with ThreadPoolExecutor(cfg.shards_in_flight) as calls:
+        done = list(calls.map(lambda s: writer.write_shard(s, s * rows, min(rows, total - s * rows)),
+                              range(1, shards)))
+    seconds = time.time() - started
+    images = sum(d["features"] + d["errors"] for d in done)
+    return {"images": images, "errors": sum(d["errors"] for d in done),
+            "batch_size": writer.detector.forward_batch_size, "half": cuda,
+            "greedy_scan": getattr(writer.detector.model, "greedy_scan", None),
+            "shards_in_flight": cfg.shards_in_flight, "warm_images_per_s": round(images / seconds, 2)}
+
+
+def through_ray(root: str, dry: bool, device: str) -> dict:
+    try:
+        import ray
+    except ImportError:
+        return {"skipped": "Ray is not importable here"}
+    from ray_updown.extraction.pipeline import ExtractConfig, run_extraction
+
+    folder, ckpt, (lo, hi) = _world(root, dry)
+    cuda = device == "cuda"
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(include_dashboard=False, log_to_driver=False)
+    out = {"ray": ray.__version__}
+    try:
+        for actors, gpus in ((1, 1.0), (2, 0.5)):
+            cfg = ExtractConfig(images=folder, out=f"{root}/store-ray-{actors}", checkpoint=ckpt,
+                                rows_per_shard=4 if dry else 128, num_actors=actors,
+                                num_gpus_per_actor=gpus if cuda else 0.0, half=cuda,
+                                cpus_per_actor=1 if dry else 4, min_side=lo, max_side=hi)
+            summary = run_extraction(cfg)
+            out[f"{actors}_actors_{gpus:g}_gpu_each"] = {
+                "images": summary["images_processed"], "errors": summary["errors"],
+                "end_to_end_images_per_s": summary["images_per_s"],
+                "driver_received_bytes": summary["driver_received_bytes"]}
+    finally:
+        if started_ray:
+            ray.shutdown()
+    return out
+
+
+def half_fidelity(checkpoint: str, images: str, device: str, limit: int = 180) -> dict:
+    """fp16 against fp32 of a trained detector on the given images."""
+    import numpy as np
+
+    from ray_updown import storage
+    from ray_updown.detector import load_detector
+    from ray_updown.extraction.images import DecodeLimits, decode_image
+    from ray_updown.extraction.inputs import list_images
+
+    if device != "cuda":
+        return {"skipped": "float16 needs CUDA"}
+    uris = [r.uri for r in list_images(images)][:limit]
+    pixels = [decode_image(storage.read_bytes(u), DecodeLimits(600, 1000)).pixels for u in uris]
+    runs = {}
+    for half in (False, True):
+        model = load_detector(checkpoint).prepare_inference("cuda", half=half)
+        runs[half] = [r for i in range(0, len(pixels), 16) for r in model.extract_regions(pixels[i:i + 16])]
+    same, cosines = 0, []
+    for a, b in zip(runs[False], runs[True]):
+        if a["boxes"].shape == b["boxes"].shape and np.allclose(a["boxes"], b["boxes"], atol=0.5):
+            same += 1
+            fa, fb = a["features"].astype(np.float64), b["features"].astype(np.float64)
+            norms = np.linalg.norm(fa, axis=1) * np.linalg.norm(fb, axis=1)
+            cosines.extend(((fa * fb).sum(axis=1) / np.maximum(norms, 1e-12)).tolist())
+    return {"images": len(pixels), "same_regions_share": round(same / max(1, len(pixels)), 4),
+            "cosine_min": round(min(cosines), 7) if cosines else None}
+
+
+def kernel_tests(dry: bool) -> dict:
+    if dry:  # the suite that runs --dry runs these tests itself
+        return {"skipped": "dry run: tests/test_select_kernel.py runs in the test suite"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_select_kernel.py"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return {"passed": done.returncode == 0, "output_tail": done.stdout[-1500:]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder for gpu_check.json")
+    parser.add_argument("--dry", action="store_true", help="CPU, tiny sizes: checks the script")
+    parser.add_argument("--checkpoint", default="", help="a trained detector for fp16 fidelity")
+    parser.add_argument("--images", default="", help="images for fp16 fidelity")
+    args = parser.parse_args(argv)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() and not args.dry else "cpu"
+    try:
+        import ray
+        ray_version = ray.__version__
+    except ImportError:
+        ray_version = None
+    report: dict = {"check": "gpu_check", "dry": args.dry, "device": device,
+                    "device_name": torch.cuda.get_device_name(0) if device == "cuda" else platform.machine(),
+                    "torch": torch.__version__, "ray_version": ray_version or "not installed",
+                    "date": time.strftime("%Y-%m-%d")}
+    started = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as root:
+        _section(report, "detector", detector_figures, args.dry)
+        _section(report, "compile", compile_options, args.dry, device)
+        _section(report, "actor", actor_without_ray, root, args.dry, device)
+        _section(report, "ray", through_ray, root, args.dry, device)
+        if args.checkpoint and args.images:
+            _section(report, "fidelity", half_fidelity, args.checkpoint, args.images, device)
+        else:
+            report["fidelity"] = {"skipped": "give --checkpoint and --images"}
+        _section(report, "kernel_tests", kernel_tests, args.dry)
+    report["seconds"] = round(time.time() - started, 1)
+    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
