@@ -134,8 +134,8 @@ def _world(root: str, dry: bool) -> tuple[str, str, int, int]:
 def actor_without_ray(root: str, dry: bool, device: str) -> dict:
     """ShardWriter with the real model, `shards_in_flight` calls at once, no Ray."""
     from ray_updown.extraction.actor import ShardWriter
+    from ray_updown.extraction.model import build_model, describe_model
     from ray_updown.extraction.pipeline import ExtractConfig, run_extraction
-    from ray_updown.extraction.stages import build_model, describe_model
     from ray_updown.features.schema import StoreMeta
 
     folder, ckpt, (lo, hi) = _world(root, dry)

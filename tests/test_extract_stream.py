@@ -19,8 +19,8 @@ import torch
 
 from ray_updown.detector import BottomUpDetector, tiny_config
 from ray_updown.extraction.actor import ForwardThread, ShardWriter
+from ray_updown.extraction.model import ModelSpec, _greedy_scan, default_batch_size
 from ray_updown.extraction.pipeline import ExtractConfig, run_extraction
-from ray_updown.extraction.stages import ModelSpec, _greedy_scan, default_batch_size
 from ray_updown.features.schema import StoreMeta
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,9 +15,10 @@ from ray_updown import storage
 from ray_updown.detector import BottomUpDetector, save_detector, tiny_config
 from ray_updown.errors import CheckpointError, ConfigError, DataError, StorageError
 from ray_updown.extraction.inputs import image_id_from_name, list_images, list_inputs, read_manifest
+from ray_updown.extraction.model import ModelSpec
 from ray_updown.extraction.pipeline import ExtractConfig, run_extraction
 from ray_updown.extraction.plan import PlanReader, load_plan, plan_table, save_plan, shard_ranges
-from ray_updown.extraction.stages import DetectorActor, ModelSpec, result_schema
+from ray_updown.extraction.stages import DetectorActor, result_schema
 from ray_updown.features.store import FeatureRecord, StoreMeta, feature_shard_uri, write_feature_shard
 
 

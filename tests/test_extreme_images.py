@@ -199,7 +199,8 @@ def test_extreme_images_through_the_pipeline(ray_cluster, tmp_path, detector, ca
 def test_a_detect_stage_reason_names_the_image_its_file_and_size():
     from test_extract_units import PoisonModel
 
-    from ray_updown.extraction.stages import DetectorActor, ModelSpec
+    from ray_updown.extraction.model import ModelSpec
+    from ray_updown.extraction.stages import DetectorActor
     from ray_updown.features.schema import StoreMeta
 
     actor = DetectorActor(ModelSpec(factory=PoisonModel), StoreMeta(feature_dim=3, image_id_type="int64",

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ray_updown.detector import BottomUpDetector, save_detector, tiny_config
-from ray_updown.extraction.stages import DetectorActor, ModelSpec, check_given_boxes
+from ray_updown.extraction.model import ModelSpec
+from ray_updown.extraction.stages import DetectorActor, check_given_boxes
 from ray_updown.features.store import StoreMeta
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

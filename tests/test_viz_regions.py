@@ -15,7 +15,7 @@ from ray_updown import storage
 from ray_updown.cli import main
 from ray_updown.detector import BottomUpDetector, GridFeatureExtractor, save_detector, tiny_config
 from ray_updown.errors import CheckpointError, ConfigError, DataError, StorageError
-from ray_updown.extraction.stages import describe_model
+from ray_updown.extraction.model import describe_model
 from ray_updown.features.schema import aligned_vocab
 from ray_updown.features.store import (
     FeatureRecord,

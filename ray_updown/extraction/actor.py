@@ -48,15 +48,9 @@ import pyarrow.compute as pc
 
 from ray_updown.errors import DataError, StorageError
 from ray_updown.extraction.images import DecodeLimits
+from ray_updown.extraction.model import ModelSpec, default_batch_size
 from ray_updown.extraction.plan import PlanReader
-from ray_updown.extraction.stages import (
-    Detected,
-    DetectorActor,
-    ModelSpec,
-    decode_stage,
-    default_batch_size,
-    read_stage,
-)
+from ray_updown.extraction.stages import Detected, DetectorActor, decode_stage, read_stage
 from ray_updown.features.schema import StoreMeta
 from ray_updown.features.writer import (
     error_shard_uri,

@@ -15,13 +15,15 @@ reads top to bottom in `run_extraction`:
 3. Skip shards that are complete (shards.complete_shards): both parts there, their footers
    readable, their rows adding up to the plan's; anything else is redone whole.
 4. Workers write the store. Ray Data: from_arrow(the shards to do: shard, first_row,
-   num_rows; one block each) -> map_batches(ShardWriter, ActorPoolStrategy(size=N), num_gpus
-   per actor, batch_size=1, max_restarts / max_task_retries so a killed actor or node is
-   replaced and its shard redone). Each actor reads its shard's rows from the saved plan,
-   reads, decodes and detects them in chunks (the next chunk loading while the current one is
-   in the model) and writes `errors/part-N.parquet`, then `features/part-N.parquet`, each
-   atomically (storage.atomic_write: temp + rename locally, a single upload on object stores).
-   It returns one row of counts (shards.COUNT_COLUMNS).
+   num_rows; one block each) -> map_batches(ShardWriter, ActorPoolStrategy(size=N,
+   shards_in_flight concurrent calls per actor), num_gpus per actor, batch_size=1,
+   max_restarts / max_task_retries so a killed actor or node is replaced and its shard
+   redone). Each actor streams (actor.py): a shard's rows come from the saved plan, its
+   images are read and decoded a chunk ahead of the model, one forward thread runs the model
+   for every shard in turn, and each shard's call builds its table and writes
+   `errors/part-N.parquet`, then `features/part-N.parquet`, each atomically
+   (storage.atomic_write: temp + rename locally, a single upload on object stores) while the
+   next shard is in the model. Each call returns one row of counts (actor.COUNT_COLUMNS).
 
    Why whole shards in one actor call, not a streaming read -> decode -> detect pipeline
    with the driver (or a datasink) writing: a shard's files must hold all its rows, and
@@ -30,8 +32,9 @@ reads top to bottom in `run_extraction`:
    shuffle. In the actor, nothing per image leaves it: the driver receives ~100 bytes per
    shard, the object store carries the shard ranges in and the counts out, and decoded
    pixels (~1.8 MB per paper-scale image) stay in the process that uses them. The cost: a
-   killed actor redoes its whole shard (rows_per_shard bounds it), and each actor decodes its
-   own images (on a thread beside the model; raise cpus_per_actor if decoding falls behind).
+   killed actor redoes the shards it held (rows_per_shard x shards_in_flight bounds it), and
+   each actor decodes its own images (on its own CPUs, beside the model: 4 per GPU actor by
+   default; raise cpus_per_actor if decoding falls behind).
 
    Exactly once: a shard is written whole, by one call, under names the plan fixes. A retried
    task, a restarted actor, a replaced node or a re-run after a killed driver writes the same
@@ -71,9 +74,9 @@ from ray_updown.extraction.actor import ShardWriter
 from ray_updown.extraction.failures import ray_failures_as_one_line
 from ray_updown.extraction.images import DecodeLimits
 from ray_updown.extraction.inputs import IMAGE_SUFFIXES, InputListing, list_inputs, read_manifest
+from ray_updown.extraction.model import ModelSpec, build_model, describe_model
 from ray_updown.extraction.plan import join_boxes_from, make_plan, save_plan
 from ray_updown.extraction.shards import complete_shards, count_rows, shard_files
-from ray_updown.extraction.stages import ModelSpec, build_model, describe_model
 from ray_updown.features.schema import FEATURES_DIR, StoreMeta
 
 SUMMARY_FILE = "extract_summary.json"

@@ -18,13 +18,13 @@ import dataclasses
 import posixpath
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from ray_updown import storage
-from ray_updown.errors import CheckpointError, ConfigError, RayUpdownError
+from ray_updown.errors import RayUpdownError
 from ray_updown.extraction.images import (
     DecodedImage,
     DecodeLimits,
@@ -32,20 +32,16 @@ from ray_updown.extraction.images import (
     boxes_to_original,
     decode_image,
 )
-from ray_updown.features.schema import StoreMeta, aligned_vocab, feature_schema
+from ray_updown.extraction.model import ModelSpec, build_model, one_line
+from ray_updown.features.schema import StoreMeta, feature_schema
 from ray_updown.features.writer import FeatureRecord, records_to_table
 
 _EMPTY_PIXELS = np.zeros((0, 0, 3), dtype=np.uint8)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}" if not isinstance(exc, RayUpdownError) else str(exc)
-    return " ".join(text.split())[:500]
-
-
 def _problem(exc: BaseException) -> str:
     """The problem alone: a package error's `record` inside a model call is a batch position."""
-    return " ".join(exc.problem.split())[:500] if isinstance(exc, RayUpdownError) else _one_line(exc)
+    return " ".join(exc.problem.split())[:500] if isinstance(exc, RayUpdownError) else one_line(exc)
 
 
 def _strings(values: Any) -> list[str]:
@@ -64,7 +60,7 @@ def read_stage(batch: dict[str, np.ndarray], threads: int = 16) -> dict[str, np.
         try:
             return storage.read_bytes(uris[i])
         except Exception as exc:  # missing object, permissions, network: this image only
-            stages[i], reasons[i] = "read", _one_line(exc)
+            stages[i], reasons[i] = "read", one_line(exc)
             return b""
 
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(uris)))) as pool:
@@ -93,7 +89,7 @@ def decode_stage(batch: dict[str, np.ndarray], limits: DecodeLimits,
         except ImageDecodeError as exc:
             stages[i], reasons[i] = "decode", exc.problem
         except Exception as exc:  # a decoder bug must not take the batch with it
-            stages[i], reasons[i] = "decode", _one_line(exc)
+            stages[i], reasons[i] = "decode", one_line(exc)
         return None
 
     images = list(pool.map(decode, range(n)) if pool is not None else map(decode, range(n)))
@@ -106,117 +102,6 @@ def decode_stage(batch: dict[str, np.ndarray], limits: DecodeLimits,
     out["pixels_h"] = np.array([p.shape[0] for p in pixels], np.int32)
     out["stage"], out["reason"] = np.array(stages, dtype=object), np.array(reasons, dtype=object)
     return out
-
-
-# -- the model -----------------------------------------------------------------------------
-@dataclass
-class ModelSpec:
-    """A picklable recipe for the model each actor builds.
-
-    kind "detector": `load_detector(checkpoint)`; kind "grid": the ResNet grid baseline
-    (paper 4.2) over that detector's trunk with `grid_size` x `grid_size` cells. `factory`
-    (a picklable callable returning any object with `extract_regions`, `name` and
-    `feature_dim`) replaces both, e.g. for other models or tests. min/max_boxes of 0 keep the
-    checkpoint's region-count clamp.
-    """
-
-    kind: str = "detector"
-    checkpoint: str = ""
-    grid_size: int = 7
-    min_boxes: int = 0
-    max_boxes: int = 0
-    half: bool = False
-    factory: Callable[[], Any] | None = None
-    greedy_scan: str = "auto"  # "auto": Triton on CUDA where installed, else torch
-    compile_mode: str = ""  # torch.compile of the RoI head; "" off
-
-
-def build_model(spec: ModelSpec, device: str = "cpu") -> Any:
-    """Build the model of `spec` on `device`; CheckpointError/ConfigError for bad checkpoints."""
-    if spec.factory is not None:
-        model = spec.factory()
-        if hasattr(model, "prepare_inference"):
-            model.prepare_inference(device, spec.half)
-        return model
-    if spec.kind not in ("detector", "grid"):
-        raise ConfigError(f"model must be 'detector' or 'grid', got {spec.kind!r}", record="model")
-    if not spec.checkpoint:
-        raise ConfigError("a detector checkpoint URI is needed (checkpoint=...)", record="checkpoint")
-    from ray_updown.detector import GridFeatureExtractor, load_detector
-
-    try:
-        detector = load_detector(spec.checkpoint, device="cpu")
-    except RayUpdownError as exc:
-        if isinstance(exc, CheckpointError):
-            raise
-        raise CheckpointError(exc.problem, file=exc.file or spec.checkpoint, record=exc.record) from None
-    except Exception as exc:
-        raise CheckpointError(f"cannot load ({_one_line(exc)})", file=spec.checkpoint) from None
-    if spec.min_boxes or spec.max_boxes:
-        cfg = detector.config
-        lo, hi = spec.min_boxes or cfg.min_boxes, spec.max_boxes or cfg.max_boxes
-        detector.config = dataclasses.replace(cfg, min_boxes=min(lo, hi), max_boxes=hi)
-    detector.prepare_inference(device, spec.half, greedy_scan=_greedy_scan(spec.greedy_scan, device),
-                               compile_mode=spec.compile_mode)
-    if spec.kind == "grid":
-        return GridFeatureExtractor(detector, spec.grid_size)
-    return detector
-
-
-def _greedy_scan(choice: str, device: str) -> str:
-    """"auto": the fused Triton kernel on CUDA (checked equal to the torch loop there, and
-    faster: 100.5 against 91.4 images/s, H200, 2026-12-04), where Triton is installed."""
-    if choice != "auto":
-        return choice
-    if not str(device).startswith("cuda"):
-        return "torch"
-    from ray_updown.detector.select_kernel import triton
-
-    return "triton" if triton is not None else "torch"
-
-
-GPU_BATCH = 32  # images per forward on a GPU: measured on an H200 (91.4 images/s float16)
-GPU_BYTES_PER_IMAGE = {True: 1.4e9, False: 2.8e9}  # half: 44.8 GB peak at batch 32 (H200)
-
-
-def default_batch_size(model: Any) -> int:
-    """Images per forward when the config leaves it 0: 32 on a GPU, fewer where 70% of the
-    device's memory holds fewer (at the H200's measured peak per image); 4 on the CPU."""
-    device = getattr(model, "device", None)
-    if getattr(device, "type", "cpu") != "cuda":
-        return 4
-    import torch
-
-    half = getattr(model, "dtype", None) == torch.float16
-    total = torch.cuda.get_device_properties(device).total_memory
-    return max(1, min(GPU_BATCH, int(0.7 * total / GPU_BYTES_PER_IMAGE[half])))
-
-
-def describe_model(model: Any, source: str | None = None) -> dict[str, Any]:
-    """name, feature_dim, config (dict), checkpoint_hash and the object / attribute
-    vocabularies (entry i names id i, see schema.aligned_vocab) of any model behind the
-    interface. `source` (the checkpoint) names the file in the error about a vocabulary whose
-    length does not fit the detector's class count."""
-    inner = getattr(model, "detector", None)  # the grid baseline wraps a detector
-    config = getattr(model, "config", None) or getattr(inner, "config", None)
-    config = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
-    vocabs: dict[str, list[str]] = {"object_vocab": [], "attribute_vocab": []}
-    if inner is not None and hasattr(model, "grid_size"):
-        # Grid cells are not detections: their object/attribute ids name nothing.
-        config = {"grid_size": int(model.grid_size), "detector": config}
-    else:
-        for key, size_key, zero in (("object_vocab", "num_classes", "__background__"),
-                                    ("attribute_vocab", "num_attributes", "__no_attribute__")):
-            size = config.get(size_key)
-            try:
-                vocabs[key] = aligned_vocab(getattr(model, key, None),
-                                            int(size) if size is not None else None, zero)
-            except ValueError as exc:
-                raise CheckpointError(f"{key}: {exc}", file=source or None) from None
-    return {"name": str(model.name), "feature_dim": int(model.feature_dim), "config": config,
-            "checkpoint_hash": str(getattr(model, "checkpoint_hash", None)
-                                   or getattr(inner, "checkpoint_hash", None) or ""),
-            **vocabs}
 
 
 # -- detect --------------------------------------------------------------------------------
@@ -420,7 +305,7 @@ class DetectorActor:
                 if i in given:  # stored exactly as given, not through the decode-scale round trip
                     records[i] = dataclasses.replace(records[i], boxes=given[i])
             except Exception as exc:
-                problem = result if isinstance(result, str) else _one_line(exc)
+                problem = result if isinstance(result, str) else one_line(exc)
                 stages[i], reasons[i] = "detect", self._reason(
                     ids[i], uris[i], int(batch["image_w"][i]), int(batch["image_h"][i]), problem)
         ok = [i for i in range(n) if i in records]
