@@ -101,22 +101,30 @@ def _flops_per_image(model, image) -> float:
     return float(counter.get_total_flops())
 
 
-def _fidelity(case: dict, images) -> dict:
-    """fp16 against fp32 on the same images."""
+def compare_regions(reference: list[dict], other: list[dict]) -> dict:
+    """Two runs' extract_regions outputs on the same images: the share of images selecting
+    the same regions (boxes within 0.5 px), and over those the per-region cosine of the
+    features (min, mean) and the largest absolute feature difference."""
     import numpy as np
 
-    full = _model(case, half=False).extract_regions(images)
-    half = _model(case, half=True).extract_regions(images)
-    same, cosines = 0, []
-    for a, b in zip(full, half):
+    same, cosines, diffs = 0, [], []
+    for a, b in zip(reference, other):
         if a["boxes"].shape == b["boxes"].shape and np.allclose(a["boxes"], b["boxes"], atol=0.5):
             same += 1
             fa, fb = a["features"].astype(np.float64), b["features"].astype(np.float64)
             norms = np.linalg.norm(fa, axis=1) * np.linalg.norm(fb, axis=1)
             cosines.extend(((fa * fb).sum(axis=1) / np.maximum(norms, 1e-12)).tolist())
-    return {"images": len(images), "same_regions_share": round(same / len(images), 4),
+            diffs.append(float(np.abs(fa - fb).max()) if fa.size else 0.0)
+    return {"images": len(reference), "same_regions_share": round(same / max(1, len(reference)), 4),
             "cosine_min": round(min(cosines), 7) if cosines else None,
-            "cosine_mean": round(float(np.mean(cosines)), 7) if cosines else None}
+            "cosine_mean": round(float(np.mean(cosines)), 7) if cosines else None,
+            "max_feature_abs_diff": round(max(diffs), 6) if diffs else None}
+
+
+def _fidelity(case: dict, images) -> dict:
+    """fp16 against fp32 on the same images."""
+    return compare_regions(_model(case, half=False).extract_regions(images),
+                           _model(case, half=True).extract_regions(images))
 
 
 def _scan_check(case: dict, images) -> dict:

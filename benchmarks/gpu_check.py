@@ -38,6 +38,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+SECTIONS = ("detector", "compile", "actor", "ray", "fidelity", "kernel_tests")
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)  # detector.py, stand_in.py
@@ -79,6 +80,7 @@ def compile_options(dry: bool, device: str) -> dict:
     """Each compile mode against the uncompiled model: speed, warm-up and equal regions."""
     import numpy as np
     import torch
+    from detector import compare_regions
 
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -106,12 +108,7 @@ def compile_options(dry: bool, device: str) -> dict:
         if reference is None:
             reference = first
         else:
-            same = [a["boxes"].shape == b["boxes"].shape and np.allclose(a["boxes"], b["boxes"], atol=0.5)
-                    for a, b in zip(reference, first)]
-            diffs = [float(np.abs(a["features"] - b["features"]).max())
-                     for a, b, s in zip(reference, first, same) if s and len(a["features"])]
-            entry.update(same_regions_share=round(sum(same) / len(same), 4),
-                         max_feature_abs_diff=round(max(diffs), 6) if diffs else None)
+            entry.update(compare_regions(reference, first))
         out[mode or "off"] = entry
         del model
     return out
@@ -197,7 +194,7 @@ def through_ray(root: str, dry: bool, device: str) -> dict:
 
 def half_fidelity(checkpoint: str, images: str, device: str, limit: int = 180) -> dict:
     """fp16 against fp32 of a trained detector on the given images."""
-    import numpy as np
+    from detector import compare_regions
 
     from ray_updown import storage
     from ray_updown.detector import load_detector
@@ -212,15 +209,7 @@ def half_fidelity(checkpoint: str, images: str, device: str, limit: int = 180) -
     for half in (False, True):
         model = load_detector(checkpoint).prepare_inference("cuda", half=half)
         runs[half] = [r for i in range(0, len(pixels), 16) for r in model.extract_regions(pixels[i:i + 16])]
-    same, cosines = 0, []
-    for a, b in zip(runs[False], runs[True]):
-        if a["boxes"].shape == b["boxes"].shape and np.allclose(a["boxes"], b["boxes"], atol=0.5):
-            same += 1
-            fa, fb = a["features"].astype(np.float64), b["features"].astype(np.float64)
-            norms = np.linalg.norm(fa, axis=1) * np.linalg.norm(fb, axis=1)
-            cosines.extend(((fa * fb).sum(axis=1) / np.maximum(norms, 1e-12)).tolist())
-    return {"images": len(pixels), "same_regions_share": round(same / max(1, len(pixels)), 4),
-            "cosine_min": round(min(cosines), 7) if cosines else None}
+    return compare_regions(runs[False], runs[True])
 
 
 def kernel_tests(dry: bool) -> dict:
@@ -237,6 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dry", action="store_true", help="CPU, tiny sizes: checks the script")
     parser.add_argument("--checkpoint", default="", help="a trained detector for fp16 fidelity")
     parser.add_argument("--images", default="", help="images for fp16 fidelity")
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),
+                        help="run only these (a re-run after a time-out)")
     args = parser.parse_args(argv)
     import torch
 
@@ -253,15 +244,19 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     os.makedirs(args.out, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as root:
-        _section(report, "detector", detector_figures, args.dry)
-        _section(report, "compile", compile_options, args.dry, device)
-        _section(report, "actor", actor_without_ray, root, args.dry, device)
-        _section(report, "ray", through_ray, root, args.dry, device)
-        if args.checkpoint and args.images:
-            _section(report, "fidelity", half_fidelity, args.checkpoint, args.images, device)
-        else:
-            report["fidelity"] = {"skipped": "give --checkpoint and --images"}
-        _section(report, "kernel_tests", kernel_tests, args.dry)
+        runs = {"detector": (detector_figures, args.dry),
+                "compile": (compile_options, args.dry, device),
+                "actor": (actor_without_ray, root, args.dry, device),
+                "ray": (through_ray, root, args.dry, device),
+                "fidelity": (half_fidelity, args.checkpoint, args.images, device),
+                "kernel_tests": (kernel_tests, args.dry)}
+        for name in SECTIONS:
+            if name not in args.sections:
+                report[name] = {"skipped": "not asked for (--sections)"}
+            elif name == "fidelity" and not (args.checkpoint and args.images):
+                report[name] = {"skipped": "give --checkpoint and --images"}
+            else:
+                _section(report, name, *runs[name])
     report["seconds"] = round(time.time() - started, 1)
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(report, f, indent=1)
