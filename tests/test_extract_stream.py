@@ -107,6 +107,23 @@ def test_gpu_defaults_and_cpu_defaults():
     assert default_batch_size(model) == 4 and default_batch_size(object()) == 4
 
 
+def test_the_gpu_batch_fills_the_device_memory_up_to_32(monkeypatch):
+    class OnGpu:  # what default_batch_size reads of a model on CUDA
+        def __init__(self, dtype):
+            self.device, self.dtype = torch.device("cuda", 0), dtype
+
+    class Properties:
+        total_memory = 0
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Properties)
+    sizes = {}
+    for gigabytes in (24, 80, 141):
+        Properties.total_memory = gigabytes * 10**9
+        sizes[gigabytes] = (default_batch_size(OnGpu(torch.float16)),
+                            default_batch_size(OnGpu(torch.float32)))
+    assert sizes == {24: (12, 6), 80: (32, 20), 141: (32, 32)}
+
+
 def test_padding_the_roi_head_for_a_compiled_res5_changes_no_output():
     torch.manual_seed(0)
     model = BottomUpDetector(tiny_config()).prepare_inference("cpu")
