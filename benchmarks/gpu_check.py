@@ -146,7 +146,8 @@ def actor_without_ray(root: str, dry: bool, device: str) -> dict:
     meta = StoreMeta(feature_dim=info["feature_dim"], image_id_type="int64", detector=info["name"])
     writer = ShardWriter(out, cfg.model_spec(), meta, cfg.limits(), forward_batch_size=cfg.batch_size,
                          forwards_per_call=cfg.actor_forwards(), use_gpu=cuda,
-                         torch_threads=int(cfg.actor_cpus()), decode_threads=int(cfg.actor_cpus()))
+                         torch_threads=int(cfg.actor_cpus()), decode_threads=int(cfg.actor_cpus()),
+                         shards_in_flight=cfg.shards_in_flight)
     rows, shards = cfg.rows_per_shard, planned["shards"]
     total = planned["inputs"]
     writer.write_shard(0, 0, min(rows, total))  # warm-up: cuDNN autotuning, first compiles

@@ -122,7 +122,8 @@ class ShardWriter:
 
     def __init__(self, out: str, spec: ModelSpec, meta: StoreMeta, limits: DecodeLimits,
                  read_threads: int = 16, forward_batch_size: int = 4, forwards_per_call: int = 1,
-                 torch_threads: int = 1, use_gpu: bool = False, decode_threads: int = 1):
+                 torch_threads: int = 1, use_gpu: bool = False, decode_threads: int = 1,
+                 shards_in_flight: int = 3):
         self.detector = DetectorActor(spec, meta, torch_threads=torch_threads, use_gpu=use_gpu,
                                       forward_batch_size=forward_batch_size)
         if not forward_batch_size:  # 0: chosen for the device the model landed on
@@ -131,8 +132,10 @@ class ShardWriter:
         self.chunk = max(1, self.detector.forward_batch_size * forwards_per_call)
         self.plan, self.plan_lock = PlanReader(out), threading.Lock()  # one reader for all calls
         self.forward = ForwardThread(self._detect)
-        # Chunk loads run one per waiting shard and one ahead in the feeding shard.
-        self.loader = ThreadPoolExecutor(max_workers=4, thread_name_prefix="shard-load")
+        # Chunk loads: one per waiting shard and one ahead in the feeding shard, never queued
+        # behind each other (the feeding shard's next chunk must not wait).
+        self.loader = ThreadPoolExecutor(max_workers=max(1, shards_in_flight) + 1,
+                                         thread_name_prefix="shard-load")
         self.decoders = ThreadPoolExecutor(max_workers=max(1, decode_threads),
                                            thread_name_prefix="decode")
         self.feed = threading.Lock()

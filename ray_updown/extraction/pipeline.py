@@ -276,7 +276,8 @@ def _run_shards(cfg: ExtractConfig, spec: ModelSpec, meta: StoreMeta, out: str,
                 "read_threads": cfg.read_threads, "forward_batch_size": cfg.batch_size,
                 "forwards_per_call": cfg.actor_forwards(), "use_gpu": cfg.num_gpus_per_actor > 0,
                 "torch_threads": cfg.torch_threads or max(1, int(actor_cpus)),
-                "decode_threads": cfg.decode_threads or max(1, int(actor_cpus))})
+                "decode_threads": cfg.decode_threads or max(1, int(actor_cpus)),
+                "shards_in_flight": cfg.shards_in_flight})
     reported: dict[int, dict[str, Any]] = {}
     received = 0
     with ray_failures_as_one_line(out, todo.num_rows, cfg.max_restarts, cfg.max_task_retries):
