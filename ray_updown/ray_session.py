@@ -28,6 +28,8 @@ import sys
 import time
 from typing import Iterator
 
+from ray_updown.errors import ConfigError
+
 _FORWARDED = ("AWS_ENDPOINT_URL", "RAY_UPDOWN_S3_ENDPOINT", "WANDB_MODE", "WANDB_PROJECT",
               "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
 WORKER_LOGS_ENV = "RAY_UPDOWN_WORKER_LOGS"
@@ -50,7 +52,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     dispatcher = None if all_worker_output else _worker_output_dispatcher()
     kwargs["log_to_driver"] = all_worker_output or dispatcher is not None
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
+        _join_cluster(os.environ["RAY_ADDRESS"], kwargs)
     else:
         # With the dashboard (when ray[default] is installed): progress at 127.0.0.1:8265, and
         # Ray Train's placement-group cleaner needs its State API (without it, it warns every
@@ -61,6 +63,34 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if dispatcher is not None:
         dispatcher.remove_handler("ray_print_logs")
         dispatcher.add_handler("ray_updown_progress", _print_progress_lines)
+
+
+def _join_cluster(address: str, kwargs: dict) -> None:
+    """ray.init to a running cluster; a refused token is one line saying what to set (the
+    token itself is never shown)."""
+    import ray
+
+    try:
+        ray.init(address=address, **kwargs)
+    except Exception as exc:
+        if not _refused_token(exc):
+            raise
+        raise ConfigError("the Ray cluster refused this client (token authentication): set "
+                          "RAY_AUTH_MODE=token and give the cluster's token as a file, "
+                          "RAY_AUTH_TOKEN_PATH=<file> or ~/.ray/auth_token", file=address) from None
+
+
+def _refused_token(exc: BaseException) -> bool:
+    """Whether a failed ray.init was the cluster refusing the token. Ray raises
+    ConnectionError from a RuntimeError whose text holds the AuthenticationError's traceback."""
+    from ray.exceptions import AuthenticationError
+
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, AuthenticationError) or "InvalidAuthToken" in str(cause):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def progress_line(text: str) -> None:

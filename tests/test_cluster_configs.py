@@ -132,6 +132,17 @@ RAY_UP_MUTATIONS = {
     "missing local mount": (lambda c: c["file_mounts"].update({"/data": "no/such/dir"}),
                             "does not exist"),
     "project never installed": (lambda c: c.update(setup_commands=["echo hello"]), "pip-installs"),
+    "no token auth on the head": (lambda c: c.update(head_start_ray_commands=[
+        "ray stop", "ray start --head --autoscaling-config=~/ray_bootstrap_config.yaml"]),
+        "head_start_ray_commands: ray start without RAY_AUTH_MODE=token"),
+    "no token auth on the workers": (lambda c: c.update(worker_start_ray_commands=[
+        "ray start --address=$RAY_HEAD_IP:6379"]),
+        "worker_start_ray_commands: ray start without RAY_AUTH_MODE=token"),
+    "token file not mounted": (lambda c: c["file_mounts"].pop("/home/ray/.ray-updown/auth_token"),
+                               "is not a file_mounts target"),
+    "workers read another token": (lambda c: c.update(worker_start_ray_commands=[
+        "export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=/tmp/other; ray start --address=$RAY_HEAD_IP:6379"])
+        or c["file_mounts"].update({"/tmp/other": "~/other"}), "one token for all"),
 }
 
 
@@ -199,7 +210,25 @@ CLUSTER_MUTATIONS = {
                                "upscalingMode"),
     "no GPU group": (lambda d: d["spec"].update(workerGroupSpecs=[
         g for g in d["spec"]["workerGroupSpecs"] if g["groupName"] != "gpu"]), "no GPU worker group"),
+    "no token auth": (lambda d: d["spec"].pop("authOptions"), "no token authentication"),
+    "auth mode not token": (lambda d: d["spec"].update(authOptions={"mode": "none"}), "mode must be token"),
+    "token auth on the head only": (lambda d: (d["spec"].pop("authOptions"), _container(_head(d))
+                                               .setdefault("env", []).extend(_MANUAL_AUTH)),
+                                    "on some node types and not others"),
+    "token from no Secret": (lambda d: (d["spec"].pop("authOptions"), [
+        _container(g).update(env=[{"name": "RAY_AUTH_MODE", "value": "token"}])
+        for g in [_head(d), *d["spec"]["workerGroupSpecs"]]]), "no RAY_AUTH_TOKEN from a Secret"),
 }
+_MANUAL_AUTH = [{"name": "RAY_AUTH_MODE", "value": "token"},
+                {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": "auth_token"}}}]
+
+
+def test_the_manual_secret_variant_on_every_group_passes():
+    doc = copy.deepcopy(_yaml("cluster/kuberay/raycluster.yaml"))
+    doc["spec"].pop("authOptions")
+    for group in [_head(doc), *doc["spec"]["workerGroupSpecs"]]:
+        _container(group).setdefault("env", []).extend(copy.deepcopy(_MANUAL_AUTH))
+    assert checks.check_raycluster(doc, "raycluster.yaml", TARGET) == []
 
 
 @pytest.mark.parametrize("name", sorted(CLUSTER_MUTATIONS))
@@ -236,6 +265,8 @@ JOB_MUTATIONS = {
     "no cluster": (lambda d: d["spec"].pop("rayClusterSpec"), "rayClusterSpec or clusterSelector"),
     "embedded cluster broken": (lambda d: _gpu_group(d).update(minReplicas=2, replicas=1),
                                 "minReplicas <= replicas <= maxReplicas"),
+    "job cluster without token auth": (lambda d: d["spec"]["rayClusterSpec"].pop("authOptions"),
+                                       "no token authentication"),
 }
 
 
@@ -326,6 +357,8 @@ def test_dockerfile_ray_must_be_inside_pyproject_range():
     "env_vars:\n  WANDB_API_KEY: 0123456789abcdef\n",
     "ENV AWS_SECRET_ACCESS_KEY=abc/def\n",
     "env:\n  - name: AWS_SESSION_TOKEN\n    value: xyz\n",
+    "env:\n  - name: RAY_AUTH_TOKEN\n    value: 3f9a0c\n",
+    "head_start_ray_commands:\n  - RAY_AUTH_TOKEN=3f9a0c ray start --head\n",
 ])
 def test_credentials_are_reported(text):
     problems = checks.check_secrets(text, "f.yaml")
@@ -334,7 +367,9 @@ def test_credentials_are_reported(text):
 
 def test_credentials_by_reference_are_fine():
     text = ("env:\n  - name: WANDB_API_KEY\n    valueFrom:\n      secretKeyRef: {name: wandb, key: key}\n"
-            "# set WANDB_API_KEY in the cluster's environment, never here\n")
+            "# set WANDB_API_KEY in the cluster's environment, never here\n"
+            "  - name: RAY_AUTH_TOKEN\n    valueFrom: {secretKeyRef: {name: r, key: auth_token}}\n"
+            "  - export RAY_AUTH_TOKEN=$(cat /run/secrets/ray); RAY_AUTH_TOKEN_PATH=/t ray start\n")
     assert checks.check_secrets(text, "f.yaml") == []
 
 

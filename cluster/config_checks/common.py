@@ -22,6 +22,10 @@ SECRET_PATTERNS = (
                 r"\b\s*[:=]\s*['\"]?[^\s'\"]"), "a secret assigned in the file"),
     (re.compile(r"(?i)name:\s*['\"]?(AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN|WANDB_API_KEY|HF_TOKEN)"
                 r"['\"]?\s*\n\s*value:"), "a secret as a literal env value (use valueFrom)"),
+    (re.compile(r"name:\s*['\"]?RAY_AUTH_TOKEN['\"]?\s*\n\s*value:"),
+     "a literal Ray auth token (use valueFrom.secretKeyRef, or authOptions)"),
+    (re.compile(r"\bRAY_AUTH_TOKEN\s*[:=]\s*['\"]?(?![$'\"\s])\S"),
+     "a literal Ray auth token (mount its file: RAY_AUTH_TOKEN_PATH)"),
 )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from .auth import check_kuberay_auth
 from .common import REPO_ROOT, Problem, RayTarget, Report, check_image, is_gpu_image, is_int
 from .project import check_runtime_env, project_dir_in_image
 
@@ -85,6 +86,7 @@ def check_raycluster_spec(rep: Report, where: str, spec: Any, target: RayTarget)
         rep.add(where, "must be a mapping")
         return
     _unknown(rep, where, spec, RAYCLUSTER_SPEC_FIELDS)
+    check_kuberay_auth(rep, where, spec)
     version = spec.get("rayVersion")
     if version is not None and ".".join(str(version).split(".")[:2]) != target.family:
         rep.add(f"{where}.rayVersion", f"{version!r} is not the installed Ray's family {target.family}")

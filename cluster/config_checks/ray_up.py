@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .auth import check_ray_up_auth
 from .common import REPO_ROOT, Problem, RayTarget, Report, check_image, is_gpu_image, is_int
 
 # EC2 families with NVIDIA GPUs (the accelerated-computing G and P families).
@@ -47,6 +48,7 @@ def check_ray_up(config: Any, file: str, target: RayTarget, repo_root: Path = RE
             if zone.strip() and region and not zone.strip().startswith(region):
                 rep.add("provider.availability_zone", f"{zone.strip()} is not in region {region}")
     _check_commands(rep, config, repo_root)
+    check_ray_up_auth(rep, config)
     return rep.problems
 
 
@@ -125,6 +127,8 @@ def _check_commands(rep: Report, config: dict, repo_root: Path) -> None:
         rep.add("worker_start_ray_commands", "must run `ray start --address=$RAY_HEAD_IP:<port>`")
     mounts = config.get("file_mounts") or {}
     for remote, local in mounts.items():
+        if str(local).startswith("~"):
+            continue  # a file on the user's machine (the auth token), checked by `ray up`
         if not (repo_root / str(local)).exists():
             rep.add(f"file_mounts.{remote}", f"local path {local!r} does not exist under {repo_root}")
     project = [remote for remote, local in mounts.items()

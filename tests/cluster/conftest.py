@@ -1,4 +1,4 @@
-"""Multi-node clusters on this machine, one per test (run this folder in its own pytest
+"""Multi-node clusters on this machine, one per test, all with token authentication (run this folder in its own pytest
 process, after the main suite: `make cluster-tests`).
 
 Every test starts its own `ray.cluster_utils.Cluster` (separate raylets, all bound to
@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import time
+import uuid
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -24,6 +25,13 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 # Loopback addresses for every process of these clusters, including the nodes that the
 # autoscaler's monitor process starts (on Linux Ray would pick the machine's address).
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# Token authentication on every cluster here (Ray 2.61 turns it on for every cluster): every
+# node and driver of this process's clusters shares this session's own token, never the one
+# in ~/.ray. Nothing in these tests depends on auth being off.
+# Drivers that the tests start import this file again: they keep the session's token.
+os.environ.setdefault("RAY_UPDOWN_TEST_AUTH_TOKEN", uuid.uuid4().hex)
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = os.environ["RAY_UPDOWN_TEST_AUTH_TOKEN"]
 
 import pytest  # noqa: E402
 import yaml  # noqa: E402
