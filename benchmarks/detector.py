@@ -58,7 +58,7 @@ class StageClock:
         self.seconds[stage] += time.perf_counter() - start
 
 
-def _model(case: dict, half: bool, greedy_scan: str = "torch"):
+def _model(case: dict, half: bool, greedy_scan: str = "torch", compile_mode: str = ""):
     import torch
 
     from ray_updown.detector import BottomUpDetector, paper_config, world_config
@@ -69,6 +69,9 @@ def _model(case: dict, half: bool, greedy_scan: str = "torch"):
     model = BottomUpDetector(config)
     with torch.no_grad():  # separated scores, as a trained model gives (random heads are flat)
         model.roi_heads.predictor.cls_score.weight.normal_(0, 0.05)
+    if compile_mode:  # (benchmarks/gpu_check.py)
+        return model.prepare_inference(case["device"], half=half, greedy_scan=greedy_scan,
+                                       compile_mode=compile_mode)
     if greedy_scan != "torch":
         return model.prepare_inference(case["device"], half=half, greedy_scan=greedy_scan)
     return model.prepare_inference(case["device"], half=half)  # also what older versions take

@@ -64,23 +64,11 @@ def detector_figures(dry: bool) -> dict:
         return detector.main(argv)
 
 
-def _paper_model(dry: bool, device: str, half: bool, scan: str, compile_mode: str = ""):
-    import torch
-
-    from ray_updown.detector import BottomUpDetector, paper_config, world_config
-
-    torch.manual_seed(0)
-    model = BottomUpDetector(world_config(21, 11) if dry else paper_config())
-    with torch.no_grad():  # separated scores, as a trained model gives
-        model.roi_heads.predictor.cls_score.weight.normal_(0, 0.05)
-    return model.prepare_inference(device, half=half, greedy_scan=scan, compile_mode=compile_mode)
-
-
 def compile_options(dry: bool, device: str) -> dict:
     """Each compile mode against the uncompiled model: speed, warm-up and equal regions."""
     import numpy as np
     import torch
-    from detector import compare_regions
+    from detector import _model, compare_regions
 
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -91,8 +79,8 @@ def compile_options(dry: bool, device: str) -> dict:
     modes = ["", "default"] + (["reduce-overhead"] if cuda else [])
     out, reference = {"batch": batch, "images": count, "half": cuda}, None
     for mode in modes:
-        model = _paper_model(dry, device, half=cuda, scan="triton" if cuda else "torch",
-                             compile_mode=mode)
+        model = _model({"config": "demo" if dry else "paper", "device": device}, half=cuda,
+                       greedy_scan="triton" if cuda else "torch", compile_mode=mode)
         started = time.perf_counter()
         first = model.extract_regions(images[:batch])  # compiles (and records graphs)
         sync()
@@ -144,10 +132,7 @@ def actor_without_ray(root: str, dry: bool, device: str) -> dict:
     planned = run_extraction(cfg)
     info = describe_model(build_model(dataclasses.replace(cfg.model_spec(), half=False), "cpu"))
     meta = StoreMeta(feature_dim=info["feature_dim"], image_id_type="int64", detector=info["name"])
-    writer = ShardWriter(out, cfg.model_spec(), meta, cfg.limits(), forward_batch_size=cfg.batch_size,
-                         forwards_per_call=cfg.actor_forwards(), use_gpu=cuda,
-                         torch_threads=int(cfg.actor_cpus()), decode_threads=int(cfg.actor_cpus()),
-                         shards_in_flight=cfg.shards_in_flight)
+    writer = ShardWriter(out, cfg.model_spec(), meta, **cfg.shard_writer_kwargs())
     rows, shards = cfg.rows_per_shard, planned["shards"]
     total = planned["inputs"]
     writer.write_shard(0, 0, min(rows, total))  # warm-up: cuDNN autotuning, first compiles

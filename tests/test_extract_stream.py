@@ -38,14 +38,14 @@ def test_the_forward_thread_runs_in_order_and_holds_back_its_producers():
     first = forward.submit(1)  # taken by the thread, which waits for `release`
     time.sleep(0.1)
     second = forward.submit(2)  # fills the one waiting place
-    blocked = threading.Thread(target=forward.submit, args=(3,), daemon=True)
+    third: list = []
+    blocked = threading.Thread(target=lambda: third.append(forward.submit(3)), daemon=True)
     blocked.start()
     blocked.join(0.3)
     assert blocked.is_alive()  # a third item waits for room: memory stays bounded
     release.set()
     blocked.join(5)
-    assert (first.result(5), second.result(5)) == (10, 20)
-    time.sleep(0.1)
+    assert (first.result(5), second.result(5), third[0].result(5)) == (10, 20, 30)
     assert [s[0] for s in seen] == [1, 2, 3] and {s[1] for s in seen} == {"forward"}
 
     def broken(item):

@@ -126,11 +126,11 @@ class RoIHeads(nn.Module):
             return features.new_zeros((0, self.config.feature_dim))
         rois = torch.cat([torch.cat([torch.full((len(b), 1), i, dtype=b.dtype, device=b.device), b],
                                     dim=1) for i, b in enumerate(boxes)])
-        chunk = self.inference_chunk or self.config.res5_chunk
-        if self.training or chunk <= 0:
-            chunk = len(rois)
         if self.training:
-            return self.res5(self.pool(features, rois))[0].mean(dim=(2, 3))
+            return self._res5_means(self.pool(features, rois))
+        chunk = self.inference_chunk or self.config.res5_chunk
+        if chunk <= 0:
+            chunk = len(rois)
         # Inference slices the RoIs to bound memory; every RoI is computed independently.
         return torch.cat([self._padded_res5_means(self.pool(features, rois[s:s + chunk]))
                           for s in range(0, len(rois), chunk)])

@@ -111,7 +111,7 @@ class ExtractConfig:
     # Region selection's greedy scan: "auto" is the fused Triton kernel on CUDA (when Triton
     # is installed), the torch loop elsewhere.
     greedy_scan: Literal["auto", "torch", "triton"] = "auto"
-    # torch.compile of the RoI head (res5 + predictors), off by default until measured on a
+    # torch.compile of the RoI head's res5 and its mean, off by default until measured on a
     # GPU: "default", "reduce-overhead" (CUDA graphs) or "max-autotune".
     compile_mode: Literal["", "default", "reduce-overhead", "max-autotune"] = ""
     min_boxes: int = 0  # 0: the checkpoint's clamp (10-100 in the paper)
@@ -149,6 +149,17 @@ class ExtractConfig:
 
     def actor_cpus(self) -> float:
         return self.cpus_per_actor or (4.0 if self.num_gpus_per_actor > 0 else 1.0)
+
+    def shard_writer_kwargs(self) -> dict[str, Any]:
+        """What each ShardWriter is built with, besides out, spec and meta (the defaults of
+        batch, forwards, threads resolved here, so the pipeline and gpu_check agree)."""
+        cpus = max(1, int(self.actor_cpus()))
+        return {"limits": self.limits(), "read_threads": self.read_threads,
+                "forward_batch_size": self.batch_size, "forwards_per_call": self.actor_forwards(),
+                "use_gpu": self.num_gpus_per_actor > 0,
+                "torch_threads": self.torch_threads or cpus,
+                "decode_threads": self.decode_threads or cpus,
+                "shards_in_flight": self.shards_in_flight}
 
     def limits(self) -> DecodeLimits:
         return DecodeLimits(self.min_side, self.max_side, self.max_image_pixels,
@@ -271,13 +282,8 @@ def _run_shards(cfg: ExtractConfig, spec: ModelSpec, meta: StoreMeta, out: str,
             num_cpus=actor_cpus, num_gpus=cfg.num_gpus_per_actor or None,
             resources=dict(cfg.actor_resources) or None,
             max_restarts=cfg.max_restarts, max_task_retries=cfg.max_task_retries,
-            fn_constructor_kwargs={
-                "out": out, "spec": spec, "meta": meta, "limits": cfg.limits(),
-                "read_threads": cfg.read_threads, "forward_batch_size": cfg.batch_size,
-                "forwards_per_call": cfg.actor_forwards(), "use_gpu": cfg.num_gpus_per_actor > 0,
-                "torch_threads": cfg.torch_threads or max(1, int(actor_cpus)),
-                "decode_threads": cfg.decode_threads or max(1, int(actor_cpus)),
-                "shards_in_flight": cfg.shards_in_flight})
+            fn_constructor_kwargs={"out": out, "spec": spec, "meta": meta,
+                                   **cfg.shard_writer_kwargs()})
     reported: dict[int, dict[str, Any]] = {}
     received = 0
     with ray_failures_as_one_line(out, todo.num_rows, cfg.max_restarts, cfg.max_task_retries):
