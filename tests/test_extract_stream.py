@@ -174,3 +174,19 @@ def test_gpu_check_runs_the_actor_where_ray_is_not_installed():
     assert skipped == {"skipped": "Ray is not importable here"}
     assert actor["images"] == 12 and actor["errors"] == 0
 
+
+
+def test_bad_streaming_and_gpu_settings_are_named():
+    import pytest
+
+    from ray_updown.errors import ConfigError
+
+    for bad, record in (({"shards_in_flight": 0}, "shards_in_flight"),
+                        ({"decode_threads": -1}, "decode_threads"),
+                        ({"greedy_scan": "fast"}, "greedy_scan"),
+                        ({"compile_mode": "fastest"}, "compile_mode")):
+        with pytest.raises(ConfigError) as info:
+            ExtractConfig(images="x", out="y", **bad).validate()
+        assert info.value.record == record
+    with pytest.raises(ConfigError, match="compile_mode must be"):
+        BottomUpDetector(tiny_config()).prepare_inference("cpu", compile_mode="fastest")
