@@ -3,7 +3,8 @@
     python benchmarks/gpu_check.py --out DIR [--checkpoint DETECTOR --images FOLDER]
     python benchmarks/gpu_check.py --out DIR --dry      # CPU, tiny sizes (the test suite runs it)
 
-Sections, each timed and reported on its own (a failing one records its error, the rest run):
+Sections, each timed and reported on its own (a failing one records its error, the rest run), in
+the order they run; DIR/gpu_check.json is rewritten after each, so a time-out keeps what finished:
 
 - detector:      benchmarks/detector.py's figures (stages, images/s by batch and precision,
                  FLOPs, fp16 against fp32 with random weights, the Triton scan against torch);
@@ -38,7 +39,8 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-SECTIONS = ("detector", "compile", "actor", "ray", "fidelity", "kernel_tests")
+# In the order they run: the kernel's correctness first, torch.compile (the slowest to warm up) last.
+SECTIONS = ("kernel_tests", "detector", "actor", "ray", "fidelity", "compile")
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)  # detector.py, stand_in.py
@@ -206,6 +208,11 @@ def kernel_tests(dry: bool) -> dict:
     return {"passed": done.returncode == 0, "output_tail": done.stdout[-1500:]}
 
 
+def _save(report: dict, folder: str) -> None:
+    with open(os.path.join(folder, "gpu_check.json"), "w") as f:
+        json.dump(report, f, indent=1)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for gpu_check.json")
@@ -243,9 +250,9 @@ def main(argv: list[str] | None = None) -> dict:
                 report[name] = {"skipped": "give --checkpoint and --images"}
             else:
                 _section(report, name, *runs[name])
+            _save(report, args.out)  # a run stopped by a time limit keeps the sections it finished
     report["seconds"] = round(time.time() - started, 1)
-    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    _save(report, args.out)
     print(json.dumps(report, indent=1))
     return report
 
