@@ -137,6 +137,7 @@ def _scan_check(case: dict, images) -> dict:
     out = {}
     for scan in ("torch", "triton"):
         model = _model(case, half=True, greedy_scan=scan)
+        model.extract_regions(images)  # warm-up: Triton compiles its kernel on the first call
         clock = StageClock(model.device)
         regions = model.extract_regions(images, timer=clock)
         out[scan] = (regions, 1000 * clock.seconds["selection"] / len(images))

@@ -69,11 +69,9 @@ def detector_figures(dry: bool) -> dict:
 def compile_options(dry: bool, device: str) -> dict:
     """Each compile mode against the uncompiled model: speed, warm-up and equal regions."""
     import numpy as np
-    import torch
-    from detector import _model, compare_regions
+    from detector import compare_regions
 
     cuda = device == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     batch, count = (4, 8) if dry else (32, 128)
     h, w = (128, 170) if dry else (480, 640)
     rng = np.random.default_rng(0)
@@ -81,27 +79,40 @@ def compile_options(dry: bool, device: str) -> dict:
     modes = ["", "default"] + (["reduce-overhead"] if cuda else [])
     out, reference = {"batch": batch, "images": count, "half": cuda}, None
     for mode in modes:
-        model = _model({"config": "demo" if dry else "paper", "device": device}, half=cuda,
-                       greedy_scan="triton" if cuda else "torch", compile_mode=mode)
-        started = time.perf_counter()
-        first = model.extract_regions(images[:batch])  # compiles (and records graphs)
-        sync()
-        warm_up = time.perf_counter() - started
-        model.extract_regions(images[batch: 2 * batch])  # a second shape settles
-        sync()
-        started = time.perf_counter()
-        for i in range(0, count, batch):
-            model.extract_regions(images[i: i + batch])
-        sync()
-        entry = {"images_per_s": round(count / (time.perf_counter() - started), 2),
-                 "warm_up_seconds": round(warm_up, 1)}
+        try:
+            entry, first = _compiled_speed(mode, images, batch, dry, device)
+        except Exception as exc:  # one mode's failure leaves the others' figures
+            out[mode or "off"] = {"error": f"{type(exc).__name__}: {exc}"[:1500]}
+            continue
         if reference is None:
             reference = first
         else:
             entry.update(compare_regions(reference, first))
         out[mode or "off"] = entry
-        del model
     return out
+
+
+def _compiled_speed(mode: str, images: list, batch: int, dry: bool, device: str) -> tuple[dict, list]:
+    """Images/s of one compile mode after its warm-up, and the regions of its first batch."""
+    import torch
+    from detector import _model
+
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    model = _model({"config": "demo" if dry else "paper", "device": device}, half=cuda,
+                   greedy_scan="triton" if cuda else "torch", compile_mode=mode)
+    started = time.perf_counter()
+    first = model.extract_regions(images[:batch])  # compiles (and records graphs)
+    sync()
+    warm_up = time.perf_counter() - started
+    model.extract_regions(images[batch: 2 * batch])  # a second shape settles
+    sync()
+    started = time.perf_counter()
+    for i in range(0, len(images), batch):
+        model.extract_regions(images[i: i + batch])
+    sync()
+    return {"images_per_s": round(len(images) / (time.perf_counter() - started), 2),
+            "warm_up_seconds": round(warm_up, 1)}, first
 
 
 def _world(root: str, dry: bool) -> tuple[str, str, int, int]:
@@ -119,7 +130,15 @@ def _world(root: str, dry: bool) -> tuple[str, str, int, int]:
 
 
 def actor_without_ray(root: str, dry: bool, device: str) -> dict:
-    """ShardWriter with the real model, `shards_in_flight` calls at once, no Ray."""
+    """ShardWriter with the real model, `shards_in_flight` calls at once, no Ray; on CUDA once
+    with the default scan (Triton) and once with the torch scan, which decides the default."""
+    report = _actor_speed(root, dry, device, "auto")
+    if device == "cuda":
+        report["torch_scan"] = _actor_speed(root, dry, device, "torch")
+    return report
+
+
+def _actor_speed(root: str, dry: bool, device: str, greedy_scan: str) -> dict:
     from ray_updown.extraction.actor import ShardWriter
     from ray_updown.extraction.model import build_model, describe_model
     from ray_updown.extraction.pipeline import ExtractConfig, run_extraction
@@ -127,10 +146,10 @@ def actor_without_ray(root: str, dry: bool, device: str) -> dict:
 
     folder, ckpt, (lo, hi) = _world(root, dry)
     cuda = device == "cuda"
-    out = f"{root}/store-actor"
+    out = f"{root}/store-actor-{greedy_scan}"
     cfg = ExtractConfig(images=folder, out=out, checkpoint=ckpt, rows_per_shard=4 if dry else 128,
                         num_gpus_per_actor=1.0 if cuda else 0.0, half=cuda, min_side=lo,
-                        max_side=hi, plan_only=True)
+                        max_side=hi, greedy_scan=greedy_scan, plan_only=True)
     planned = run_extraction(cfg)
     info = describe_model(build_model(dataclasses.replace(cfg.model_spec(), half=False), "cpu"))
     meta = StoreMeta(feature_dim=info["feature_dim"], image_id_type="int64", detector=info["name"])

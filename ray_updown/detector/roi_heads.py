@@ -140,7 +140,12 @@ class RoIHeads(nn.Module):
         if self.roi_block and count % self.roi_block:
             pad = self.roi_block - count % self.roi_block
             pooled = torch.cat([pooled, pooled.new_zeros((pad,) + pooled.shape[1:])])
-        return (self.compiled_res5_means or self._res5_means)(pooled)[:count]
+        if self.compiled_res5_means is None:
+            return self._res5_means(pooled)[:count]
+        # Under "reduce-overhead" each chunk is a new replay of a CUDA graph, whose output the
+        # next replay overwrites: mark the step and copy the output out.
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled_res5_means(pooled)[:count].clone()
 
     def predict_flat(self, features: Tensor, proposals: list[Tensor]
                      ) -> tuple[Tensor, Tensor, Tensor]:
