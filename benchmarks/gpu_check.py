@@ -1,4 +1,4 @@
-"""Every GPU measurement of extraction in one command, one JSON: the script to run when a GPU is lent.
+"""Every GPU measurement in one command, one JSON: the script to run when a GPU is lent.
 
     python benchmarks/gpu_check.py --out DIR [--checkpoint DETECTOR --images FOLDER]
     python benchmarks/gpu_check.py --out DIR --dry      # CPU, tiny sizes (the test suite runs it)
@@ -19,7 +19,9 @@ the order they run; DIR/gpu_check.json is rewritten after each, so a time-out ke
                  each, when Ray is importable (reported as skipped where it is not);
 - fidelity:      with --checkpoint and --images: fp16 against fp32 on a trained detector
                  (share of images selecting the same regions, cosine of their features);
-- kernel_tests:  tests/test_select_kernel.py (the CUDA test and the interpreter test).
+- kernel_tests:  tests/test_select_kernel.py (the CUDA test and the interpreter test);
+- vqa_steps, vqa_epoch, vqa_loop, ensemble, captioner: training, fp32 and bf16
+                 (benchmarks/gpu_training.py's docstring).
 
 Every number comes from this run on this machine; nothing is carried over or estimated.
 Writes DIR/gpu_check.json and prints it. Aims at <= 6 minutes on one H200.
@@ -40,7 +42,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 # In the order they run: the kernel's correctness first, torch.compile (the slowest to warm up) last.
-SECTIONS = ("kernel_tests", "detector", "actor", "ray", "fidelity", "compile")
+SECTIONS = ("kernel_tests", "detector", "actor", "vqa_steps", "vqa_epoch", "vqa_loop", "ensemble",
+            "captioner", "ray", "fidelity", "compile")
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)  # detector.py, stand_in.py
@@ -241,6 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),
                         help="run only these (a re-run after a time-out)")
     args = parser.parse_args(argv)
+    import gpu_training
     import torch
 
     device = "cuda" if torch.cuda.is_available() and not args.dry else "cpu"
@@ -261,7 +265,12 @@ def main(argv: list[str] | None = None) -> dict:
                 "actor": (actor_without_ray, root, args.dry, device),
                 "ray": (through_ray, root, args.dry, device),
                 "fidelity": (half_fidelity, args.checkpoint, args.images, device),
-                "kernel_tests": (kernel_tests, args.dry)}
+                "kernel_tests": (kernel_tests, args.dry),
+                "vqa_steps": (gpu_training.vqa_steps, args.dry, device),
+                "vqa_epoch": (gpu_training.vqa_epoch_figures, root, args.dry, device),
+                "vqa_loop": (gpu_training.vqa_loop, root, args.dry, device),
+                "ensemble": (gpu_training.ensemble, root, args.dry, device),
+                "captioner": (gpu_training.captioner_steps, args.dry, device)}
         for name in SECTIONS:
             if name not in args.sections:
                 report[name] = {"skipped": "not asked for (--sections)"}

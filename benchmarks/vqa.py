@@ -53,10 +53,10 @@ from training_features import (
 )
 
 from ray_updown.vqa.config import VqaTrainConfig
-from ray_updown.vqa.model import VqaConfig, VqaModel
+from ray_updown.vqa.model import VqaModel
 from ray_updown.vqa.train import build_optimizer, train_step
 
-NUM_TOKENS, NUM_ANSWERS, QUESTION_LEN = 19901, 3129, 14
+NUM_TOKENS, NUM_ANSWERS, QUESTION_LEN = 19_902, 3129, 14  # 19,901 words + padding
 
 
 def _batch(batch_size: int, device: torch.device, seed: int = 0) -> dict:
@@ -70,26 +70,32 @@ def _batch(batch_size: int, device: torch.device, seed: int = 0) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def training_speed(preset: str, batch_size: int, steps: int, device: torch.device) -> dict:
+def training_speed(preset: str, batch_size: int, steps: int, device: torch.device,
+                   precision: str = "fp32") -> dict:
+    """Samples/s of `train_step` for one preset (its own optimizer) at the paper's sizes."""
+    from ray_updown.vqa.config import PRESETS, VqaModelOptions
+
     sizes = dict(num_tokens=NUM_TOKENS, num_answers=NUM_ANSWERS, feat_dim=FEAT_DIM,
                  question_len=QUESTION_LEN)
-    config = VqaConfig.paper(**sizes) if preset == "paper" else VqaConfig.reimplementation(**sizes)
-    optimizer_name = "adadelta" if preset == "paper" else "adamax"
+    config = PRESETS[preset](**sizes)
+    train_config = VqaTrainConfig(model=VqaModelOptions(preset=preset))
     model = VqaModel(config, seed=0).to(device).train()
-    optimizer = build_optimizer(VqaTrainConfig(optimizer=optimizer_name), model.parameters())
+    optimizer = build_optimizer(train_config, model.parameters())
     batch = _batch(batch_size, device)
-    train_step(model, optimizer, batch, 0.25)  # warm-up (allocations, lazy imports)
+    for _ in range(2):  # warm-up (allocations, lazy imports, autotuning)
+        train_step(model, optimizer, batch, 0.25, precision)
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(steps):
-        train_step(model, optimizer, batch, 0.25)
+        train_step(model, optimizer, batch, 0.25, precision)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    return {"preset": preset, "hidden": config.hidden, "nonlinearity": config.nonlinearity,
-            "weight_norm": config.weight_norm, "optimizer": optimizer_name,
-            "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+    return {"preset": preset, "precision": precision, "hidden": config.hidden,
+            "nonlinearity": config.nonlinearity, "attention": config.attention,
+            "weight_norm": config.weight_norm, "optimizer": train_config.optimizer_name(),
+            "parameters": sum(p.numel() for p in model.parameters()),
             "batch": batch_size, "steps": steps, "seconds": round(seconds, 2),
             "samples_per_s": round(batch_size * steps / seconds, 1)}
 
@@ -180,11 +186,15 @@ def ensemble_wall_clock(members: int, epochs: int, num_cpus: int) -> dict:
 COCO_QUESTIONS, COCO_IMAGES = 443_757, 82_783  # VQA v2 train; COCO train2014 images
 
 
-def _paper_model(device: torch.device):
+def preset_model(device: torch.device, preset: str = "paper"):
+    """(model, its optimizer) of a preset at the paper's sizes."""
+    from ray_updown.vqa.config import PRESETS, VqaModelOptions
+
     sizes = dict(num_tokens=NUM_TOKENS, num_answers=NUM_ANSWERS, feat_dim=FEAT_DIM,
                  question_len=QUESTION_LEN)
-    model = VqaModel(VqaConfig.paper(**sizes), seed=0).to(device).train()
-    return model, build_optimizer(VqaTrainConfig(optimizer="adadelta"), model.parameters())
+    model = VqaModel(PRESETS[preset](**sizes), seed=0).to(device).train()
+    options = VqaTrainConfig(model=VqaModelOptions(preset=preset))
+    return model, build_optimizer(options, model.parameters())
 
 
 def pss_child(path: str, batch: int, mode: str) -> None:
@@ -192,7 +202,7 @@ def pss_child(path: str, batch: int, mode: str) -> None:
     training steps with the paper's model."""
     def work():
         regions = trial_regions(path, mode)
-        model, optimizer = _paper_model(torch.device("cpu"))
+        model, optimizer = preset_model(torch.device("cpu"))
         rows = np.arange(regions.shared.num_images)
         for n, start in enumerate(range(0, len(rows), batch)):
             feats, mask = regions.gather(rows[start:start + batch])
@@ -205,9 +215,9 @@ def pss_child(path: str, batch: int, mode: str) -> None:
 
 
 def vqa_epoch(store: str, cache: str, questions: int, images: int, batch: int,
-              device: torch.device) -> dict:
-    """One training epoch of the paper's model: batches gathered from the shared copy (on the
-    GPU when it fits), synthetic questions and soft targets."""
+              device: torch.device, preset: str = "paper", precision: str = "fp32") -> dict:
+    """One training epoch of a preset: batches gathered from the shared copy (on the GPU when
+    it fits), synthetic questions and soft targets."""
     from ray_updown.features.regions import FlatRegions, regions_to_device
     from ray_updown.features.shared import shared_features
     from ray_updown.train.worker import shard_batches
@@ -228,7 +238,7 @@ def vqa_epoch(store: str, cache: str, questions: int, images: int, batch: int,
     if on_device:
         dataset.to(device)
     setup = time.perf_counter() - started
-    model, optimizer = _paper_model(device)
+    model, optimizer = preset_model(device, preset)
     batches = shard_batches(questions, batch, 0, 1, seed=0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     started = time.perf_counter()
@@ -239,11 +249,12 @@ def vqa_epoch(store: str, cache: str, questions: int, images: int, batch: int,
     started = time.perf_counter()
     for idx in batches:
         b = {k: v.to(device, non_blocking=True) for k, v in dataset.__getitems__(idx).items()}
-        train_step(model, optimizer, b, 0.25)
+        train_step(model, optimizer, b, 0.25, precision)
     sync()
     seconds = time.perf_counter() - started
     samples = len(batches) * batch
-    return {"device": str(device), "features_on_device": on_device, "questions": questions,
+    return {"device": str(device), "preset": preset, "precision": precision,
+            "features_on_device": on_device, "questions": questions,
             "images": images, "batch": batch, "setup_s": round(setup, 2),
             "gather_only_epoch_s": round(gather, 2), "epoch_s": round(seconds, 2),
             "samples_per_s": round(samples / seconds, 1),
@@ -315,7 +326,7 @@ def main() -> None:
            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1)}
     if not args.no_training:
         out["training"] = [training_speed(p, args.batch, args.steps, device)
-                           for p in ("paper", "reimplementation")]
+                           for p in ("paper", "reimplementation", "projection")]
     if not args.no_features:
         out["features"] = features_benchmarks(args)
     if not args.no_ensemble:

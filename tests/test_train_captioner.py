@@ -304,3 +304,23 @@ def test_unknown_split_is_refused(toy_world, tmp_path):
         CaptionData.load(bad)
     with pytest.raises(ConfigError, match="objective"):
         CaptionTrainConfig(objective="rl").validate()
+
+
+def test_bf16_training_follows_the_fp32_loss_curve(toy_world, tmp_path):
+    """Three epochs of XE, then an SCST epoch, in fp32 and in bf16 autocast: each epoch's
+    training loss within 10% of fp32's (bf16 keeps 8 bits of mantissa; no loss scaling)."""
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        cfg = toy_config(*toy_world, tmp_path / precision, num_workers=1, epochs=3,
+                         precision=precision)
+        session = LocalSession(str(tmp_path / precision / "xe"))
+        run_captioner_loop(cfg, session)
+        losses[precision] = [m["loss"] for m, _ in session.reports]
+        scst = dataclasses.replace(cfg, objective="scst", epochs=1, scst=SCSTConfig(
+            form="beam", lr=1e-3, init_from=session.reports[-1][1]))
+        tuned = LocalSession(str(tmp_path / precision / "scst"))
+        run_captioner_loop(scst, tuned)
+        (metrics, _), = tuned.reports
+        assert np.isfinite(metrics["loss"]) and metrics["train_reward"] > 0
+    assert losses["fp32"][-1] < losses["fp32"][0]
+    assert np.allclose(losses["bf16"], losses["fp32"], rtol=0.10), losses

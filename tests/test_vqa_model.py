@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ TINY = dict(num_tokens=12, num_answers=5, embed_dim=8, hidden=16, feat_dim=6, qu
 CONFIGS = {
     "paper": VqaConfig.paper(**TINY),
     "reimplementation": VqaConfig.reimplementation(**{**TINY, "hidden": 16}),
+    "projection": VqaConfig.projection(**TINY),
 }
 
 
@@ -194,3 +196,75 @@ def test_seed_makes_initialisation_deterministic_and_leaves_global_rng():
     assert not torch.equal(a.classifier.weight, c.classifier.weight)
     tokens, feats, mask = make_batch()
     assert torch.equal(a(tokens, feats, mask), b(tokens, feats, mask))
+
+
+def test_projection_attention_on_hand_set_weights():
+    """a_i = w_a^T (ReLU(W_v v_i) * ReLU(W_q q)): with identities and w_a = (1, 2), regions
+    (1, 0), (0, 1), (-1, 3) under q = (2, 1) score 2, 2 and 6."""
+    config = VqaConfig(num_tokens=3, num_answers=2, embed_dim=2, hidden=2, feat_dim=2,
+                       question_len=2, nonlinearity="relu", attention="projection")
+    model = VqaModel(config, seed=0).eval()
+    with torch.no_grad():
+        for layer in (model.attention_region.linear, model.attention_question.linear):
+            layer.weight.copy_(torch.eye(2))
+            layer.bias.zero_()
+        model.attention_weight.weight.copy_(torch.tensor([[1.0, 2.0]]))
+        model.attention_weight.bias.zero_()
+    feats = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, 3.0]]])
+    alpha = model.attend(torch.tensor([[2.0, 1.0]]), feats, torch.ones(1, 3, dtype=torch.bool))
+    total = 2 * math.exp(2) + math.exp(6)
+    expected = torch.tensor([[math.exp(2) / total, math.exp(2) / total, math.exp(6) / total]])
+    assert torch.allclose(alpha, expected, atol=1e-6)
+
+
+def test_projection_preset_has_the_peer_default_models_size_and_dropouts():
+    """bottom-up-attention-vqa's baseline0_newatt at 19,901 words (+ padding), 3,129 answers,
+    2,048-d regions: 24,851,177 parameters; its baseline0 (our reimplementation) 1,025 fewer."""
+    sizes = dict(num_tokens=19_902, num_answers=3129, feat_dim=2048)
+    count = {name: sum(p.numel() for p in VqaModel(build(**sizes)).parameters())
+             for name, build in (("projection", VqaConfig.projection),
+                                 ("reimplementation", VqaConfig.reimplementation))}
+    assert count == {"projection": 24_851_177, "reimplementation": 24_850_152}
+    model = VqaModel(VqaConfig.projection(**TINY))
+    assert model.attention_dropout.p == 0.2 and model.embedding_dropout.p == 0.0
+    assert model.classifier_dropout.p == 0.5
+
+
+def test_each_preset_trains_with_the_optimizer_it_was_trained_with():
+    from ray_updown.vqa.config import VqaModelOptions, VqaTrainConfig
+    from ray_updown.vqa.train import build_optimizer
+
+    chosen = {preset: type(build_optimizer(VqaTrainConfig(model=VqaModelOptions(preset=preset)),
+                                           [torch.nn.Parameter(torch.zeros(1))])).__name__
+              for preset in ("paper", "reimplementation", "projection")}
+    assert chosen == {"paper": "Adadelta", "reimplementation": "Adamax", "projection": "Adamax"}
+    named = VqaTrainConfig(model=VqaModelOptions(preset="projection"), optimizer="adadelta")
+    assert named.optimizer_name() == "adadelta"
+
+
+@pytest.mark.parametrize("name", ["paper", "projection"])
+def test_bf16_training_follows_the_fp32_loss_curve(name):
+    """Ten epochs of a toy problem in bf16 autocast: each epoch's mean loss within 10% of
+    fp32's, and both fall (bf16 keeps float32's range: no loss scaling)."""
+    from ray_updown.vqa.config import VqaModelOptions, VqaTrainConfig
+    from ray_updown.vqa.train import build_optimizer, train_step
+
+    g = torch.Generator().manual_seed(0)
+    config = CONFIGS[name]
+    tokens = torch.randint(1, config.num_tokens, (96, config.question_len), generator=g)
+    feats = torch.randn(96, 7, config.region_dim, generator=g).relu()
+    targets = torch.zeros(96, config.num_answers)
+    targets[torch.arange(96), feats[:, 0, :config.num_answers].argmax(1)] = 1.0
+    curves = {}
+    for precision in ("fp32", "bf16"):
+        model = VqaModel(config, seed=0)
+        optimizer = build_optimizer(VqaTrainConfig(model=VqaModelOptions(preset=name),
+                                                   lr=None if name == "paper" else 0.01),
+                                    model.parameters())
+        curves[precision] = [np.mean([
+            train_step(model, optimizer, {"question_tokens": tokens[i:i + 32],
+                                          "feats": feats[i:i + 32], "targets": targets[i:i + 32],
+                                          "mask": torch.ones(32, 7, dtype=torch.bool)},
+                       0.25, precision) for i in range(0, 96, 32)]) for _ in range(10)]
+    assert curves["fp32"][-1] < 0.9 * curves["fp32"][0]
+    assert np.allclose(curves["bf16"], curves["fp32"], rtol=0.10), curves

@@ -62,6 +62,7 @@ class CaptionTrainConfig:
     max_failures: int = 0  # worker failures a run survives (restarting from its checkpoint)
     keep_checkpoints: int = 0  # 0 = keep every epoch's checkpoint
     seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast in training (train/worker.py)
     wandb_project: str | None = None  # None = no wandb
 
     def validate(self) -> None:

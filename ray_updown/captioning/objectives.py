@@ -63,7 +63,7 @@ def xe_loss(model: nn.Module, batch: CaptionBatch, pad_id: int = 0) -> tuple[Ten
     averaged over the batch's captions. Returns (loss, stats with summed counts)."""
     feats = batch.feats[batch.caption_image]
     mask = batch.mask[batch.caption_image]
-    logits = model(feats, mask, batch.inputs)
+    logits = model(feats, mask, batch.inputs).float()  # the loss in float32, under bf16 too
     nll = F.cross_entropy(logits.transpose(1, 2), batch.targets, ignore_index=pad_id,
                           reduction="none")  # [N, T], 0 at padding
     per_caption = nll.sum(1)
@@ -100,7 +100,7 @@ def policy_log_probs(model: nn.Module, feats: Tensor, mask: Tensor, tokens: Tens
     """
     cfg = unwrap(model).config
     bos = torch.full((tokens.shape[0], 1), cfg.bos_id, dtype=torch.long, device=tokens.device)
-    logits = model(feats, mask, torch.cat([bos, tokens[:, :-1]], 1))
+    logits = model(feats, mask, torch.cat([bos, tokens[:, :-1]], 1)).float()
     never = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
     never[[cfg.pad_id, cfg.bos_id]] = True
     logits = logits.masked_fill(never, float("-inf")) / temperature

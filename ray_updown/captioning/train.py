@@ -36,7 +36,14 @@ from ray_updown.features.regions import regions_to_device
 from ray_updown.train.checkpoint import CONFIG_FILE, check_vocabulary, load_checkpoint_dir, save_checkpoint_dir
 from ray_updown.train.session import RayTrainSession, Session
 from ray_updown.train.trainer import build_trainer, checkpoint_uri, fit, history, latest_checkpoint
-from ray_updown.train.worker import all_reduce, init_wandb, pick_device, shard_batches, steps_per_epoch
+from ray_updown.train.worker import (
+    all_reduce,
+    autocast,
+    init_wandb,
+    pick_device,
+    shard_batches,
+    steps_per_epoch,
+)
 from ray_updown.weights import load_state_strict
 
 CHECKPOINT_KIND = "updown_captioner"
@@ -92,10 +99,11 @@ def train_step(model, optimizer, batch, cfg: CaptionTrainConfig, pad_id: int,
                reward: CiderReward, generator: torch.Generator) -> dict[str, float]:
     """One update with the run's objective: XE (eq. 9) or SCST (eq. 10-11). Returns the
     step's sums (loss, captions, and for SCST reward and baseline)."""
-    if cfg.objective == "xe":
-        loss, stats = xe_loss(model, batch, pad_id)
-    else:
-        loss, stats = scst_loss(model, batch, reward, cfg.scst, generator)
+    with autocast(cfg.precision, batch.feats.device):
+        if cfg.objective == "xe":
+            loss, stats = xe_loss(model, batch, pad_id)
+        else:
+            loss, stats = scst_loss(model, batch, reward, cfg.scst, generator)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.optim.grad_clip > 0:

@@ -28,6 +28,14 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
+def autocast(precision: str, device: torch.device):
+    """The context a training step's forward and loss run in: bf16 autocast when `precision`
+    is "bf16" (matrix products in bfloat16; weights, gradients and optimizer state stay
+    float32), else nothing. bfloat16 has float32's exponent range, so gradients cannot
+    underflow as float16's do: no loss scaling (GradScaler) is needed."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside DistributedDataParallel, if wrapped."""
     return model.module if hasattr(model, "module") else model

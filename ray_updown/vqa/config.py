@@ -15,6 +15,8 @@ from ray_updown.vqa.model import VqaConfig
 
 METRIC = "val_accuracy"
 OPTIMIZERS = {"adadelta": 1.0, "adamax": 2e-3}  # name -> default learning rate
+PRESETS = {"paper": VqaConfig.paper, "reimplementation": VqaConfig.reimplementation,
+           "projection": VqaConfig.projection}
 
 
 @dataclass
@@ -24,7 +26,9 @@ class VqaModelOptions:
     `num_tokens`, `num_answers`, `feat_dim` and `spatial_dim` come from the data.
     """
 
-    preset: Literal["paper", "reimplementation"] = "paper"  # paper: gated tanh, 512
+    # paper: gated tanh, 512; reimplementation: ReLU + weight norm, 1024; projection: the
+    # re-implementation's default model, its attention included (vqa/model.py)
+    preset: Literal["paper", "reimplementation", "projection"] = "paper"
     hidden: int | None = None
     embed_dim: int | None = None
     question_len: int | None = None
@@ -34,14 +38,15 @@ class VqaModelOptions:
     dropout: float | None = None
     classifier_dropout: float | None = None
     l2_normalize_features: bool | None = None
+    attention: Literal["concat", "projection"] | None = None
+    attention_dropout: float | None = None
 
     def overrides(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "preset" and v is not None}
 
     def base(self) -> VqaConfig:
         """The preset with the overrides, before the data's sizes are known."""
-        build = VqaConfig.paper if self.preset == "paper" else VqaConfig.reimplementation
-        return build(**self.overrides())
+        return PRESETS[self.preset](**self.overrides())
 
     def validate(self) -> None:
         # The model's own rules on the preset with the overrides: records are field names here
@@ -55,10 +60,12 @@ class VqaTrainConfig:
 
     data: VqaDataConfig = dc_field(default_factory=VqaDataConfig)
     model: VqaModelOptions = dc_field(default_factory=VqaModelOptions)
-    optimizer: Literal["adadelta", "adamax"] = "adadelta"  # the paper's; the re-implementation's
+    # None: the preset's, as each was trained: adadelta (paper), adamax (the re-implementation's)
+    optimizer: Literal["adadelta", "adamax"] | None = None
     lr: float | None = None              # None: 1.0 for adadelta, 2e-3 for adamax
     weight_decay: float = 0.0
     grad_clip: float = 0.25              # max gradient norm; 0 = no clipping
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast in training (train/worker.py)
     epochs: int = 20
     batch_size: int = 512                # global: split across the Ray Train workers
     patience: int = 3                    # epochs without a better val accuracy; 0 = never stop
@@ -79,6 +86,10 @@ class VqaTrainConfig:
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"must be positive (or null: the optimizer's default), got "
                               f"{self.lr}", record="lr")
+
+    def optimizer_name(self) -> str:
+        """The optimizer this run uses: the one named, else the preset's."""
+        return self.optimizer or ("adadelta" if self.model.preset == "paper" else "adamax")
 
     def absolute(self) -> "VqaTrainConfig":
         """A copy with local relative paths made absolute (Ray workers have their own cwd)."""

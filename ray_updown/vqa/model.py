@@ -8,6 +8,11 @@ One model, two configurations of it:
   classifier width 2 x hidden with dropout 0.5 before the output layer. (Its optimiser, Adamax,
   and gradient clipping belong to the training loop, not to the model.)
 
+Attention comes in two forms (`attention`): the paper's "concat" (eq. 15, f_a over [v_i, q])
+and "projection", the re-implementation's default model (its `baseline0_newatt`): the region
+and the question are each projected to the hidden size by their own layer, multiplied
+elementwise, and scored by w_a. Preset `projection` is that whole model.
+
 Shapes: B questions, T = question_len tokens, K regions of D = feat_dim + spatial_dim, A answers.
 Question tokens may be padded with `pad_index` on either side (the re-implementation pads in
 front); the GRU reads only the real tokens, so the side does not matter.
@@ -48,9 +53,11 @@ class VqaConfig:
     dropout: float = 0.0               # on word embeddings and on f_a's output before w_a
     classifier_dropout: float = 0.0    # between f_o and W_o (variant: 0.5)
     l2_normalize_features: bool = False  # Teney et al. L2-normalise each region feature
+    attention: Literal["concat", "projection"] = "concat"  # paper: eq. 15; see the module doc
+    attention_dropout: float | None = None  # before w_a; None: the same as `dropout`
 
     def validate(self) -> None:
-        validate_fields(self)  # nonlinearity
+        validate_fields(self)  # nonlinearity, attention
         if self.num_answers < 1:
             raise ConfigError("the answer vocabulary is empty (num_answers must be >= 1)",
                               record="num_answers")
@@ -63,8 +70,8 @@ class VqaConfig:
         if not 0 <= self.pad_index < self.num_tokens:
             raise ConfigError(f"pad_index {self.pad_index} outside [0, {self.num_tokens})",
                               record="pad_index")
-        for name in ("dropout", "classifier_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
+        for name in ("dropout", "classifier_dropout", "attention_dropout"):
+            if getattr(self, name) is not None and not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"must be in [0, 1), got {getattr(self, name)}", record=name)
 
     @property
@@ -86,6 +93,15 @@ class VqaConfig:
     def reimplementation(cls, **overrides) -> "VqaConfig":
         """The public re-implementation's variant: ReLU + weight norm, hidden 1024, dropout 0.5."""
         values = dict(nonlinearity="relu", weight_norm=True, hidden=1024, classifier_dropout=0.5)
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def projection(cls, **overrides) -> "VqaConfig":
+        """The re-implementation's default model (`baseline0_newatt`): its variant with the
+        projection attention and dropout 0.2 before w_a, none on the word embeddings."""
+        values = dict(nonlinearity="relu", weight_norm=True, hidden=1024, classifier_dropout=0.5,
+                      attention="projection", attention_dropout=0.2)
         values.update(overrides)
         return cls(**values)
 
@@ -161,8 +177,13 @@ class VqaModel(nn.Module):
         self.word_embedding = nn.Embedding(c.num_tokens, c.embed_dim, padding_idx=c.pad_index)
         self.embedding_dropout = nn.Dropout(c.dropout)
         self.question_gru = nn.GRU(c.embed_dim, c.hidden, batch_first=True)
-        self.attention_layer = nonlinear_layer(c, c.region_dim + c.hidden, c.hidden)  # f_a
-        self.attention_dropout = nn.Dropout(c.dropout)
+        if c.attention == "concat":
+            self.attention_layer = nonlinear_layer(c, c.region_dim + c.hidden, c.hidden)  # f_a
+        else:
+            self.attention_region = nonlinear_layer(c, c.region_dim, c.hidden)
+            self.attention_question = nonlinear_layer(c, c.hidden, c.hidden)
+        self.attention_dropout = nn.Dropout(c.dropout if c.attention_dropout is None
+                                            else c.attention_dropout)
         self.attention_weight = _linear(c.hidden, 1, c.weight_norm)                   # w_a
         self.question_layer = nonlinear_layer(c, c.hidden, c.hidden)                  # f_q
         self.image_layer = nonlinear_layer(c, c.region_dim, c.hidden)                 # f_v
@@ -205,12 +226,17 @@ class VqaModel(nn.Module):
                mask: torch.Tensor) -> torch.Tensor:
         """a_i = w_a^T f_a([v_i, q]), α = softmax over real regions (eq. 15). [B, K]
 
-        Padded regions get exactly zero weight; a question with no real region attends to
-        nothing (all zeros) instead of producing NaN.
+        With `attention="projection"`: a_i = w_a^T (f_v'(v_i) ∘ f_q'(q)), each of f_v', f_q'
+        its own layer to the hidden size. Padded regions get exactly zero weight; a question
+        with no real region attends to nothing (all zeros) instead of producing NaN.
         """
-        num_regions = feats.shape[1]
-        joint = torch.cat([feats, question.unsqueeze(1).expand(-1, num_regions, -1)], dim=2)
-        logits = self.attention_weight(self.attention_dropout(self.attention_layer(joint)))
+        if self.config.attention == "concat":
+            num_regions = feats.shape[1]
+            joint = self.attention_layer(
+                torch.cat([feats, question.unsqueeze(1).expand(-1, num_regions, -1)], dim=2))
+        else:
+            joint = self.attention_region(feats) * self.attention_question(question).unsqueeze(1)
+        logits = self.attention_weight(self.attention_dropout(joint))
         logits = logits.squeeze(2).masked_fill(~mask, torch.finfo(logits.dtype).min)
         return torch.softmax(logits, dim=1) * mask
 

@@ -35,7 +35,14 @@ from ray_updown.features.regions import batch_loader, regions_to_device
 from ray_updown.train.checkpoint import find_damage, load_checkpoint_dir, save_checkpoint_dir
 from ray_updown.train.session import LocalSession, RayTrainSession, Session, TuneSession
 from ray_updown.train.trainer import build_trainer, checkpoint_uri, fit, storage_kwargs
-from ray_updown.train.worker import all_reduce, init_wandb, optimizer_to, pick_device, shard_batches
+from ray_updown.train.worker import (
+    all_reduce,
+    autocast,
+    init_wandb,
+    optimizer_to,
+    pick_device,
+    shard_batches,
+)
 from ray_updown.vqa.config import METRIC, OPTIMIZERS, VqaTrainConfig
 from ray_updown.vqa.data import (
     PreparedVqa,
@@ -59,8 +66,9 @@ def model_config(cfg: VqaTrainConfig, data: PreparedVqa) -> VqaConfig:
 
 
 def build_optimizer(cfg: VqaTrainConfig, params) -> torch.optim.Optimizer:
-    lr = cfg.lr if cfg.lr is not None else OPTIMIZERS[cfg.optimizer]
-    if cfg.optimizer == "adadelta":
+    name = cfg.optimizer_name()
+    lr = cfg.lr if cfg.lr is not None else OPTIMIZERS[name]
+    if name == "adadelta":
         return torch.optim.Adadelta(params, lr=lr, weight_decay=cfg.weight_decay)
     return torch.optim.Adamax(params, lr=lr, weight_decay=cfg.weight_decay)
 
@@ -80,10 +88,11 @@ def batch_to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def train_step(model, optimizer, batch: dict, grad_clip: float) -> float:
+def train_step(model, optimizer, batch: dict, grad_clip: float, precision: str = "fp32") -> float:
     """One update: BCE against soft scores (eq. 17), clipped gradients. Returns the loss."""
-    logits = model(batch["question_tokens"], batch["feats"], batch["mask"])
-    loss = vqa_loss(logits, batch["targets"])
+    with autocast(precision, batch["feats"].device):
+        logits = model(batch["question_tokens"], batch["feats"], batch["mask"])
+        loss = vqa_loss(logits.float(), batch["targets"])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip > 0:
@@ -155,7 +164,8 @@ def run_vqa_loop(config: dict, session: Session) -> None:
         batches = shard_batches(len(data.train), cfg.batch_size, rank, world,
                                 seed=cfg.seed, epoch=epoch)
         for batch in batch_loader(data.train, batches, loader_workers):
-            losses.append(train_step(ddp_model, optimizer, batch_to(batch, device), cfg.grad_clip))
+            losses.append(train_step(ddp_model, optimizer, batch_to(batch, device), cfg.grad_clip,
+                                     cfg.precision))
         seconds = time.perf_counter() - started
         metrics = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else math.nan,
                    "samples_per_s": sum(len(b) for b in batches) * world / max(seconds, 1e-9)}
