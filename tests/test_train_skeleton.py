@@ -160,3 +160,21 @@ def test_wandb_is_off_when_disabled_and_offline_when_configured(tmp_path, monkey
     run.log({"loss": 1.0})
     run.finish()
     assert list(tmp_path.glob("wandb/offline-run-*"))
+
+
+def test_the_trainer_polls_its_workers_every_half_second_unless_told(ray_cluster, tmp_path,
+                                                                      monkeypatch):
+    """Ray Train's 2-s default poll kept a finished run waiting ~6 s before fit() returned;
+    the driver's variable reaches the controller, and a user's own value is kept."""
+    from ray_updown.train.trainer import TRAIN_POLL_ENV, build_trainer
+
+    def build():
+        build_trainer(lambda config: None, {}, name="poll", storage_path=str(tmp_path),
+                      num_workers=1)
+
+    monkeypatch.delenv(TRAIN_POLL_ENV, raising=False)
+    build()
+    assert os.environ[TRAIN_POLL_ENV] == "0.5"
+    monkeypatch.setenv(TRAIN_POLL_ENV, "3")
+    build()
+    assert os.environ[TRAIN_POLL_ENV] == "3"
