@@ -84,6 +84,17 @@ _STAGES: dict[str, tuple[str, str, str, dict[str, tuple[str, str]]]] = {
 }
 
 
+def _cmd_submit(args: argparse.Namespace) -> None:
+    import os
+
+    from ray_updown.job_submission import submit_job
+
+    address = args.address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
+    entrypoint = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
+    _print_summary(submit_job(address, entrypoint, args.working_dir, args.runtime_env,
+                              wait=not args.no_wait))
+
+
 def _config_or_show(args: argparse.Namespace, config_cls: str, flags: dict[str, str]):
     """The command's config, or None after printing it when --show-config was given."""
     cfg = _config(args, config_cls, flags)
@@ -400,6 +411,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "detectron2 (default: the layout's own port's; 'caffe' reproduces the "
                         "features released with the paper)")
     p.set_defaults(run=_cmd_convert)
+
+    p = sub.add_parser("submit", help="`ray job submit` that says what is wrong in one line "
+                                      "(refused token, no job API, failed job)")
+    p.add_argument("--address", default=None,
+                   help="the cluster's job API (default: $RAY_ADDRESS, else http://127.0.0.1:8265)")
+    p.add_argument("--working-dir", help="ship this folder as the job's working directory")
+    p.add_argument("--runtime-env", help="YAML runtime env (e.g. cluster/runtime_env.yaml)")
+    p.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
+    p.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- the job's command")
+    p.set_defaults(run=_cmd_submit)
 
     p = sub.add_parser("demo", help="the whole paper on a synthetic world, with a report")
     p.add_argument("--out", help="output folder (default runs/demo)")

@@ -73,14 +73,14 @@ def _join_cluster(address: str, kwargs: dict) -> None:
     try:
         ray.init(address=address, **kwargs)
     except Exception as exc:
-        if not _refused_token(exc):
+        if not refused_token(exc):
             raise
         raise ConfigError("the Ray cluster refused this client (token authentication): set "
                           "RAY_AUTH_MODE=token and give the cluster's token as a file, "
                           "RAY_AUTH_TOKEN_PATH=<file> or ~/.ray/auth_token", file=address) from None
 
 
-def _refused_token(exc: BaseException) -> bool:
+def refused_token(exc: BaseException) -> bool:
     """Whether a failed ray.init was the cluster refusing the token. Ray raises
     ConnectionError from a RuntimeError whose text holds the AuthenticationError's traceback."""
     from ray.exceptions import AuthenticationError

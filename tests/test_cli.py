@@ -73,3 +73,21 @@ def test_a_bad_override_is_one_line_naming_the_key(capsys):
     assert main(["train-vqa", "--show-config", "optimizer=sgd"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "optimizer" in err and "adamax" in err
+
+
+def test_submit_to_an_address_with_no_job_api_is_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    done = subprocess.run([sys.executable, "-m", "ray_updown.cli", "submit", "--address",
+                           f"http://127.0.0.1:{port}", "--", "echo", "hi"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"ray-updown submit: error: http://127.0.0.1:{port}: "
+                                   "no Ray job API answers there (ConnectionError)"), done.stderr
+    missing = subprocess.run([sys.executable, "-m", "ray_updown.cli", "submit", "--address",
+                              f"http://127.0.0.1:{port}"], capture_output=True, text=True,
+                             timeout=120, cwd=tmp_path)
+    assert missing.returncode == 2 and "give the job's command after --" in missing.stderr

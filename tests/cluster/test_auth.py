@@ -89,3 +89,31 @@ def test_a_job_submitted_without_the_token_is_refused(make_cluster):
     assert refused.returncode != 0
     assert "Authentication" in refused.stdout + refused.stderr
     assert "ran" not in refused.stdout
+
+
+def test_ray_updown_submit_says_in_one_line_what_to_set_and_runs_with_the_token(make_cluster):
+    port = free_port()
+    make_cluster(1, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
+    address = f"http://127.0.0.1:{port}"
+    wait_for(lambda: subprocess.run([RAY, "job", "list", "--address", address],
+                                    capture_output=True, timeout=60).returncode == 0,
+             90, "the job API with the token")
+
+    def submit(env, *command):
+        return subprocess.run([sys.executable, "-m", "ray_updown.cli", "submit", "--address",
+                               address, "--", *command], cwd=REPO, capture_output=True,
+                              text=True, timeout=180, env=env)
+
+    refused = submit(_without_token(), "echo", "ran")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines() == [refused.stderr.strip()], refused.stderr
+    assert refused.stderr.startswith("ray-updown submit: error: " + address)
+    assert "RAY_AUTH_MODE=token" in refused.stderr and "ran" not in refused.stdout
+    ran = submit(dict(os.environ), "echo", "ran")
+    assert ran.returncode == 0 and "ran" in ran.stdout, ran.stderr[-3000:]
+    assert '"status": "SUCCEEDED"' in ran.stdout
+    failed = submit(dict(os.environ), "python", "-c", "raise SystemExit(3)")
+    assert failed.returncode == 2 and "the job ended FAILED" in failed.stderr, failed.stderr
+    assert "Traceback" not in failed.stderr
+    for done in (refused, ran, failed):
+        assert os.environ["RAY_AUTH_TOKEN"] not in done.stdout + done.stderr
