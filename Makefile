@@ -25,17 +25,17 @@ demo: $(STAMP)
 # pytest process, and so do the multi-node/autoscaler tests: they start and kill their own Ray
 # clusters (tests/faults/conftest.py, tests/cluster/conftest.py).
 test: lint
-	WANDB_MODE=disabled $(BIN)/python -m pytest -q tests --ignore=tests/faults --ignore=tests/cluster
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q --durations=15 tests --ignore=tests/faults --ignore=tests/cluster
 	$(MAKE) faults
 	$(MAKE) cluster-tests
 
 faults: $(STAMP)
-	WANDB_MODE=disabled $(BIN)/python -m pytest -q tests/faults
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q --durations=10 tests/faults
 
 # Multi-node and autoscaler tests: each starts its own Ray cluster on 127.0.0.1. Run them in
 # their own pytest process, after the main suite (never beside another Ray user).
 cluster-tests: $(STAMP)
-	WANDB_MODE=disabled $(BIN)/python -m pytest -q tests/cluster
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q --durations=10 tests/cluster
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

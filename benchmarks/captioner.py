@@ -130,6 +130,9 @@ def bench_config(name: str, dims: dict, xe_images: int, scst_images: int, steps:
     cands = torch.randint(len(SPECIALS), len(vocab), (scst_images * 5, MAX_LEN))
     refs = [scst_batch.references[n // 5] for n in range(scst_images * 5)]
     out["scst_reward_seconds_per_step"] = round(timed_steps(lambda: reward(cands, refs), 3), 4)
+    # the same scores through strings, as the reward ran before it took token ids
+    out["scst_reward_strings_seconds_per_step"] = round(
+        timed_steps(lambda: reward.score_strings(cands, refs), 3), 4)
     print(f"# {name}: done", file=sys.stderr, flush=True)
     return out
 

@@ -199,3 +199,33 @@ def test_bad_inputs_raise_clear_errors():
         CiderD([["a dog"]]).score_ids([[1]], [[[1]]])
     with pytest.raises(ValueError, match="use score_ids"):
         CiderD.from_token_ids([[[1, 2]]]).score(["a"], [["a"]])
+
+
+def test_the_scst_reward_on_token_ids_equals_the_string_path():
+    """CiderReward scores the decoder's token ids directly; references hold words outside the
+    vocabulary (and a validation word of no training reference), candidates hold <unk>, EOS
+    and padding: every score equals the string path's."""
+    import torch
+
+    from ray_updown.captioning.objectives import CiderReward
+    from ray_updown.data.text import SPECIALS, Vocab
+
+    rng = np.random.default_rng(0)
+    known = [f"w{i}" for i in range(12)]
+    rare = ["zebra", "kite", "surf"]  # in references, never in the vocabulary
+    vocab = Vocab(list(SPECIALS) + known)
+
+    def caption():
+        return " ".join(rng.choice(known + rare, rng.integers(3, 9)))
+
+    corpus = [[caption() for _ in range(5)] for _ in range(30)]
+    reward = CiderReward(corpus, vocab)
+    references = [corpus[i % 30] for i in range(40)]
+    references[3] = references[3][:4] + ["w1 w2 unseen w3"]
+    tokens = torch.randint(len(SPECIALS), len(vocab), (40, 10))
+    tokens[0, 2] = vocab.unk_id
+    tokens[1, 5:] = vocab.pad_id
+    tokens[2, 4] = vocab.eos_id
+    by_ids, by_strings = reward(tokens, references), reward.score_strings(tokens, references)
+    assert by_ids.shape == (40,) and by_strings.max() > 0
+    np.testing.assert_allclose(by_ids, by_strings, rtol=0, atol=1e-12)

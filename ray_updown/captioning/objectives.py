@@ -74,19 +74,52 @@ def xe_loss(model: nn.Module, batch: CaptionBatch, pad_id: int = 0) -> tuple[Ten
 
 class CiderReward:
     """CIDEr-D of token sequences against reference captions, with document frequencies
-    from a fixed corpus (the training references: the SCST reward r of eq. 10-11)."""
+    from a fixed corpus (the training references: the SCST reward r of eq. 10-11).
+
+    Scored on token ids (`CiderD.score_ids`): candidates go from the decoder's tensor to
+    n-grams without becoming strings, and each reference caption is turned into ids once.
+    Reference words outside the captioning vocabulary get ids of their own beyond it, so an
+    <unk> of a candidate matches none of them and every score equals the string path's.
+    """
 
     def __init__(self, training_references: Sequence[Sequence[str]], vocab: Vocab):
-        self.scorer = CiderD(training_references)
         self.vocab = vocab
+        words = list(vocab.itos)
+        self._word_ids = dict(vocab.stoi)
+        for refs in training_references:  # words beyond the vocabulary, in a fixed order
+            for caption in refs:
+                for word in caption.split():
+                    if word not in self._word_ids:
+                        self._word_ids[word] = len(words)
+                        words.append(word)
+        self.scorer = CiderD(training_references, vocabulary=words)
+        self._reference_ids: dict[str, list[int]] = {}
 
     def captions(self, tokens: Tensor) -> list[str]:
         """Token rows (no BOS; EOS then PAD) -> space-joined words."""
         rows = strip_special(tokens.detach().cpu(), self.vocab.eos_id, self.vocab.pad_id)
         return [" ".join(self.vocab.itos[i] for i in row) for row in rows]
 
+    def _ids(self, caption: str) -> list[int]:
+        ids = self._reference_ids.get(caption)
+        if ids is None:
+            ids = [self._word_id(word) for word in caption.split()]
+            self._reference_ids[caption] = ids
+        return ids
+
+    def _word_id(self, word: str) -> int:
+        if word not in self._word_ids:  # a word of no training reference (validation)
+            self._word_ids[word] = len(self._word_ids)
+        return self._word_ids[word]
+
     def __call__(self, tokens: Tensor, references: Sequence[Sequence[str]]) -> np.ndarray:
         """[N] CIDEr-D of each row of tokens [N, L] against references[n]."""
+        candidates = strip_special(tokens.detach().cpu(), self.vocab.eos_id, self.vocab.pad_id)
+        return self.scorer.score_ids(candidates, [[self._ids(r) for r in refs]
+                                                  for refs in references])[1]
+
+    def score_strings(self, tokens: Tensor, references: Sequence[Sequence[str]]) -> np.ndarray:
+        """The same scores through the string path (what the ids path is checked against)."""
         return self.scorer.score(self.captions(tokens), references)[1]
 
 
