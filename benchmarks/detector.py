@@ -182,7 +182,7 @@ def _run_case(case: dict, queue) -> None:
         torch.set_num_threads(case["threads"])
     result = dict(case)
     try:
-        from ray_updown.detector.model import pick_device
+        from ray_updown.devices import pick_device
 
         cuda = pick_device(case["device"]).type == "cuda"
         sync = torch.cuda.synchronize if cuda else (lambda: None)

@@ -31,6 +31,7 @@ from ray_updown.captioning.model import CaptionerConfig, UpDownCaptioner
 from ray_updown.captioning.objectives import CiderReward, greedy_cider, scst_loss, xe_loss
 from ray_updown.config import to_dict
 from ray_updown.data.coco import Vocab
+from ray_updown.devices import pick_device
 from ray_updown.errors import CheckpointError, ConfigError
 from ray_updown.features.regions import regions_to_device
 from ray_updown.train.checkpoint import CONFIG_FILE, check_vocabulary, load_checkpoint_dir, save_checkpoint_dir
@@ -40,7 +41,6 @@ from ray_updown.train.worker import (
     all_reduce,
     autocast,
     init_wandb,
-    pick_device,
     shard_batches,
     steps_per_epoch,
 )

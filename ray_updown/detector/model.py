@@ -26,6 +26,7 @@ from ray_updown.detector.rpn import RegionProposalNetwork
 from ray_updown.detector.select import GreedyScan
 from ray_updown.detector.select_ports import ChosenRegions, choose_regions, regions_of_proposals
 from ray_updown.detector.transform import ImageBatch, ImageTransform
+from ray_updown.devices import pick_device
 from ray_updown.errors import ConfigError
 
 
@@ -66,12 +67,6 @@ def upload_images(images: list, device: torch.device) -> list:
     return [torch.from_numpy(np.ascontiguousarray(image)).pin_memory().to(device, non_blocking=True)
             if isinstance(image, np.ndarray) and image.dtype == np.uint8 else image
             for image in images]
-
-
-def pick_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class BottomUpDetector(nn.Module):

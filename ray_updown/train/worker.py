@@ -1,5 +1,6 @@
-"""What a training worker does the same way in every task: pick its device, split an epoch
-into batches, sum numbers over the workers, start wandb.
+"""What a training worker does the same way in every task: split an epoch into batches, sum
+numbers over the workers, run under the chosen precision, start wandb (its device comes from
+devices.py).
 
 Nothing here needs Ray: a loop run by a LocalSession (session.py) uses the same functions
 with a world of one.
@@ -14,18 +15,6 @@ import numpy as np
 import torch
 
 from ray_updown.errors import ConfigError
-
-
-def pick_device() -> torch.device:
-    """CUDA when the worker was given a GPU, else CPU."""
-    if torch.cuda.is_available():
-        try:
-            import ray.train.torch
-
-            return ray.train.torch.get_device()
-        except Exception:  # outside a Ray Train worker, or no Ray installed
-            return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def autocast(precision: str, device: torch.device):

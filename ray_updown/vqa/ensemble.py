@@ -31,13 +31,14 @@ import torch
 from ray_updown import storage
 from ray_updown.config import load_config
 from ray_updown.data.vqa import VqaQuestion, load_vqa
+from ray_updown.devices import pick_device
 from ray_updown.errors import CheckpointError, ConfigError, DataError
 from ray_updown.features.store import FeatureStore
 from ray_updown.metrics.vqa_eval import write_vqa_results
 from ray_updown.train.checkpoint import load_checkpoint_dir
 from ray_updown.train.search import restore_tuner
 from ray_updown.train.trainer import checkpoint_uri, raise_unwrapped
-from ray_updown.train.worker import pick_device, shard_batches
+from ray_updown.train.worker import shard_batches
 from ray_updown.vqa.config import METRIC, VqaTrainConfig
 from ray_updown.vqa.data import VqaVocabularies, questions_dataset
 from ray_updown.vqa.model import VqaConfig, VqaModel, ensemble_scores

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ray_updown import storage
+from ray_updown.devices import pick_device
 from ray_updown.features.regions import batch_loader, regions_to_device
 from ray_updown.train.checkpoint import find_damage, load_checkpoint_dir, save_checkpoint_dir
 from ray_updown.train.session import LocalSession, RayTrainSession, Session, TuneSession
@@ -40,7 +41,6 @@ from ray_updown.train.worker import (
     autocast,
     init_wandb,
     optimizer_to,
-    pick_device,
     shard_batches,
 )
 from ray_updown.vqa.config import METRIC, OPTIMIZERS, VqaTrainConfig

@@ -41,10 +41,11 @@ from ray_updown.detector.train.checkpoints import (
 from ray_updown.detector.train.config import DetectorTrainConfig
 from ray_updown.detector.train.data import DetectorData, DetectorImage, evaluate_split, flips_for
 from ray_updown.detector.train.optim import build_optimizer, learning_rate
+from ray_updown.devices import pick_device
 from ray_updown.errors import CheckpointError, ConfigError
 from ray_updown.train.session import RayTrainSession, Session
 from ray_updown.train.trainer import build_trainer, checkpoint_uri, fit, history, latest_checkpoint
-from ray_updown.train.worker import all_reduce, init_wandb, pick_device, shard_batches, steps_per_epoch
+from ray_updown.train.worker import all_reduce, init_wandb, shard_batches, steps_per_epoch
 
 LOSSES = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_attr")
 
