@@ -101,9 +101,38 @@ def caption_tokens(raw: str) -> list[str]:
     return raw.lower().translate(_PUNCTUATION).split()
 
 
+class ListFile:
+    """A vocabulary stored as its `itos` list: {"kind": KIND, "itos": [...]} in JSON, the one
+    persistence of the word and the answer vocabularies."""
+
+    KIND = ""   # the file's "kind"
+    WHAT = ""   # what the list is, for errors
+    itos: list[str]
+
+    def to_json(self) -> dict:
+        return {"kind": self.KIND, "itos": list(self.itos)}
+
+    @classmethod
+    def from_json(cls, obj: Any, file: str | None = None):
+        itos = field(obj, "itos", list, file or f"<{cls.WHAT}>", cls.WHAT)
+        try:
+            return cls(list(itos))
+        except DataError as exc:
+            raise DataError(exc.problem, file=file, record="itos") from None
+
+    def save(self, uri: str) -> None:
+        storage.write_json(uri, self.to_json())
+
+    @classmethod
+    def load(cls, uri: str):
+        return cls.from_json(storage.read_json(uri), file=uri)
+
+
 @dataclass
-class Vocab:
+class Vocab(ListFile):
     """Words <-> ids. `itos[0:4]` are always PAD, BOS, EOS, UNK."""
+
+    KIND, WHAT = "word_vocab", "vocabulary"
 
     itos: list[str]
     stoi: dict[str, int] = dc_field(default_factory=dict, repr=False)
@@ -160,24 +189,6 @@ class Vocab:
 
     def decode(self, ids: Iterable[int]) -> str:
         return " ".join(self.decode_tokens(ids))
-
-    def to_json(self) -> dict:
-        return {"kind": "word_vocab", "itos": list(self.itos)}
-
-    @classmethod
-    def from_json(cls, obj: Any, file: str | None = None) -> "Vocab":
-        itos = field(obj, "itos", list, file or "<vocab>", "vocabulary")
-        try:
-            return cls(list(itos))
-        except DataError as exc:
-            raise DataError(exc.problem, file=file, record="itos") from None
-
-    def save(self, uri: str) -> None:
-        storage.write_json(uri, self.to_json())
-
-    @classmethod
-    def load(cls, uri: str) -> "Vocab":
-        return cls.from_json(storage.read_json(uri), file=uri)
 
 
 def vocab_from_counts(counts: Counter, min_count: int, what: str) -> Vocab:

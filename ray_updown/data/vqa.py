@@ -22,12 +22,12 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from dataclasses import field as dc_field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from ray_updown import storage
-from ray_updown.data.text import PAD_ID, UNK_ID, Vocab, field, records, vocab_from_counts
+from ray_updown.data.text import PAD_ID, UNK_ID, ListFile, Vocab, field, records, vocab_from_counts
 from ray_updown.data.vqa_answers import normalize_answer
 from ray_updown.errors import DataError
 
@@ -136,8 +136,10 @@ def build_question_vocab(questions: Iterable[VqaQuestion], min_count: int = 1) -
 
 
 @dataclass
-class AnswerVocab:
+class AnswerVocab(ListFile):
     """Candidate answers (normalised strings) <-> output indices of the VQA classifier."""
+
+    KIND, WHAT = "answer_vocab", "answer vocabulary"
 
     itos: list[str]
     stoi: dict[str, int] = dc_field(default_factory=dict, repr=False)
@@ -162,24 +164,6 @@ class AnswerVocab:
     def index(self, answer: str) -> int | None:
         """Index of an answer after normalisation, or None if it is not a candidate."""
         return self.stoi.get(normalize_answer(answer))
-
-    def to_json(self) -> dict:
-        return {"kind": "answer_vocab", "itos": list(self.itos)}
-
-    @classmethod
-    def from_json(cls, obj: Any, file: str | None = None) -> "AnswerVocab":
-        itos = field(obj, "itos", list, file or "<answer vocab>", "answer vocabulary")
-        try:
-            return cls(list(itos))
-        except DataError as exc:
-            raise DataError(exc.problem, file=file, record="itos") from None
-
-    def save(self, uri: str) -> None:
-        storage.write_json(uri, self.to_json())
-
-    @classmethod
-    def load(cls, uri: str) -> "AnswerVocab":
-        return cls.from_json(storage.read_json(uri), file=uri)
 
 
 def build_answer_vocab(questions: Iterable[VqaQuestion], min_count: int = 9) -> AnswerVocab:
