@@ -24,7 +24,7 @@ import logging
 import sys
 from typing import Callable, Iterator
 
-from ray_updown.errors import RayUpdownError
+from ray_updown.errors import RayUpdownError, package_error
 from ray_updown.ray_session import cli_driver, worker_logs_dir
 
 _PACKAGE_LOGGER = "ray_updown"
@@ -44,8 +44,6 @@ def run_command(command: str, run: Callable[[], None]) -> int:
         return 130
     except Exception as exc:
         # A package error that reached us inside Ray's or Tune's wrappers is still ours.
-        from ray_updown.train.trainer import package_error
-
         error = package_error(exc)
         if error is not None:
             return _error(command, error, 2)

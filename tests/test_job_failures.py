@@ -300,7 +300,7 @@ def test_a_failed_resume_keeps_its_run_folder(tmp_path):
 def test_tune_and_ray_task_wrappers_are_unwrapped():
     from ray.exceptions import RayTaskError
 
-    from ray_updown.train.trainer import package_error
+    from ray_updown.errors import package_error
 
     inner = DataError("has no annotation", file="a.json", record="question_id 5")
     wrapped = RayTaskError("vqa_trainable", "Traceback ...", inner)

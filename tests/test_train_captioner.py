@@ -287,7 +287,7 @@ def test_image_without_references_is_named(toy_world, tmp_path):
 def test_a_worker_error_reaches_the_caller_as_the_package_error():
     from ray.train.v2.api.exceptions import WorkerGroupError
 
-    from ray_updown.train.trainer import package_error
+    from ray_updown.errors import package_error
 
     failure = RuntimeError("wrapped")
     failure.__cause__ = CheckpointError("vocabulary does not match", file="ckpt/")

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from typing import Iterator
 
-from ray_updown.errors import RayUpdownError, StorageError
+from ray_updown.errors import RayUpdownError, StorageError, message_lines, package_error, raised_line
 
 RESUME = "the shards written before it are complete and kept: re-run to resume"
 
@@ -24,10 +23,6 @@ RESUME = "the shards written before it are complete and kept: re-run to resume"
 _RAY_DATA_TRACE_LOGGERS = ("ray.data.exceptions",
                            "ray.data._internal.execution.operators.actor_pool_map_operator",
                            "ray.data._internal.execution.streaming_executor_state")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-# The exception line of a worker's traceback inside Ray's message, e.g.
-# "ray_updown.errors.StorageError: s3://b/x: cannot write (...)".
-_RAISED = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception|Exit)): (.+)$")
 
 
 class ExtractionError(RayUpdownError):
@@ -71,52 +66,11 @@ def ray_failures_as_one_line(out: str, shards: int, max_restarts: int,
             logger.removeFilter(hide)
 
 
-def package_error(exc: BaseException) -> RayUpdownError | None:
-    """A package error a Ray task or actor raised, found through Ray's wrappers."""
-    pending, seen = [exc], 0
-    while pending and seen < 20:
-        failure = pending.pop(0)
-        seen += 1
-        if isinstance(failure, RayUpdownError):
-            base = next(c for c in type(failure).__mro__ if c.__module__ == "ray_updown.errors")
-            return base(failure.problem, file=failure.file, record=failure.record)
-        pending += [c for c in (getattr(failure, "cause", None), failure.__cause__)
-                    if isinstance(c, BaseException)]
-    # Ray Data's UserCodeException carries the worker's exception only as text: its last line.
-    raised = _raised_line(exc)
-    if raised and raised[0] in _PACKAGE_ERRORS:
-        return _PACKAGE_ERRORS[raised[0]](raised[1])
-    return None
-
-
-def _lines(exc: BaseException) -> list[str]:
-    return [line.strip() for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]
-
-
-def _raised_line(exc: BaseException) -> tuple[str, str] | None:
-    """(exception class name, message) of the last exception line in Ray's message."""
-    for line in reversed(_lines(exc)):
-        found = _RAISED.match(line)
-        if found:
-            return found.group(1), found.group(2)
-    return None
-
-
-def _package_errors() -> dict[str, type[RayUpdownError]]:
-    from ray_updown import errors
-
-    return {name: cls for name, cls in vars(errors).items()
-            if isinstance(cls, type) and issubclass(cls, RayUpdownError)}
-
-
-_PACKAGE_ERRORS = _package_errors()
-
-
 def describe(exc: BaseException, max_restarts: int, max_task_retries: int) -> str:
     """One line: what failed, how often it may (the retry settings), Ray's own first words."""
     import ray.exceptions
 
-    lines = _lines(exc)
+    lines = message_lines(exc)
     name = type(exc).__name__
     if isinstance(exc, ray.exceptions.RayActorError):
         retries = f"max_restarts={max_restarts}, max_task_retries={max_task_retries}"
@@ -124,6 +78,6 @@ def describe(exc: BaseException, max_restarts: int, max_task_retries: int) -> st
             return f"a detector actor failed to start ({retries}): {lines[-1] if lines else name}"
         return (f"a detector actor died more often than its restarts allow ({retries}): "
                 f"{name}: {lines[0] if lines else ''}")
-    raised = _raised_line(exc)  # a worker's own exception says more than Ray's wrapper
+    raised = raised_line(exc)  # a worker's own exception says more than Ray's wrapper
     what = f"{raised[0]}: {raised[1]}" if raised else f"{name}: {lines[0] if lines else ''}"
     return f"the Ray pipeline failed: {what}"[:400]

@@ -23,7 +23,7 @@ import os
 from typing import Any, Callable
 
 from ray_updown import storage
-from ray_updown.errors import RayUpdownError, StorageError
+from ray_updown.errors import StorageError, package_error
 from ray_updown.train.checkpoint import find_damage, nothing_intact, resuming_before
 
 log = logging.getLogger(__name__)
@@ -93,26 +93,6 @@ def checkpoint_uri(checkpoint, storage_path: str) -> str:
 def history(result) -> list[dict]:
     """The metrics of every checkpoint Ray kept, by epoch."""
     return sorted((m for _, m in (result.best_checkpoints or [])), key=lambda m: m["epoch"])
-
-
-def package_error(exc: BaseException) -> RayUpdownError | None:
-    """The package error a worker or trial raised, if that is why the run failed (searched
-    through Train's worker failures, Ray's and Tune's wrappers and their causes)."""
-    pending = [exc]
-    seen: list[BaseException] = []
-    while pending and len(seen) < 50:
-        failure = pending.pop(0)
-        if any(failure is s for s in seen):
-            continue
-        seen.append(failure)
-        if isinstance(failure, RayUpdownError):
-            base = next(c for c in type(failure).__mro__ if c.__module__ == "ray_updown.errors")
-            return base(failure.problem, file=failure.file, record=failure.record)
-        pending += list((getattr(failure, "worker_failures", None) or {}).values())
-        # Not __context__: an error raised while handling ours is a different failure.
-        pending += [c for c in (getattr(failure, "cause", None), failure.__cause__)
-                    if isinstance(c, BaseException)]
-    return None
 
 
 def raise_unwrapped(exc: BaseException):
