@@ -17,6 +17,8 @@ the code that reads it, so any config can be loaded, shown and read back from a 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import types
 import typing
 from typing import Any, Iterable, TypeVar
@@ -24,6 +26,8 @@ from typing import Any, Iterable, TypeVar
 import yaml
 
 from ray_updown.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -98,9 +102,30 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
     return value
 
 
+def _replace_deprecated(cls: type, data: dict, source: str | None, prefix: str) -> None:
+    """Keys a config no longer has but older configs hold (`cls.DEPRECATED`: key -> a function
+    of its value giving the keys to write instead, {} when it does nothing): each one found is
+    replaced, with one warning line saying what to write instead. A replacement that
+    contradicts a value given beside it is a ConfigError."""
+    deprecated = getattr(cls, "DEPRECATED", {})
+    defaults = cls()
+    for key in [k for k in data if k in deprecated]:
+        value = data.pop(key)
+        instead = deprecated[key](value)
+        for name, new in instead.items():
+            given = data.get(name, getattr(defaults, name))
+            if given not in (new, getattr(defaults, name)):
+                raise ConfigError(f"{key} = {json.dumps(value)} contradicts {name} = {given}",
+                                  file=source, record=prefix + name)
+            data[name] = new
+        write = ", ".join(f"{prefix}{n}: {v}" for n, v in instead.items()) or "nothing (remove it)"
+        log.warning(f"{prefix}{key}: {json.dumps(value)} is deprecated; write {write} instead")
+
+
 def _build(cls: type[T], data: dict, source: str | None, prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    _replace_deprecated(cls, data, source, prefix)
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown}; known: {sorted(names)}", file=source,

@@ -15,6 +15,7 @@ from test_train_captioner import build_toy_world, toy_config
 
 from ray_updown.captioning.data import CaptionData, CaptionDataConfig, make_loader
 from ray_updown.captioning.train import run_captioner_loop
+from ray_updown.config import from_dict
 from ray_updown.errors import ConfigError
 from ray_updown.features.regions import FlatRegions, StoreRegions
 from ray_updown.train.session import LocalSession
@@ -82,9 +83,10 @@ def test_training_on_the_shared_copy_equals_training_on_the_store(world, tmp_pat
 
 
 def test_features_in_memory_of_older_configs(world, tmp_path):
-    assert CaptionDataConfig(features_in_memory=True).access() == "shared"
-    assert CaptionDataConfig().access() == "auto"
-    with pytest.raises(ConfigError, match="contradicts"):
-        _data(world, tmp_path, "store", features_in_memory=True)
+    """Older configs' switch is replaced by what it meant, and contradicting it is refused."""
+    assert from_dict(CaptionDataConfig, {"features_in_memory": True}).feature_access == "shared"
+    assert from_dict(CaptionDataConfig, {"features_in_memory": False}).feature_access == "auto"
+    with pytest.raises(ConfigError, match="features_in_memory = true contradicts feature_access = store"):
+        from_dict(CaptionDataConfig, {"feature_access": "store", "features_in_memory": True})
     with pytest.raises(ConfigError, match="device_features_share"):
         _data(world, tmp_path, "auto", device_features_share=2.0)

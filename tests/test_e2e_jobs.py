@@ -218,7 +218,7 @@ def test_extract_and_train_vqa_jobs_on_a_real_head(ray_head, s3_bucket, s3_serve
     output, logs = _submit(ray_head, "e2e-extract", runtime_env, [
         "python", "jobs/extract.py", "--images", f"{world}/images/", "--out", f"{features}/",
         "--checkpoint", f"{detector_uri}/", "--actors", "1",
-        "rows_per_shard=6", "batch_size=4", "decode_batch_size=4", "read_threads=4",
+        "rows_per_shard=6", "batch_size=4", "read_threads=4",
         "min_side=64", "max_side=107"])
     assert secret not in logs and secret not in output
     assert "Connecting to existing Ray cluster" in logs  # the head's workers, no embedded Ray

@@ -48,7 +48,7 @@ def test_s3_world_to_s3_store_and_resume_after_a_partial_run(ray_cluster, s3_buc
     save_detector(detector, f"{s3_bucket}/ckpt")
     out = f"{s3_bucket}/features"
     cfg = ExtractConfig(images=f"{s3_bucket}/world/images/", out=out, checkpoint=f"{s3_bucket}/ckpt",
-                        rows_per_shard=5, batch_size=4, decode_batch_size=4)
+                        rows_per_shard=5, batch_size=4)
     summary = run_extraction(cfg)
     assert (summary["inputs"], summary["features"], summary["errors"]) == (12, 12, 0)
     assert (summary["shards"], summary["shards_processed"], summary["images_processed"]) == (3, 3, 12)
@@ -125,7 +125,7 @@ def test_an_actor_killed_mid_run_is_replaced_without_losses_or_duplicates(ray_cl
     flag.write_text("kill the first actor that runs a batch")
     factory = functools.partial(exit_once_detector, str(tmp_path / "ckpt"), str(flag), str(marker))
     cfg = ExtractConfig(images=str(tmp_path / "imgs"), out=str(tmp_path / "store"),
-                        rows_per_shard=3, batch_size=2, decode_batch_size=2, max_restarts=2,
+                        rows_per_shard=3, batch_size=2, max_restarts=2,
                         max_task_retries=2)
     summary = run_extraction(cfg, model_factory=factory)
     assert marker.exists() and not flag.exists()  # an actor really died mid-run
@@ -174,8 +174,7 @@ def test_the_bad_image_catalogue_gives_feature_or_error_rows(ray_cluster, tmp_pa
         "14,imgs/missing.jpg", "1,imgs/x-1-again.jpg", "2,imgs/2.jpg"]
     (tmp_path / "manifest.csv").write_text("image_id,uri\n" + "\n".join(rows) + "\n")
     cfg = ExtractConfig(manifest=str(tmp_path / "manifest.csv"), out=str(tmp_path / "store"),
-                        checkpoint=str(tmp_path / "ckpt"), rows_per_shard=8, batch_size=3,
-                        decode_batch_size=5)
+                        checkpoint=str(tmp_path / "ckpt"), rows_per_shard=8, batch_size=3)
     summary = run_extraction(cfg)
     assert (summary["inputs"], summary["features"], summary["errors"]) == (16, 7, 9)
     assert summary["errors_by_stage"] == {"decode": 6, "read": 1, "list": 2}

@@ -171,7 +171,7 @@ def test_extreme_images_through_the_pipeline(ray_cluster, tmp_path, detector, ca
         (imgs / name).write_bytes(data)
     out = tmp_path / "store"
     cfg = ExtractConfig(images=str(imgs), out=str(out), checkpoint=str(tmp_path / "ckpt"),
-                        batch_size=2, decode_batch_size=2)
+                        batch_size=2)
     summary = run_extraction(cfg)
     assert (summary["inputs"], summary["features"], summary["errors"]) == (4, 3, 1)
     assert summary["skipped_files"]["count"] == 3

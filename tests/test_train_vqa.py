@@ -147,6 +147,14 @@ def test_shared_copy_and_store_reader_train_identically(tiny_vqa, tmp_path, monk
     assert prepare_vqa_data(cfg.data, 6, 8).stats["feature_source"] == "store"
 
 
+def test_an_older_configs_features_in_memory_is_replaced_with_one_warning(caplog):
+    with caplog.at_level("WARNING", logger="ray_updown.config"):
+        cfg = VqaTrainConfig.from_dict({"data": {"features_in_memory": False}})
+    assert cfg.data.feature_access == "store" and not hasattr(cfg.data, "features_in_memory")
+    assert caplog.messages == ["data.features_in_memory: false is deprecated; write "
+                               "data.feature_access: store instead"]
+
+
 def test_feature_access_options_validate_and_stay_literal():
     cfg = VqaTrainConfig.from_dict({"data": {"feature_access": "store", "feature_cache_dir": "c"}})
     absolute = cfg.absolute()
@@ -158,7 +166,7 @@ def test_feature_access_options_validate_and_stay_literal():
         VqaTrainConfig.from_dict({"data": {"feature_access": "shared", "features_in_memory": False}})
     with pytest.raises(ConfigError, match="data.device_features_share"):
         VqaTrainConfig.from_dict({"data": {"device_features_share": 1.5}})
-    assert VqaTrainConfig.from_dict({"data": {"features_in_memory": False}}).data.access() == "store"
+    assert VqaTrainConfig.from_dict({"data": {"features_in_memory": False}}).data.feature_access == "store"
 
 
 def test_config_loads_from_yaml_with_preset(tmp_path):

@@ -53,6 +53,9 @@ KarpathySplit = Literal["train", "restval", "val", "test"]
 class CaptionDataConfig:
     """Where the captions and features are and how they become tensors."""
 
+    # Older configs' `features_in_memory: true` meant one shared copy (config.py replaces it).
+    DEPRECATED = {"features_in_memory": lambda on: {"feature_access": "shared"} if on else {}}
+
     karpathy: str = ""  # dataset_coco.json URI (Karpathy splits)
     features: str = ""  # region-feature store URI (bottom-up regions or grid cells)
     vocab_min_count: int = 5  # paper 3.2: training words seen >= 5 times
@@ -68,7 +71,6 @@ class CaptionDataConfig:
     feature_access: FeatureAccess = "auto"
     feature_cache_dir: str = ""  # node-local folder of the shared copy; "" = $TMPDIR/ray-updown-features
     device_features_share: float = 0.5  # on CUDA: copy to the GPU when <= this share of free memory
-    features_in_memory: bool = False  # older configs: true = feature_access "shared"
     loader_workers: int = 0  # DataLoader worker processes per Ray Train worker
 
     def validate(self) -> None:
@@ -82,13 +84,6 @@ class CaptionDataConfig:
         if not 0.0 <= self.device_features_share <= 1.0:
             raise ConfigError(f"must be in [0, 1], got {self.device_features_share}",
                               record="device_features_share")
-        if self.features_in_memory and self.feature_access == "store":
-            raise ConfigError("features_in_memory = true contradicts feature_access = store",
-                              record="feature_access")
-
-    def access(self) -> FeatureAccess:
-        """feature_access, with the older features_in_memory = true meaning "shared"."""
-        return "shared" if self.features_in_memory else self.feature_access
 
     @property
     def spatial_dim(self) -> int:
@@ -153,7 +148,7 @@ class CaptionData:
         store reader, as `feature_access` says (module docstring)."""
         cfg = self.config
         return open_regions(self.open_store(), self.train_ids + self.val_ids, cfg.max_regions,
-                            cfg.spatial, cfg.access(), cfg.feature_cache_dir or None)
+                            cfg.spatial, cfg.feature_access, cfg.feature_cache_dir or None)
 
     def training_references(self) -> list[list[str]]:
         """References of the training images: the corpus of CIDEr-D's document frequencies

@@ -202,7 +202,7 @@ def train_caption_model(cfg, world: WorldFiles, features: str, runs: str, name: 
     # max_regions only caps: batches pad to their largest image (<= 36 regions, 196 cells).
     data = CaptionDataConfig(karpathy=world.karpathy, features=features,
                              max_len=cfg.caption_max_len, max_regions=256, val_images=cfg.caption_val_images,
-                             features_in_memory=True,
+                             feature_access="shared",
                              feature_cache_dir=os.path.join(runs, "feature_cache"))
     dim = cfg.caption_dim
     train_cfg = CaptionTrainConfig(
@@ -246,7 +246,7 @@ def vqa_config(cfg, world: WorldFiles, features: str, max_boxes: int, runs: str,
                          val_questions=world.questions("val"),
                          val_annotations=world.annotations("val"), features=features,
                          glove=world.glove, answer_min_count=cfg.vqa_answer_min_count,
-                         max_boxes=max_boxes, features_in_memory=True,
+                         max_boxes=max_boxes,
                          # The demo's shared feature copies live in its own folder.
                          feature_cache_dir=os.path.join(runs, "feature_cache"))
     return VqaTrainConfig(data=data, model=VqaModelOptions(preset="paper", hidden=cfg.vqa_hidden),

@@ -90,6 +90,9 @@ class ExtractConfig:
     grid_size x grid_size cells); both read the detector checkpoint at `checkpoint`.
     """
 
+    # Workers decode their own shards, in chunks of the forward's batch (config.py drops it).
+    DEPRECATED = {"decode_batch_size": lambda size: {}}
+
     images: str = ""
     manifest: str = ""  # Parquet / CSV / JSON lines with image_id, uri (relative to `images`)
     out: str = ""
@@ -122,7 +125,6 @@ class ExtractConfig:
     min_image_side: int = 2
     max_aspect_ratio: float = 1000.0  # longer side / shorter side; beyond it an error row
     read_threads: int = 16
-    decode_batch_size: int = 16  # (unused since workers decode their own shards; kept for configs)
     max_restarts: int = 3  # per extraction actor
     max_task_retries: int = 3
     # Custom resources each actor needs, e.g. {"gpu_node": 1} to place them on chosen nodes.
@@ -134,7 +136,7 @@ class ExtractConfig:
 
     def validate(self) -> None:
         validate_fields(self)  # model
-        check_at_least(self, 1, "rows_per_shard", "num_actors", "decode_batch_size", "read_threads",
+        check_at_least(self, 1, "rows_per_shard", "num_actors", "read_threads",
                        "grid_size", "shards_in_flight")
         check_at_least(self, 0, "batch_size", "forwards_per_call", "cpus_per_actor",
                        "decode_threads", "torch_threads")

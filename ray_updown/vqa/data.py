@@ -53,6 +53,9 @@ MAX_TARGETS = 10  # at most 10 distinct human answers per question
 class VqaDataConfig:
     """Where the VQA data lives and how it becomes tensors (all locations are URIs)."""
 
+    # Older configs' `features_in_memory: false` meant the store reader (config.py replaces it).
+    DEPRECATED = {"features_in_memory": lambda on: {} if on else {"feature_access": "store"}}
+
     train_questions: str = ""        # v2_OpenEnded_mscoco_train2014_questions.json
     train_annotations: str = ""      # v2_mscoco_train2014_annotations.json
     val_questions: str = ""          # v2_OpenEnded_mscoco_val2014_questions.json
@@ -73,7 +76,6 @@ class VqaDataConfig:
     feature_access: Literal["auto", "shared", "store"] = "auto"
     feature_cache_dir: str = ""      # node-local folder of the shared copy; "" = $TMPDIR/ray-updown-features
     device_features_share: float = 0.5  # on CUDA: copy to the GPU when <= this share of free memory
-    features_in_memory: bool = True  # False = feature_access "store" (older configs)
 
     def validate(self) -> None:
         validate_fields(self)  # train_on
@@ -88,9 +90,6 @@ class VqaDataConfig:
         if not 0.0 <= self.device_features_share <= 1.0:
             raise ConfigError(f"must be in [0, 1], got {self.device_features_share}",
                               record="device_features_share")
-        if not self.features_in_memory and self.feature_access == "shared":
-            raise ConfigError("features_in_memory = false contradicts feature_access = shared",
-                              record="feature_access")
         if self.vg_qa and not self.vg_image_data:
             raise ConfigError("vg_qa needs vg_image_data (to map VG images to COCO ids)",
                               record="vg_image_data")
@@ -101,9 +100,6 @@ class VqaDataConfig:
                   for k, v in self.__dict__.items()}
         return VqaDataConfig(**values)
 
-    def access(self) -> str:
-        """feature_access, with the older features_in_memory = false meaning "store"."""
-        return self.feature_access if self.features_in_memory else "store"
 
 
 _URI_FIELDS = ("train_questions", "train_annotations", "val_questions", "val_annotations",
@@ -330,7 +326,7 @@ def prepare_vqa_data(cfg: VqaDataConfig, question_len: int = 14, embed_dim: int 
         embeddings, missing = load_glove(cfg.glove, vocabs.questions.itos, dim=embed_dim)
         log.info("GloVe: %d of %d words not found in %s", missing, len(vocabs.questions), cfg.glove)
     all_ids = [q.image_id for q in train_questions] + [q.image_id for q in loaded.get("val", [])]
-    regions = open_regions(store, all_ids, cfg.max_boxes, cfg.spatial, cfg.access(),
+    regions = open_regions(store, all_ids, cfg.max_boxes, cfg.spatial, cfg.feature_access,
                            cfg.feature_cache_dir or None)
     train = VqaDataset(encode_questions(train_questions, vocabs, question_len), regions, len(answers))
     val = None

@@ -28,7 +28,7 @@ def test_actor_dying_at_start_up_beyond_max_restarts_is_one_line_and_a_rerun_com
     out = str(job / "store")
     args = ["extract", "--images", str(job / "imgs"), "--out", out, "--checkpoint",
             str(job / "ckpt"), "max_restarts=1", "max_task_retries=1", "rows_per_shard=3",
-            "batch_size=2", "decode_batch_size=2"]
+            "batch_size=2"]
     # Three deaths in the actor's start-up: one restart allowed, so the pipeline gives up.
     done = run_cli(args, factory={"checkpoint": str(job / "ckpt"), "kill_dir": str(job / "kills"),
                                   "kills": 3, "when": "start"})
@@ -49,7 +49,7 @@ def test_actor_dying_at_start_up_beyond_max_restarts_is_one_line_and_a_rerun_com
 def test_actor_dying_mid_run_beyond_max_restarts_raises_the_package_error(job):
     out = str(job / "store")
     cfg = ExtractConfig(images=str(job / "imgs"), out=out, rows_per_shard=3, batch_size=2,
-                        decode_batch_size=2, max_restarts=1, max_task_retries=1)
+                        max_restarts=1, max_task_retries=1)
     # The actor dies in every batch: one restart is allowed, so the second death ends the run.
     dying = functools.partial(make_detector, str(job / "ckpt"), kill_dir=str(job / "kills"),
                               kills=1000)

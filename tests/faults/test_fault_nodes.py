@@ -64,7 +64,7 @@ def test_a_node_removed_mid_extraction_loses_and_duplicates_nothing(cluster, tmp
     save_detector(detector, str(tmp_path / "ckpt"))
     out, node_file = tmp_path / "store", str(tmp_path / "actor-nodes")
     cfg = ExtractConfig(images=str(tmp_path / "imgs"), out=str(out), rows_per_shard=2,
-                        batch_size=2, decode_batch_size=2, actor_resources={"detector": 1},
+                        batch_size=2, actor_resources={"detector": 1},
                         max_restarts=3, max_task_retries=3)
     removed: list[str] = []
     killer = threading.Thread(target=_remove_actor_node, daemon=True, args=(

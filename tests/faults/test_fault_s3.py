@@ -31,7 +31,7 @@ def s3_job(bucket, detector):
 
 def _config(bucket: str) -> ExtractConfig:
     return ExtractConfig(images=f"{bucket}/imgs/", out=f"{bucket}/store", rows_per_shard=2,
-                         batch_size=2, decode_batch_size=2, read_threads=2)
+                         batch_size=2, read_threads=2)
 
 
 @pytest.mark.parametrize("kind,every", [("503", 3), ("reset", 4)])
@@ -69,7 +69,7 @@ def _when_first_shard_is_written(proxy, bucket: str, action) -> threading.Thread
 def test_an_endpoint_gone_mid_run_is_one_line_and_a_rerun_completes(proxy, s3_job):
     out = f"{s3_job}/store"
     args = ["extract", "--images", f"{s3_job}/imgs/", "--out", out, "--checkpoint",
-            f"{s3_job}/ckpt", "rows_per_shard=2", "batch_size=2", "decode_batch_size=2",
+            f"{s3_job}/ckpt", "rows_per_shard=2", "batch_size=2",
             "read_threads=2"]
     watcher = _when_first_shard_is_written(proxy, s3_job, proxy.down)
     # A slow detector keeps the run going after its first shard: the outage hits mid-run.

@@ -28,7 +28,7 @@ def test_damaged_shards_are_named_by_the_reader_and_repaired_by_a_rerun(tmp_path
     save_detector(detector, str(tmp_path / "ckpt"))
     out = tmp_path / "store"
     cfg = ExtractConfig(images=str(tmp_path / "imgs"), out=str(out), checkpoint=str(tmp_path / "ckpt"),
-                        rows_per_shard=2, batch_size=3, decode_batch_size=3)
+                        rows_per_shard=2, batch_size=3)
     assert run_extraction(cfg)["shards"] == 5
     intact = {p: p.read_bytes() for p in sorted(out.rglob("part-*.parquet"))}
 
@@ -74,7 +74,7 @@ def test_a_damaged_first_shard_and_a_shard_short_of_rows_are_redone(tmp_path, de
     save_detector(detector, str(tmp_path / "ckpt"))
     out = tmp_path / "store"
     cfg = ExtractConfig(images=str(tmp_path / "imgs"), out=str(out), checkpoint=str(tmp_path / "ckpt"),
-                        rows_per_shard=2, batch_size=2, decode_batch_size=2)
+                        rows_per_shard=2, batch_size=2)
     run_extraction(cfg)
     _truncate(out / "features" / "part-00000.parquet")
     (out / "errors" / "part-00001.parquet").write_bytes(
