@@ -155,7 +155,7 @@ def decode_rate(count: int = 48) -> dict:
     import numpy as np
     from PIL import Image
 
-    from ray_updown.extraction.images import DecodeLimits, decode_image
+    from ray_updown.data.images import DecodeLimits, decode_image
 
     rng = np.random.default_rng(0)
     # Smooth content compresses like a photograph; noise would make JPEG decode unusually slow.

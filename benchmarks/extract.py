@@ -56,9 +56,9 @@ import numpy as np
 import torch
 
 from ray_updown import storage
+from ray_updown.data.images import DecodeLimits, decode_image
 from ray_updown.data.world import WorldConfig, build_world
 from ray_updown.detector import BottomUpDetector, load_detector, paper_config, save_detector, world_config
-from ray_updown.extraction.images import DecodeLimits, decode_image
 from ray_updown.extraction.inputs import list_images
 from ray_updown.extraction.pipeline import ExtractConfig, run_extraction
 

@@ -207,8 +207,8 @@ def half_fidelity(checkpoint: str, images: str, device: str, limit: int = 180) -
     from detector import compare_regions
 
     from ray_updown import storage
+    from ray_updown.data.images import DecodeLimits, decode_image
     from ray_updown.detector import load_detector
-    from ray_updown.extraction.images import DecodeLimits, decode_image
     from ray_updown.extraction.inputs import list_images
 
     if device != "cuda":

@@ -237,7 +237,7 @@ def test_malicious_torch_file_is_refused_naming_the_global(tmp_path, name, kwarg
 
 
 def test_refused_global_is_found_in_the_opcodes_when_torch_does_not_name_it(tmp_path):
-    from ray_updown.detector.safe_pickle import _refused_global
+    from ray_updown.safe_pickle import _refused_global
 
     path = tmp_path / "evil.pth"
     torch.save({"w": torch.zeros(2), "model": _RunsCode("x")}, path, pickle_protocol=4)

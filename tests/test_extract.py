@@ -19,9 +19,9 @@ from ray import cloudpickle
 from test_images import encode, halves, png_chunks, with_orientation  # noqa: E402
 
 from ray_updown import storage
+from ray_updown.data.images import decode_image
 from ray_updown.data.world import WorldConfig, build_world
 from ray_updown.detector import BottomUpDetector, grid_boxes, load_detector, save_detector, tiny_config
-from ray_updown.extraction.images import decode_image
 from ray_updown.extraction.pipeline import ExtractConfig, run_extraction
 from ray_updown.features.store import FeatureStore
 

@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 from test_images import encode, png_chunks
 
+from ray_updown.data.images import DecodeLimits, ImageDecodeError, decode_image
 from ray_updown.detector import BottomUpDetector, save_detector, tiny_config
 from ray_updown.errors import CheckpointError, ConfigError
-from ray_updown.extraction.images import DecodeLimits, ImageDecodeError, decode_image
 from ray_updown.extraction.inputs import list_images, list_inputs
 from ray_updown.extraction.pipeline import SUMMARY_FILE, ExtractConfig, run_extraction
 from ray_updown.features.store import FeatureStore

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ray_updown.extraction.images import DecodeLimits, ImageDecodeError, boxes_to_original, decode_image, target_size
+from ray_updown.data.images import DecodeLimits, ImageDecodeError, boxes_to_original, decode_image, target_size
 
 
 def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:

@@ -172,6 +172,34 @@ def test_no_import_cycles():
     assert not cycles, f"{len(cycles)} import cycle(s) in {PACKAGE}:\n{report}"
 
 
+# ----------------------------------------------------------------------------- folder layers
+
+# The package's folders and root modules, low to high: a module imports only from its own
+# layer or from below (function-level imports included).
+LAYERS = ("errors", "storage", "config", "weights", "devices", "safe_pickle", "ray_session",
+          "data", "metrics", "features", "train", "detector", "extraction", "viz",
+          "captioning", "vqa", "demo", "job_submission", "cli_output", "cli")
+
+
+def _layer(module: str) -> str:
+    """`ray_updown.<folder or root module>[...]` -> its layer name."""
+    return module.split(".")[1]
+
+
+def test_every_import_goes_down_the_layers():
+    root = REPO / PACKAGE
+    graph, modules = import_graph(root, PACKAGE)
+    named = {_layer(m) for m in modules if m != PACKAGE}
+    assert named == set(LAYERS), f"place these in LAYERS: {sorted(named - set(LAYERS))}; " \
+                                 f"gone: {sorted(set(LAYERS) - named)}"
+    rank = {name: i for i, name in enumerate(LAYERS)}
+    upward = [f"{src} imports {dst} at {modules[src].relative_to(REPO)}:{lines[0]}"
+              for src, targets in graph.items() if src != PACKAGE
+              for dst, lines in targets.items()
+              if dst != PACKAGE and rank[_layer(dst)] > rank[_layer(src)]]
+    assert not upward, "imports that go up the layers:\n" + "\n".join(upward)
+
+
 # ----------------------------------------------------------------------------- import checks
 
 # Run in the child: import each module in turn, report failures as JSON on the last line. For

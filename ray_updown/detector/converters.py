@@ -50,8 +50,8 @@ from ray_updown.detector.checkpoint import weights_digest
 from ray_updown.detector.config import RESNET_STAGES, DetectorConfig
 from ray_updown.detector.config import conventions as named_conventions
 from ray_updown.detector.rpn import caffe_cell_anchors, detectron2_cell_anchors
-from ray_updown.detector.safe_pickle import safe_torch_load, safe_unpickle
 from ray_updown.errors import CheckpointError
+from ray_updown.safe_pickle import safe_torch_load, safe_unpickle
 from ray_updown.weights import load_state_strict, raise_for_report, state_dict_report
 
 LAYOUTS = ("py-bottom-up-attention", "milvlg", "hf-frcnn")

@@ -46,8 +46,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ray_updown.data.images import DecodeLimits
 from ray_updown.errors import DataError, StorageError
-from ray_updown.extraction.images import DecodeLimits
 from ray_updown.extraction.model import ModelSpec, default_batch_size
 from ray_updown.extraction.plan import PlanReader
 from ray_updown.extraction.stages import Detected, DetectorActor, decode_stage, read_stage

@@ -41,7 +41,6 @@ import pyarrow.parquet as pq
 from ray_updown import storage
 from ray_updown.errors import ConfigError, DataError, StorageError
 
-PLAN_FILE = "extract_plan.parquet"  # plan.py writes it; the reader finds stores by it
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 BOXES_TYPE = pa.list_(pa.list_(pa.float32()))
 # COCO 2014 (COCO_<split>2014_<12 digits>), COCO 2017 (12 digits) and VG (<digits>).

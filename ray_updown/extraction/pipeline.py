@@ -69,10 +69,10 @@ import pyarrow.parquet as pq
 
 from ray_updown import storage
 from ray_updown.config import check_at_least, validate_fields
+from ray_updown.data.images import DecodeLimits
 from ray_updown.errors import ConfigError, DataError, StorageError
 from ray_updown.extraction.actor import ShardWriter
 from ray_updown.extraction.failures import ray_failures_as_one_line
-from ray_updown.extraction.images import DecodeLimits
 from ray_updown.extraction.inputs import IMAGE_SUFFIXES, InputListing, list_inputs, read_manifest
 from ray_updown.extraction.model import ModelSpec, build_model, describe_model
 from ray_updown.extraction.plan import join_boxes_from, make_plan, save_plan

@@ -27,7 +27,8 @@ import pyarrow.parquet as pq
 
 from ray_updown import storage
 from ray_updown.errors import ConfigError, DataError, StorageError
-from ray_updown.extraction.inputs import BOXES_TYPE, PLAN_FILE, InputImage, read_parquet_lean
+from ray_updown.extraction.inputs import BOXES_TYPE, InputImage, read_parquet_lean
+from ray_updown.features.schema import PLAN_FILE
 
 PLAN_ROW_GROUP = 8192  # rows a worker reads to get its shard's rows
 _COLUMNS = ("image_id", "uri", "shard", "stage", "reason", "row")

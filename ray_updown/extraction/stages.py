@@ -24,14 +24,14 @@ import numpy as np
 import pyarrow as pa
 
 from ray_updown import storage
-from ray_updown.errors import RayUpdownError
-from ray_updown.extraction.images import (
+from ray_updown.data.images import (
     DecodedImage,
     DecodeLimits,
     ImageDecodeError,
     boxes_to_original,
     decode_image,
 )
+from ray_updown.errors import RayUpdownError
 from ray_updown.extraction.model import ModelSpec, build_model, one_line
 from ray_updown.features.schema import StoreMeta, feature_schema
 from ray_updown.features.writer import FeatureRecord, records_to_table

@@ -29,11 +29,8 @@ import pyarrow.parquet as pq
 
 from ray_updown import storage
 from ray_updown.errors import DataError, StorageError
-from ray_updown.features.schema import ERRORS_DIR, FEATURES_DIR, INDEX_FILE, StoreMeta
+from ray_updown.features.schema import ERRORS_DIR, FEATURES_DIR, INDEX_FILE, PLAN_FILE, StoreMeta
 
-# Kept in step with ray_updown.extraction.inputs.PLAN_FILE (not imported: the extraction
-# package pulls in the pipeline's dependencies, which `inspect` does not need).
-PLAN_FILE = "extract_plan.parquet"
 TOP_REASONS = 5
 # Distinct reasons counted per stage; reasons often name the file, so a store with millions
 # of errors could otherwise hold millions of strings. Rows beyond it are counted as untracked.

@@ -24,8 +24,7 @@ import torch
 
 from ray_updown import storage
 from ray_updown.errors import DataError, StorageError
-from ray_updown.extraction.inputs import PLAN_FILE
-from ray_updown.features.schema import ERRORS_DIR, FEATURES_DIR, INDEX_FILE, StoreMeta
+from ray_updown.features.schema import ERRORS_DIR, FEATURES_DIR, INDEX_FILE, PLAN_FILE, StoreMeta
 from ray_updown.features.spatial import spatial_features
 from ray_updown.features.writer import DecodedRows, FeatureRecord
 

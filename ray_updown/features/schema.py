@@ -61,6 +61,7 @@ IMAGE_ID_TYPES = ("int64", "string")
 FEATURES_DIR = "features"
 ERRORS_DIR = "errors"
 INDEX_FILE = "index.parquet"
+PLAN_FILE = "extract_plan.parquet"  # an extraction's plan (extraction/plan.py writes it)
 SHARD_NAME = "part-{shard:05d}.parquet"
 
 # Columns whose per-row lists must all have num_boxes entries.

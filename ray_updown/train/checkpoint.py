@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ray_updown import storage
-from ray_updown.detector.safe_pickle import safe_torch_load
 from ray_updown.errors import CheckpointError
+from ray_updown.safe_pickle import safe_torch_load
 from ray_updown.train.worker import unwrap
 
 MODEL_FILE = "model.safetensors"

@@ -21,8 +21,8 @@ import torch
 from ray_updown import storage
 from ray_updown.detector.checkpoint import CONFIG_FILE as DETECTOR_JSON
 from ray_updown.detector.checkpoint import load_detector, save_detector
-from ray_updown.detector.safe_pickle import safe_torch_load
 from ray_updown.errors import CheckpointError
+from ray_updown.safe_pickle import safe_torch_load
 from ray_updown.train.checkpoint import check_vocabulary
 from ray_updown.weights import load_state_strict
 

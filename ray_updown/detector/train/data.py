@@ -21,10 +21,10 @@ import torch
 from ray_updown import storage
 from ray_updown.config import validate_config, validate_fields
 from ray_updown.data.coco import coco_split_map, load_karpathy
+from ray_updown.data.images import DecodeLimits, ImageDecodeError, decode_image
 from ray_updown.data.vg import ClassVocab, VgImage, load_class_vocab, load_visual_genome, split_visual_genome
 from ray_updown.detector.roi_heads import DetectionTarget
 from ray_updown.errors import ConfigError, DataError
-from ray_updown.extraction.images import DecodeLimits, ImageDecodeError, decode_image
 from ray_updown.metrics.detection import DetectionMetrics, evaluate_detections
 from ray_updown.train.worker import distributed, shard_batches
 
