@@ -76,8 +76,8 @@ from ray_updown.extraction.failures import ray_failures_as_one_line
 from ray_updown.extraction.inputs import IMAGE_SUFFIXES, InputListing, list_inputs, read_manifest
 from ray_updown.extraction.model import ModelSpec, build_model, describe_model
 from ray_updown.extraction.plan import join_boxes_from, make_plan, save_plan
-from ray_updown.extraction.shards import complete_shards, count_rows, shard_files
-from ray_updown.features.schema import FEATURES_DIR, StoreMeta
+from ray_updown.extraction.shards import complete_shards, count_rows
+from ray_updown.features.schema import FEATURES_DIR, StoreMeta, list_shards
 
 SUMMARY_FILE = "extract_summary.json"
 
@@ -357,7 +357,7 @@ def _check_same_model(out: str, meta: StoreMeta) -> None:
     Only what identifies the model is compared: a store written before the vocabularies were
     recorded (no vocabularies in its shards) is resumed by the same checkpoint. The first
     readable shard decides: a damaged one is redone by this run (_complete_shards)."""
-    for shard_uri in shard_files(out, FEATURES_DIR):
+    for shard_uri in (part.uri for part in list_shards(out, FEATURES_DIR)):
         pa_fs, path = storage.pyarrow_filesystem(shard_uri)
         try:
             theirs = StoreMeta.from_kv(pq.read_schema(path, filesystem=pa_fs).metadata,

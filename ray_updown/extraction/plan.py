@@ -291,11 +291,10 @@ class PlanReader:
 def join_boxes_from(inputs: pa.Table, store_uri: str) -> pa.Table:
     """`inputs` with given_boxes: each image's `boxes` in the feature store at `store_uri`
     (null where the store has no row for the image: the detector chooses there)."""
-    from ray_updown.features.schema import FEATURES_DIR
+    from ray_updown.features.schema import FEATURES_DIR, list_shards
 
     folder = storage.join(store_uri, FEATURES_DIR)
-    files = [u for u in (storage.list_files(folder, (".parquet",)) if storage.exists(folder) else [])
-             if u.rsplit("/", 1)[-1].startswith("part-")]
+    files = [part.uri for part in list_shards(store_uri, FEATURES_DIR)]
     if not files:
         raise DataError("no feature shards to take boxes from", file=folder)
     parts = []

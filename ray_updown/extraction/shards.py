@@ -18,19 +18,11 @@ import pyarrow.parquet as pq
 
 from ray_updown import storage
 from ray_updown.errors import DataError, StorageError
-from ray_updown.features.schema import ERRORS_DIR, FEATURES_DIR
+from ray_updown.features.schema import ERRORS_DIR, FEATURES_DIR, list_shards
 from ray_updown.features.writer import (
     error_shard_uri,
     feature_shard_uri,
 )
-
-
-def shard_files(out: str, folder: str) -> list[str]:
-    uri = storage.join(out, folder)
-    if not storage.exists(uri):
-        return []
-    return [u for u in storage.list_files(uri, (".parquet",))
-            if u.rsplit("/", 1)[-1].startswith("part-")]
 
 
 def num_rows(uri: str) -> int:
@@ -54,8 +46,7 @@ def complete_shards(out: str, ranges: pa.Table) -> np.ndarray:
     is redone: its parts are overwritten under the same names, so a re-run repairs a damaged
     store instead of reporting it complete. Only the footers are read (one request a part)."""
     def numbers(folder: str) -> np.ndarray:
-        names = [u.rsplit("/", 1)[-1][len("part-"):-len(".parquet")] for u in shard_files(out, folder)]
-        return np.array([int(n) for n in names if n.isdigit()], dtype=np.int64)
+        return np.array([part.number for part in list_shards(out, folder)], dtype=np.int64)
 
     planned = ranges.column("shard").to_numpy().astype(np.int64)
     both = np.intersect1d(np.intersect1d(numbers(FEATURES_DIR), numbers(ERRORS_DIR)), planned)

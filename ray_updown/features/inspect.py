@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import re
 from collections import Counter
 from typing import Any, Iterable, Iterator
 
@@ -29,7 +28,7 @@ import pyarrow.parquet as pq
 
 from ray_updown import storage
 from ray_updown.errors import DataError, StorageError
-from ray_updown.features.schema import ERRORS_DIR, FEATURES_DIR, INDEX_FILE, PLAN_FILE, StoreMeta
+from ray_updown.features.schema import ERRORS_DIR, FEATURES_DIR, INDEX_FILE, PLAN_FILE, SHARD_FILE, StoreMeta
 
 TOP_REASONS = 5
 # Distinct reasons counted per stage; reasons often name the file, so a store with millions
@@ -39,7 +38,6 @@ MAX_REASONS_PER_STAGE = 10_000
 MAX_LISTED = 20
 CONFIDENCE_BINS = 50
 
-_SHARD_RE = re.compile(r"^part-(\d+)\.parquet$")
 _REQUIRED_FEATURE_COLUMNS = ("image_id", "num_boxes", "features")
 
 
@@ -174,9 +172,8 @@ def _shards(files: dict[str, int], folder: str) -> tuple[dict[int, tuple[str, in
         head, _, name = rel.partition("/")
         if head != folder:
             continue
-        match = _SHARD_RE.match(name)
-        if match:
-            shards[int(match.group(1))] = (name, size)
+        if SHARD_FILE.match(name):
+            shards[int(name[len("part-"):-len(".parquet")])] = (name, size)
         else:  # e.g. part-00003.parquet.tmp-1a2b3c4d left by a killed local write
             stray.append(rel)
     return shards, stray

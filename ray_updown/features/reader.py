@@ -10,8 +10,6 @@ when the listing differs (a resumed extraction added shards) it is rebuilt on op
 from __future__ import annotations
 
 import json
-import posixpath
-import re
 import warnings
 from collections import OrderedDict
 from typing import Any, Iterator, Sequence
@@ -24,25 +22,16 @@ import torch
 
 from ray_updown import storage
 from ray_updown.errors import DataError, StorageError
-from ray_updown.features.schema import ERRORS_DIR, FEATURES_DIR, INDEX_FILE, PLAN_FILE, StoreMeta
+from ray_updown.features.schema import ERRORS_DIR, FEATURES_DIR, INDEX_FILE, PLAN_FILE, StoreMeta, list_shards
 from ray_updown.features.spatial import spatial_features
 from ray_updown.features.writer import DecodedRows, FeatureRecord
 
-_SHARD_RE = re.compile(r"^part-\d+\.parquet$")
 _OPEN_FILES = 16
 
 
 def _list_shards(store_uri: str, folder: str) -> list[tuple[str, int]]:
-    """(file name, size) of the complete shards in <store>/<folder>, sorted by name."""
-    fs, path = storage.filesystem(storage.join(store_uri, folder))
-    try:
-        found = fs.find(path, detail=True, maxdepth=1) if fs.exists(path) else {}
-    except Exception as exc:
-        raise StorageError(f"cannot list ({type(exc).__name__})",
-                           file=storage.join(store_uri, folder)) from None
-    out = [(posixpath.basename(p.rstrip("/")), int(info.get("size") or 0))
-           for p, info in found.items()]
-    return sorted((n, s) for n, s in out if _SHARD_RE.match(n))
+    """(file name, size) of the shard parts in <store>/<folder>, sorted by name."""
+    return [(part.name, part.size) for part in list_shards(store_uri, folder)]
 
 
 def open_parquet(uri: str) -> pq.ParquetFile:

@@ -45,12 +45,15 @@ Error rows: `image_id` (int64 or string, null when no id could be derived), `uri
 from __future__ import annotations
 
 import json
+import posixpath
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import pyarrow as pa
 
-from ray_updown.errors import DataError
+from ray_updown import storage
+from ray_updown.errors import DataError, StorageError
 
 SCHEMA_VERSION = "1"
 BOX_FORMAT = "xyxy_pixels"
@@ -180,6 +183,40 @@ def error_schema(image_id_type: str = "string") -> pa.Schema:
         pa.field("stage", pa.string()),
         pa.field("reason", pa.string()),
     ], metadata={b"schema_version": SCHEMA_VERSION.encode()})
+
+
+SHARD_FILE = re.compile(r"^part-\d+\.parquet$")  # a shard's part; temporary files never match
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    """One shard part found in a store's folder, with what its listing said of it."""
+
+    name: str
+    uri: str
+    size: int
+    info: Mapping[str, Any]
+
+    @property
+    def number(self) -> int:
+        return int(self.name[len("part-"):-len(".parquet")])
+
+
+def list_shards(store_uri: str, folder: str) -> list[ShardFile]:
+    """The shard parts in <store>/<folder>, sorted by name ([] when the folder is absent): the
+    one listing of a store's shards, by the reader, the shared copy and the extraction."""
+    uri = storage.join(store_uri, folder)
+    fs, path = storage.filesystem(uri)
+    try:
+        found = fs.find(path, detail=True, maxdepth=1) if fs.exists(path) else {}
+    except Exception as exc:
+        raise StorageError(f"cannot list ({type(exc).__name__})", file=uri) from None
+    parts = []
+    for key, info in found.items():
+        name = posixpath.basename(key.rstrip("/"))
+        if SHARD_FILE.match(name):
+            parts.append(ShardFile(name, storage.join(uri, name), int(info.get("size") or 0), info))
+    return sorted(parts, key=lambda part: part.name)
 
 
 def shard_name(shard: int) -> str:

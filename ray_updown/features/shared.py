@@ -51,7 +51,7 @@ import pyarrow.compute as pc
 from ray_updown import storage
 from ray_updown.errors import DataError, StorageError
 from ray_updown.features.reader import open_parquet
-from ray_updown.features.schema import FEATURES_DIR, StoreMeta
+from ray_updown.features.schema import FEATURES_DIR, StoreMeta, list_shards
 from ray_updown.features.writer import DecodedRows
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,6 @@ VERSION = 1
 MANIFEST = "manifest.json"
 ARRAYS = ("features", "boxes", "offsets", "sizes", "image_ids")
 _INFO_KEYS = ("size", "mtime", "ETag", "etag", "LastModified", "last_modified", "generation")
-_SHARD_SUFFIX = ".parquet"
 
 
 def default_cache_dir() -> str:
@@ -75,17 +74,8 @@ def store_fingerprint(store_uri: str) -> dict[str, Any]:
     uri = str(store_uri).rstrip("/")
     if not storage.is_remote(uri) and not uri.startswith("file://"):
         uri = os.path.abspath(uri)
-    fs, path = storage.filesystem(storage.join(uri, FEATURES_DIR))
-    try:
-        found = fs.find(path, detail=True, maxdepth=1) if fs.exists(path) else {}
-    except Exception as exc:
-        raise StorageError(f"cannot list ({type(exc).__name__})",
-                           file=storage.join(uri, FEATURES_DIR)) from None
-    shards = []
-    for p, info in sorted(found.items()):
-        name = p.rstrip("/").rsplit("/", 1)[-1]
-        if name.startswith("part-") and name.endswith(_SHARD_SUFFIX):
-            shards.append([name] + [str(info[k]) for k in _INFO_KEYS if info.get(k) is not None])
+    shards = [[part.name] + [str(part.info[k]) for k in _INFO_KEYS if part.info.get(k) is not None]
+              for part in list_shards(uri, FEATURES_DIR)]
     if not shards:
         raise StorageError("not a feature store with features (no shards under features/)",
                            file=uri)
