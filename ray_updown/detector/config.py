@@ -49,7 +49,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ray_updown.config import validate_fields
+from ray_updown.config import from_dict, validate_fields
 from ray_updown.errors import ConfigError
 
 # Blocks per stage (res2, res3, res4, res5) and the block type of each supported depth.
@@ -245,27 +245,9 @@ class DetectorConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str | None = None) -> "DetectorConfig":
-        """Build from a JSON/YAML mapping; lists become tuples, unknown keys are an error."""
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ConfigError(f"unknown detector config key(s) {unknown}", file=source)
-        kwargs = {}
-        for key, value in data.items():
-            default = getattr(cls(), key) if key != "extra" else None
-            if isinstance(default, tuple) and isinstance(value, (list, tuple)):
-                floats = not default or isinstance(default[0], float)  # () holds thresholds
-                value = tuple(float(v) if floats else v for v in value)
-            elif isinstance(default, bool):
-                value = bool(value)
-            elif isinstance(default, int) and not isinstance(default, bool):
-                value = int(value)
-            elif isinstance(default, float):
-                value = float(value)
-            kwargs[key] = value
-        config = cls(**kwargs)
-        config.validate()
-        return config
+        """Build from a JSON/YAML mapping (config.from_dict: lists become tuples, unknown keys
+        are a ConfigError, the result is validated)."""
+        return from_dict(cls, data, source)
 
     def hash(self) -> str:
         """A short digest of the architecture-and-behaviour config (provenance in feature files)."""

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm as _weight_norm
 
-from ray_updown.config import validate_fields
+from ray_updown.config import from_dict, validate_fields
 from ray_updown.errors import ConfigError, DataError
 
 
@@ -110,14 +110,9 @@ class VqaConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping) -> "VqaConfig":
-        """Build from a checkpoint's config.json section; unknown keys are a ConfigError."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown VQA config keys {unknown}", record="vqa")
-        config = cls(**values)
-        config.validate()
-        return config
+        """Build from a checkpoint's config.json section (config.from_dict: unknown keys are a
+        ConfigError, the result is validated)."""
+        return from_dict(cls, dict(values), None)
 
 
 def _linear(in_dim: int, out_dim: int, use_weight_norm: bool) -> nn.Linear:
