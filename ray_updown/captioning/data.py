@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ray_updown.config import validate_config, validate_fields
+from ray_updown.config import check_at_least, validate_config, validate_fields
 from ray_updown.data.coco import CaptionImage, Vocab, build_vocab, images_in_split, load_karpathy
 from ray_updown.errors import ConfigError, DataError
 from ray_updown.features.regions import (
@@ -75,12 +75,8 @@ class CaptionDataConfig:
 
     def validate(self) -> None:
         validate_fields(self)  # train_splits, val_split
-        for name in ("vocab_min_count", "max_len", "max_regions", "captions_per_image"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"must be positive, got {getattr(self, name)}", record=name)
-        for name in ("val_images", "train_images", "loader_workers"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"must be >= 0, got {getattr(self, name)}", record=name)
+        check_at_least(self, 1, "vocab_min_count", "max_len", "max_regions", "captions_per_image")
+        check_at_least(self, 0, "val_images", "train_images", "loader_workers")
         if not 0.0 <= self.device_features_share <= 1.0:
             raise ConfigError(f"must be in [0, 1], got {self.device_features_share}",
                               record="device_features_share")

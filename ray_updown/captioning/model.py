@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ray_updown.config import check_at_least
 from ray_updown.errors import ConfigError, DataError
 
 
@@ -46,11 +47,9 @@ class CaptionerConfig:
     eos_id: int = 2
 
     def validate(self) -> None:
-        for name in ("vocab_size", "feat_dim", "embed_dim", "hidden_dim", "att_dim", "max_len"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"must be positive, got {getattr(self, name)}", record=name)
-        if self.spatial_dim < 0:
-            raise ConfigError(f"must be >= 0, got {self.spatial_dim}", record="spatial_dim")
+        check_at_least(self, 1, "vocab_size", "feat_dim", "embed_dim", "hidden_dim", "att_dim",
+                       "max_len")
+        check_at_least(self, 0, "spatial_dim")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"must be in [0, 1), got {self.dropout}", record="dropout")
         ids = {"pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id}

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ray_updown import storage
-from ray_updown.config import to_dict, validate_fields
+from ray_updown.config import check_at_least, to_dict, validate_fields
 from ray_updown.demo.stages import (
     StageBook,
     WorldFiles,
@@ -123,12 +123,10 @@ class DemoConfig:
             raise ConfigError("an output folder is needed", record="out")
         if not 0 < self.scale <= 100:
             raise ConfigError(f"must be in (0, 100], got {self.scale}", record="scale")
-        for key in ("images", "caption_dim", "caption_batch_size",
-                    "caption_xe_epochs", "scst_epochs", "vqa_hidden", "vqa_epochs",
-                    "vqa_batch_size", "ensemble_members", "caption_grid", "extract_threads",
-                    "parallel_tracks", "caption_max_len"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"must be >= 1, got {getattr(self, key)}", record=key)
+        check_at_least(self, 1, "images", "caption_dim", "caption_batch_size", "caption_xe_epochs",
+                       "scst_epochs", "vqa_hidden", "vqa_epochs", "vqa_batch_size",
+                       "ensemble_members", "caption_grid", "extract_threads", "parallel_tracks",
+                       "caption_max_len")
         if self.min_regions < 0 or self.max_regions < 0 or (
                 self.max_regions and self.min_regions > self.max_regions):
             raise ConfigError(f"need 0 <= min_regions <= max_regions, got {self.min_regions}, "

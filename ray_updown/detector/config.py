@@ -49,7 +49,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ray_updown.config import from_dict, validate_fields
+from ray_updown.config import check_at_least, from_dict, validate_fields
 from ray_updown.errors import ConfigError
 
 # Blocks per stage (res2, res3, res4, res5) and the block type of each supported depth.
@@ -217,10 +217,9 @@ class DetectorConfig:
         if self.depth not in RESNET_STAGES:
             raise ConfigError(f"depth must be one of {sorted(RESNET_STAGES)}, got {self.depth}",
                               record="depth")
-        for key in ("num_classes", "num_attributes", "width", "rpn_channels", "min_size",
-                    "max_size", "pooler_resolution", "attr_embed_dim", "attr_hidden_dim"):
-            if int(getattr(self, key)) < 1:
-                raise ConfigError(f"must be positive, got {getattr(self, key)}", record=key)
+        check_at_least(self, 1, "num_classes", "num_attributes", "width", "rpn_channels",
+                       "min_size", "max_size", "pooler_resolution", "attr_embed_dim",
+                       "attr_hidden_dim")
         if self.num_classes < 2:
             raise ConfigError("needs background plus at least one class", record="num_classes")
         if not 0 < self.min_boxes <= self.max_boxes:

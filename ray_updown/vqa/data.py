@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ray_updown import storage
-from ray_updown.config import validate_config, validate_fields
+from ray_updown.config import check_at_least, validate_config, validate_fields
 from ray_updown.data.glove import load_glove
 from ray_updown.data.text import Vocab, field, records
 from ray_updown.data.vqa import (
@@ -84,9 +84,7 @@ class VqaDataConfig:
         if "val" in self.train_on and not (self.val_questions and self.val_annotations):
             raise ConfigError("train_on has 'val' but val_questions/val_annotations are not set",
                               record="train_on")
-        for name in ("answer_min_count", "max_boxes"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"must be >= 1, got {getattr(self, name)}", record=name)
+        check_at_least(self, 1, "answer_min_count", "max_boxes")
         if not 0.0 <= self.device_features_share <= 1.0:
             raise ConfigError(f"must be in [0, 1], got {self.device_features_share}",
                               record="device_features_share")

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm as _weight_norm
 
-from ray_updown.config import from_dict, validate_fields
+from ray_updown.config import check_at_least, from_dict, validate_fields
 from ray_updown.errors import ConfigError, DataError
 
 
@@ -61,12 +61,8 @@ class VqaConfig:
         if self.num_answers < 1:
             raise ConfigError("the answer vocabulary is empty (num_answers must be >= 1)",
                               record="num_answers")
-        for name in ("num_tokens", "embed_dim", "hidden", "feat_dim", "question_len"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"must be >= 1, got {getattr(self, name)}", record=name)
-        for name in ("spatial_dim", "classifier_hidden"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"must be >= 0, got {getattr(self, name)}", record=name)
+        check_at_least(self, 1, "num_tokens", "embed_dim", "hidden", "feat_dim", "question_len")
+        check_at_least(self, 0, "spatial_dim", "classifier_hidden")
         if not 0 <= self.pad_index < self.num_tokens:
             raise ConfigError(f"pad_index {self.pad_index} outside [0, {self.num_tokens})",
                               record="pad_index")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ray_updown import storage
-from ray_updown.config import validate_config, validate_fields
+from ray_updown.config import check_at_least, validate_config, validate_fields
 from ray_updown.data.coco import coco_split_map, load_karpathy
 from ray_updown.data.images import DecodeLimits, ImageDecodeError, decode_image
 from ray_updown.data.vg import ClassVocab, VgImage, load_class_vocab, load_visual_genome, split_visual_genome
@@ -58,11 +58,8 @@ class DetectorDataConfig:
 
     def validate(self) -> None:
         validate_fields(self)  # val_split, test_split
-        for name in ("val_images", "train_images"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"must be >= 0, got {getattr(self, name)}", record=name)
-        if self.load_threads < 1:
-            raise ConfigError("must be at least 1", record="load_threads")
+        check_at_least(self, 0, "val_images", "train_images")
+        check_at_least(self, 1, "load_threads")
 
     def uri(self, name: str) -> str:
         """The URI of one VG file (the field, or its default under root)."""
