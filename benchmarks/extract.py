@@ -1,4 +1,4 @@
-"""Extraction pipeline benchmarks (issue 4, items 6a and 6c). Prints one JSON object.
+"""Extraction pipeline benchmarks. Prints one JSON object.
 
 (a) pipeline efficiency = images/s of the whole Ray Data pipeline (list, read, decode, detector
     actor, Parquet write, index, summary) / images/s of the bare model forward
@@ -16,12 +16,10 @@
 (c) images/s of the demo configuration with 1 and with 2 actors (each with --threads torch
     threads); peak RSS of each extraction actor process (ru_maxrss, read in the
     actor after each batch).
-Issue 13 adds:
 (d) traffic per image of the demo run: bytes the driver received (the workers' per-shard
     counts), object-store bytes (shard ranges in, counts out), and the decoded-pixel and
-    encoded bytes the workers kept in their own processes (what a read -> decode -> detect
-    stream would have put through the object store, and the old driver-side writer through
-    the driver).
+    encoded bytes the workers keep in their own processes (what a read -> decode -> detect
+    stream would put through the object store, and a driver-side writer through the driver).
 (e) planning a --plan-rows (10,000,000) row Parquet manifest with a trivial model
     (plan_only: list, plan, save the plan, check what is complete; no pipeline): the
     driver's planning seconds and peak RSS (its own process), first run and resumed run.

@@ -1,4 +1,4 @@
-"""Region-feature store benchmarks (issue 4, items 6b and 6d). Prints one JSON object.
+"""Region-feature store benchmarks. Prints one JSON object.
 
 (b) bytes per image of the Parquet store (shards + index) / bytes per image of the original
     bottom-up-attention TSV of the same regions (target <= 0.4). D = 2048, 10-100 boxes.

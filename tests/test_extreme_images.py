@@ -1,4 +1,4 @@
-"""Issue 17: inputs that used to vanish or fail for no good reason.
+"""Extreme inputs: each becomes a feature row or one named error row, never nothing.
 
 Extreme aspect ratios (a 3x2500 PNG, a 3000x4 JPEG) give feature rows; beyond
 `max_aspect_ratio` an error row names the file's size; files that are not taken as inputs are

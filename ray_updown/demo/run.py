@@ -76,12 +76,9 @@ class DemoConfig:
     detector_attr_loss_weight: float = 2.0
     # 3. features
     extract_threads: int = 2  # torch threads of the one extraction actor
-    # Regions kept per image: the paper keeps 10-100 above a 0.2 confidence, its released
-    # features also come with a fixed 36. Measured on world seed 0 (demo/counting.py; README,
-    # "The counting gap"): 10-100 keeps 10.0 (only 2-5 shapes and the backdrop pass 0.2, so
-    # the minimum binds) with 1.8 copies per shape against 36's 3.6, yet VQA on numbers
-    # falls with both VQA seeds (69.6 / 68.3 vs 71.8 / 74.4); overall is mixed (52.3 / 63.3
-    # vs 61.7 / 62.3). So the demo keeps the fixed 36.
+    # Regions kept per image: a fixed 36, as the paper's released features. On the world the
+    # paper's 10-100 above 0.2 keeps about 10 (the minimum binds), too few copies of each
+    # shape for counting (README, "The counting gap"; demo/counting.py measures both).
     min_regions: int = 36
     max_regions: int = 36
     # 4. captioner (M = H = E = caption_dim; the paper has 1000/512/1000)
@@ -99,14 +96,13 @@ class DemoConfig:
     vqa_grids: list[int] = field(default_factory=lambda: [1, 7, 14])
     vqa_hidden: int = 256  # the paper: 512
     vqa_optimizer: Literal["adadelta", "adamax"] = "adamax"  # the paper; the re-implementation
-    # Adamax at its default 2e-3 leaves every model at the answer priors for 10+ epochs on
-    # the world (val 0.46); at 1e-2 Up-Down reaches 0.65 in 14 epochs, the grids ~0.48-0.50.
+    # 1e-2: at Adamax's default 2e-3 every model stays at the answer priors for 10+ epochs
+    # on the world.
     vqa_lr: float = 1e-2  # 0 = the optimizer's default
     vqa_epochs: int = 15
     # Every model trains all its epochs (0 = no early stopping) and keeps its best epoch on
-    # val: the models sit at the answer priors for 8-12 epochs before they learn colours
-    # and counts, and a patience of 5 once stopped every grid there (seed 0: val 0.459 at
-    # epoch 1, stopped at 6; trained on, the 14x14 grid reached 0.70 on numbers).
+    # val: the models sit at the answer priors for 8-12 epochs before they learn colours and
+    # counts, so any patience short of that stops the grids before they learn.
     vqa_patience: int = 0
     vqa_batch_size: int = 64
     vqa_answer_min_count: int = 9  # the paper's threshold
@@ -237,7 +233,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     # 4 and 5 share the cluster: a captioner run takes one CPU, a VQA trial one; Ray queues
     # what does not fit, so both CPUs stay busy until the last run ends. Ray Train and Tune are
     # imported here first: two threads importing them at once trip over ray.train's own
-    # circular imports (seen when a rerun skips the detector, the first importer).
+    # circular imports (as when a re-run skips the detector, the first importer).
     import ray.train  # noqa: F401
     import ray.tune  # noqa: F401
     tracks = side_by_side({"caption_regions": lambda: captioner("regions"),

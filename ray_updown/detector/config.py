@@ -250,8 +250,8 @@ class DetectorConfig:
 
     def hash(self) -> str:
         """A short digest of the architecture-and-behaviour config (provenance in feature files)."""
-        # Conventions at Caffe's values are left out, so configs written before those fields
-        # existed keep their digest (they computed exactly that).
+        # Conventions at Caffe's values are left out: a config without those fields and one
+        # holding Caffe's values share a digest, so older stores and checkpoints still match.
         caffe = CONVENTIONS["caffe"]
         payload = {k: v for k, v in self.to_dict().items()
                    if k != "extra" and not (k in caffe and k not in _DIGESTED_BEFORE_CONVENTIONS

@@ -28,8 +28,7 @@ reads top to bottom in `run_extraction`:
    Why whole shards in one actor call, not a streaming read -> decode -> detect pipeline
    with the driver (or a datasink) writing: a shard's files must hold all its rows, and
    streamed batches cut across shards, so someone has to gather them. Gathering on the driver
-   sent ~0.3 MB per image through it (the previous design); gathering in a sink needs a
-   shuffle. In the actor, nothing per image leaves it: the driver receives ~100 bytes per
+   sends ~0.3 MB per image through it; gathering in a sink needs a shuffle. In the actor, nothing per image leaves it: the driver receives ~100 bytes per
    shard, the object store carries the shard ranges in and the counts out, and decoded
    pixels (~1.8 MB per paper-scale image) stay in the process that uses them. The cost: a
    killed actor redoes the shards it held (rows_per_shard x shards_in_flight bounds it), and
@@ -356,7 +355,7 @@ def _check_same_model(out: str, meta: StoreMeta) -> None:
 
     Only what identifies the model is compared: a store written before the vocabularies were
     recorded (no vocabularies in its shards) is resumed by the same checkpoint. The first
-    readable shard decides: a damaged one is redone by this run (_complete_shards)."""
+    readable shard decides: a damaged one is redone by this run (shards.complete_shards)."""
     for shard_uri in (part.uri for part in list_shards(out, FEATURES_DIR)):
         pa_fs, path = storage.pyarrow_filesystem(shard_uri)
         try:

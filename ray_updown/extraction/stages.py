@@ -1,4 +1,4 @@
-"""The stages of the extraction pipeline (pipeline.py wires them into Ray Data).
+"""The stages of the extraction pipeline (actor.py's ShardWriter runs them on each shard).
 
 Every stage keeps the rows it was given: a row that fails gets `stage` and `reason` set and
 rides along to the end, where it becomes an error row. So input rows = feature rows + error

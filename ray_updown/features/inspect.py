@@ -339,7 +339,7 @@ def inspect_store(uri: str) -> dict[str, Any]:
     if PLAN_FILE in files:
         planned = _plan_rows(storage.join(store, PLAN_FILE))
         # The pipeline writes a shard's errors part first and its features part last; a
-        # planned shard is complete when both are there (extraction.pipeline._complete_shards).
+        # planned shard is complete when both are there (extraction/shards.py complete_shards).
         complete = [s for s in planned if s in features and s in errors]
         missing = [s for s in planned if s not in complete]
         mismatched = [{"shard": s, "planned": planned[s], "present": present_rows[s]}

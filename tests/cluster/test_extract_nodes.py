@@ -1,4 +1,4 @@
-"""Extraction on a real multi-node Ray cluster on this machine (issue 13): a head and two
+"""Extraction on a real multi-node Ray cluster on this machine: a head and two
 worker nodes as separate raylets on 127.0.0.1; the `extract_node` resource places one
 extraction actor on each worker node. (a) Both nodes' actors write shards. (b) A worker node
 removed mid-run: the run completes on the other node (or, if Ray gives up on the lost actor,
