@@ -85,7 +85,7 @@ class TimedModel:
         return out
 
     def extract_batches(self, chunks):
-        """The actor's streaming path (stages.DetectorActor uses it when the model has it)."""
+        """The actor's streaming path (stages.BatchDetector uses it when the model has it)."""
         if not hasattr(self.model, "extract_batches"):  # the stand-in: one call per chunk
             for chunk in chunks:
                 yield self.extract_regions(chunk)

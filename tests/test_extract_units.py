@@ -18,7 +18,7 @@ from ray_updown.extraction.inputs import image_id_from_name, list_images, list_i
 from ray_updown.extraction.model import ModelSpec
 from ray_updown.extraction.pipeline import ExtractConfig, run_extraction
 from ray_updown.extraction.plan import PlanReader, load_plan, plan_table, save_plan, shard_ranges
-from ray_updown.extraction.stages import DetectorActor, result_schema
+from ray_updown.extraction.stages import BatchDetector, result_schema
 from ray_updown.features.store import FeatureRecord, StoreMeta, feature_shard_uri, write_feature_shard
 
 
@@ -160,7 +160,7 @@ class PoisonModel:
 
 def test_actor_retries_one_by_one_and_maps_boxes_to_original_pixels():
     meta = StoreMeta(feature_dim=3, image_id_type="int64", detector="poison-test")
-    actor = DetectorActor(ModelSpec(factory=PoisonModel), meta)
+    actor = BatchDetector(ModelSpec(factory=PoisonModel), meta)
     pixels = [np.full((10, 20, 3), v, np.uint8) for v in (50, 13, 90)] + [np.zeros((0, 0, 3), np.uint8)]
     batch = {"image_id": np.array([1, 2, 3, 4]), "uri": np.array(["a", "b", "c", "d"], dtype=object),
              "row": np.array([0, 1, 2, 3]), "shard": np.array([0, 0, 0, 0]),
@@ -192,7 +192,7 @@ class CountingPoisonModel(PoisonModel):
 
 def test_actor_forwards_in_chunks_and_retries_only_the_failing_one():
     meta = StoreMeta(feature_dim=3, image_id_type="int64", detector="poison-test")
-    actor = DetectorActor(ModelSpec(factory=CountingPoisonModel), meta, forward_batch_size=2)
+    actor = BatchDetector(ModelSpec(factory=CountingPoisonModel), meta, forward_batch_size=2)
     colours = (50, 60, 13, 70, 80)
     batch = {"image_id": np.arange(5), "uri": np.array(list("abcde"), dtype=object),
              "row": np.arange(5), "shard": np.zeros(5, np.int64),
@@ -220,7 +220,7 @@ class NoRegionsForDarkImages(PoisonModel):
 
 def test_an_image_without_regions_becomes_an_error_row():
     meta = StoreMeta(feature_dim=3, image_id_type="int64", detector="poison-test")
-    actor = DetectorActor(ModelSpec(factory=NoRegionsForDarkImages), meta)
+    actor = BatchDetector(ModelSpec(factory=NoRegionsForDarkImages), meta)
     batch = {"image_id": np.arange(2), "uri": np.array(["a.jpg", "b.jpg"], dtype=object),
              "row": np.arange(2), "shard": np.zeros(2, np.int64),
              "stage": np.array([""] * 2, dtype=object), "reason": np.array([""] * 2, dtype=object),

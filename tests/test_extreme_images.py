@@ -200,10 +200,10 @@ def test_a_detect_stage_reason_names_the_image_its_file_and_size():
     from test_extract_units import PoisonModel
 
     from ray_updown.extraction.model import ModelSpec
-    from ray_updown.extraction.stages import DetectorActor
+    from ray_updown.extraction.stages import BatchDetector
     from ray_updown.features.schema import StoreMeta
 
-    actor = DetectorActor(ModelSpec(factory=PoisonModel), StoreMeta(feature_dim=3, image_id_type="int64",
+    actor = BatchDetector(ModelSpec(factory=PoisonModel), StoreMeta(feature_dim=3, image_id_type="int64",
                                                                     detector="poison-test"))
     batch = {"image_id": np.array([7]), "uri": np.array(["s3://b/imgs/7.png"], dtype=object),
              "row": np.array([0]), "shard": np.array([0]), "stage": np.array([""], dtype=object),

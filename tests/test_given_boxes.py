@@ -8,7 +8,7 @@ import torch
 
 from ray_updown.detector import BottomUpDetector, save_detector, tiny_config
 from ray_updown.extraction.model import ModelSpec
-from ray_updown.extraction.stages import DetectorActor, check_given_boxes
+from ray_updown.extraction.stages import BatchDetector, check_given_boxes
 from ray_updown.features.store import StoreMeta
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -38,7 +38,7 @@ def actor(tmp_path_factory):
     uri = str(tmp_path_factory.mktemp("ckpt") / "tiny")
     save_detector(BottomUpDetector(tiny_config()), uri)
     meta = StoreMeta(feature_dim=tiny_config().feature_dim, image_id_type="int64", detector="tiny")
-    return DetectorActor(ModelSpec(checkpoint=uri), meta, forward_batch_size=2)
+    return BatchDetector(ModelSpec(checkpoint=uri), meta, forward_batch_size=2)
 
 
 def test_actor_pools_given_boxes_in_original_pixels(actor):

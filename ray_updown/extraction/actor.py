@@ -10,9 +10,9 @@ table and writing Parquet all overlap, within a shard and across shard boundarie
       loader thread          read the chunk's files (storage, `read_threads` at once) and
                              decode them on the decode pool (`decode_threads`; Pillow
                              releases the GIL), one chunk ahead of the model
-      forward thread         `DetectorActor.detect`: the only thread that runs the model, one
+      forward thread         `BatchDetector.detect`: the only thread that runs the model, one
                              chunk after another, fed by a queue of one waiting chunk
-    call thread, shard k     `DetectorActor.to_table` per chunk, check every plan row is
+    call thread, shard k     `BatchDetector.to_table` per chunk, check every plan row is
                              there exactly once, write the errors part, then the features part
 
 The feed lock lets one shard at a time hand chunks to the model, in the order the calls came,
@@ -50,7 +50,7 @@ from ray_updown.data.images import DecodeLimits
 from ray_updown.errors import DataError, StorageError
 from ray_updown.extraction.model import ModelSpec, default_batch_size
 from ray_updown.extraction.plan import PlanReader
-from ray_updown.extraction.stages import Detected, DetectorActor, decode_stage, read_stage
+from ray_updown.extraction.stages import BatchDetector, Detected, decode_stage, read_stage
 from ray_updown.features.schema import StoreMeta
 from ray_updown.features.writer import (
     error_shard_uri,
@@ -124,7 +124,7 @@ class ShardWriter:
                  read_threads: int = 16, forward_batch_size: int = 4, forwards_per_call: int = 1,
                  torch_threads: int = 1, use_gpu: bool = False, decode_threads: int = 1,
                  shards_in_flight: int = 3):
-        self.detector = DetectorActor(spec, meta, torch_threads=torch_threads, use_gpu=use_gpu,
+        self.detector = BatchDetector(spec, meta, torch_threads=torch_threads, use_gpu=use_gpu,
                                       forward_batch_size=forward_batch_size)
         if not forward_batch_size:  # 0: chosen for the device the model landed on
             self.detector.forward_batch_size = default_batch_size(self.detector.model)

@@ -28,8 +28,9 @@ reads top to bottom in `run_extraction`:
    Why whole shards in one actor call, not a streaming read -> decode -> detect pipeline
    with the driver (or a datasink) writing: a shard's files must hold all its rows, and
    streamed batches cut across shards, so someone has to gather them. Gathering on the driver
-   sends ~0.3 MB per image through it; gathering in a sink needs a shuffle. In the actor, nothing per image leaves it: the driver receives ~100 bytes per
-   shard, the object store carries the shard ranges in and the counts out, and decoded
+   sends ~0.3 MB per image through it; gathering in a sink needs a shuffle. In the actor,
+   nothing per image leaves it: the driver receives ~100 bytes per shard, the object store
+   carries the shard ranges in and the counts out, and decoded
    pixels (~1.8 MB per paper-scale image) stay in the process that uses them. The cost: a
    killed actor redoes the shards it held (rows_per_shard x shards_in_flight bounds it), and
    each actor decodes its own images (on its own CPUs, beside the model: 4 per GPU actor by

@@ -6,7 +6,7 @@ rows holds by construction, and one bad image never fails a batch.
 
     read_stage     uri -> bytes (a thread pool: object stores answer slowly but in parallel)
     decode_stage   bytes -> HxWx3 uint8 pixels + original size (images.decode_image)
-    DetectorActor  pixels -> one result row per input: feature columns, or the error
+    BatchDetector  pixels -> one result row per input: feature columns, or the error
 
 A detect-stage reason names the image as the user knows it, `image <id> (<file name>, <w>x<h>
 pixels): <problem>`, with the file's own size, never a position in a batch or a resized size.
@@ -150,7 +150,7 @@ def _decoded_size(batch: dict[str, np.ndarray], i: int) -> tuple[int, int]:
 
 @dataclass
 class Detected:
-    """What `DetectorActor.detect` gives `to_table`: per row index the model's result (or a
+    """What `BatchDetector.detect` gives `to_table`: per row index the model's result (or a
     reason string), the rows' stages and reasons so far, and the checked given boxes."""
 
     results: dict[int, dict[str, Any] | str]
@@ -159,8 +159,9 @@ class Detected:
     given: dict[int, np.ndarray]
 
 
-class DetectorActor:
-    """Holds one model per actor process; a batch of decoded rows -> a result table."""
+class BatchDetector:
+    """The model of one actor process: a batch of decoded rows -> a result table (the
+    actor is actor.py's ShardWriter, which holds one of these)."""
 
     def __init__(self, spec: ModelSpec, meta: StoreMeta, torch_threads: int = 1,
                  use_gpu: bool = False, forward_batch_size: int = 0):
