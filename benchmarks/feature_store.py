@@ -47,7 +47,7 @@ def _peak_rss_mb() -> float:
 
 
 def _records(rng: np.random.Generator, first_id: int, n: int, dense: bool = False) -> list:
-    from ray_updown.features.store import FeatureRecord
+    from ray_updown.features.writer import FeatureRecord
 
     chan = np.random.default_rng(12345)  # channel statistics shared by all images of a store
     scale = chan.lognormal(-1.0, 0.75, D).astype(np.float32)
@@ -73,7 +73,9 @@ def _dir_bytes(path: str) -> int:
 def _write_store(uri: str, n_images: int | None, per_shard: int, seed: int, dense: bool = False,
                  min_bytes: int = 0) -> dict:
     """Write n_images (or shards until the folder holds min_bytes), then the index."""
-    from ray_updown.features.store import StoreMeta, build_index, feature_shard_uri, write_feature_shard
+    from ray_updown.features.reader import build_index
+    from ray_updown.features.schema import StoreMeta
+    from ray_updown.features.writer import feature_shard_uri, write_feature_shard
 
     rng = np.random.default_rng(seed)
     meta = StoreMeta(feature_dim=D, detector="synthetic-benchmark")
@@ -120,7 +122,7 @@ def phase_pass(store_uri: str, batch_size: int, max_boxes: int) -> dict:
     """One epoch in random order; returns RSS before and at peak."""
     import torch
 
-    from ray_updown.features.store import FeatureStore
+    from ray_updown.features.reader import FeatureStore
 
     torch.set_num_threads(1)
     store = FeatureStore(store_uri)

@@ -31,7 +31,7 @@ import torch
 from ray_updown import storage
 from ray_updown.data.world import WorldConfig, build_world
 from ray_updown.detector import BottomUpDetector, save_detector, tiny_config
-from ray_updown.features.store import FeatureStore
+from ray_updown.features.reader import FeatureStore
 from ray_updown.vqa.ensemble import load_vqa_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

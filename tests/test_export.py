@@ -22,7 +22,9 @@ from ray_updown.errors import ConfigError, DataError
 from ray_updown.features import reader
 from ray_updown.features.export import export_store
 from ray_updown.features.hdf5 import import_hdf5
-from ray_updown.features.store import FeatureRecord, FeatureStore, StoreMeta, feature_shard_uri, write_feature_shard
+from ray_updown.features.reader import FeatureStore
+from ray_updown.features.schema import StoreMeta
+from ray_updown.features.writer import FeatureRecord, feature_shard_uri, write_feature_shard
 
 D = 8
 

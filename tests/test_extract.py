@@ -23,7 +23,7 @@ from ray_updown.data.images import decode_image
 from ray_updown.data.world import WorldConfig, build_world
 from ray_updown.detector import BottomUpDetector, grid_boxes, load_detector, save_detector, tiny_config
 from ray_updown.extraction.pipeline import ExtractConfig, run_extraction
-from ray_updown.features.store import FeatureStore
+from ray_updown.features.reader import FeatureStore
 
 # Ray workers cannot import this test module: its model wrappers travel by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -22,7 +22,7 @@ from ray_updown.detector import BottomUpDetector, save_detector, tiny_config
 from ray_updown.errors import CheckpointError, ConfigError
 from ray_updown.extraction.inputs import list_images, list_inputs
 from ray_updown.extraction.pipeline import SUMMARY_FILE, ExtractConfig, run_extraction
-from ray_updown.features.store import FeatureStore
+from ray_updown.features.reader import FeatureStore
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,13 @@ import torch
 
 from ray_updown import storage
 from ray_updown.errors import DataError, StorageError
+from ray_updown.features.reader import FeatureStore, build_index, pad_regions
+from ray_updown.features.schema import StoreMeta
 from ray_updown.features.spatial import spatial_features
-from ray_updown.features.store import (
+from ray_updown.features.writer import (
     FeatureRecord,
-    FeatureStore,
-    StoreMeta,
-    build_index,
     error_shard_uri,
     feature_shard_uri,
-    pad_regions,
     records_to_table,
     table_to_records,
     write_error_shard,

@@ -16,9 +16,9 @@ from ray_updown import storage
 from ray_updown.cli import main
 from ray_updown.errors import DataError
 from ray_updown.features.inspect import Histogram, format_summary, inspect_store, store_histograms
-from ray_updown.features.store import (
+from ray_updown.features.schema import StoreMeta
+from ray_updown.features.writer import (
     FeatureRecord,
-    StoreMeta,
     error_shard_uri,
     feature_shard_uri,
     records_to_table,

@@ -15,7 +15,9 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from ray_updown.features.store import FeatureRecord, FeatureStore, StoreMeta, feature_shard_uri, write_feature_shard
+from ray_updown.features.reader import FeatureStore
+from ray_updown.features.schema import StoreMeta
+from ray_updown.features.writer import FeatureRecord, feature_shard_uri, write_feature_shard
 
 D = 6
 

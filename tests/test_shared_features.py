@@ -16,7 +16,9 @@ import torch
 
 from ray_updown.errors import DataError
 from ray_updown.features import shared
+from ray_updown.features.reader import FeatureStore
 from ray_updown.features.regions import FlatRegions, StoreRegions
+from ray_updown.features.schema import StoreMeta
 from ray_updown.features.shared import (
     SharedFeatures,
     cache_key,
@@ -24,7 +26,7 @@ from ray_updown.features.shared import (
     shared_features,
     store_fingerprint,
 )
-from ray_updown.features.store import FeatureRecord, FeatureStore, StoreMeta, feature_shard_uri, write_feature_shard
+from ray_updown.features.writer import FeatureRecord, feature_shard_uri, write_feature_shard
 
 D = 6
 

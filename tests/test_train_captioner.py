@@ -26,7 +26,8 @@ from ray_updown.captioning.objectives import CiderReward, SCSTConfig, greedy_cid
 from ray_updown.captioning.predict import evaluate_split, load_captioner, predict_captions, predict_with_attention
 from ray_updown.captioning.train import checkpoint_config, model_config, run_captioner_loop, train_captioner
 from ray_updown.errors import CheckpointError, ConfigError, DataError
-from ray_updown.features.store import FeatureRecord, StoreMeta, feature_shard_uri, write_feature_shard
+from ray_updown.features.schema import StoreMeta
+from ray_updown.features.writer import FeatureRecord, feature_shard_uri, write_feature_shard
 from ray_updown.train.checkpoint import load_checkpoint_dir, save_checkpoint_dir
 from ray_updown.train.session import LocalSession
 from ray_updown.train.worker import shard_batches
@@ -236,7 +237,7 @@ def test_evaluate_split_writes_server_file_and_all_metrics(xe_run, tmp_path):
 def test_predictions_of_an_ensemble_and_attention(xe_run):
     cfg, first, second = xe_run
     a, b = load_captioner(first["checkpoint"]), load_captioner(second["checkpoint"])
-    from ray_updown.features.store import FeatureStore
+    from ray_updown.features.reader import FeatureStore
 
     store = FeatureStore(cfg.data.features)
     captions = predict_captions([a.model, b.model], store, [39, 40], a.vocab, beam_size=3)

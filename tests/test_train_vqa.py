@@ -19,7 +19,8 @@ import yaml
 from ray_updown import storage
 from ray_updown.config import load_config
 from ray_updown.errors import ConfigError, DataError
-from ray_updown.features.store import FeatureRecord, StoreMeta, feature_shard_uri, write_feature_shard
+from ray_updown.features.schema import StoreMeta
+from ray_updown.features.writer import FeatureRecord, feature_shard_uri, write_feature_shard
 from ray_updown.train.checkpoint import load_checkpoint_dir
 from ray_updown.train.session import LocalSession
 from ray_updown.vqa.config import VqaTrainConfig

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from ray_updown.config import check_at_least, validate_config, validate_fields
 from ray_updown.data.coco import CaptionImage, Vocab, build_vocab, images_in_split, load_karpathy
 from ray_updown.errors import ConfigError, DataError
+from ray_updown.features.reader import FeatureStore
 from ray_updown.features.regions import (
     FeatureAccess,
     Regions,
@@ -43,7 +44,6 @@ from ray_updown.features.regions import (
     padded_records,
 )
 from ray_updown.features.spatial import SPATIAL_DIM
-from ray_updown.features.store import FeatureStore
 
 # The splits of Karpathy's dataset_coco.json (data/coco.py KARPATHY_SPLITS) a config may name.
 KarpathySplit = Literal["train", "restval", "val", "test"]

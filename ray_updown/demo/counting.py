@@ -72,7 +72,7 @@ def annotated_shapes(world_root: str) -> dict[int, np.ndarray]:
 
 
 def stored_boxes(store: str, image_ids: list[int]) -> dict[int, np.ndarray]:
-    from ray_updown.features.store import FeatureStore
+    from ray_updown.features.reader import FeatureStore
 
     fs = FeatureStore(store)
     return {i: fs.get(i).boxes.astype(float) for i in image_ids}

@@ -238,7 +238,7 @@ def vqa_attention_pictures(world, state: dict, figures: str, prefix: str) -> lis
     """Figure 6 style: the attention of VqaModel.forward(..., return_attention=True) for one
     val question of each answer type, Up-Down (first ensemble member) and the largest grid."""
     from ray_updown.data.vqa import load_vqa
-    from ray_updown.features.store import FeatureStore
+    from ray_updown.features.reader import FeatureStore
     from ray_updown.viz.attention import save_png, vqa_attention_figure
     from ray_updown.vqa.data import questions_dataset
     from ray_updown.vqa.ensemble import load_vqa_checkpoint

@@ -183,7 +183,7 @@ def extract(world: WorldFiles, store: str, detector_uri: str, grid_size: int | N
 
 def mean_regions(store: str) -> float:
     """Mean number of regions per image of a feature store (for the report)."""
-    from ray_updown.features.store import FeatureStore
+    from ray_updown.features.reader import FeatureStore
 
     fs = FeatureStore(store)
     counts = [r.num_boxes for r in fs.iter_records()]

@@ -40,9 +40,9 @@ from ray_updown.data.vqa import (
     tokenize_question,
 )
 from ray_updown.errors import ConfigError, DataError
+from ray_updown.features.reader import FeatureStore
 from ray_updown.features.regions import FlatRegions, Regions, StoreRegions, open_regions
 from ray_updown.features.spatial import SPATIAL_DIM
-from ray_updown.features.store import FeatureStore
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from ray_updown.config import load_config
 from ray_updown.data.vqa import VqaQuestion, load_vqa
 from ray_updown.devices import pick_device
 from ray_updown.errors import CheckpointError, ConfigError, DataError
-from ray_updown.features.store import FeatureStore
+from ray_updown.features.reader import FeatureStore
 from ray_updown.metrics.vqa_eval import write_vqa_results
 from ray_updown.train.checkpoint import load_checkpoint_dir
 from ray_updown.train.search import restore_tuner

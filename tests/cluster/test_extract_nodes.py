@@ -26,7 +26,7 @@ from ray import cloudpickle
 from ray_updown.detector import BottomUpDetector, load_detector, save_detector, tiny_config
 from ray_updown.extraction.failures import ExtractionError
 from ray_updown.extraction.pipeline import ExtractConfig, run_extraction
-from ray_updown.features.store import FeatureStore
+from ray_updown.features.reader import FeatureStore
 
 # Ray workers cannot import this test module: the slow detector travels by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -15,7 +15,7 @@ from ray import cloudpickle
 
 from ray_updown import storage
 from ray_updown.detector import load_detector
-from ray_updown.features.store import FeatureStore
+from ray_updown.features.reader import FeatureStore
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 from tiny_vqa import vqa_config, write_vqa_world  # noqa: E402,F401

@@ -12,7 +12,7 @@ from faultkit import assert_accounted, write_images
 from ray_updown.detector import save_detector
 from ray_updown.errors import DataError
 from ray_updown.extraction.pipeline import ExtractConfig, run_extraction
-from ray_updown.features.store import FeatureStore
+from ray_updown.features.reader import FeatureStore
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
