@@ -74,7 +74,7 @@ def _rss(pid: int) -> int:
 
 def pss_trials(command: list[str], feature_file: str, trials: int, mode: str) -> dict:
     """PSS of `trials` concurrent processes running `command` (a script's --pss-child)."""
-    from ray_updown.features.shared import pss_bytes
+    from ray_updown.memory import pss_bytes
 
     procs = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for _ in range(trials)]

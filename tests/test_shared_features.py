@@ -22,11 +22,11 @@ from ray_updown.features.schema import StoreMeta
 from ray_updown.features.shared import (
     SharedFeatures,
     cache_key,
-    pss_bytes,
     shared_features,
     store_fingerprint,
 )
 from ray_updown.features.writer import FeatureRecord, feature_shard_uri, write_feature_shard
+from ray_updown.memory import pss_bytes
 
 D = 6
 

@@ -53,6 +53,7 @@ from ray_updown.errors import DataError, StorageError
 from ray_updown.features.reader import open_parquet
 from ray_updown.features.schema import FEATURES_DIR, StoreMeta, list_shards
 from ray_updown.features.writer import DecodedRows
+from ray_updown.memory import memory_available
 
 log = logging.getLogger(__name__)
 
@@ -323,18 +324,6 @@ def _build(fingerprint: dict[str, Any], key: str, tmp: str) -> None:
         json.dump(manifest, f)
 
 
-def memory_available() -> int:
-    """MemAvailable from /proc/meminfo in bytes (0 when unknown)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def shared_copy_fits(store_uri: str, cache_dir: str | None = None,
                      memory_share: float = 0.5) -> tuple[bool, str]:
     """Whether the node should hold a shared copy: one is already there, or the copy fits
@@ -355,21 +344,3 @@ def shared_copy_fits(store_uri: str, cache_dir: str | None = None,
         return False, (f"the copy ({need / gib:.2f} GiB) exceeds {memory_share:g} of available "
                        f"memory ({available / gib:.2f} GiB)")
     return True, f"the copy ({need / gib:.2f} GiB) fits {cache_dir} and memory"
-
-
-def pss_bytes(pid: int | str = "self", path: str | None = None) -> int:
-    """Proportional set size of a process (smaps_rollup), or of its mappings of `path` (smaps):
-    each shared page counts 1/N in each of the N processes mapping it, so the PSS of N
-    processes adds up to what they hold together (RSS would count shared pages N times)."""
-    if path is None:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            return sum(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
-    total, inside = 0, False
-    with open(f"/proc/{pid}/smaps") as f:
-        for line in f:
-            head = line.split()
-            if head and "-" in head[0] and not head[0].endswith(":"):  # a mapping's first line
-                inside = len(head) >= 6 and head[5] == path
-            elif inside and head[0] == "Pss:":
-                total += int(head[1]) * 1024
-    return total
