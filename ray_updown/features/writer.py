@@ -230,12 +230,12 @@ def error_shard_uri(store_uri: str, shard: int) -> str:
     return storage.join(store_uri, ERRORS_DIR, shard_name(shard))
 
 
-def rows_per_row_group(records: Sequence[FeatureRecord],
-                       row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES) -> int:
+def _row_group_rows(num_boxes: np.ndarray, feature_dim: int,
+                    row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES) -> int:
     """Rows per Parquet row group so that one group holds ~row_group_bytes of raw features."""
-    if not records:
+    if not len(num_boxes):
         return MAX_ROW_GROUP_ROWS
-    mean_bytes = np.mean([r.num_boxes * r.feature_dim * 2 + 64 for r in records])
+    mean_bytes = float(np.mean(num_boxes)) * feature_dim * 2 + 64
     return int(np.clip(row_group_bytes // max(mean_bytes, 1), 1, MAX_ROW_GROUP_ROWS))
 
 
@@ -250,21 +250,19 @@ def _write_parquet_atomic(table: pa.Table, uri: str, row_group_rows: int) -> Non
 def write_feature_shard(records: Sequence[FeatureRecord], uri: str, meta: StoreMeta,
                         row_group_rows: int | None = None,
                         row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES) -> int:
-    """Write one feature shard atomically (the file appears only when complete).
-
-    `uri` is the shard file, normally `feature_shard_uri(store, n)`. Returns the row count.
-    """
-    table = records_to_table(records, meta)
-    rows = row_group_rows or rows_per_row_group(records, row_group_bytes)
-    _write_parquet_atomic(table, uri, rows)
-    return table.num_rows
+    """Write one feature shard of records atomically (write_feature_table, the one path).
+    `uri` is the shard file, normally `feature_shard_uri(store, n)`. Returns the row count."""
+    return write_feature_table(records_to_table(records, meta), uri, meta, row_group_bytes,
+                               row_group_rows)
 
 
 def write_feature_table(table: pa.Table, uri: str, meta: StoreMeta,
-                        row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES) -> int:
-    """Write one feature shard atomically from an Arrow table with the store's columns (as
-    `records_to_table` makes them; nullability aside). Checks the schema and that every
-    per-box column has num_boxes entries. Returns the row count."""
+                        row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES,
+                        row_group_rows: int | None = None) -> int:
+    """Write one feature shard atomically (the file appears only when complete) from an Arrow
+    table with the store's columns (as `records_to_table` makes them; nullability aside).
+    Checks the schema and that every per-box column has num_boxes entries. Row groups hold
+    ~row_group_bytes of features unless `row_group_rows` is given. Returns the row count."""
     schema = feature_schema(meta)
     missing = [name for name in schema.names if name not in table.column_names]
     if missing:
@@ -277,9 +275,8 @@ def write_feature_table(table: pa.Table, uri: str, meta: StoreMeta,
     if table.num_rows:
         DecodedRows(table.slice(0, min(table.num_rows, 64)), file=uri)  # per-box counts agree
     counts = table.column("num_boxes").to_numpy() if table.num_rows else np.zeros(0)
-    mean_bytes = float(np.mean(counts)) * meta.feature_dim * 2 + 64 if len(counts) else 1.0
-    rows = int(np.clip(row_group_bytes // max(mean_bytes, 1), 1, MAX_ROW_GROUP_ROWS))
-    _write_parquet_atomic(table, uri, rows)
+    _write_parquet_atomic(table, uri, row_group_rows or _row_group_rows(counts, meta.feature_dim,
+                                                                        row_group_bytes))
     return table.num_rows
 
 
@@ -300,22 +297,18 @@ def write_error_table(table: pa.Table, uri: str, image_id_type: str) -> int:
 
 def write_error_shard(rows: Sequence[Mapping[str, Any]], uri: str,
                       image_id_type: str | None = None) -> int:
-    """Write one errors shard atomically; each row has image_id (may be None), uri, stage, reason."""
+    """Write one errors shard atomically from rows of image_id (may be None), uri, stage and
+    reason (write_error_table, the one path); the id type is inferred when not given."""
     for n, row in enumerate(rows):
         missing = [k for k in ERROR_FIELDS if k not in row]
         if missing:
             raise DataError(f"error row lacks {', '.join(missing)}", file=uri, record=f"row {n}")
     ids = [row["image_id"] for row in rows]
     if image_id_type is None:
-        known = [i for i in ids if i is not None]
-        kinds = {isinstance(i, str) for i in known}
-        image_id_type = "string" if (True in kinds) else "int64"
+        image_id_type = "string" if any(isinstance(i, str) for i in ids) else "int64"
     if image_id_type == "string":
         ids = [None if i is None else str(i) for i in ids]
-    schema = error_schema(image_id_type)
-    table = pa.Table.from_arrays(
-        [pa.array(ids, type=schema.field("image_id").type)]
-        + [pa.array([None if row[k] is None else str(row[k]) for row in rows], type=pa.string())
-           for k in ERROR_FIELDS[1:]], schema=schema)
-    _write_parquet_atomic(table, uri, 4096)
-    return table.num_rows
+    columns = {"image_id": pa.array(ids, type=error_schema(image_id_type).field("image_id").type)}
+    columns.update({k: pa.array([None if row[k] is None else str(row[k]) for row in rows],
+                                type=pa.string()) for k in ERROR_FIELDS[1:]})
+    return write_error_table(pa.table(columns), uri, image_id_type)
