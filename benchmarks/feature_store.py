@@ -47,7 +47,7 @@ def _peak_rss_mb() -> float:
 
 
 def _records(rng: np.random.Generator, first_id: int, n: int, dense: bool = False) -> list:
-    from ray_updown.features.writer import FeatureRecord
+    from ray_updown.features.records import FeatureRecord
 
     chan = np.random.default_rng(12345)  # channel statistics shared by all images of a store
     scale = chan.lognormal(-1.0, 0.75, D).astype(np.float32)

@@ -29,8 +29,9 @@ def write_synthetic_store(root: str, images: int, k: int = REGIONS, dim: int = F
                           seed: int = 0, per_shard: int = 1000) -> str:
     """A store of `images` x k x dim float16 ReLU-like features (random: the figures are
     about bytes moved, not what the model learns)."""
+    from ray_updown.features.records import FeatureRecord
     from ray_updown.features.schema import StoreMeta
-    from ray_updown.features.writer import FeatureRecord, feature_shard_uri, write_feature_shard
+    from ray_updown.features.writer import feature_shard_uri, write_feature_shard
 
     rng = np.random.default_rng(seed)
     boxes = np.tile(np.array([[10, 20, 110, 220]], np.float32), (k, 1))

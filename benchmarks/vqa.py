@@ -108,8 +108,9 @@ COLORS = ("red", "blue", "green", "yellow")
 def write_toy_vqa(root: str, train_images: int, val_images: int, dim: int = 32, seed: int = 0) -> dict:
     """VQA v2 question/annotation files + a feature store; regions encode the answers."""
     from ray_updown import storage
+    from ray_updown.features.records import FeatureRecord
     from ray_updown.features.schema import StoreMeta
-    from ray_updown.features.writer import FeatureRecord, feature_shard_uri, write_feature_shard
+    from ray_updown.features.writer import feature_shard_uri, write_feature_shard
 
     rng = np.random.default_rng(seed)
     records, paths = [], {}

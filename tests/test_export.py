@@ -23,8 +23,9 @@ from ray_updown.features import reader
 from ray_updown.features.export import export_store
 from ray_updown.features.hdf5 import import_hdf5
 from ray_updown.features.reader import FeatureStore
+from ray_updown.features.records import FeatureRecord
 from ray_updown.features.schema import StoreMeta
-from ray_updown.features.writer import FeatureRecord, feature_shard_uri, write_feature_shard
+from ray_updown.features.writer import feature_shard_uri, write_feature_shard
 
 D = 8
 

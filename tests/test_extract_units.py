@@ -19,8 +19,9 @@ from ray_updown.extraction.model import ModelSpec
 from ray_updown.extraction.pipeline import ExtractConfig, run_extraction
 from ray_updown.extraction.plan import PlanReader, load_plan, plan_table, save_plan, shard_ranges
 from ray_updown.extraction.stages import BatchDetector, result_schema
+from ray_updown.features.records import FeatureRecord
 from ray_updown.features.schema import StoreMeta
-from ray_updown.features.writer import FeatureRecord, feature_shard_uri, write_feature_shard
+from ray_updown.features.writer import feature_shard_uri, write_feature_shard
 
 
 def test_image_ids_follow_coco_and_vg_file_names():
@@ -307,7 +308,8 @@ def test_config_errors_are_named():
 def test_workers_write_shards_from_arrow_tables(tmp_path):
     from ray_updown.extraction.actor import numpy_batch
     from ray_updown.features.reader import FeatureStore
-    from ray_updown.features.writer import records_to_table, write_feature_table
+    from ray_updown.features.records import records_to_table
+    from ray_updown.features.writer import write_feature_table
 
     meta = StoreMeta(feature_dim=3, image_id_type="int64", detector="t")
     records = [FeatureRecord(i, 8, 6, np.array([[0, 0, 4, 4]] * i, np.float32),

@@ -13,17 +13,10 @@ import torch
 from ray_updown import storage
 from ray_updown.errors import DataError, StorageError
 from ray_updown.features.reader import FeatureStore, build_index, pad_regions
+from ray_updown.features.records import FeatureRecord, records_to_table, table_to_records
 from ray_updown.features.schema import StoreMeta
 from ray_updown.features.spatial import spatial_features
-from ray_updown.features.writer import (
-    FeatureRecord,
-    error_shard_uri,
-    feature_shard_uri,
-    records_to_table,
-    table_to_records,
-    write_error_shard,
-    write_feature_shard,
-)
+from ray_updown.features.writer import error_shard_uri, feature_shard_uri, write_error_shard, write_feature_shard
 
 D = 16
 

@@ -9,8 +9,8 @@ import pytest
 
 from ray_updown.errors import DataError
 from ray_updown.features.reader import FeatureStore
+from ray_updown.features.records import FeatureRecord
 from ray_updown.features.tsv import export_tsv, format_tsv_line, import_tsv, parse_tsv_line
-from ray_updown.features.writer import FeatureRecord
 
 D = 12
 

@@ -16,8 +16,9 @@ import pyarrow as pa
 import pytest
 
 from ray_updown.features.reader import FeatureStore
+from ray_updown.features.records import FeatureRecord
 from ray_updown.features.schema import StoreMeta
-from ray_updown.features.writer import FeatureRecord, feature_shard_uri, write_feature_shard
+from ray_updown.features.writer import feature_shard_uri, write_feature_shard
 
 D = 6
 

@@ -22,8 +22,9 @@ import torch
 from ray_updown import storage
 from ray_updown.data.world import WorldConfig, build_world
 from ray_updown.errors import DataError
+from ray_updown.features.records import FeatureRecord
 from ray_updown.features.schema import StoreMeta
-from ray_updown.features.writer import FeatureRecord, feature_shard_uri, write_feature_shard
+from ray_updown.features.writer import feature_shard_uri, write_feature_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,8 +13,9 @@ from ray_updown.captioning.model import CaptionerConfig, UpDownCaptioner
 from ray_updown.cli import main
 from ray_updown.config import to_dict
 from ray_updown.data.text import Vocab
+from ray_updown.features.records import FeatureRecord
 from ray_updown.features.schema import StoreMeta
-from ray_updown.features.writer import FeatureRecord, feature_shard_uri, write_feature_shard
+from ray_updown.features.writer import feature_shard_uri, write_feature_shard
 from ray_updown.train.checkpoint import save_checkpoint_dir
 from ray_updown.vqa.config import VqaTrainConfig
 from ray_updown.vqa.model import VqaConfig, VqaModel

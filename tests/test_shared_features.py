@@ -17,6 +17,7 @@ import torch
 from ray_updown.errors import DataError
 from ray_updown.features import shared
 from ray_updown.features.reader import FeatureStore
+from ray_updown.features.records import FeatureRecord
 from ray_updown.features.regions import FlatRegions, StoreRegions
 from ray_updown.features.schema import StoreMeta
 from ray_updown.features.shared import (
@@ -25,7 +26,7 @@ from ray_updown.features.shared import (
     shared_features,
     store_fingerprint,
 )
-from ray_updown.features.writer import FeatureRecord, feature_shard_uri, write_feature_shard
+from ray_updown.features.writer import feature_shard_uri, write_feature_shard
 from ray_updown.memory import pss_bytes
 
 D = 6

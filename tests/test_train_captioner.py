@@ -26,8 +26,9 @@ from ray_updown.captioning.objectives import CiderReward, SCSTConfig, greedy_cid
 from ray_updown.captioning.predict import evaluate_split, load_captioner, predict_captions, predict_with_attention
 from ray_updown.captioning.train import checkpoint_config, model_config, run_captioner_loop, train_captioner
 from ray_updown.errors import CheckpointError, ConfigError, DataError
+from ray_updown.features.records import FeatureRecord
 from ray_updown.features.schema import StoreMeta
-from ray_updown.features.writer import FeatureRecord, feature_shard_uri, write_feature_shard
+from ray_updown.features.writer import feature_shard_uri, write_feature_shard
 from ray_updown.train.checkpoint import load_checkpoint_dir, save_checkpoint_dir
 from ray_updown.train.session import LocalSession
 from ray_updown.train.worker import shard_batches

@@ -19,8 +19,9 @@ import yaml
 from ray_updown import storage
 from ray_updown.config import load_config
 from ray_updown.errors import ConfigError, DataError
+from ray_updown.features.records import FeatureRecord
 from ray_updown.features.schema import StoreMeta
-from ray_updown.features.writer import FeatureRecord, feature_shard_uri, write_feature_shard
+from ray_updown.features.writer import feature_shard_uri, write_feature_shard
 from ray_updown.train.checkpoint import load_checkpoint_dir
 from ray_updown.train.session import LocalSession
 from ray_updown.vqa.config import VqaTrainConfig

@@ -17,8 +17,9 @@ from ray_updown.detector import BottomUpDetector, GridFeatureExtractor, save_det
 from ray_updown.errors import CheckpointError, ConfigError, DataError, StorageError
 from ray_updown.extraction.model import describe_model
 from ray_updown.features.reader import FeatureStore
+from ray_updown.features.records import FeatureRecord, records_to_table
 from ray_updown.features.schema import StoreMeta, aligned_vocab
-from ray_updown.features.writer import FeatureRecord, feature_shard_uri, records_to_table, write_feature_shard
+from ray_updown.features.writer import feature_shard_uri, write_feature_shard
 from ray_updown.viz.regions import (
     find_image,
     label_text,

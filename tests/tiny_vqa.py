@@ -9,8 +9,9 @@ import os
 import numpy as np
 
 from ray_updown import storage
+from ray_updown.features.records import FeatureRecord
 from ray_updown.features.schema import StoreMeta
-from ray_updown.features.writer import FeatureRecord, feature_shard_uri, write_feature_shard
+from ray_updown.features.writer import feature_shard_uri, write_feature_shard
 
 COLORS = ("red", "blue", "green")
 DIM = 8

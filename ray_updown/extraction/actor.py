@@ -52,12 +52,7 @@ from ray_updown.extraction.model import ModelSpec, default_batch_size
 from ray_updown.extraction.plan import PlanReader
 from ray_updown.extraction.stages import BatchDetector, Detected, decode_stage, read_stage
 from ray_updown.features.schema import StoreMeta
-from ray_updown.features.writer import (
-    error_shard_uri,
-    feature_shard_uri,
-    write_error_table,
-    write_feature_table,
-)
+from ray_updown.features.writer import error_shard_uri, feature_shard_uri, write_error_table, write_feature_table
 
 COUNT_COLUMNS = ("shard", "features", "errors", "node", "pid", "seconds", "encoded_bytes",
                  "pixel_bytes", "failure", "failure_file")

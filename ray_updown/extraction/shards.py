@@ -19,10 +19,7 @@ import pyarrow.parquet as pq
 from ray_updown import storage
 from ray_updown.errors import DataError, StorageError
 from ray_updown.features.schema import ERRORS_DIR, FEATURES_DIR, list_shards
-from ray_updown.features.writer import (
-    error_shard_uri,
-    feature_shard_uri,
-)
+from ray_updown.features.writer import error_shard_uri, feature_shard_uri
 
 
 def num_rows(uri: str) -> int:

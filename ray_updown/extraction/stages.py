@@ -33,8 +33,8 @@ from ray_updown.data.images import (
 )
 from ray_updown.errors import RayUpdownError
 from ray_updown.extraction.model import ModelSpec, build_model, one_line
+from ray_updown.features.records import FeatureRecord, records_to_table
 from ray_updown.features.schema import StoreMeta, feature_schema
-from ray_updown.features.writer import FeatureRecord, records_to_table
 
 _EMPTY_PIXELS = np.zeros((0, 0, 3), dtype=np.uint8)
 

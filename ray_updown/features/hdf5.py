@@ -42,9 +42,10 @@ from tqdm import tqdm
 from ray_updown import storage
 from ray_updown.errors import ConfigError, DataError
 from ray_updown.features.reader import FeatureStore, build_index
+from ray_updown.features.records import FeatureRecord
 from ray_updown.features.schema import StoreMeta
 from ray_updown.features.spatial import spatial_features
-from ray_updown.features.writer import FeatureRecord, feature_shard_uri, write_feature_shard
+from ray_updown.features.writer import feature_shard_uri, write_feature_shard
 
 HDF5_LAYOUTS = ("adaptive", "fixed")
 REQUIRED_DATASETS = ("image_features", "image_bb")

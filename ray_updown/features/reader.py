@@ -22,9 +22,9 @@ import torch
 
 from ray_updown import storage
 from ray_updown.errors import DataError, StorageError
+from ray_updown.features.records import DecodedRows, FeatureRecord
 from ray_updown.features.schema import ERRORS_DIR, FEATURES_DIR, INDEX_FILE, PLAN_FILE, StoreMeta, list_shards
 from ray_updown.features.spatial import spatial_features
-from ray_updown.features.writer import DecodedRows, FeatureRecord
 
 _OPEN_FILES = 16
 

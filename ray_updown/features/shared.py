@@ -51,8 +51,8 @@ import pyarrow.compute as pc
 from ray_updown import storage
 from ray_updown.errors import DataError, StorageError
 from ray_updown.features.reader import open_parquet
+from ray_updown.features.records import DecodedRows
 from ray_updown.features.schema import FEATURES_DIR, StoreMeta, list_shards
-from ray_updown.features.writer import DecodedRows
 from ray_updown.memory import memory_available
 
 log = logging.getLogger(__name__)
