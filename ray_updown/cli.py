@@ -63,7 +63,7 @@ _STAGES: dict[str, tuple[str, str, str, dict[str, tuple[str, str]]]] = {
                 {"--images": ("images", "image URI prefix or glob"),
                  "--manifest": ("manifest", "Parquet/CSV/JSON-lines manifest with image_id, uri"),
                  "--out": ("out", "feature store URI"),
-                 "--checkpoint": ("checkpoint", "detector checkpoint (ours, see README)"),
+                 "--checkpoint": ("checkpoint", "detector checkpoint (ours, see docs/detector.md)"),
                  "--model": ("model", "detector (regions) or grid (baseline)"),
                  "--actors": ("num_actors", "detector actors"),
                  "--gpus-per-actor": ("num_gpus_per_actor", "GPUs per detector actor"),

@@ -1,7 +1,7 @@
 """End to end on a real Ray cluster: `ray start --head` with its job API on loopback,
 `ray job submit` of the extraction and VQA training jobs, outputs checked in the moto S3 bucket.
 
-This is the cluster path of the README: the test process never connects to the cluster; it
+This is the cluster path of docs/cluster.md: the test process never connects to the cluster; it
 only runs the `ray` CLI in subprocesses, as a user on a laptop would against a cloud head node.
 The S3 credentials travel only in the jobs' runtime environment (the head has the endpoint but
 no keys), so the checks also prove that the runtime env reaches every worker (Ray Data actors,

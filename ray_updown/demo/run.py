@@ -78,7 +78,7 @@ class DemoConfig:
     extract_threads: int = 2  # torch threads of the one extraction actor
     # Regions kept per image: a fixed 36, as the paper's released features. On the world the
     # paper's 10-100 above 0.2 keeps about 10 (the minimum binds), too few copies of each
-    # shape for counting (README, "The counting gap"; demo/counting.py measures both).
+    # shape for counting (docs/demo.md, "The counting gap"; demo/counting.py measures both).
     min_regions: int = 36
     max_regions: int = 36
     # 4. captioner (M = H = E = caption_dim; the paper has 1000/512/1000)

@@ -1,4 +1,4 @@
-"""The region-feature store's on-disk layout (README, "The feature store").
+"""The region-feature store's on-disk layout (docs/features.md, "The feature store").
 
 A store is a folder (local path, `s3://`, `gs://`) holding::
 

@@ -15,7 +15,7 @@ from ray_updown.detector.train.optim import DetectorOptimConfig
 def demo_model_config(**overrides) -> DetectorConfig:
     """The demo's detector for the 128-px world (classes are set from the vocabularies).
 
-    Chosen by measurement on a 2-core CPU (README): a narrow ResNet-10 C4 (base width 16),
+    Chosen by measurement on a 2-core CPU (docs/detector.md): a narrow ResNet-10 C4 (base width 16),
     input upscaled 2x to 256 px, RoIAlign 5x5 into res5, anchors 32/64/128 (the world's
     14-60 px objects at 2x) and 256 (the annotated background, the whole picture), 64
     training proposals and 16 sampled RoIs per image, half of them positive. res5 on the
@@ -75,7 +75,7 @@ def demo_detector_config(world_root: str, storage_path: str = "runs", name: str 
     """What `make demo` trains on the default synthetic world (1000 images at 128 px):
     `demo_model_config`, AdamW 3e-3 with warmup and cosine decay over an 8-minute training
     budget, 8 images a step on two single-threaded DDP workers. On a shared 2-core machine
-    two 1-thread workers ran 10x faster than one 2-thread worker (README)."""
+    two 1-thread workers ran 10x faster than one 2-thread worker (docs/detector.md)."""
     cfg = DetectorTrainConfig(name=name, storage_path=storage_path,
                               data=DetectorDataConfig(root=world_root), epochs=40,
                               max_minutes=8.0, batch_size=8, num_workers=2, cpus_per_worker=1,

@@ -1,0 +1,63 @@
+"""The README is the front door and docs/ holds one page per topic: every relative link of
+them resolves (file and heading), and every command the README names exists (a job script,
+a `ray-updown` subcommand, a make target)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PAGES = [REPO / "README.md", REPO / "cluster" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    lines = page.read_text(encoding="utf-8").splitlines()
+    fence, found = False, set()
+    for line in lines:
+        if line.startswith("```"):
+            fence = not fence
+        elif not fence and line.startswith("#"):
+            found.add(slug(line.lstrip("#")))
+    return found
+
+
+def test_every_relative_link_resolves():
+    broken = []
+    for page in PAGES:
+        for target in LINK.findall(page.read_text(encoding="utf-8")):
+            if re.match(r"^[a-z]+://", target) or target.startswith("mailto:"):
+                continue
+            path, _, anchor = target.partition("#")
+            goal = (page.parent / path).resolve() if path else page
+            if not goal.exists():
+                broken.append(f"{page.relative_to(REPO)}: {target} (no such file)")
+            elif anchor and goal.suffix == ".md" and anchor not in anchors(goal):
+                broken.append(f"{page.relative_to(REPO)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
+
+
+def test_the_readme_is_a_front_door_of_at_most_200_lines():
+    assert len((REPO / "README.md").read_text(encoding="utf-8").splitlines()) <= 200
+
+
+def test_every_command_the_readme_names_exists():
+    from ray_updown.cli import build_parser
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    subcommands = set(build_parser()._subparsers._group_actions[0].choices)
+    targets = set(re.findall(r"^([\w-]+):", (REPO / "Makefile").read_text(), re.M))
+    jobs = re.findall(r"python (jobs/[\w]+\.py)", text)
+    named = re.findall(r"ray-updown ([a-z][\w-]*)", text)
+    makes = re.findall(r"make ([\w-]+)", text)
+    assert jobs and named and makes
+    assert [j for j in jobs if not (REPO / j).exists()] == []
+    assert [n for n in named if n not in subcommands] == []
+    assert [m for m in makes if m not in targets] == []
