@@ -146,7 +146,7 @@ def vqa_loop(root: str, dry: bool, device: str) -> dict:
     except ImportError:
         out["ray_train"] = {"skipped": "Ray is not importable here"}
         return out
-    from ray_updown.ray_session import ensure_ray
+    from ray_updown.ray_cluster import ensure_ray
     from ray_updown.vqa.train import train_vqa
 
     ensure_ray()

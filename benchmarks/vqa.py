@@ -151,7 +151,7 @@ def write_toy_vqa(root: str, train_images: int, val_images: int, dim: int = 32, 
 
 def ensemble_wall_clock(members: int, epochs: int, num_cpus: int) -> dict:
     from ray_updown.metrics.vqa_eval import evaluate_vqa
-    from ray_updown.ray_session import ensure_ray
+    from ray_updown.ray_cluster import ensure_ray
     from ray_updown.vqa.ensemble import predict_ensemble, train_ensemble
 
     root = tempfile.mkdtemp(prefix="vqa-bench-")

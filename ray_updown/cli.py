@@ -46,7 +46,7 @@ def _print_summary(summary: Any) -> None:
 
 
 # A stage: (help, config class, entry function, {flag: (config field, help)}).
-_STAGES: dict[str, tuple[str, str, str, dict[str, tuple[str, str]]]] = {
+_CONFIG_COMMANDS: dict[str, tuple[str, str, str, dict[str, tuple[str, str]]]] = {
     "world": ("write a synthetic world in the real dataset formats",
               "ray_updown.data.world:WorldConfig", "ray_updown.data.world:build_world",
               {"--images": ("num_images", "number of images"),
@@ -107,7 +107,7 @@ def _config_or_show(args: argparse.Namespace, config_cls: str, flags: dict[str, 
 
 
 def _run_stage(stage: str) -> Callable[[argparse.Namespace], None]:
-    _, config_cls, entry, flags = _STAGES[stage]
+    _, config_cls, entry, flags = _CONFIG_COMMANDS[stage]
 
     def run(args: argparse.Namespace) -> None:
         cfg = _config_or_show(args, config_cls, {f.lstrip("-").replace("-", "_"): field
@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ray-updown", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    for stage, (help_text, _, _, flags) in _STAGES.items():
+    for stage, (help_text, _, _, flags) in _CONFIG_COMMANDS.items():
         p = sub.add_parser(stage, help=help_text, description=help_text)
         if stage == "world":
             p.add_argument("--out", help="output URI (local path, s3://, gs://)")

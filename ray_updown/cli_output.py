@@ -10,7 +10,7 @@
 - The package's warnings (its `ray_updown.*` loggers) are one line each,
   `ray-updown <command>: warning: ...`.
 - The Ray workers' own output stays in Ray's session logs, and a local Ray the command
-  starts ends with it even when the command is killed (ray_session.cli_driver);
+  starts ends with it even when the command is killed (ray_cluster.cli_driver);
   RAY_UPDOWN_WORKER_LOGS=1 streams the workers' output to the console. Tune logs a failed
   trial on the driver with the trial's traceback: its one line is kept, the traceback is in
   the trial's error.txt, whose path Tune prints.
@@ -25,7 +25,7 @@ import sys
 from typing import Callable, Iterator
 
 from ray_updown.errors import RayUpdownError, package_error
-from ray_updown.ray_session import cli_driver, worker_logs_dir
+from ray_updown.ray_cluster import cli_driver, worker_logs_dir
 
 _PACKAGE_LOGGER = "ray_updown"
 # Ray loggers of the driver that log a worker's traceback (kept in Ray's files as well).

@@ -18,7 +18,7 @@ import sys
 import time
 
 from ray_updown.errors import ConfigError, RayUpdownError
-from ray_updown.ray_session import refused_token
+from ray_updown.ray_cluster import refused_token
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 

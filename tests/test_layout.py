@@ -176,7 +176,7 @@ def test_no_import_cycles():
 
 # The package's folders and root modules, low to high: a module imports only from its own
 # layer or from below (function-level imports included).
-LAYERS = ("errors", "storage", "config", "weights", "devices", "memory", "safe_pickle", "ray_session",
+LAYERS = ("errors", "storage", "config", "weights", "devices", "memory", "safe_pickle", "ray_cluster",
           "data", "metrics", "features", "train", "detector", "extraction", "viz",
           "captioning", "vqa", "demo", "job_submission", "cli_output", "cli")
 

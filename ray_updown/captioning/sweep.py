@@ -128,7 +128,7 @@ def run_captioner_sweep(cfg: CaptionTrainConfig | str, space: Mapping[str, Any] 
     """
     from ray import tune
 
-    from ray_updown.ray_session import ensure_ray
+    from ray_updown.ray_cluster import ensure_ray
 
     if isinstance(cfg, str):
         cfg = load_config(CaptionTrainConfig, cfg, overrides)

@@ -92,7 +92,7 @@ def run_study(demo: str, seeds: int) -> dict:
         train_vqa_trials,
         vqa_config,
     )
-    from ray_updown.ray_session import ensure_ray
+    from ray_updown.ray_cluster import ensure_ray
 
     if seeds < 1:
         raise SystemExit(f"--seeds must be at least 1, got {seeds}")

@@ -146,7 +146,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from ray_updown.demo.report import targets_met, write_report
     from ray_updown.detector.train.config import demo_detector_config
     from ray_updown.detector.train.loop import train_detector
-    from ray_updown.ray_session import ensure_ray
+    from ray_updown.ray_cluster import ensure_ray
 
     started = time.perf_counter()
     cfg.validate()

@@ -260,7 +260,7 @@ def _run_shards(cfg: ExtractConfig, spec: ModelSpec, meta: StoreMeta, out: str,
     import ray
     from ray.util.annotations import RayDeprecationWarning
 
-    from ray_updown.ray_session import ensure_ray
+    from ray_updown.ray_cluster import ensure_ray
 
     ensure_ray()
     cpus, actor_cpus = ray.cluster_resources().get("CPU", 0.0), cfg.actor_cpus()

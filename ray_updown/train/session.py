@@ -33,7 +33,7 @@ from typing import Callable, ContextManager, Iterable, Iterator, Protocol
 
 import torch
 
-from ray_updown.ray_session import progress_line
+from ray_updown.ray_cluster import progress_line
 from ray_updown.train.checkpoint import MANIFEST_FILE, find_damage, nothing_intact, resuming_before, write_manifest
 
 log = logging.getLogger(__name__)

@@ -58,7 +58,7 @@ def build_trainer(worker: Callable[[dict], None], loop_config: dict, *, name: st
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ray_updown.ray_session import ensure_ray
+    from ray_updown.ray_cluster import ensure_ray
 
     ensure_ray()
     # Ray Train's controller polls its workers every 2 s by default, and a finished run waits

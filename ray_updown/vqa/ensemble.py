@@ -82,7 +82,7 @@ def train_ensemble(cfg: VqaTrainConfig | str, members: int = 30, *,
     """
     from ray import tune
 
-    from ray_updown.ray_session import ensure_ray
+    from ray_updown.ray_cluster import ensure_ray
 
     if isinstance(cfg, str):
         cfg = load_config(VqaTrainConfig, cfg, overrides)

@@ -65,7 +65,7 @@ def run_sweep(cfg: VqaTrainConfig | str, space: Mapping[str, Any] | str, num_sam
     """
     from ray import tune
 
-    from ray_updown.ray_session import ensure_ray
+    from ray_updown.ray_cluster import ensure_ray
 
     if isinstance(cfg, str):
         cfg = load_config(VqaTrainConfig, cfg, overrides)

@@ -59,7 +59,7 @@ def test_a_node_with_another_token_cannot_join(make_cluster):
 JOIN = """
 import sys
 from ray_updown.cli_output import run_command
-from ray_updown.ray_session import ensure_ray
+from ray_updown.ray_cluster import ensure_ray
 sys.exit(run_command("extract", ensure_ray))
 """
 

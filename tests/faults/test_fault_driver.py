@@ -13,7 +13,7 @@ import time
 
 from faultkit import REPO, write_vqa_world
 
-from ray_updown.ray_session import _descendants, _processes
+from ray_updown.ray_cluster import _descendants, _processes
 
 
 def _cmdline(pid: int) -> str:

@@ -9,7 +9,7 @@ wandb settings travel to the workers.
 A local Ray started by a command of the CLI ends with it, even when the command is killed
 (SIGKILL, OOM): Ray's own processes follow a dead driver within seconds, except its two
 agents, which wait a minute for the dead cluster to take their report; a watchdog process
-(`python -m ray_updown.ray_session --watch <pid>`) ends them at once.
+(`python -m ray_updown.ray_cluster --watch <pid>`) ends them at once.
 
 A command of the CLI keeps the Ray workers' output (their logs, and the tracebacks of a
 failed worker) off its console, in Ray's session logs (`worker_logs_dir()`), so a failure
