@@ -17,6 +17,8 @@ it ("model.hidden"). Works for any dataclass config (VqaTrainConfig, CaptionTrai
 from __future__ import annotations
 
 import logging
+import re
+import threading
 from typing import Any, Callable, Mapping, Sequence
 
 from ray_updown.config import from_dict, read_yaml_mapping, to_dict
@@ -118,6 +120,24 @@ def searched_values(config: dict, space: Mapping[str, Any], cfg: Any) -> dict:
             node = node.get(part) if isinstance(node, dict) else None
         values[str(key)] = node
     return values
+
+
+# Tune keeps one registry of trainables per process, and Tuner.fit() writes the trainable it is
+# given into it; two experiments started at once from two threads (the demo's VQA tracks) can
+# break that dict's iteration. Registering goes through this lock, and a Tuner given the name
+# registers nothing.
+_REGISTRY = threading.Lock()
+
+
+def registered_trainable(base: str, trainable: Any, resources: Mapping[str, Any]) -> str:
+    """Register `trainable` with Tune under a name of `base` and its resources, and return the
+    name (what a Tuner or Tuner.restore takes instead of the trainable)."""
+    from ray import tune
+
+    name = "-".join([base] + [re.sub(r"[^\w.]", "_", f"{k}{v:g}") for k, v in sorted(resources.items())])
+    with _REGISTRY:
+        tune.register_trainable(name, trainable)
+    return name
 
 
 def trial_resources(cpus: float, gpus: float = 0.0,

@@ -246,13 +246,17 @@ def best_intact_checkpoint(pairs, storage_path: str):
 # -- Ray Tune plumbing shared by the ensemble and the sweep ---------------------------------
 
 def tune_trainable(cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0):
-    """`vqa_trainable` with per-trial resources (a fractional GPU lets trials share one)."""
+    """`vqa_trainable` with per-trial resources (a fractional GPU lets trials share one),
+    registered with Tune: its name (train/search.py `registered_trainable`)."""
     from ray import tune
+
+    from ray_updown.train.search import registered_trainable
 
     resources = {"cpu": cpus_per_trial}
     if gpus_per_trial > 0:
         resources["gpu"] = gpus_per_trial
-    return tune.with_resources(vqa_trainable, resources)
+    return registered_trainable("vqa_trainable", tune.with_resources(vqa_trainable, resources),
+                                resources)
 
 
 def tune_run_config(cfg: VqaTrainConfig, root: str, experiment: str, callbacks=None):
