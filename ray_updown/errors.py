@@ -43,6 +43,13 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _RAISED = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception|Exit)): (.+)$")
 
 
+def one_line(exc: BaseException, limit: int = 500) -> str:
+    """An exception as one line of at most `limit` characters (a package error as it prints,
+    any other with its type's name first)."""
+    text = str(exc) if isinstance(exc, RayUpdownError) else f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())[:limit]
+
+
 def message_lines(exc: BaseException) -> list[str]:
     """The non-empty lines of an exception's message, without colour codes."""
     return [line.strip() for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]

@@ -12,14 +12,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ray_updown.errors import CheckpointError, ConfigError, RayUpdownError
+from ray_updown.errors import CheckpointError, ConfigError, RayUpdownError, one_line
 from ray_updown.features.schema import aligned_vocab
 
-
-def one_line(exc: BaseException) -> str:
-    """An exception as one line of at most 500 characters (a package error as it prints)."""
-    text = f"{type(exc).__name__}: {exc}" if not isinstance(exc, RayUpdownError) else str(exc)
-    return " ".join(text.split())[:500]
 
 @dataclass
 class ModelSpec:

@@ -31,8 +31,8 @@ from ray_updown.data.images import (
     boxes_to_original,
     decode_image,
 )
-from ray_updown.errors import RayUpdownError
-from ray_updown.extraction.model import ModelSpec, build_model, one_line
+from ray_updown.errors import RayUpdownError, one_line
+from ray_updown.extraction.model import ModelSpec, build_model
 from ray_updown.features.records import FeatureRecord, records_to_table
 from ray_updown.features.schema import StoreMeta, feature_schema
 

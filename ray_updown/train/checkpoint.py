@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ray_updown import storage
-from ray_updown.errors import CheckpointError
+from ray_updown.errors import CheckpointError, one_line
 from ray_updown.safe_pickle import safe_torch_load
 from ray_updown.train.worker import unwrap
 
@@ -61,7 +61,7 @@ def load_checkpoint_dir(path: str) -> tuple[dict[str, torch.Tensor], dict, dict 
         raise CheckpointError(f"not a checkpoint: needs {MODEL_FILE} and {CONFIG_FILE}", file=source)
 
     def damaged(what: str, name: str, exc: BaseException) -> CheckpointError:
-        return CheckpointError(f"unreadable {what} ({_one_line(exc)}); the checkpoint is damaged: "
+        return CheckpointError(f"unreadable {what} ({one_line(exc, 200)}); the checkpoint is damaged: "
                                "resume from an earlier one or start a new run",
                                file=storage.join(source, name))
 
@@ -119,7 +119,7 @@ def find_damage(uri: str, contents: bool = True, source: str | None = None
     except FileNotFoundError:
         return None
     except (ValueError, KeyError, TypeError, AttributeError) as exc:  # a damaged manifest
-        return CheckpointError(f"unreadable manifest ({_one_line(exc)}); the checkpoint is "
+        return CheckpointError(f"unreadable manifest ({one_line(exc, 200)}); the checkpoint is "
                                "damaged", file=storage.join(source, MANIFEST_FILE))
     for name, (size, digest) in sorted(expected.items()):
         try:
@@ -157,10 +157,6 @@ def _sha256(f) -> str:
     for block in iter(lambda: f.read(1 << 20), b""):
         digest.update(block)
     return digest.hexdigest()
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
 
 
 def check_vocabulary(theirs: list[str] | None, ours: list[str], what: str, unit: str,
