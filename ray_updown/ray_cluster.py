@@ -156,16 +156,28 @@ def _start_watchdog() -> None:
 
 
 def _watch(driver: int, poll_s: float = 1.0) -> None:
-    """While the driver (this process's parent) lives, note its descendants (its Ray's
-    processes); once it is gone, kill those of them that are left."""
-    descendants: dict[int, str] = {}
+    """While the driver (this process's parent) lives, note every descendant it has had (its
+    Ray's processes); once it is gone, kill those of them that are left, and theirs.
+
+    The notes accumulate: a scan that runs while the driver dies sees its children already
+    handed to init, and would otherwise replace the full list with a part of it."""
+    noted: dict[int, str] = {}
     while os.getppid() == driver:
-        descendants = _descendants(driver) or descendants
+        noted.update(_descendants(driver))
         time.sleep(poll_s)
-    for pid, started in descendants.items():
-        if _processes().get(pid, (None, None))[1] == started:  # not a new process of that pid
+    for pid in [pid for pid, started in noted.items() if _same_process(pid, started)]:
+        noted.update(_descendants(pid))  # what it started after the last scan
+    noted.pop(os.getpid(), None)  # the watchdog is one of the driver's children too
+    for pid, started in noted.items():
+        if _same_process(pid, started):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def _same_process(pid: int, started: str) -> bool:
+    """Whether `pid` is still the process that started at `started` (pids are reused)."""
+    stat = _parent_and_start(pid)
+    return stat is not None and stat[1] == started
 
 
 def _descendants(root: int) -> dict[int, str]:
@@ -184,16 +196,19 @@ def _descendants(root: int) -> dict[int, str]:
 
 def _processes() -> dict[int, tuple[int, str]]:
     """{pid: (parent pid, start time)} of the processes now running (Linux /proc)."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()  # after "pid (name)"
-            except (OSError, IndexError):  # gone meanwhile
-                continue
-            out[int(entry)] = (int(fields[1]), fields[19])  # ppid, starttime
-    return out
+    stats = {int(entry): _parent_and_start(int(entry))
+             for entry in os.listdir("/proc") if entry.isdigit()}
+    return {pid: stat for pid, stat in stats.items() if stat is not None}
+
+
+def _parent_and_start(pid: int) -> tuple[int, str] | None:
+    """(parent pid, start time) of a running process; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after "pid (name)"
+        return int(fields[1]), fields[19]
+    except (OSError, IndexError):
+        return None
 
 
 def _submitted_job_env_vars() -> set[str]:
