@@ -7,7 +7,8 @@ own, joined by bounded hand-offs, so reading, decoding, the forwards, building t
 table and writing Parquet all overlap, within a shard and across shard boundaries:
 
     call thread, shard k   rows from the saved plan -> chunks of `chunk` images
-      loader thread          read the chunk's files (storage, `read_threads` at once) and
+      loader thread          read the chunk's files (storage, `read_threads` at once), or
+                             the next `chunk` samples of a tar or table stream, and
                              decode them on the decode pool (`decode_threads`; Pillow
                              releases the GIL), one chunk ahead of the model
       forward thread         `BatchDetector.detect`: the only thread that runs the model, one
@@ -40,7 +41,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -48,6 +49,7 @@ import pyarrow.compute as pc
 
 from ray_updown.data.images import DecodeLimits
 from ray_updown.errors import DataError, StorageError
+from ray_updown.extraction.containers import ContainerSpec, table_samples, tar_samples
 from ray_updown.extraction.model import ModelSpec, default_batch_size
 from ray_updown.extraction.plan import PlanReader
 from ray_updown.extraction.stages import BatchDetector, Detected, decode_stage, read_stage
@@ -68,8 +70,8 @@ def numpy_batch(rows: pa.Table) -> dict[str, np.ndarray]:
         if name == "given_boxes":
             values = column.to_pylist()
             batch[name] = np.array(values + [None], dtype=object)[:-1]
-        elif pa.types.is_string(column.type):
-            batch[name] = np.array(column.to_pylist(), dtype=object)
+        elif pa.types.is_string(column.type) or pa.types.is_binary(column.type) or column.null_count:
+            batch[name] = np.array(column.to_pylist() + [None], dtype=object)[:-1]
         else:
             batch[name] = column.to_numpy()
     return batch
@@ -118,14 +120,16 @@ class ShardWriter:
     def __init__(self, out: str, spec: ModelSpec, meta: StoreMeta, limits: DecodeLimits,
                  read_threads: int = 16, forward_batch_size: int = 4, forwards_per_call: int = 1,
                  torch_threads: int = 1, use_gpu: bool = False, decode_threads: int = 1,
-                 shards_in_flight: int = 3):
+                 shards_in_flight: int = 3, container: ContainerSpec | None = None):
         self.detector = BatchDetector(spec, meta, torch_threads=torch_threads, use_gpu=use_gpu,
                                       forward_batch_size=forward_batch_size)
         if not forward_batch_size:  # 0: chosen for the device the model landed on
             self.detector.forward_batch_size = default_batch_size(self.detector.model)
         self.out, self.meta, self.limits, self.threads = out, meta, limits, read_threads
         self.chunk = max(1, self.detector.forward_batch_size * forwards_per_call)
-        self.plan, self.plan_lock = PlanReader(out), threading.Lock()  # one reader for all calls
+        self.container = container  # None: loose files, read by the plan's URIs
+        self.plan = PlanReader(out) if container is None else None  # one reader for all calls
+        self.plan_lock = threading.Lock()
         self.forward = ForwardThread(self._detect)
         # Chunk loads: one per waiting shard and one ahead in the feeding shard, never queued
         # behind each other (the feeding shard's next chunk must not wait).
@@ -137,7 +141,9 @@ class ShardWriter:
         self.node = _ray_node_id()
 
     def _load(self, rows: pa.Table) -> dict[str, np.ndarray]:
-        batch = read_stage(numpy_batch(rows), threads=self.threads)
+        batch = numpy_batch(rows)
+        if "data" not in batch:  # loose files (a container's chunk comes with its bytes)
+            batch = read_stage(batch, threads=self.threads)
         encoded = int(sum(len(d) for d in batch["data"] if d is not None))
         batch = decode_stage(batch, self.limits, self.decoders)
         batch["_encoded_bytes"] = encoded
@@ -153,61 +159,107 @@ class ShardWriter:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         done = []
-        for shard, first, count in zip(batch["shard"], batch["first_row"], batch["num_rows"]):
+        for i, shard in enumerate(int(s) for s in batch["shard"]):
             try:
-                done.append(self.write_shard(int(shard), int(first), int(count)))
-            except StorageError as exc:
+                if "source" in batch:  # a container's shard: a tar, or a table's row groups
+                    done.append(self.write_container_shard(
+                        shard, str(batch["source"][i]), int(batch["first_group"][i]),
+                        int(batch["num_groups"][i])))
+                else:
+                    done.append(self.write_shard(shard, int(batch["first_row"][i]),
+                                                 int(batch["num_rows"][i])))
+            except (StorageError, DataError) as exc:
                 # Reported as data, not raised: Ray Data's wrappers would lose the error's
                 # type on the way; the driver raises it as itself (failures.py adds the hint).
-                done.append({"shard": int(shard), "failure": exc.problem,
+                done.append({"shard": shard, "failure": exc.problem,
                              "failure_file": exc.file or self.out})
         return {name: np.array([d.get(name, "") for d in done] + [None], dtype=object)[:-1]
                 if name in _TEXT_COLUMNS else np.array([d.get(name, 0) for d in done])
                 for name in COUNT_COLUMNS}
 
-    def _feed(self, chunks: list[pa.Table]) -> list[tuple[dict[str, np.ndarray], Future]]:
+    def _load_next(self, chunks: Iterator[pa.Table]) -> dict[str, np.ndarray] | None:
+        rows = next(chunks, None)
+        return None if rows is None else self._load(rows)
+
+    def _feed(self, chunks: Iterator[pa.Table]) -> list[tuple[dict[str, np.ndarray], Future]]:
         """Load the shard's chunks one ahead of the model and queue them for it. The first
         chunk loads before the feed lock is free, so the model never waits for it."""
-        pending = self.loader.submit(self._load, chunks[0])
+        pending = self.loader.submit(self._load_next, chunks)
         fed = []
         with self.feed:
-            for n in range(len(chunks)):
-                loaded = pending.result()
-                if n + 1 < len(chunks):
-                    pending = self.loader.submit(self._load, chunks[n + 1])
+            while (loaded := pending.result()) is not None:
+                pending = self.loader.submit(self._load_next, chunks)
                 fed.append((loaded, self.forward.submit(loaded)))
         return fed
 
-    def write_shard(self, shard: int, first: int, count: int) -> dict[str, Any]:
-        started = time.time()
-        with self.plan_lock:
-            rows = self.plan.rows(first, count)
-        if pc.any(pc.not_equal(rows.column("shard"), shard)).as_py():
-            raise DataError(f"plan rows {first}..{first + count - 1} are not all in shard "
-                            f"{shard}; delete the plan to re-plan", file=self.plan.uri)
-        chunks = [rows.slice(i, self.chunk) for i in range(0, count, self.chunk)]
+    def _extract(self, chunks: Iterator[pa.Table]) -> tuple[pa.Table, int, int]:
+        """(one result row per input row, encoded bytes read, decoded pixel bytes)."""
         results, encoded, pixels = [], 0, 0
         for loaded, future in self._feed(chunks):
             detected = future.result()
             encoded += loaded.pop("_encoded_bytes")
             pixels += loaded.pop("_pixel_bytes")
             results.append(self.detector.to_table(loaded, detected))
-        table = pa.concat_tables(results)
+        table = pa.concat_tables(results) if results else self.detector.schema.empty_table()
+        return table, encoded, pixels
+
+    def write_shard(self, shard: int, first: int, count: int) -> dict[str, Any]:
+        """A shard of loose files: plan rows first..first+count-1."""
+        started = time.time()
+        with self.plan_lock:
+            rows = self.plan.rows(first, count)
+        if pc.any(pc.not_equal(rows.column("shard"), shard)).as_py():
+            raise DataError(f"plan rows {first}..{first + count - 1} are not all in shard "
+                            f"{shard}; delete the plan to re-plan", file=self.plan.uri)
+        table, encoded, pixels = self._extract(
+            iter([rows.slice(i, self.chunk) for i in range(0, count, self.chunk)]))
+        self._check_rows(shard, table, first, count)
+        written = self._write(shard, table)
+        return {**written, "seconds": time.time() - started, "encoded_bytes": encoded,
+                "pixel_bytes": pixels}
+
+    def write_container_shard(self, shard: int, source: str, first_group: int,
+                              num_groups: int) -> dict[str, Any]:
+        """A container's shard, streamed: a tar front to back, or a run of a table's row
+        groups (containers.py); its samples are counted as they are read."""
+        started, skipped = time.time(), [0]
+
+        def chunks() -> Iterator[pa.Table]:
+            if self.container.kind == "tar":
+                parts = ((chunk, 0) for chunk in tar_samples(source, self.container, self.chunk))
+            else:
+                parts = table_samples(source, first_group, num_groups, self.container, self.chunk)
+            for chunk, skipped_rows in parts:
+                skipped[0] += skipped_rows
+                if chunk.num_rows:
+                    yield chunk.append_column("shard", pa.array(np.full(chunk.num_rows, shard,
+                                                                        np.int32)))
+
+        table, encoded, pixels = self._extract(chunks())
+        self._check_rows(shard, table, 0, table.num_rows)
+        written = self._write(shard, table, samples=table.num_rows + skipped[0], skipped=skipped[0])
+        return {**written, "seconds": time.time() - started, "encoded_bytes": encoded,
+                "pixel_bytes": pixels}
+
+    def _check_rows(self, shard: int, table: pa.Table, first: int, count: int) -> None:
         got = np.sort(table.column("row").to_numpy())
         if not np.array_equal(got, np.arange(first, first + count)):
             raise DataError(f"shard {shard}: the detector returned rows {got.tolist()[:10]}... "
-                            f"for plan rows {first}..{first + count - 1}; nothing written",
+                            f"for rows {first}..{first + count - 1}; nothing written",
                             file=self.out)
+
+    def _write(self, shard: int, table: pa.Table, samples: int | None = None,
+               skipped: int = 0) -> dict[str, Any]:
+        """The errors part, then the features part: its appearance commits the shard."""
         failed = pc.not_equal(table.column("reason"), "")
         try:
             errors = write_error_table(table.filter(failed).select(["image_id", "uri", "stage", "reason"]),
-                                       error_shard_uri(self.out, shard), self.meta.image_id_type)
-            # The features part last: its appearance commits the shard.
+                                       error_shard_uri(self.out, shard), self.meta.image_id_type,
+                                       samples=samples, skipped=skipped)
             features = write_feature_table(table.filter(pc.invert(failed)),
                                            feature_shard_uri(self.out, shard), self.meta)
         except OSError as exc:  # local: permissions, disk full
             raise StorageError(f"cannot write shard {shard} ({type(exc).__name__}: {exc})",
                                file=feature_shard_uri(self.out, shard)) from None
         return {"shard": shard, "features": features, "errors": errors, "node": self.node,
-                "pid": os.getpid(), "seconds": time.time() - started, "encoded_bytes": encoded,
-                "pixel_bytes": pixels}
+                "pid": os.getpid()}

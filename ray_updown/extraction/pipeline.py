@@ -60,116 +60,23 @@ import time
 import uuid
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ray_updown import storage
-from ray_updown.config import check_at_least, validate_fields
-from ray_updown.data.images import DecodeLimits
 from ray_updown.errors import ConfigError, DataError, StorageError
 from ray_updown.extraction.actor import ShardWriter
+from ray_updown.extraction.config import SUMMARY_FILE, ExtractConfig
+from ray_updown.extraction.containers import ContainerSpec
 from ray_updown.extraction.failures import ray_failures_as_one_line
-from ray_updown.extraction.inputs import IMAGE_SUFFIXES, InputListing, list_inputs, read_manifest
 from ray_updown.extraction.model import ModelSpec, build_model, describe_model
-from ray_updown.extraction.plan import join_boxes_from, make_plan, save_plan
+from ray_updown.extraction.plan import save_plan
+from ray_updown.extraction.planning import plan_inputs, skipped_text
 from ray_updown.extraction.shards import complete_shards, count_rows
 from ray_updown.features.schema import FEATURES_DIR, StoreMeta, list_shards
-
-SUMMARY_FILE = "extract_summary.json"
-
-
-@dataclass
-class ExtractConfig:
-    """One extraction run. `images` (prefix or glob) or `manifest`, plus `out`, are required.
-
-    model: "detector" (bottom-up regions) or "grid" (ResNet grid baseline, paper 4.2, with
-    grid_size x grid_size cells); both read the detector checkpoint at `checkpoint`.
-    """
-
-    # Workers decode their own shards, in chunks of the forward's batch (config.py drops it).
-    DEPRECATED = {"decode_batch_size": lambda size: {}}
-
-    images: str = ""
-    manifest: str = ""  # Parquet / CSV / JSON lines with image_id, uri (relative to `images`)
-    out: str = ""
-    checkpoint: str = ""
-    model: Literal["detector", "grid"] = "detector"
-    grid_size: int = 7
-    rows_per_shard: int = 256
-    batch_size: int = 0  # images per forward; 0: 32 on a GPU (fewer if its memory is small), else 4
-    # Forwards per chunk handed to the model; on a GPU the next forward's images are copied
-    # to the device while the current one computes (0: 2 with GPUs, 1 without).
-    forwards_per_call: int = 0
-    num_actors: int = 1
-    num_gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 0.0  # 0: 4 with GPUs (decoding feeds the GPU), else 1
-    torch_threads: int = 0  # 0: one per CPU of the actor
-    decode_threads: int = 0  # 0: one per CPU of the actor
-    shards_in_flight: int = 3  # per actor: one decoding, one in the model, one writing
-    half: bool = False  # float16 forward (CUDA only)
-    # Region selection's greedy scan: "auto" is the fused Triton kernel on CUDA (when Triton
-    # is installed), the torch loop elsewhere.
-    greedy_scan: Literal["auto", "torch", "triton"] = "auto"
-    # torch.compile of the RoI head's res5 and its mean, off by default until measured on a
-    # GPU: "default", "reduce-overhead" (CUDA graphs) or "max-autotune".
-    compile_mode: Literal["", "default", "reduce-overhead", "max-autotune"] = ""
-    min_boxes: int = 0  # 0: the checkpoint's clamp (10-100 in the paper)
-    max_boxes: int = 0
-    min_side: int = 600  # the detector's test scale; larger images are downscaled to it
-    max_side: int = 1000
-    max_image_pixels: int = 100_000_000
-    min_image_side: int = 2
-    max_aspect_ratio: float = 1000.0  # longer side / shorter side; beyond it an error row
-    read_threads: int = 16
-    max_restarts: int = 3  # per extraction actor
-    max_task_retries: int = 3
-    # Custom resources each actor needs, e.g. {"gpu_node": 1} to place them on chosen nodes.
-    actor_resources: dict[str, float] = field(default_factory=dict)
-    suffixes: list[str] = field(default_factory=lambda: list(IMAGE_SUFFIXES))
-    # A feature store whose boxes (per image_id) the detector pools instead of choosing its own.
-    boxes_from: str = ""
-    plan_only: bool = False  # plan, save the plan and check what is complete; run nothing
-
-    def validate(self) -> None:
-        validate_fields(self)  # model
-        check_at_least(self, 1, "rows_per_shard", "num_actors", "read_threads",
-                       "grid_size", "shards_in_flight")
-        check_at_least(self, 0, "batch_size", "forwards_per_call", "cpus_per_actor",
-                       "decode_threads", "torch_threads")
-        if self.half and self.num_gpus_per_actor <= 0:
-            raise ConfigError("half precision needs GPUs (num_gpus_per_actor > 0)", record="half")
-        if self.max_boxes and self.min_boxes > self.max_boxes:
-            raise ConfigError(f"min_boxes {self.min_boxes} > max_boxes {self.max_boxes}",
-                              record="min_boxes")
-
-    def actor_forwards(self) -> int:
-        return self.forwards_per_call or (2 if self.num_gpus_per_actor > 0 else 1)
-
-    def actor_cpus(self) -> float:
-        return self.cpus_per_actor or (4.0 if self.num_gpus_per_actor > 0 else 1.0)
-
-    def shard_writer_kwargs(self) -> dict[str, Any]:
-        """What each ShardWriter is built with, besides out, spec and meta (the defaults of
-        batch, forwards, threads resolved here, so the pipeline and gpu_check agree)."""
-        cpus = max(1, int(self.actor_cpus()))
-        return {"limits": self.limits(), "read_threads": self.read_threads,
-                "forward_batch_size": self.batch_size, "forwards_per_call": self.actor_forwards(),
-                "use_gpu": self.num_gpus_per_actor > 0,
-                "torch_threads": self.torch_threads or cpus,
-                "decode_threads": self.decode_threads or cpus,
-                "shards_in_flight": self.shards_in_flight}
-
-    def limits(self) -> DecodeLimits:
-        return DecodeLimits(self.min_side, self.max_side, self.max_image_pixels,
-                            self.min_image_side, self.max_aspect_ratio)
-
-    def model_spec(self, factory: Callable[[], Any] | None = None) -> ModelSpec:
-        return ModelSpec(self.model, self.checkpoint, self.grid_size, self.min_boxes,
-                         self.max_boxes, self.half, factory, self.greedy_scan, self.compile_mode)
 
 
 def run_extraction(cfg: ExtractConfig, model_factory: Callable[[], Any] | None = None
@@ -182,8 +89,11 @@ def run_extraction(cfg: ExtractConfig, model_factory: Callable[[], Any] | None =
     cfg.validate()
     if not cfg.out:  # empty by default, like images and manifest
         raise ConfigError("an output URI is needed", record="out")
-    if not cfg.images and not cfg.manifest:
-        raise ConfigError("give images (a prefix or glob) or a manifest", record="images")
+    if not cfg.images and not cfg.manifest and not cfg.table:
+        raise ConfigError("give images (a prefix or glob of image files or tar shards), a "
+                          "manifest or a table", record="images")
+    if cfg.table and cfg.manifest:
+        raise ConfigError("give a manifest or a table, not both", record="table")
     out = str(cfg.out).rstrip("/")
     _check_writable(out)
     spec = cfg.model_spec(model_factory)
@@ -193,45 +103,39 @@ def run_extraction(cfg: ExtractConfig, model_factory: Callable[[], Any] | None =
     model_info = describe_model(build_model(dataclasses.replace(spec, half=False), "cpu"),
                                 None if spec.factory is not None else spec.checkpoint)
     planning = time.time()
-    listing = (InputListing(read_manifest(cfg.manifest, cfg.images or None)) if cfg.manifest
-               else list_inputs(cfg.images, tuple(cfg.suffixes)))
-    inputs, skipped = listing.table, listing.skipped_summary()
-    listing = None  # the plan below holds the inputs from here on
-    if not inputs.num_rows:
-        raise ConfigError(f"no input images found{_skipped_text(skipped)}",
-                          file=cfg.manifest or cfg.images)
-    if cfg.boxes_from:
-        inputs = join_boxes_from(inputs, cfg.boxes_from)
-    plan, ranges, total, id_type = make_plan(out, inputs, cfg.rows_per_shard)
-    inputs = None
-    meta = StoreMeta(feature_dim=model_info["feature_dim"], image_id_type=id_type,
+    planned = plan_inputs(cfg, out)
+    ranges, skipped = planned.ranges, planned.skipped
+    meta = StoreMeta(feature_dim=model_info["feature_dim"], image_id_type=planned.id_type,
                      detector=model_info["name"], detector_config=model_info["config"],
                      checkpoint_hash=model_info["checkpoint_hash"],
                      object_vocab=model_info["object_vocab"],
                      attribute_vocab=model_info["attribute_vocab"])
     _check_same_model(out, meta)
-    if plan is not None:  # new or grown; else the saved plan stands
-        save_plan(out, plan)
-    plan = None  # from here on the driver holds one row per shard
+    if planned.plan is not None:  # new or grown; else the saved plan stands
+        save_plan(out, planned.plan)
+    planned.plan = None  # from here on the driver holds one row per shard
     done = complete_shards(out, ranges)
     todo = ranges.filter(pc.invert(pc.is_in(ranges.column("shard"), pa.array(done, pa.int32()))))
     plan_seconds = time.time() - planning
-    n_todo = int(pc.sum(todo.column("num_rows")).as_py() or 0)
-    if cfg.plan_only:
-        return {"inputs": total, "shards": ranges.num_rows, "shards_to_do": todo.num_rows,
+    n_todo = int(pc.sum(pc.max_element_wise(todo.column("num_rows"), 0)).as_py() or 0)
+    if cfg.plan_only:  # (tars count as 0 images to do: their samples are counted when read)
+        return {"inputs": planned.inputs, "shards": ranges.num_rows, "shards_to_do": todo.num_rows,
                 "images_to_do": n_todo, "plan_seconds": round(plan_seconds, 3),
                 "skipped_files": skipped, "store": out, "plan_only": True}
     started = time.time()
-    written = _run_shards(cfg, spec, meta, out, todo) if todo.num_rows else _no_shards()
+    written = (_run_shards(cfg, spec, meta, out, todo, planned.container) if todo.num_rows
+               else _no_shards())
     seconds = time.time() - started
+    n_todo = written.pop("rows_written")
 
     from ray_updown.features.reader import build_index  # (torch: not while planning)
 
     counts = count_rows(out, ranges)
     build_index(out)
     summary = {
-        "inputs": total, "features": counts["features"], "errors": counts["errors"],
-        "errors_by_stage": counts["errors_by_stage"], "shards": ranges.num_rows,
+        "inputs": counts["samples"], "features": counts["features"], "errors": counts["errors"],
+        "errors_by_stage": counts["errors_by_stage"], "skipped_rows": counts["skipped"],
+        "shards": ranges.num_rows,
         "shards_processed": todo.num_rows, "shards_skipped": ranges.num_rows - todo.num_rows,
         "images_processed": n_todo, "skipped_files": skipped, "seconds": round(seconds, 3),
         "images_per_s": round(n_todo / seconds, 3) if n_todo and seconds > 0 else 0.0,
@@ -244,18 +148,22 @@ def run_extraction(cfg: ExtractConfig, model_factory: Callable[[], Any] | None =
     print(f"extract: {n_todo} images in {seconds:.1f} s "
           f"({summary['images_per_s']:.2f} images/s), {todo.num_rows} shards written, "
           f"{summary['shards_skipped']} already complete; store {out}: {summary['features']} "
-          f"feature rows, {summary['errors']} errors of {summary['inputs']} inputs"
-          f"{_skipped_text(skipped)}", file=sys.stderr)
+          f"feature rows, {summary['errors']} errors{_skipped_rows_text(counts['skipped'])} of "
+          f"{summary['inputs']} inputs{skipped_text(skipped)}", file=sys.stderr)
     return summary
+
+
+def _skipped_rows_text(skipped: int) -> str:
+    return f", {skipped} skipped (their download had failed)" if skipped else ""
 
 
 def _no_shards() -> dict[str, Any]:
     return {"shards_by_node": {}, "driver_received_bytes": 0, "object_store_bytes": 0,
-            "decoded_bytes_in_workers": 0, "encoded_bytes_read": 0}
+            "decoded_bytes_in_workers": 0, "encoded_bytes_read": 0, "rows_written": 0}
 
 
 def _run_shards(cfg: ExtractConfig, spec: ModelSpec, meta: StoreMeta, out: str,
-                todo: pa.Table) -> dict[str, Any]:
+                todo: pa.Table, container: ContainerSpec | None) -> dict[str, Any]:
     """The Ray Data run over the shards to do; what the workers reported, in sum."""
     import ray
     from ray.util.annotations import RayDeprecationWarning
@@ -285,7 +193,7 @@ def _run_shards(cfg: ExtractConfig, spec: ModelSpec, meta: StoreMeta, out: str,
             resources=dict(cfg.actor_resources) or None,
             max_restarts=cfg.max_restarts, max_task_retries=cfg.max_task_retries,
             fn_constructor_kwargs={"out": out, "spec": spec, "meta": meta,
-                                   **cfg.shard_writer_kwargs()})
+                                   "container": container, **cfg.shard_writer_kwargs()})
     reported: dict[int, dict[str, Any]] = {}
     received = 0
     with ray_failures_as_one_line(out, todo.num_rows, cfg.max_restarts, cfg.max_task_retries):
@@ -304,18 +212,8 @@ def _run_shards(cfg: ExtractConfig, spec: ModelSpec, meta: StoreMeta, out: str,
             "driver_received_bytes": received,
             "object_store_bytes": int(sum(b.nbytes for b in blocks)) + received,
             "decoded_bytes_in_workers": int(sum(r["pixel_bytes"] for r in rows)),
-            "encoded_bytes_read": int(sum(r["encoded_bytes"] for r in rows))}
-
-
-def _skipped_text(skipped: dict[str, Any], names: int = 5) -> str:
-    """'; 3 files under the input skipped (hidden 1, suffix 2): a.svg, ...' or ''."""
-    if not skipped["count"]:
-        return ""
-    reasons = ", ".join(f"{why} {n}" for why, n in skipped["by_reason"].items())
-    shown = ", ".join(str(u).rsplit("/", 1)[-1] or str(u) for u in skipped["first"][:names])
-    more = ", ..." if skipped["count"] > names else ""
-    return (f"; {skipped['count']} file(s) under the input skipped as not images ({reasons}): "
-            f"{shown}{more} (all in {SUMMARY_FILE})")
+            "encoded_bytes_read": int(sum(r["encoded_bytes"] for r in rows)),
+            "rows_written": int(sum(r["features"] + r["errors"] for r in rows))}
 
 
 def _check_writable(out: str) -> None:

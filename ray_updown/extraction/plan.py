@@ -192,9 +192,13 @@ def load_plan(out_uri: str) -> pa.Table | None:
         return None
     pa_fs, path = storage.pyarrow_filesystem(uri)
     try:
-        table = read_parquet_lean(pa_fs.open_input_file(path), list(_COLUMNS[:5]) + ["given_boxes"])
+        table = read_parquet_lean(pa_fs.open_input_file(path),
+                                  list(_COLUMNS[:5]) + ["given_boxes", "source"])
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"unreadable extraction plan ({exc}); delete it to re-plan", file=uri) from None
+    if "source" in table.column_names:
+        raise ConfigError("the output was planned from tar shards or tables; loose image files "
+                          "go to a new output", file=out_uri)
     missing = [c for c in _COLUMNS[:5] if c not in table.column_names]
     if missing:
         raise DataError(f"extraction plan lacks column(s) {missing}; delete it to re-plan", file=uri)

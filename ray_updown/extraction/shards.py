@@ -3,7 +3,12 @@
 A shard is the unit of work, of writing and of accounting (actor.py writes it): its
 `errors/part-N.parquet` and `features/part-N.parquet` together hold one row per plan row.
 `complete_shards` says which shards a run can skip, `count_rows` checks input rows = feature
-rows + error rows over all of them.
+rows + error rows (+ skipped rows) over all of them.
+
+A shard of loose files holds the plan's rows. A container's shard (a tar, a run of a table's
+row groups; containers.py) holds the samples it turned out to hold: its errors part records
+them, and those skipped as failed downloads, in its footer (`SHARD_SAMPLES_KEY`,
+`SHARD_SKIPPED_KEY`); a tar's plan row says -1.
 """
 
 from __future__ import annotations
@@ -19,15 +24,25 @@ import pyarrow.parquet as pq
 from ray_updown import storage
 from ray_updown.errors import DataError, StorageError
 from ray_updown.features.schema import ERRORS_DIR, FEATURES_DIR, list_shards
-from ray_updown.features.writer import error_shard_uri, feature_shard_uri
+from ray_updown.features.writer import (
+    SHARD_SAMPLES_KEY,
+    SHARD_SKIPPED_KEY,
+    error_shard_uri,
+    feature_shard_uri,
+)
 
 
 def num_rows(uri: str) -> int:
-    """Rows of a shard part from its footer: DataError when missing or not Parquet (a re-run
-    redoes the shard), StorageError when the storage cannot be reached."""
+    """Rows of a shard part from its footer (see `footer`)."""
+    return footer(uri).num_rows
+
+
+def footer(uri: str) -> pq.FileMetaData:
+    """A shard part's footer: DataError when missing or not Parquet (a re-run redoes the
+    shard), StorageError when the storage cannot be reached."""
     pa_fs, path = storage.pyarrow_filesystem(uri)
     try:
-        return pq.ParquetFile(pa_fs.open_input_file(path)).metadata.num_rows
+        return pq.ParquetFile(pa_fs.open_input_file(path)).metadata
     except FileNotFoundError:
         raise DataError("this part of a shard is missing; re-run to complete it", file=uri) from None
     except pa.ArrowInvalid as exc:
@@ -50,28 +65,41 @@ def complete_shards(out: str, ranges: pa.Table) -> np.ndarray:
     want = dict(zip(planned[np.isin(planned, both)].tolist(),
                     ranges.column("num_rows").to_numpy()[np.isin(planned, both)].tolist()))
 
-    def rows(shard: int) -> int | None:
+    def complete(shard: int) -> bool:
         try:
-            return num_rows(feature_shard_uri(out, shard)) + num_rows(error_shard_uri(out, shard))
+            errors = footer(error_shard_uri(out, shard))
+            written = num_rows(feature_shard_uri(out, shard)) + errors.num_rows
         except DataError:  # truncated or not Parquet: redo the shard
-            return None
+            return False
+        samples, skipped = shard_samples(errors, want[shard])
+        return samples >= 0 and written + skipped == samples
 
     with ThreadPoolExecutor(max_workers=16) as pool:  # object stores answer in parallel
-        counts = list(pool.map(rows, both.tolist()))
-    return np.array([s for s, n in zip(both.tolist(), counts) if n == want[s]], dtype=np.int64)
+        done = list(pool.map(complete, both.tolist()))
+    return np.array([s for s, ok in zip(both.tolist(), done) if ok], dtype=np.int64)
+
+
+def shard_samples(errors: pq.FileMetaData, planned: int) -> tuple[int, int]:
+    """(samples, skipped) of a shard: the plan's count, or (a tar: planned -1) what its
+    errors part records; skipped rows only a container's errors part records."""
+    kv = errors.metadata or {}
+    recorded = int(kv.get(SHARD_SAMPLES_KEY, b"-1"))
+    return (planned if planned >= 0 else recorded), int(kv.get(SHARD_SKIPPED_KEY, b"0"))
 
 
 def count_rows(out: str, ranges: pa.Table) -> dict[str, Any]:
-    """Rows per shard from the Parquet footers (and error stages); checks the invariant."""
-    features = errors = 0
+    """Rows per shard from the Parquet footers (and error stages); checks the invariant
+    samples = feature rows + error rows + skipped rows, shard by shard."""
+    features = errors = samples_total = skipped_total = 0
     by_stage: dict[str, int] = {}
     shards, wanted = ranges.column("shard").to_pylist(), ranges.column("num_rows").to_pylist()
 
-    def read(shard: int) -> tuple[int, pa.ChunkedArray]:
+    def read(shard: int) -> tuple[int, pa.ChunkedArray, pq.FileMetaData]:
         err_uri = error_shard_uri(out, shard)
         pa_fs, path = storage.pyarrow_filesystem(err_uri)
         try:
-            stages = pq.read_table(path, filesystem=pa_fs, columns=["stage"]).column("stage")
+            file = pq.ParquetFile(pa_fs.open_input_file(path))
+            stages = file.read(columns=["stage"]).column("stage")
         except FileNotFoundError:
             raise DataError(f"shard {shard} has no errors part; re-run to complete it",
                             file=err_uri) from None
@@ -80,19 +108,24 @@ def count_rows(out: str, ranges: pa.Table) -> dict[str, Any]:
                             "redo it", file=err_uri) from None
         except OSError as exc:
             raise StorageError(f"cannot read ({type(exc).__name__}: {exc})", file=err_uri) from None
-        return num_rows(feature_shard_uri(out, shard)), stages
+        return num_rows(feature_shard_uri(out, shard)), stages, file.metadata
 
     with ThreadPoolExecutor(max_workers=16) as pool:
-        for shard, want, (n_feat, stages) in zip(shards, wanted, pool.map(read, shards)):
+        for shard, want, (n_feat, stages, meta) in zip(shards, wanted, pool.map(read, shards)):
             if len(stages):
                 counts = pc.value_counts(stages.combine_chunks())
                 for stage, n in zip(counts.field("values").to_pylist(),
                                     counts.field("counts").to_pylist()):
                     by_stage[str(stage)] = by_stage.get(str(stage), 0) + n
-            if n_feat + len(stages) != want:
+            samples, skipped = shard_samples(meta, want)
+            if n_feat + len(stages) + skipped != samples:
                 raise DataError(f"shard {shard} holds {n_feat} feature + {len(stages)} error "
-                                f"rows, but {want} images are planned for it (input rows must "
-                                "equal feature rows + error rows)", file=out)
+                                f"rows ({skipped} skipped), but {samples} inputs are planned "
+                                "for it (input rows must equal feature rows + error rows)",
+                                file=out)
             features += n_feat
             errors += len(stages)
-    return {"features": features, "errors": errors, "errors_by_stage": by_stage}
+            samples_total += samples
+            skipped_total += skipped
+    return {"features": features, "errors": errors, "errors_by_stage": by_stage,
+            "samples": samples_total, "skipped": skipped_total}

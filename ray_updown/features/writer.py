@@ -93,9 +93,19 @@ def write_feature_table(table: pa.Table, uri: str, meta: StoreMeta,
 ERROR_FIELDS = ("image_id", "uri", "stage", "reason")
 
 
-def write_error_table(table: pa.Table, uri: str, image_id_type: str) -> int:
-    """Write one errors shard atomically from an Arrow table (image_id, uri, stage, reason)."""
+SHARD_SAMPLES_KEY = b"shard_samples"  # samples a container shard held (its plan cannot say)
+SHARD_SKIPPED_KEY = b"shard_skipped"  # of them, skipped as failed downloads
+
+
+def write_error_table(table: pa.Table, uri: str, image_id_type: str,
+                      samples: int | None = None, skipped: int = 0) -> int:
+    """Write one errors shard atomically from an Arrow table (image_id, uri, stage, reason).
+    `samples` and `skipped` (a container's shard: a tar or row groups) go into its footer,
+    where the driver's accounting reads them (extraction/shards.py)."""
     schema = error_schema(image_id_type)
+    if samples is not None:
+        schema = schema.with_metadata({**schema.metadata, SHARD_SAMPLES_KEY: str(samples).encode(),
+                                       SHARD_SKIPPED_KEY: str(skipped).encode()})
     try:
         table = pa.Table.from_arrays([table.column(f.name).cast(f.type) for f in schema],
                                      schema=schema)

@@ -1,0 +1,135 @@
+"""The driver's planning step, for every kind of input: which shards a run has, as one table.
+
+    loose files   `images=` a prefix or glob of image files, or `manifest=`: one plan row
+                  per image (plan.py), a shard a run of `rows_per_shard` rows
+    tar shards    `images=` a prefix or glob of WebDataset `.tar` files: a shard per tar
+    image tables  `table=` Parquet files with the image bytes in a column: a shard per run of
+                  row groups (containers.py)
+
+`plan_inputs` returns the shards (`Planned.ranges`): for loose files shard, first_row,
+num_rows (rows of the saved plan); for containers shard, source, first_group, num_groups,
+num_rows (-1 for a tar, whose samples are counted as it is read). Either way the driver
+holds one row per shard once planning is done. A store holds one kind of input: a re-run
+from another kind is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ray_updown import storage
+from ray_updown.errors import ConfigError, DataError
+from ray_updown.extraction.config import SUMMARY_FILE, ExtractConfig
+from ray_updown.extraction.containers import (
+    TABLE_SUFFIXES,
+    TAR_SUFFIXES,
+    ContainerSpec,
+    check_table_columns,
+    plan_containers,
+    table_spec,
+    tar_spec,
+)
+from ray_updown.extraction.inputs import InputListing, list_inputs, read_manifest, read_parquet_lean
+from ray_updown.extraction.plan import join_boxes_from, make_plan
+from ray_updown.features.schema import PLAN_FILE
+
+CONTAINER_PLAN_COLUMNS = ("shard", "source", "first_group", "num_groups", "num_rows")
+
+
+@dataclass
+class Planned:
+    """What planning gives the run (see the module docstring)."""
+
+    ranges: pa.Table
+    inputs: int | None  # planned input rows; None where tars are counted as they are read
+    id_type: str
+    skipped: dict[str, Any]
+    container: ContainerSpec | None = None
+    plan: pa.Table | None = None  # the plan to save; None when the saved one stands
+
+
+def plan_inputs(cfg: ExtractConfig, out: str) -> Planned:
+    """List and plan the run's inputs; one ConfigError when there are none."""
+    if cfg.table:
+        listing = list_inputs(cfg.table, TABLE_SUFFIXES)
+        return _plan_containers(cfg, out, listing, "table")
+    if cfg.manifest:
+        listing = InputListing(read_manifest(cfg.manifest, cfg.images or None))
+    else:
+        listing = list_inputs(cfg.images, tuple(cfg.suffixes) + TAR_SUFFIXES)
+        tars = pc.match_substring_regex(listing.table.column("uri"), r"\.(tar|tar\.gz|tgz)$",
+                                        ignore_case=True)
+        n_tars = int(pc.sum(tars).as_py() or 0)
+        if n_tars and n_tars < listing.table.num_rows:
+            raise ConfigError(f"{n_tars} tar shards and {listing.table.num_rows - n_tars} image "
+                              "files under one input: point images at one kind (e.g. a glob "
+                              "ending in *.tar)", file=cfg.images, record="images")
+        if n_tars:
+            return _plan_containers(cfg, out, listing, "tar")
+    inputs, skipped = listing.table, listing.skipped_summary()
+    listing = None  # the plan below holds the inputs from here on
+    if not inputs.num_rows:
+        raise ConfigError(f"no input images found{skipped_text(skipped)}",
+                          file=cfg.manifest or cfg.images)
+    if cfg.boxes_from:
+        inputs = join_boxes_from(inputs, cfg.boxes_from)
+    plan, ranges, total, id_type = make_plan(out, inputs, cfg.rows_per_shard)
+    return Planned(ranges, total, id_type, skipped, plan=plan)
+
+
+def _plan_containers(cfg: ExtractConfig, out: str, listing: InputListing, kind: str) -> Planned:
+    given = cfg.table or cfg.images
+    sources = listing.table.column("uri").to_pylist()
+    skipped = listing.skipped_summary()
+    if not sources:
+        raise ConfigError(f"no Parquet tables found{skipped_text(skipped)}", file=given)
+    if cfg.boxes_from:
+        raise ConfigError("boxes_from takes loose image files or a manifest, not tar shards or "
+                          "tables", record="boxes_from")
+    suffixes = tuple(cfg.suffixes)
+    if kind == "table":
+        spec = table_spec(sources[0], cfg.image_column, cfg.id_field, suffixes)
+        for uri in sources[1:]:
+            check_table_columns(uri, spec)
+    else:
+        spec = tar_spec(sources[0], cfg.id_field, suffixes)
+    previous = load_container_plan(out)
+    plan = plan_containers(sources, spec, cfg.rows_per_shard, previous)
+    rows = plan.column("num_rows").to_numpy()
+    inputs = None if (rows < 0).any() else int(rows.sum())
+    grown = previous is None or plan.num_rows > previous.num_rows
+    return Planned(plan, inputs, spec.id_type, skipped, spec, plan if grown else None)
+
+
+def load_container_plan(out: str) -> pa.Table | None:
+    """The saved plan of a store of container inputs; None when it has none yet."""
+    uri = storage.join(out, PLAN_FILE)
+    if not storage.exists(uri):
+        return None
+    pa_fs, path = storage.pyarrow_filesystem(uri)
+    try:
+        table = read_parquet_lean(pa_fs.open_input_file(path))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"unreadable extraction plan ({exc}); delete it to re-plan", file=uri) from None
+    if "source" not in table.column_names:
+        raise ConfigError("the output was planned from loose image files; tar shards and "
+                          "tables go to a new output", file=out)
+    missing = [c for c in CONTAINER_PLAN_COLUMNS if c not in table.column_names]
+    if missing:
+        raise DataError(f"extraction plan lacks column(s) {missing}; delete it to re-plan", file=uri)
+    return table.select(list(CONTAINER_PLAN_COLUMNS))
+
+
+def skipped_text(skipped: dict[str, Any], names: int = 5) -> str:
+    """'; 3 files under the input skipped (hidden 1, suffix 2): a.svg, ...' or ''."""
+    if not skipped["count"]:
+        return ""
+    reasons = ", ".join(f"{why} {n}" for why, n in skipped["by_reason"].items())
+    shown = ", ".join(str(u).rsplit("/", 1)[-1] or str(u) for u in skipped["first"][:names])
+    more = ", ..." if skipped["count"] > names else ""
+    return (f"; {skipped['count']} file(s) under the input skipped as not images ({reasons}): "
+            f"{shown}{more} (all in {SUMMARY_FILE})")
