@@ -261,7 +261,8 @@ def test_hdf5_out_file_name_and_fixed_layout(tmp_path):
 
 def test_hdf5_fixed_layout_needs_equal_box_counts(store, tmp_path):
     uri, records = store
-    with pytest.raises(DataError, match=r"part-\d+\.parquet: image \d+: has \d boxes, but the fixed layout"):
+    with pytest.raises(DataError, match=r"part-\d+\.parquet: image \d+: has \d boxes, but the fixed layout"
+                                        r".*\(export with --layout adaptive\)"):
         export_store(uri, "hdf5", str(tmp_path / "h5"), layout="fixed")
     assert not (tmp_path / "h5" / "features.hdf5").exists()
     assert no_temporaries(tmp_path) == []
