@@ -232,6 +232,33 @@ def _listed(numbers: Iterable[int]) -> list[int]:
     return sorted(numbers)[:MAX_LISTED]
 
 
+def _against_plan(store: str, features: dict, errors: dict, present_rows: Counter,
+                  warnings: list[str]) -> tuple[dict[str, Any], list[int], list[int]]:
+    """The store's shards against its extraction plan: the plan's summary, the planned shards
+    not complete, and the shards present that the plan does not have (neither complete nor
+    incomplete: another job's, or left from a plan since rewritten)."""
+    planned = _plan_rows(storage.join(store, PLAN_FILE))
+    # The pipeline writes a shard's errors part first and its features part last; a
+    # planned shard is complete when both are there (extraction/shards.py complete_shards).
+    complete = [s for s in planned if s in features and s in errors]
+    missing = [s for s in planned if s not in complete]
+    mismatched = [{"shard": s, "planned": planned[s], "present": present_rows[s]}
+                  for s in sorted(complete) if present_rows[s] != planned[s]]
+    unplanned = [s for s in sorted(set(features) | set(errors)) if s not in planned]
+    plan = {"planned_rows": int(sum(planned.values())), "present_rows": int(sum(present_rows.values())),
+            "planned_shards": len(planned), "complete_shards": len(complete),
+            "missing_shards": len(missing), "missing_shard_numbers": _listed(missing),
+            "mismatched_shards": mismatched[:MAX_LISTED], "unplanned_shards": _listed(unplanned)}
+    if missing:
+        warnings.append(f"{len(missing)} planned shard(s) not complete (re-run extract to finish)")
+    if mismatched:
+        warnings.append(f"{len(mismatched)} shard(s) hold a different row count than planned")
+    if unplanned:
+        warnings.append(f"{len(unplanned)} shard(s) not in the plan (another job's?), counted as "
+                        "neither complete nor incomplete")
+    return plan, missing, unplanned
+
+
 def inspect_store(uri: str) -> dict[str, Any]:
     """A JSON-able summary of the store at `uri` (local path, s3://, gs://); see the module doc.
 
@@ -248,25 +275,9 @@ def inspect_store(uri: str) -> dict[str, Any]:
 
     present_rows = Counter(feature_rows) + Counter(error_rows)
     shards = sorted(set(features) | set(errors))
-    plan = None
+    plan, incomplete, unplanned = None, [], []
     if PLAN_FILE in files:
-        planned = _plan_rows(storage.join(store, PLAN_FILE))
-        # The pipeline writes a shard's errors part first and its features part last; a
-        # planned shard is complete when both are there (extraction/shards.py complete_shards).
-        complete = [s for s in planned if s in features and s in errors]
-        missing = [s for s in planned if s not in complete]
-        mismatched = [{"shard": s, "planned": planned[s], "present": present_rows[s]}
-                      for s in sorted(complete) if present_rows[s] != planned[s]]
-        unplanned = [s for s in shards if s not in planned]
-        plan = {"planned_rows": int(sum(planned.values())), "present_rows": int(sum(present_rows.values())),
-                "planned_shards": len(planned), "complete_shards": len(complete),
-                "missing_shards": len(missing), "missing_shard_numbers": _listed(missing),
-                "mismatched_shards": mismatched[:MAX_LISTED], "unplanned_shards": _listed(unplanned)}
-        incomplete = missing
-        if missing:
-            warnings.append(f"{len(missing)} planned shard(s) not complete (re-run extract to finish)")
-        if mismatched:
-            warnings.append(f"{len(mismatched)} shard(s) hold a different row count than planned")
+        plan, incomplete, unplanned = _against_plan(store, features, errors, present_rows, warnings)
     else:
         # Without a plan only the commit order tells: an errors part without its features part
         # is a shard whose write did not finish. (Non-pipeline writers have no errors parts.)
@@ -303,7 +314,7 @@ def inspect_store(uri: str) -> dict[str, Any]:
         },
         "shards": {"count": len(shards), "complete": len(shards) - len(incomplete) if plan is None
                    else plan["complete_shards"], "incomplete": len(incomplete),
-                   "incomplete_shard_numbers": _listed(incomplete)},
+                   "incomplete_shard_numbers": _listed(incomplete), "unplanned": len(unplanned)},
         "plan": plan,
         "index": index,
         "warnings": warnings,
@@ -362,6 +373,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     if sh["incomplete_shard_numbers"]:
         more = ", ..." if sh["incomplete"] > len(sh["incomplete_shard_numbers"]) else ""
         text += f" (shard {', '.join(map(str, sh['incomplete_shard_numbers']))}{more})"
+    if sh.get("unplanned"):
+        text += f", {sh['unplanned']} not in the plan"
     lines.append(("shards", text))
     p = s["plan"]
     if p is None:
