@@ -226,6 +226,7 @@ def _local_atomic_write(uri: str, path: str, mode: str) -> Iterator[IO]:
     except BaseException:
         with contextlib.suppress(OSError):
             f.close()
+        with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
     try:
