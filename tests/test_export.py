@@ -135,9 +135,12 @@ def test_self_critical_refuses_a_folder_exported_from_another_store(store, tmp_p
     export_store(uri, "self-critical", str(out))
     stamps = {p: os.stat(p).st_mtime_ns for p in (out / "cocobu_att").iterdir()}
     other = _other_store(str(tmp_path / "other"), make_records(seed=9), checkpoint_hash="def")
+    theirs = out / "cocobu_fc" / "100.npy.tmp-1a2b3c4d"  # the folder's owner may still be writing
+    theirs.write_bytes(b"half")
     with pytest.raises(DataError, match="holds an export of another store .*checkpoint_hash") as err:
         export_store(other, "self-critical", str(out))
-    assert err.value.file == str(out)
+    assert err.value.file == str(out) and theirs.exists()
+    theirs.unlink()
     capsys.readouterr()
     assert main(["export", "--store", other, "--format", "self-critical", "--out", str(out)]) == 2
     assert capsys.readouterr().err.splitlines()[-1].startswith(f"ray-updown export: error: {out}: holds")

@@ -97,16 +97,14 @@ def _file_stem(image_id: Any, store: FeatureStore) -> str:
     return stem
 
 
-def _existing(folder: str) -> tuple[set[str], int]:
+def _existing(folder: str) -> tuple[set[str], set[str]]:
     """Names of the files already in `folder` (one listing instead of one stat per image), and
-    how many temporary files of an interrupted export were removed from it."""
+    of the temporary files an interrupted export left there."""
     if not storage.exists(folder):
-        return set(), 0
+        return set(), set()
     names = {posixpath.basename(p.replace("\\", "/")) for p in storage.list_files(folder)}
     temporary = {n for n in names if _TEMPORARY.search(n)}
-    for n in temporary:
-        storage.remove(storage.join(folder, n))
-    return names - temporary, len(temporary)
+    return names - temporary, temporary
 
 
 def _claim(out: str, store: FeatureStore, made_by: dict[str, Any], holds_files: bool) -> None:
@@ -175,6 +173,9 @@ def export_self_critical(store: FeatureStore, out: str, made_by: dict[str, Any])
     listed = {kind: _existing(folder) for kind, folder in folders.items()}
     present = {kind: names for kind, (names, _) in listed.items()}
     _claim(out, store, made_by, any(present.values()))
+    for kind, (_, temporary) in listed.items():  # only once the folder is known to be ours
+        for name in temporary:
+            storage.remove(storage.join(folders[kind], name))
     written = skipped = files = rewritten = boxes = 0
     with _progress(len(store), "export self-critical") as bar:
         for record in store.iter_records():
@@ -194,9 +195,10 @@ def export_self_critical(store: FeatureStore, out: str, made_by: dict[str, Any])
             else:
                 skipped += 1
             bar.update(1)
-    removed = sum(n for _, n in listed.values())
+    removed = sum(len(temporary) for _, temporary in listed.values())
     _summary(f"self-critical: {written} images written ({files} files, {rewritten} of them "
-             f"incomplete before), {skipped} already complete, under {out}")
+             f"incomplete before), {skipped} already complete, {removed} temporary files "
+             f"removed, under {out}")
     return {"format": "self-critical", "store": store.uri, "out": out, "images": written + skipped,
             "written": written, "skipped": skipped, "files_written": files,
             "files_rewritten": rewritten, "temporary_files_removed": removed,
