@@ -193,20 +193,13 @@ def atomic_write(uri: str, mode: str = "wb") -> Iterator[IO]:
     """Write a file that appears under its name only when complete.
 
     Local: a temporary sibling renamed over the target. Object stores: an upload is atomic.
-    On an exception nothing is left under the target name.
+    On an exception nothing is left under the target name. A target that cannot be written
+    (no permission, a file where a folder should be, a full disk on closing) is one
+    StorageError naming `uri`, never the temporary file; the body's own errors pass through.
     """
     fs, path = filesystem(uri)
     if not is_remote(uri):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            with open(tmp, mode) as f:
-                yield f
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
-            raise
+        yield from _local_atomic_write(uri, path, mode)
         return
     buf: IO = io.BytesIO() if "b" in mode else io.StringIO()
     yield buf
@@ -215,6 +208,34 @@ def atomic_write(uri: str, mode: str = "wb") -> Iterator[IO]:
         fs.pipe_file(path, data.encode("utf-8") if isinstance(data, str) else data)
     except Exception as exc:
         raise StorageError(f"cannot write ({type(exc).__name__})", file=uri) from None
+
+
+def _cannot_write(uri: str, exc: OSError) -> StorageError:
+    return StorageError(f"cannot write ({exc.strerror or type(exc).__name__})", file=uri)
+
+
+def _local_atomic_write(uri: str, path: str, mode: str) -> Iterator[IO]:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        f = open(tmp, mode)
+    except OSError as exc:
+        raise _cannot_write(uri, exc) from None
+    try:
+        yield f
+    except BaseException:
+        with contextlib.suppress(OSError):
+            f.close()
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    try:
+        f.close()
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise _cannot_write(uri, exc) from None
 
 
 def write_bytes(uri: str, data: bytes) -> None:

@@ -85,3 +85,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def unwritable_folder(tmp_path):
+    """A folder path nothing can be written under, for root too (where a read-only mode does
+    not stop writes): a read-only folder, or as root a path below a regular file."""
+    if os.geteuid() == 0:
+        (tmp_path / "a-file").write_text("not a folder")
+        yield str(tmp_path / "a-file" / "out")
+        return
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    yield str(locked)
+    locked.chmod(0o700)

@@ -91,3 +91,42 @@ def test_submit_to_an_address_with_no_job_api_is_one_line(tmp_path):
                               f"http://127.0.0.1:{port}"], capture_output=True, text=True,
                              timeout=120, cwd=tmp_path)
     assert missing.returncode == 2 and "give the job's command after --" in missing.stderr
+
+
+@pytest.fixture()
+def small_store(tmp_path):
+    """A one-image store with vocabularies and that image's file, for the writing commands."""
+    import numpy as np
+    from PIL import Image
+
+    from ray_updown.features.records import FeatureRecord
+    from ray_updown.features.schema import StoreMeta
+    from ray_updown.features.writer import feature_shard_uri, write_feature_shard
+
+    store = str(tmp_path / "store")
+    record = FeatureRecord(5, 64, 48, np.array([[4, 4, 40, 30]], np.float32), np.ones((1, 8), np.float32),
+                           object_ids=[1], object_conf=[0.9])
+    meta = StoreMeta(feature_dim=8, detector="d", object_vocab=["__background__", "cat"])
+    write_feature_shard([record], feature_shard_uri(store, 0), meta)
+    Image.new("RGB", (64, 48)).save(tmp_path / "5.png")
+    return store, str(tmp_path / "5.png")
+
+
+@pytest.mark.parametrize("command", ["export", "export-hdf5", "export-tsv", "show", "inspect"])
+def test_a_destination_that_cannot_be_written_is_one_line_and_exit_2(command, small_store,
+                                                                     unwritable_folder, capsys):
+    store, image = small_store
+    dest = unwritable_folder
+    argv = {"export": ["export", "--store", store, "--format", "self-critical", "--out", dest],
+            "export-hdf5": ["export", "--store", store, "--format", "hdf5", "--out", dest],
+            "export-tsv": ["export-tsv", "--store", store, "--tsv", f"{dest}/f.tsv"],
+            "show": ["show", "--store", store, "--image-id", "5", "--image", image,
+                     "--out", f"{dest}/5.png"],
+            "inspect": ["inspect", store, "--png", f"{dest}/h.png"]}[command]
+    capsys.readouterr()
+    assert main(argv) == 2
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if "error" in line]  # besides progress bars
+    assert len(err) == 1 and "Traceback" not in stderr, stderr
+    assert err[0].startswith(f"ray-updown {argv[0]}: error: {dest}") and "cannot write" in err[0]
+    assert ".tmp-" not in err[0]

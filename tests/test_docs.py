@@ -61,3 +61,32 @@ def test_every_command_the_readme_names_exists():
     assert [j for j in jobs if not (REPO / j).exists()] == []
     assert [n for n in named if n not in subcommands] == []
     assert [m for m in makes if m not in targets] == []
+
+
+def _pages_and_manifests() -> dict[Path, str]:
+    files = PAGES + sorted((REPO / "cluster" / "kuberay").glob("*.yaml"))
+    return {f: f.read_text(encoding="utf-8") for f in files}
+
+
+def test_extract_is_given_our_checkpoint_never_a_published_weights_file():
+    # `extract` refuses a published .pkl/.pth/.bin: `convert-detector` comes first.
+    published = re.compile(r"--checkpoint\s+\S+\.(?:pkl|pth|bin)\b")
+    found = [f"{f.relative_to(REPO)}: {m}" for f, text in _pages_and_manifests().items()
+             for m in published.findall(text)]
+    assert found == []
+
+
+def test_no_page_says_help_lists_the_config_keys():
+    # --help lists the flags; --show-config prints the config keys.
+    claims = [f"{f.relative_to(REPO)}: {m}" for f, text in _pages_and_manifests().items()
+              for m in re.findall(r"--help`? lists[^.]*config key", text.replace("\n", " "))]
+    assert claims == []
+
+
+def test_the_laptop_extraction_runs_at_the_demo_detector_s_scale():
+    from ray_updown.detector.train.config import demo_model_config
+
+    config = demo_model_config()
+    text = (REPO / "docs" / "extraction.md").read_text(encoding="utf-8")
+    sides = re.findall(r"--checkpoint runs/detector/ \\\n\s+min_side=(\d+) max_side=(\d+)", text)
+    assert sides == [(str(config.min_size), str(config.max_size))]

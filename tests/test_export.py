@@ -83,7 +83,7 @@ def test_self_critical_layout_read_like_its_dataloader(store, tmp_path):
     out = tmp_path / "sc"
     summary = export_store(uri, "self-critical", str(out))
     assert summary["written"] == len(records) and summary["skipped"] == 0
-    assert sorted(os.listdir(out)) == ["cocobu_att", "cocobu_box", "cocobu_fc"]
+    assert sorted(os.listdir(out)) == ["cocobu_att", "cocobu_box", "cocobu_fc", "ray-updown-export.json"]
     halfs = stored(records)
     for r in records:
         att = np.load(out / "cocobu_att" / f"{r.image_id}.npz")
@@ -115,6 +115,88 @@ def test_self_critical_rerun_skips_and_fills_gaps(store, tmp_path):
     assert missing.exists() and {p: os.stat(p).st_mtime_ns for p in (out / "cocobu_att").iterdir()} == stamps
     for sub in ("cocobu_att", "cocobu_fc", "cocobu_box"):
         assert len(os.listdir(out / sub)) == len(records)  # nothing duplicated
+
+
+def _other_store(uri, records, per_shard=3, **changes):
+    """The same images in a store whose features were made otherwise (`changes` to StoreMeta)."""
+    fields = {"feature_dim": D, "detector": "test-detector", "detector_config": {"min_boxes": 1},
+              "checkpoint_hash": "abc", **changes}
+    for shard, start in enumerate(range(0, len(records), per_shard)):
+        write_feature_shard(records[start:start + per_shard], feature_shard_uri(uri, shard),
+                            StoreMeta(**fields))
+    return uri
+
+
+def test_self_critical_refuses_a_folder_exported_from_another_store(store, tmp_path, capsys):
+    from ray_updown.cli import main
+
+    uri, records = store
+    out = tmp_path / "sc"
+    export_store(uri, "self-critical", str(out))
+    stamps = {p: os.stat(p).st_mtime_ns for p in (out / "cocobu_att").iterdir()}
+    other = _other_store(str(tmp_path / "other"), make_records(seed=9), checkpoint_hash="def")
+    theirs = out / "cocobu_fc" / "100.npy.tmp-1a2b3c4d"  # the folder's owner may still be writing
+    theirs.write_bytes(b"half")
+    with pytest.raises(DataError, match="holds an export of another store .*checkpoint_hash") as err:
+        export_store(other, "self-critical", str(out))
+    assert err.value.file == str(out) and theirs.exists()
+    theirs.unlink()
+    capsys.readouterr()
+    assert main(["export", "--store", other, "--format", "self-critical", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"ray-updown export: error: {out}: holds")
+    assert {p: os.stat(p).st_mtime_ns for p in (out / "cocobu_att").iterdir()} == stamps
+    # More images made the same way (another split of the same extraction) may join the folder.
+    more = [FeatureRecord(image_id=500 + i, image_w=r.image_w, image_h=r.image_h, boxes=r.boxes,
+                          features=r.features) for i, r in enumerate(make_records(2, seed=4))]
+    assert export_store(write_store(str(tmp_path / "more"), more).uri, "self-critical", str(out))["written"] == 2
+
+
+def test_self_critical_refuses_a_folder_of_files_without_its_marker(store, tmp_path):
+    uri, records = store
+    out = tmp_path / "sc"
+    export_store(uri, "self-critical", str(out))
+    (out / "ray-updown-export.json").unlink()
+    with pytest.raises(DataError, match="holds exported files but no ray-updown-export.json"):
+        export_store(uri, "self-critical", str(out))
+
+
+def test_self_critical_rewrites_incomplete_files_and_removes_temporaries(store, tmp_path):
+    uri, records = store
+    out = tmp_path / "sc"
+    export_store(uri, "self-critical", str(out))
+    a, b, c, d = (r.image_id for r in records[:4])
+    att = out / "cocobu_att" / f"{a}.npz"
+    att.write_bytes(att.read_bytes()[:-30])  # truncated: the zip's directory is cut off
+    (out / "cocobu_fc" / f"{b}.npy").write_bytes(b"")  # empty
+    (out / "cocobu_box" / f"{c}.npy").write_bytes(b"junk of an interrupted copy")
+    np.save(out / "cocobu_fc" / f"{d}.npy", np.zeros(D + 1, np.float32))  # another dimension
+    tmp = out / "cocobu_att" / f"{a}.npz.tmp-1a2b3c4d"
+    tmp.write_bytes(b"half")
+    again = export_store(uri, "self-critical", str(out))
+    assert (again["written"], again["files_written"], again["files_rewritten"]) == (4, 4, 4)
+    assert again["skipped"] == len(records) - 4 and again["temporary_files_removed"] == 1
+    assert no_temporaries(out) == []
+    halfs = stored(records)
+    np.testing.assert_array_equal(np.load(att)["feat"], halfs[a].astype(np.float32))
+    for image_id in (b, d):
+        np.testing.assert_allclose(np.load(out / "cocobu_fc" / f"{image_id}.npy"),
+                                   halfs[image_id].astype(np.float64).mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.load(out / "cocobu_box" / f"{c}.npy"), records[2].boxes)
+    assert export_store(uri, "self-critical", str(out))["files_written"] == 0
+
+
+@pytest.mark.parametrize("fmt", ["self-critical", "hdf5"])
+def test_exports_refuse_a_store_whose_parts_were_made_differently(tmp_path, fmt):
+    records = make_records(6)
+    uri = str(tmp_path / "mixed")
+    write_store(uri, records[:3])  # part 0
+    write_feature_shard(records[3:], feature_shard_uri(uri, 1),
+                        StoreMeta(feature_dim=D, detector="another-detector",
+                                  detector_config={"min_boxes": 1}, checkpoint_hash="abc"))
+    with pytest.raises(DataError, match=r"parts were made differently \(part-00001.parquet differs "
+                                        r"from part-00000.parquet in detector;") as err:
+        export_store(uri, fmt, str(tmp_path / "out"))
+    assert err.value.file == uri and not (tmp_path / "out").exists()
 
 
 def test_self_critical_rejects_ids_that_are_not_file_names(tmp_path):
@@ -182,7 +264,8 @@ def test_hdf5_out_file_name_and_fixed_layout(tmp_path):
 
 def test_hdf5_fixed_layout_needs_equal_box_counts(store, tmp_path):
     uri, records = store
-    with pytest.raises(DataError, match=r"part-\d+\.parquet: image \d+: has \d boxes, but the fixed layout"):
+    with pytest.raises(DataError, match=r"part-\d+\.parquet: image \d+: has \d boxes, but the fixed layout"
+                                        r".*\(export with --layout adaptive\)"):
         export_store(uri, "hdf5", str(tmp_path / "h5"), layout="fixed")
     assert not (tmp_path / "h5" / "features.hdf5").exists()
     assert no_temporaries(tmp_path) == []

@@ -113,7 +113,8 @@ def test_summary_counts_are_exact(local_store):
     assert (f["feature_files"], f["error_files"], f["total_files"]) == (2, 2, 4)
     assert f["feature_bytes"] == sum(feature_sizes) and f["error_bytes"] == sum(error_sizes)
     assert f["total_bytes"] == sum(feature_sizes + error_sizes) and f["stray_files"] == []
-    assert s["shards"] == {"count": 2, "complete": 2, "incomplete": 0, "incomplete_shard_numbers": []}
+    assert s["shards"] == {"count": 2, "complete": 2, "incomplete": 0, "incomplete_shard_numbers": [],
+                           "unplanned": 0}
     assert s["plan"] is None and s["index"] == "absent" and s["warnings"] == []
     json.dumps(s)  # JSON-able as it is
 
@@ -228,13 +229,34 @@ def test_plan_incomplete_and_stray_shards(tmp_path):
     assert text.endswith("3 warning(s)")
 
 
+def test_a_shard_the_plan_does_not_have_is_counted_and_warned_of(tmp_path):
+    from ray_updown.extraction.inputs import InputImage
+    from ray_updown.extraction.plan import save_plan
+
+    uri = str(tmp_path / "store")
+    build_store(uri)  # shards 0 and 1
+    write_feature_shard([record(1, 2)], feature_shard_uri(uri, 5), meta())
+    write_error_shard([], error_shard_uri(uri, 5), "int64")
+    per_shard = [len(b) + sum(e[2 + s] for e in ERRORS) for s, b in enumerate(BOXES)]
+    save_plan(uri, [InputImage(image_id=n, uri=f"i{n}.jpg", shard=s)
+                    for s, count in enumerate(per_shard) for n in range(count)])
+    s = inspect_store(uri)
+    assert s["shards"] == {"count": 3, "complete": 2, "incomplete": 0, "incomplete_shard_numbers": [],
+                           "unplanned": 1}
+    assert s["plan"]["unplanned_shards"] == [5]
+    assert s["warnings"] == ["1 shard(s) not in the plan (another job's?), counted as neither "
+                             "complete nor incomplete"]
+    assert "3 present, 2 complete, 0 incomplete, 1 not in the plan" in format_summary(s)
+
+
 def test_errors_part_without_features_part_is_incomplete(tmp_path):
     uri = str(tmp_path / "store")
     write_feature_shard([record(1, 2)], feature_shard_uri(uri, 0), meta())
     write_error_shard([{"image_id": 2, "uri": "b.jpg", "stage": "detect", "reason": "oom"}],
                       error_shard_uri(uri, 4), "int64")
     s = inspect_store(uri)
-    assert s["shards"] == {"count": 2, "complete": 1, "incomplete": 1, "incomplete_shard_numbers": [4]}
+    assert s["shards"] == {"count": 2, "complete": 1, "incomplete": 1, "incomplete_shard_numbers": [4],
+                           "unplanned": 0}
     assert s["errors_by_stage"] == {"detect": {"count": 1, "top_reasons": [{"reason": "oom", "count": 1}]}}
 
 

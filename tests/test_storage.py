@@ -72,3 +72,19 @@ def test_missing_files_local_and_s3(tmp_path, s3_bucket):
     storage.write_text(f"{s3_bucket}/img/x.jpg", "x")
     remote = [f"{s3_bucket}/img/x.jpg", f"{s3_bucket}/img/y.jpg", f"{s3_bucket}/none/z.jpg"]
     assert storage.missing_files(remote) == remote[1:]
+
+
+def test_an_unwritable_target_is_one_storage_error_naming_it(unwritable_folder):
+    target = storage.join(unwritable_folder, "sub", "out.json")
+    with pytest.raises(StorageError) as err:
+        storage.write_json(target, {"k": 1})
+    assert err.value.file == target and "cannot write" in str(err.value)
+    assert ".tmp-" not in str(err.value)
+
+
+def test_the_body_s_own_errors_pass_through_atomic_write(tmp_path):
+    with pytest.raises(OSError, match="the body's"):
+        with storage.atomic_write(str(tmp_path / "x.bin")) as f:
+            f.write(b"1")
+            raise OSError("the body's")
+    assert os.listdir(tmp_path) == []

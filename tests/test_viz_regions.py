@@ -251,8 +251,63 @@ def test_image_not_found_or_not_given_or_not_the_stored_one(world):
     (world["tmp"] / "text.jpg").write_text("not an image")
     with pytest.raises(DataError, match="not a readable image"):
         regions_picture(world["store"], "123", image=str(world["tmp"] / "text.jpg"))
-    with pytest.raises(ConfigError, match="top: must be >= 1"):
+    with pytest.raises(ConfigError, match="top: must be between 1 and 1000, got 0"):
         regions_picture(world["store"], "123", image=world["image"], top=0)
+
+
+def test_zoom_and_top_keep_a_picture_within_8192_px_in_one_line(world, capsys):
+    with pytest.raises(ConfigError, match="top: must be between 1 and 1000, got 1001"):
+        regions_picture(world["store"], "123", image=world["image"], top=1001)
+    with pytest.raises(ConfigError, match=r"zoom: 500 would draw this 200x150 image at 100000x75000; "
+                                          r"a picture's side is at most 8192 px, so at most --zoom 40"):
+        regions_picture(world["store"], "123", image=world["image"], zoom=500)
+    out = world["tmp"] / "big.png"
+    capsys.readouterr()
+    assert main(["show", "--store", world["store"], "--image-id", "123", "--image", world["image"],
+                 "--zoom", "500", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "at most 8192 px" in err[0] and not out.exists()
+
+
+def _store_of(tmp_path, record, meta, size) -> tuple[str, str]:
+    store = str(tmp_path / "one")
+    write_feature_shard([record], feature_shard_uri(store, 0), meta)
+    Image.new("RGB", size, GREY).save(tmp_path / "one.png")
+    return store, str(tmp_path / "one.png")
+
+
+def test_labels_never_overlap_and_leave_a_small_picture_visible(tmp_path):
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 90, (10, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(15, 38, (10, 2))], 1).astype(np.float32)
+    record = FeatureRecord(1, 128, 128, boxes, np.ones((10, 8), np.float32), object_ids=[1] * 10,
+                           object_conf=np.linspace(0.9, 0.5, 10), attr_ids=[1] * 10, attr_conf=[0.8] * 10)
+    store, image = _store_of(tmp_path, record, _meta(), (128, 128))
+    picture = regions_picture(store, 1, image=image)
+    places = [r["label_box"] for r in picture.regions if r["label_box"] is not None]
+    assert picture.regions[0]["label_box"] is not None  # the best region keeps its label
+    assert all(a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+               for i, a in enumerate(places) for b in places[i + 1:])
+    assert sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in places) <= 0.25 * 128 * 128
+    pixels = np.asarray(picture.image).astype(int)
+    assert (np.abs(pixels - GREY[0]).max(-1) > 12).mean() < 0.4  # labels and outlines together
+
+
+def test_a_grid_store_is_drawn_without_labels_and_without_a_detector(tmp_path):
+    from ray_updown.detector.grid import grid_boxes
+
+    cells = np.asarray(grid_boxes(H, W, 2), np.float32)
+    record = FeatureRecord(1, W, H, cells, np.ones((4, 8), np.float32), object_ids=[0] * 4,
+                           object_conf=[0.0] * 4, attr_ids=[0] * 4, attr_conf=[0.0] * 4)
+    meta = StoreMeta(feature_dim=8, detector="bua-tiny-grid2",
+                     detector_config={"grid_size": 2, "detector": {"num_classes": 4}})
+    store, image = _store_of(tmp_path, record, meta, (W, H))
+    summary = show_regions(store, "1", out=str(tmp_path / "grid.png"), image=image)
+    assert (summary["regions"], summary["labels"], summary["labels_drawn"]) == (4, [], 0)
+    assert "grid cells" in summary["vocabularies"]
+    with Image.open(tmp_path / "grid.png") as im:
+        png = im.convert("RGB")
+    assert _is_grey(png.getpixel((W // 4, 10)))  # where a label of cell 0 would be
 
 
 def test_find_image_matches_the_id_as_the_last_number_of_the_name(tmp_path):

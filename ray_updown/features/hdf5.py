@@ -175,7 +175,7 @@ def export_hdf5(store: FeatureStore, out: str, name: str = "features", layout: s
                         appender = _H5Appender(h5, dim, record.num_boxes if layout == "fixed" else None)
                     if layout == "fixed" and record.num_boxes != appender.fixed_k:
                         raise DataError(f"has {record.num_boxes} boxes, but the fixed layout needs "
-                                        f"{appender.fixed_k} for every image (use layout='adaptive')",
+                                        f"{appender.fixed_k} for every image (export with --layout adaptive)",
                                         file=store.locate(record.image_id)[0],
                                         record=f"image {record.image_id}")
                     id2idx[record.image_id] = len(id2idx)

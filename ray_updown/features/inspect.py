@@ -15,20 +15,18 @@ one row group at a time into fixed bins. The `features` column is never read.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 from collections import Counter
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from ray_updown import storage
 from ray_updown.errors import DataError, StorageError
-from ray_updown.features.schema import ERRORS_DIR, FEATURES_DIR, INDEX_FILE, PLAN_FILE, SHARD_FILE, StoreMeta
+from ray_updown.features.parts import PartAgreement, check_columns, open_part, part_info, read_row_group
+from ray_updown.features.schema import ERRORS_DIR, FEATURES_DIR, INDEX_FILE, PLAN_FILE, SHARD_FILE
 
 TOP_REASONS = 5
 # Distinct reasons counted per stage; reasons often name the file, so a store with millions
@@ -37,14 +35,6 @@ MAX_REASONS_PER_STAGE = 10_000
 # Shard numbers listed by name in the summary (the counts are always complete).
 MAX_LISTED = 20
 CONFIDENCE_BINS = 50
-
-_REQUIRED_FEATURE_COLUMNS = ("image_id", "num_boxes", "features")
-
-
-def config_hash(config: Any) -> str:
-    """First 12 hex digits of the sha256 of the canonical JSON (sorted keys, no spaces)."""
-    text = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
 class Histogram:
@@ -93,37 +83,6 @@ def _count_stats(counts: Counter) -> dict[str, Any]:
 
 
 # -- reading ---------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _parquet(uri: str) -> Iterator[pq.ParquetFile]:
-    pa_fs, path = storage.pyarrow_filesystem(uri)
-    try:
-        f = pa_fs.open_input_file(path)
-    except FileNotFoundError:
-        raise StorageError("no such file (removed while inspecting?)", file=uri) from None
-    except OSError as exc:
-        raise StorageError(f"cannot open ({type(exc).__name__})", file=uri) from None
-    with f:
-        try:
-            pf = pq.ParquetFile(f, pre_buffer=False)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise DataError(f"not a readable Parquet file ({exc})", file=uri) from None
-        yield pf
-
-
-def _read_row_group(pf: pq.ParquetFile, rg: int, columns: list[str], uri: str) -> pa.Table:
-    try:
-        return pf.read_row_group(rg, columns=columns, use_threads=False)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"cannot read columns {', '.join(columns)} ({exc})", file=uri,
-                        record=f"row group {rg}") from None
-
-
-def _check_columns(pf: pq.ParquetFile, columns: Iterable[str], uri: str) -> None:
-    missing = [c for c in columns if c not in pf.schema_arrow.names]
-    if missing:
-        raise DataError(f"not a region-feature shard: no {', '.join(missing)} column", file=uri)
-
 
 def _list_store(uri: str) -> tuple[dict[str, int], set[str]]:
     """{path relative to the store: size} of every file, and the top-level folders seen."""
@@ -179,76 +138,30 @@ def _shards(files: dict[str, int], folder: str) -> tuple[dict[int, tuple[str, in
     return shards, stray
 
 
-def _vocab_size(meta: StoreMeta, kv: dict[bytes, bytes], name: str, uri: str,
-                warnings: list[str]) -> int | None:
-    """Size of a vocabulary in the metadata, when the store's StoreMeta / files carry one."""
-    value = getattr(meta, name, None)
-    if not value and name.encode() in kv:
-        try:
-            value = json.loads(kv[name.encode()].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            warnings.append(f"{uri}: {name} in the metadata is not JSON")
-            return None
-    if isinstance(value, (list, tuple, dict)):
-        return len(value) if value else None
-    return None
-
-
-def _feature_dtype(pf: pq.ParquetFile, uri: str) -> tuple[int, str]:
-    """(D, dtype) of the features column: list<fixed_size_list<dtype>[D]>."""
-    t = pf.schema_arrow.field("features").type
-    if not (pa.types.is_list(t) and pa.types.is_fixed_size_list(t.value_type)):
-        raise DataError(f"features column has type {t}, expected list<fixed_size_list<float16>[D]>",
-                        file=uri)
-    inner = t.value_type
-    return int(inner.list_size), np.dtype(inner.value_type.to_pandas_dtype()).name
-
-
 def _scan_features(store: str, shards: dict[int, tuple[str, int]], warnings: list[str]
                    ) -> tuple[dict[int, int], Counter, dict[str, Any]]:
     """Rows per shard, {num_boxes: images} and the metadata of the first shard."""
     rows: dict[int, int] = {}
     boxes: Counter = Counter()
-    first: dict[str, Any] = {}
-    seen: dict[tuple, str] = {}
+    agreement = PartAgreement()
     for shard, (name, _) in sorted(shards.items()):
         uri = storage.join(store, FEATURES_DIR, name)
-        with _parquet(uri) as pf:
-            kv = dict(pf.schema_arrow.metadata or {})
-            meta = StoreMeta.from_kv(kv, file=uri)
-            _check_columns(pf, _REQUIRED_FEATURE_COLUMNS, uri)
-            dim, dtype = _feature_dtype(pf, uri)
+        with open_part(uri) as pf:
+            info = part_info(pf, uri, warnings)
             rows[shard] = pf.metadata.num_rows
             # Only num_boxes, one row group at a time; counted by value, so memory is the
             # number of distinct box counts, not of images.
             for rg in range(pf.num_row_groups):
-                col = _read_row_group(pf, rg, ["num_boxes"], uri).column("num_boxes").to_numpy()
+                col = read_row_group(pf, rg, ["num_boxes"], uri).column("num_boxes").to_numpy()
                 if col.size and col.min() < 0:
                     raise DataError(f"negative num_boxes ({int(col.min())})", file=uri,
                                     record=f"row group {rg}")
                 values, counts = np.unique(col, return_counts=True)
                 boxes.update(dict(zip(values.tolist(), counts.tolist())))
-            declared = kv.get(b"features_dtype", b"").decode("utf-8", "replace")
-            if declared and declared != dtype:
-                warnings.append(f"{uri}: metadata says features are {declared}, the column holds {dtype}")
-            info = {"feature_dim": dim, "features_dtype": dtype, "image_id_type": meta.image_id_type,
-                    "detector": meta.detector, "detector_config_hash": config_hash(meta.detector_config),
-                    "checkpoint_hash": meta.checkpoint_hash,
-                    "object_vocab_size": _vocab_size(meta, kv, "object_vocab", uri, warnings),
-                    "attribute_vocab_size": _vocab_size(meta, kv, "attribute_vocab", uri, warnings)}
-            if meta.feature_dim != dim:
-                warnings.append(f"{uri}: metadata says feature_dim {meta.feature_dim}, the column "
-                                f"holds {dim}")
-        if not first:
-            first = info
-        # Shards written by different detectors or settings cannot be mixed in training.
-        key = tuple(sorted((k, v) for k, v in info.items() if not k.endswith("vocab_size")))
-        if seen and key not in seen:
-            other = next(iter(seen.values()))
-            diff = [k for k, v in key if first.get(k) != v]
-            warnings.append(f"{name} differs from {other} in {', '.join(diff)}")
-        seen.setdefault(key, name)
-    return rows, boxes, first
+        found = agreement.add(name, info)
+        if found:
+            warnings.append(found)
+    return rows, boxes, agreement.first
 
 
 def _scan_errors(store: str, shards: dict[int, tuple[str, int]]
@@ -261,14 +174,14 @@ def _scan_errors(store: str, shards: dict[int, tuple[str, int]]
     id_type = None
     for shard, (name, _) in sorted(shards.items()):
         uri = storage.join(store, ERRORS_DIR, name)
-        with _parquet(uri) as pf:
-            _check_columns(pf, ("stage", "reason"), uri)
+        with open_part(uri) as pf:
+            check_columns(pf, ("stage", "reason"), uri)
             rows[shard] = pf.metadata.num_rows
             if id_type is None and "image_id" in pf.schema_arrow.names:
                 t = pf.schema_arrow.field("image_id").type
                 id_type = "string" if pa.types.is_string(t) or pa.types.is_large_string(t) else "int64"
             for rg in range(pf.num_row_groups):
-                table = _read_row_group(pf, rg, ["stage", "reason"], uri)
+                table = read_row_group(pf, rg, ["stage", "reason"], uri)
                 groups = table.group_by(["stage", "reason"]).aggregate([([], "count_all")])
                 for g in groups.to_pylist():
                     stage = g["stage"] if g["stage"] is not None else "(none)"
@@ -292,10 +205,10 @@ def _scan_errors(store: str, shards: dict[int, tuple[str, int]]
 def _plan_rows(uri: str) -> Counter:
     """{shard: planned images} from the plan's `shard` column, one row group at a time."""
     planned: Counter = Counter()
-    with _parquet(uri) as pf:
-        _check_columns(pf, ("shard",), uri)
+    with open_part(uri) as pf:
+        check_columns(pf, ("shard",), uri)
         for rg in range(pf.num_row_groups):
-            col = _read_row_group(pf, rg, ["shard"], uri).column("shard").to_numpy()
+            col = read_row_group(pf, rg, ["shard"], uri).column("shard").to_numpy()
             values, counts = np.unique(col, return_counts=True)
             planned.update(dict(zip(values.tolist(), counts.tolist())))
     return planned
@@ -307,7 +220,7 @@ def _index_state(store: str, files: dict[str, int], features: dict[int, tuple[st
         return "absent"
     uri = storage.join(store, INDEX_FILE)
     try:
-        with _parquet(uri) as pf:
+        with open_part(uri) as pf:
             listed = json.loads((pf.schema_arrow.metadata or {}).get(b"files", b"null"))
     except (DataError, json.JSONDecodeError):
         return "unreadable"  # derived data: FeatureStore rebuilds it, so not an error here
@@ -317,6 +230,33 @@ def _index_state(store: str, files: dict[str, int], features: dict[int, tuple[st
 
 def _listed(numbers: Iterable[int]) -> list[int]:
     return sorted(numbers)[:MAX_LISTED]
+
+
+def _against_plan(store: str, features: dict, errors: dict, present_rows: Counter,
+                  warnings: list[str]) -> tuple[dict[str, Any], list[int], list[int]]:
+    """The store's shards against its extraction plan: the plan's summary, the planned shards
+    not complete, and the shards present that the plan does not have (neither complete nor
+    incomplete: another job's, or left from a plan since rewritten)."""
+    planned = _plan_rows(storage.join(store, PLAN_FILE))
+    # The pipeline writes a shard's errors part first and its features part last; a
+    # planned shard is complete when both are there (extraction/shards.py complete_shards).
+    complete = [s for s in planned if s in features and s in errors]
+    missing = [s for s in planned if s not in complete]
+    mismatched = [{"shard": s, "planned": planned[s], "present": present_rows[s]}
+                  for s in sorted(complete) if present_rows[s] != planned[s]]
+    unplanned = [s for s in sorted(set(features) | set(errors)) if s not in planned]
+    plan = {"planned_rows": int(sum(planned.values())), "present_rows": int(sum(present_rows.values())),
+            "planned_shards": len(planned), "complete_shards": len(complete),
+            "missing_shards": len(missing), "missing_shard_numbers": _listed(missing),
+            "mismatched_shards": mismatched[:MAX_LISTED], "unplanned_shards": _listed(unplanned)}
+    if missing:
+        warnings.append(f"{len(missing)} planned shard(s) not complete (re-run extract to finish)")
+    if mismatched:
+        warnings.append(f"{len(mismatched)} shard(s) hold a different row count than planned")
+    if unplanned:
+        warnings.append(f"{len(unplanned)} shard(s) not in the plan (another job's?), counted as "
+                        "neither complete nor incomplete")
+    return plan, missing, unplanned
 
 
 def inspect_store(uri: str) -> dict[str, Any]:
@@ -335,25 +275,9 @@ def inspect_store(uri: str) -> dict[str, Any]:
 
     present_rows = Counter(feature_rows) + Counter(error_rows)
     shards = sorted(set(features) | set(errors))
-    plan = None
+    plan, incomplete, unplanned = None, [], []
     if PLAN_FILE in files:
-        planned = _plan_rows(storage.join(store, PLAN_FILE))
-        # The pipeline writes a shard's errors part first and its features part last; a
-        # planned shard is complete when both are there (extraction/shards.py complete_shards).
-        complete = [s for s in planned if s in features and s in errors]
-        missing = [s for s in planned if s not in complete]
-        mismatched = [{"shard": s, "planned": planned[s], "present": present_rows[s]}
-                      for s in sorted(complete) if present_rows[s] != planned[s]]
-        unplanned = [s for s in shards if s not in planned]
-        plan = {"planned_rows": int(sum(planned.values())), "present_rows": int(sum(present_rows.values())),
-                "planned_shards": len(planned), "complete_shards": len(complete),
-                "missing_shards": len(missing), "missing_shard_numbers": _listed(missing),
-                "mismatched_shards": mismatched[:MAX_LISTED], "unplanned_shards": _listed(unplanned)}
-        incomplete = missing
-        if missing:
-            warnings.append(f"{len(missing)} planned shard(s) not complete (re-run extract to finish)")
-        if mismatched:
-            warnings.append(f"{len(mismatched)} shard(s) hold a different row count than planned")
+        plan, incomplete, unplanned = _against_plan(store, features, errors, present_rows, warnings)
     else:
         # Without a plan only the commit order tells: an errors part without its features part
         # is a shard whose write did not finish. (Non-pipeline writers have no errors parts.)
@@ -390,7 +314,7 @@ def inspect_store(uri: str) -> dict[str, Any]:
         },
         "shards": {"count": len(shards), "complete": len(shards) - len(incomplete) if plan is None
                    else plan["complete_shards"], "incomplete": len(incomplete),
-                   "incomplete_shard_numbers": _listed(incomplete)},
+                   "incomplete_shard_numbers": _listed(incomplete), "unplanned": len(unplanned)},
         "plan": plan,
         "index": index,
         "warnings": warnings,
@@ -449,6 +373,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     if sh["incomplete_shard_numbers"]:
         more = ", ..." if sh["incomplete"] > len(sh["incomplete_shard_numbers"]) else ""
         text += f" (shard {', '.join(map(str, sh['incomplete_shard_numbers']))}{more})"
+    if sh.get("unplanned"):
+        text += f", {sh['unplanned']} not in the plan"
     lines.append(("shards", text))
     p = s["plan"]
     if p is None:
@@ -483,10 +409,10 @@ def store_histograms(uri: str, bins: int = CONFIDENCE_BINS) -> tuple[Counter, Hi
     conf = Histogram(0.0, 1.0, bins)
     for _, (name, _) in sorted(features.items()):
         file_uri = storage.join(store, FEATURES_DIR, name)
-        with _parquet(file_uri) as pf:
-            _check_columns(pf, ("num_boxes", "object_conf"), file_uri)
+        with open_part(file_uri) as pf:
+            check_columns(pf, ("num_boxes", "object_conf"), file_uri)
             for rg in range(pf.num_row_groups):
-                table = _read_row_group(pf, rg, ["num_boxes", "object_conf"], file_uri)
+                table = read_row_group(pf, rg, ["num_boxes", "object_conf"], file_uri)
                 values, counts = np.unique(table.column("num_boxes").to_numpy(), return_counts=True)
                 boxes.update(dict(zip(values.tolist(), counts.tolist())))
                 # list_flatten honours the offsets (a row group's lists may share a buffer).

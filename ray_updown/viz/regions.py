@@ -36,6 +36,12 @@ from ray_updown.features.schema import StoreMeta, aligned_vocab
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 BACKGROUND, NO_ATTRIBUTE = "__background__", "__no_attribute__"
 STORE_METADATA = "store metadata"
+GRID_CELLS = "none: grid cells have no classes"  # the vocabularies of a grid store
+# The largest side of a drawn picture, in pixels, and the most regions drawn on one.
+MAX_SIDE = 8192
+MAX_TOP = 1000
+# At most this share of a picture is under labels; labels beyond it are left out.
+MAX_LABEL_COVER = 0.25
 
 
 @dataclass
@@ -50,7 +56,8 @@ class Vocabularies:
 @dataclass
 class RegionsPicture:
     """What `regions_picture` drew: the image and, per drawn region (best first), its row
-    index in the store record, box (original pixels), label, text and colour."""
+    index in the store record, box (original pixels), label, text, colour and where its label
+    went in the picture (label_box; None when left out, see draw_regions)."""
 
     image: Image.Image
     image_id: int | str
@@ -61,7 +68,12 @@ class RegionsPicture:
 
     @property
     def labels(self) -> list[str]:
-        return [r["text"] for r in self.regions]
+        """The texts of the regions, best first (grid cells have none)."""
+        return [r["text"] for r in self.regions if r["text"]]
+
+    @property
+    def labels_drawn(self) -> int:
+        return sum(r["label_box"] is not None for r in self.regions)
 
 
 # ----------------------------------------------------------------------------- labels
@@ -125,10 +137,39 @@ def _pixel_box(box: Sequence[float], zoom: int, width: int, height: int) -> tupl
     return x1, y1, x2, y2
 
 
+def _label_places(sizes: Sequence[tuple[int, int] | None], boxes: Sequence[tuple[int, int, int, int]],
+                  width: int, height: int) -> list[tuple[int, int, int, int] | None]:
+    """Where each label goes, best region first: above its box's top-left corner (inside the
+    box when there is no room). A label that would overlap one placed before, or put more
+    than MAX_LABEL_COVER of the picture under labels, is left out (None), as is one without
+    text (size None); its box is drawn."""
+    places: list[tuple[int, int, int, int] | None] = []
+    covered = 0
+    for size, (x1, y1, _, _) in zip(sizes, boxes):
+        if size is None:
+            places.append(None)
+            continue
+        lw, lh = size
+        lx = min(x1, max(0, width - lw))
+        ly = y1 - lh if y1 - lh >= 0 else min(y1, max(0, height - lh))
+        rect = (lx, ly, lx + lw, ly + lh)
+        overlaps = any(p is not None and rect[0] < p[2] and p[0] < rect[2] and rect[1] < p[3]
+                       and p[1] < rect[3] for p in places)
+        if overlaps or lw > width or covered + lw * lh > MAX_LABEL_COVER * width * height:
+            places.append(None)
+            continue
+        places.append(rect)
+        covered += lw * lh
+    return places
+
+
 def draw_regions(image: Image.Image, boxes: Sequence[Sequence[float]], texts: Sequence[str],
-                 colours: Sequence[tuple[int, int, int]], zoom: int = 1) -> Image.Image:
+                 colours: Sequence[tuple[int, int, int]], zoom: int = 1
+                 ) -> tuple[Image.Image, list[tuple[int, int, int, int] | None]]:
     """A copy of `image` (enlarged `zoom` times) with each box outlined in its colour and its
-    text on a filled label of that colour above it (inside the box when there is no room)."""
+    text on a filled label of that colour above it (inside the box when there is no room),
+    and where each label went (x0, y0, x1, y1; None for a text left out or empty: see
+    `_label_places`). Boxes and texts come best first."""
     canvas = image.convert("RGB")
     if zoom != 1:
         canvas = canvas.resize((canvas.width * zoom, canvas.height * zoom), Image.BILINEAR)
@@ -138,17 +179,19 @@ def draw_regions(image: Image.Image, boxes: Sequence[Sequence[float]], texts: Se
     font = _font(max(10, round(min(w, h) / 36)))
     pad = 2
     placed = [_pixel_box(b, zoom, w, h) for b in boxes]
-    # Least confident first, so the best boxes and their labels end up on top.
+    bounds = [draw.textbbox((0, 0), text, font=font) for text in texts]
+    sizes = [(r - left + 2 * pad, b - top + 2 * pad) if text else None
+             for (left, top, r, b), text in zip(bounds, texts)]
+    places = _label_places(sizes, placed, w, h)
+    # Least confident first, so the best boxes end up on top.
     for (x1, y1, x2, y2), colour in reversed(list(zip(placed, colours))):
         draw.rectangle([x1, y1, x2, y2], outline=colour, width=line)
-    for (x1, y1, _, _), text, colour in reversed(list(zip(placed, texts, colours))):
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        lw, lh = right - left + 2 * pad, bottom - top + 2 * pad
-        lx = min(x1, max(0, w - lw))
-        ly = y1 - lh if y1 - lh >= 0 else min(y1, max(0, h - lh))
-        draw.rectangle([lx, ly, lx + lw - 1, ly + lh - 1], fill=colour)
-        draw.text((lx + pad - left, ly + pad - top), text, fill=_text_colour(colour), font=font)
-    return canvas
+    for place, (left, top, _, _), text, colour in zip(places, bounds, texts, colours):
+        if place is not None:
+            draw.rectangle([place[0], place[1], place[2] - 1, place[3] - 1], fill=colour)
+            draw.text((place[0] + pad - left, place[1] + pad - top), text,
+                      fill=_text_colour(colour), font=font)
+    return canvas, places
 
 
 # -------------------------------------------------------------------- inputs: ids, files
@@ -261,17 +304,53 @@ def store_vocabularies(store: str, meta: dict[str, Any], feature_files: Sequence
 
 
 # ------------------------------------------------------------------------------ entry
+def _check_size(top: int, zoom: int, width: int, height: int) -> None:
+    """`top` in [1, MAX_TOP]; `zoom` >= 1 and, to enlarge, keeping the picture's sides within
+    MAX_SIDE pixels."""
+    if not 1 <= int(top) <= MAX_TOP:
+        raise ConfigError(f"must be between 1 and {MAX_TOP}, got {top}", record="top")
+    if int(zoom) < 1:
+        raise ConfigError(f"must be >= 1, got {zoom}", record="zoom")
+    if int(zoom) > 1 and max(width, height) * int(zoom) > MAX_SIDE:
+        raise ConfigError(f"{zoom} would draw this {width}x{height} image at {width * int(zoom)}x"
+                          f"{height * int(zoom)}; a picture's side is at most {MAX_SIDE} px, so "
+                          f"at most --zoom {max(1, MAX_SIDE // max(width, height))} here",
+                          record="zoom")
+
+
+def _regions(record: Any, top: int, vocabs: Vocabularies | None, where: dict[str, Any]
+             ) -> list[dict[str, Any]]:
+    """The `top` regions of a store row, best first, each with its box, label and text; a
+    grid store's cells (`vocabs` None) have neither label nor text."""
+    regions = []
+    for rank, i in enumerate(top_regions(record.object_conf, top)):
+        i = int(i)
+        entry = {"index": i, "box": [float(v) for v in record.boxes[i]],
+                 "object_id": int(record.object_ids[i]), "attr_id": int(record.attr_ids[i]),
+                 "label": "", "text": "", "colour": region_colour(rank)}
+        if vocabs is not None:
+            try:
+                label = region_label(record.object_ids[i], record.attr_ids[i], vocabs.objects,
+                                     vocabs.attributes)
+            except DataError as exc:
+                raise DataError(f"{exc.problem} (names from {vocabs.source})", file=where["store"],
+                                record=f"image {where['image']!r} region {i}") from None
+            attr_conf = (float(record.attr_conf[i])
+                         if vocabs.attributes and int(record.attr_ids[i]) > 0 else None)
+            entry.update(label=label, text=label_text(label, record.object_conf[i], attr_conf))
+        regions.append(entry)
+    return regions
+
+
 def regions_picture(store: str, image_id: Any, *, image: str | None = None,
                     images_root: str | None = None, top: int = 10, detector: str | None = None,
                     zoom: int = 1) -> RegionsPicture:
     """Figure 2 for one image of `store`, as a PIL image (no file written); see show_regions.
-    `zoom` enlarges the picture (boxes scaled with it) for small images."""
+    `zoom` enlarges the picture (boxes scaled with it) for small images. A grid store's cells
+    are drawn without labels: they are not detections (`detector` is not used)."""
     from ray_updown.features.reader import FeatureStore
 
-    if int(top) < 1:
-        raise ConfigError(f"must be >= 1, got {top}", record="top")
-    if int(zoom) < 1:
-        raise ConfigError(f"must be >= 1, got {zoom}", record="zoom")
+    _check_size(top, zoom, 0, 0)  # before opening the store; the size once the row is read
     features = FeatureStore(store)
     meta = features.metadata
     if not meta:
@@ -281,7 +360,9 @@ def regions_picture(store: str, image_id: Any, *, image: str | None = None,
         raise DataError(f"image id {key!r} is not in the store ({len(features)} images)",
                         file=features.uri)
     record = features.get(key)
-    vocabs = store_vocabularies(features.uri, meta, features.feature_files(), detector)
+    _check_size(top, zoom, record.image_w, record.image_h)
+    grid = "grid_size" in (meta.get("detector_config") or {})
+    vocabs = None if grid else store_vocabularies(features.uri, meta, features.feature_files(), detector)
     if image:
         uri = image
     elif images_root:
@@ -294,25 +375,13 @@ def regions_picture(store: str, image_id: Any, *, image: str | None = None,
         raise DataError(f"is {pixels.width}x{pixels.height} but image {key!r} of {features.uri} is "
                         f"{record.image_w}x{record.image_h}: not the image its boxes were found on",
                         file=uri)
-    regions = []
-    has_attributes = bool(vocabs.attributes)
-    for rank, i in enumerate(top_regions(record.object_conf, top)):
-        i = int(i)
-        try:
-            label = region_label(record.object_ids[i], record.attr_ids[i], vocabs.objects,
-                                 vocabs.attributes)
-        except DataError as exc:
-            raise DataError(f"{exc.problem} (names from {vocabs.source})", file=features.uri,
-                            record=f"image {key!r} region {i}") from None
-        attr_conf = (float(record.attr_conf[i])
-                     if has_attributes and int(record.attr_ids[i]) > 0 else None)
-        regions.append({"index": i, "box": [float(v) for v in record.boxes[i]],
-                        "object_id": int(record.object_ids[i]), "attr_id": int(record.attr_ids[i]),
-                        "label": label, "text": label_text(label, record.object_conf[i], attr_conf),
-                        "colour": region_colour(rank)})
-    picture = draw_regions(pixels, [r["box"] for r in regions], [r["text"] for r in regions],
-                           [r["colour"] for r in regions], int(zoom))
-    return RegionsPicture(picture, key, uri, regions, record.num_boxes, vocabs.source)
+    regions = _regions(record, top, vocabs, {"store": features.uri, "image": key})
+    picture, places = draw_regions(pixels, [r["box"] for r in regions], [r["text"] for r in regions],
+                                   [r["colour"] for r in regions], int(zoom))
+    for region, place in zip(regions, places):
+        region["label_box"] = place
+    return RegionsPicture(picture, key, uri, regions, record.num_boxes,
+                          GRID_CELLS if vocabs is None else vocabs.source)
 
 
 def show_regions(store: str, image_id: str, *, out: str, image: str | None = None,
@@ -330,4 +399,4 @@ def show_regions(store: str, image_id: str, *, out: str, image: str | None = Non
     return {"out": out, "store": store, "image_id": picture.image_id, "image": picture.image_uri,
             "size": list(picture.image.size), "regions": len(picture.regions),
             "regions_in_store": picture.num_boxes, "labels": picture.labels,
-            "vocabularies": picture.vocab_source}
+            "labels_drawn": picture.labels_drawn, "vocabularies": picture.vocab_source}
