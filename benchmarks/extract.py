@@ -20,9 +20,7 @@
     counts), object-store bytes (shard ranges in, counts out), and the decoded-pixel and
     encoded bytes the workers keep in their own processes (what a read -> decode -> detect
     stream would put through the object store, and a driver-side writer through the driver).
-(e) planning a --plan-rows (10,000,000) row Parquet manifest with a trivial model
-    (plan_only: list, plan, save the plan, check what is complete; no pipeline): the
-    driver's planning seconds and peak RSS (its own process), first run and resumed run.
+(e) planning at scale: benchmarks/planning.py.
 (f) images/s of the demo configuration on a local multi-node cluster
     (`ray.cluster_utils.Cluster`, raylets on 127.0.0.1) with 1, 2 and 3 nodes, one actor
     (and one CPU) per node. On this 2-core machine that checks overhead, not scaling.
@@ -32,7 +30,7 @@ the machine has cores so the decode tasks always have a slot (they use ~1% of a 
 Each detector forward uses the same number of torch threads as the bare forward (--threads).
 
     .venv/bin/python benchmarks/extract.py [--paper-images 4] [--demo-images 160] [--skip-paper]
-        [--plan-rows 10000000] [--skip-plan] [--skip-nodes] [--node-images 96]
+        [--skip-nodes] [--node-images 96]
 """
 
 from __future__ import annotations
@@ -45,12 +43,9 @@ import os
 import platform
 import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 from ray_updown import storage
@@ -212,48 +207,6 @@ def traffic(summary: dict) -> dict:
             "encoded_read_in_workers": round(summary["encoded_bytes_read"] / n)}
 
 
-# A planning run in a fresh process that imports only the pipeline (not this module's torch
-# and detector), so its peak RSS is the driver's own; a trivial model, plan_only.
-_PLAN_CHILD = """
-import json, resource, sys, time
-from ray_updown.extraction.pipeline import ExtractConfig, run_extraction
-class TrivialModel:
-    name, feature_dim = "trivial", 4
-    def extract_regions(self, images):
-        return []
-start = time.time()
-summary = run_extraction(ExtractConfig(manifest=sys.argv[1], out=sys.argv[2], plan_only=True),
-                         model_factory=TrivialModel)
-print(json.dumps({"rows": summary["inputs"], "shards": summary["shards"],
-                  "shards_to_do": summary["shards_to_do"], "plan_seconds": summary["plan_seconds"],
-                  "wall_seconds": round(time.time() - start, 2),
-                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
-"""
-
-
-def plan_benchmark(root: str, rows: int) -> dict:
-    """A `rows`-row manifest (COCO-style URIs in S3), planned twice in fresh processes."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    ids = pa.array(np.arange(rows, dtype=np.int64))
-    uris = pc.binary_join_element_wise(
-        "s3://bucket/train2014/COCO_train2014_", pc.utf8_lpad(pc.cast(ids, pa.string()), 12, "0"),
-        ".jpg", "")
-    manifest = f"{root}/manifest.parquet"
-    pq.write_table(pa.table({"image_id": ids, "uri": uris}), manifest, row_group_size=1 << 20)
-    del ids, uris
-    runs = {}
-    for name in ("first_run", "resumed_run"):
-        done = subprocess.run([sys.executable, "-c", _PLAN_CHILD, manifest, f"{root}/plan-store"],
-                              capture_output=True, text=True, check=True,
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        runs[name] = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"rows": rows, "manifest_mb": round(os.path.getsize(manifest) / 1e6, 1), **runs,
-            "target": "<= 60 s and <= 2048 MB peak RSS"}
-
-
 def nodes_benchmark(checkpoint: str, images_uri: str, root: str, limits: DecodeLimits,
                     threads: int, max_nodes: int = 3) -> dict:
     """Demo images/s with 1..max_nodes raylets (head + workers), one actor and CPU each."""
@@ -306,8 +259,6 @@ def main() -> None:
     parser.add_argument("--paper-images", type=int, default=4)
     parser.add_argument("--demo-images", type=int, default=600)
     parser.add_argument("--skip-paper", action="store_true")
-    parser.add_argument("--plan-rows", type=int, default=10_000_000)
-    parser.add_argument("--skip-plan", action="store_true")
     parser.add_argument("--skip-nodes", action="store_true")
     parser.add_argument("--skip-efficiency", action="store_true")
     parser.add_argument("--node-images", type=int, default=96)
@@ -341,9 +292,6 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
             print(json.dumps(results, indent=1))
             return
-    if not args.skip_plan:
-        results["planning"] = plan_benchmark(root, args.plan_rows)
-        shutil.rmtree(f"{root}/plan-store", ignore_errors=True)
         os.remove(f"{root}/manifest.parquet")
 
     build_world(WorldConfig(num_images=args.demo_images, image_size=128), f"{root}/world")

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -91,31 +92,64 @@ def _rows(plan, *columns):
     return [tuple(r[c] for c in columns) for r in plan.to_pylist()]
 
 
-def test_shard_plan_is_deterministic_and_extends_without_moving_rows(tmp_path):
+def test_shard_plan_keeps_input_order_and_extends_without_moving_rows(tmp_path):
     names = [f"{i}.jpg" for i in (5, 1, 4, 2, 3)]
     plan = plan_table(_inputs(names), rows_per_shard=2)
     assert _rows(plan, "uri", "shard") == [
-        ("/img/1.jpg", 0), ("/img/2.jpg", 0), ("/img/3.jpg", 1), ("/img/4.jpg", 1), ("/img/5.jpg", 2)]
-    assert plan.equals(plan_table(_inputs(list(reversed(names))), rows_per_shard=2))
+        ("/img/5.jpg", 0), ("/img/1.jpg", 0), ("/img/4.jpg", 1), ("/img/2.jpg", 1), ("/img/3.jpg", 2)]
+    assert plan.equals(plan_table(_inputs(names), rows_per_shard=2))
     save_plan(str(tmp_path), plan)
     previous = load_plan(str(tmp_path))
     assert previous.equals(plan)
-    # New images (one sorting first) go to new shards; old rows keep theirs; a repeated id errs.
+    # The same inputs in another order: already planned, nothing moves.
+    assert plan_table(_inputs(list(reversed(names))), 2, previous).equals(plan)
+    # New images go to new shards in input order; old rows keep theirs; a repeated id errs.
     grown = plan_table(_inputs(names + ["0.jpg", "6.jpg"], [(3, "/img/copy/3.jpg")]),
                        rows_per_shard=2, previous=previous)
     assert _rows(grown.slice(0, 5), "uri", "shard") == _rows(plan, "uri", "shard")
     assert _rows(grown.slice(5), "uri", "shard") == [
         ("/img/0.jpg", 3), ("/img/6.jpg", 3), ("/img/copy/3.jpg", 4)]
     dup = grown.to_pylist()[-1]
-    assert dup["stage"] == "list" and "duplicate image id 3" in dup["reason"] and "/img/3.jpg" in dup["reason"]
+    assert dup["stage"] == "list" and "duplicate image id 3" in dup["reason"]
+    assert "planned by an earlier run, is kept: /img/3.jpg" in dup["reason"]
     assert grown.column("row").to_pylist() == list(range(8))
     assert shard_ranges(grown).to_pylist()[3:] == [
         {"shard": 3, "first_row": 5, "num_rows": 2}, {"shard": 4, "first_row": 7, "num_rows": 1}]
     twice = plan_table(pa.table({"image_id": [1, 2], "uri": ["/img/a.jpg", "/img/a.jpg"]}), 5)
     assert twice.to_pylist()[1]["stage"] == "list"
-    assert "duplicate uri (already listed as image id 1)" in twice.to_pylist()[1]["reason"]
+    assert "duplicate uri (already listed as image id 1, input row 1)" in twice.to_pylist()[1]["reason"]
     with pytest.raises(DataError, match="mix integers and strings"):
         plan_table(pa.table({"image_id": ["a.jpg"], "uri": ["/img/a.jpg"]}), 2, previous)
+
+
+def test_duplicate_ids_keep_the_first_row_in_input_order_and_name_it(tmp_path):
+    inputs = pa.table({"image_id": pa.array([24, 17, 24, 24], pa.int64()),
+                       "uri": ["/i/024.jpg", "/i/017.jpg", "/i/001.jpg", "/i/099.jpg"]})
+    plan = plan_table(inputs, 2).to_pylist()
+    assert [r["reason"] == "" for r in plan] == [True, True, False, False]
+    assert all("the first, input row 1, is kept: /i/024.jpg" in r["reason"] for r in plan[2:])
+
+
+def test_a_plan_of_many_batches_finds_repeats_across_them(tmp_path):
+    from ray_updown.extraction.plan_build import build_plan
+
+    n = 50_000
+    uris = pa.array([f"s3://b/images/{i:09d}.jpg" for i in range(n)])
+    ids = pa.array(np.arange(n, dtype=np.int64))
+    # Row 49,999 repeats the URI of row 3; row 30,000 repeats the id of row 7.
+    uris = pa.array(uris.to_pylist()[:-1] + ["s3://b/images/000000003.jpg"])
+    ids = ids.to_numpy().copy()
+    ids[30_000] = 7
+    table = pa.table({"image_id": ids, "uri": uris})
+    batches = lambda: (table.slice(i, 7000) for i in range(0, n, 7000))  # noqa: E731
+    new, ranges, rows, kind = build_plan(batches, 1000)
+    with new.folder:
+        plan = pq.read_table(new.path)
+    assert (rows, kind, ranges.num_rows, plan.num_rows) == (n, "int64", 50, n)
+    bad = plan.filter(pc.not_equal(plan.column("reason"), "")).to_pylist()
+    assert [(r["row"], r["stage"]) for r in bad] == [(30_000, "list"), (49_999, "list")]
+    assert "input row 8" in bad[0]["reason"] and "input row 4" in bad[1]["reason"]
+    assert plan.column("shard").to_pylist()[::1000] == list(range(50))
 
 
 def test_a_worker_reads_its_shards_rows_from_the_saved_plan(tmp_path, monkeypatch):

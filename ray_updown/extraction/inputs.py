@@ -210,30 +210,39 @@ def read_parquet_lean(source, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(groups) if groups else file.schema_arrow.empty_table().select(columns)
 
 
-def _read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+def _manifest_parts(uri: str, columns: list[str], rows: int) -> Iterator[pa.Table]:
+    """A manifest's `columns` (those it has) about `rows` rows at a time, streamed."""
     pa_fs, path = storage.pyarrow_filesystem(uri)
     lower = uri.lower()
+    if not lower.endswith((".parquet", ".csv", ".jsonl", ".json", ".ndjson")):
+        raise ConfigError("manifest must end in .parquet, .csv, .jsonl, .ndjson or .json (JSON lines)",
+                          file=uri, record="manifest")
     try:
         if lower.endswith(".parquet"):
-            return read_parquet_lean(pa_fs.open_input_file(path), columns)
+            file = pq.ParquetFile(pa_fs.open_input_file(path), pre_buffer=False)
+            names = [c for c in columns if c in file.schema_arrow.names]
+            parts = (pa.Table.from_batches([b]) for b in
+                     file.iter_batches(batch_size=rows, columns=names, use_threads=False))
+            yield from parts if file.metadata.num_rows else [file.schema_arrow.empty_table().select(names)]
+            return
         with pa_fs.open_input_stream(path) as f:
-            if lower.endswith(".csv"):
-                return pa_csv.read_csv(f)
-            if lower.endswith((".jsonl", ".json", ".ndjson")):
-                return pa_json.read_json(f)
+            reader = (pa_csv.open_csv(f, read_options=pa_csv.ReadOptions(block_size=rows * 64))
+                      if lower.endswith(".csv") else
+                      pa_json.open_json(f, read_options=pa_json.ReadOptions(block_size=rows * 64)))
+            for batch in reader:
+                yield pa.Table.from_batches([batch]).select(
+                    [c for c in columns if c in batch.schema.names])
     except FileNotFoundError:
         raise StorageError("no such manifest", file=uri) from None
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"unreadable manifest ({exc})", file=uri) from None
-    raise ConfigError("manifest must end in .parquet, .csv, .jsonl, .ndjson or .json (JSON lines)",
-                      file=uri, record="manifest")
 
 
 def _first(mask: pa.Array | pa.ChunkedArray) -> int:
     return int(np.flatnonzero(np.asarray(mask.to_numpy(zero_copy_only=False), bool))[0])
 
 
-def _boxes_column(column: pa.ChunkedArray, uri: str) -> pa.ChunkedArray:
+def _boxes_column(column: pa.ChunkedArray, uri: str, offset: int = 0) -> pa.ChunkedArray:
     """A manifest's `boxes` as list<list<float32>>; CSV cells may hold JSON text."""
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
         import json
@@ -244,7 +253,7 @@ def _boxes_column(column: pa.ChunkedArray, uri: str) -> pa.ChunkedArray:
                 values.append(json.loads(text) if text not in (None, "") else None)
             except ValueError:
                 raise DataError("boxes is not a JSON list of [x1, y1, x2, y2]", file=uri,
-                                record=f"row {n}") from None
+                                record=f"row {offset + n}") from None
         column = pa.chunked_array([pa.array(values)]) if values else column
     try:
         return pc.cast(column, BOXES_TYPE) if len(column) else column.cast(BOXES_TYPE)
@@ -254,10 +263,30 @@ def _boxes_column(column: pa.ChunkedArray, uri: str) -> pa.ChunkedArray:
 
 
 def read_manifest(manifest_uri: str, images_root: str | None = None) -> pa.Table:
+    """The whole manifest as one table (`manifest_batches`, for small manifests and tests)."""
+    parts = list(manifest_batches(manifest_uri, images_root))
+    return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+
+
+def manifest_batches(manifest_uri: str, images_root: str | None = None,
+                     rows: int = 1 << 20) -> Iterator[pa.Table]:
     """image_id, uri (relative URIs resolved against `images_root`, default the manifest's
-    folder) and, when the manifest has boxes, given_boxes. Integer id columns give int64 ids,
-    text columns strings."""
-    table = _read_table(manifest_uri, ["image_id", "uri", "boxes"])
+    folder) and, when the manifest has boxes, given_boxes, about `rows` rows at a time.
+    Integer id columns give int64 ids, text columns strings. An error names the row
+    (counted from 0 over the whole manifest)."""
+    offset, kind = 0, None
+    for table in _manifest_parts(manifest_uri, ["image_id", "uri", "boxes"], rows):
+        batch = _manifest_batch(table, manifest_uri, images_root, offset)
+        if kind is not None and batch.schema.field("image_id").type != kind:
+            raise DataError(f"image_id changes type at row {offset} ({kind} before, "
+                            f"{batch.schema.field('image_id').type} here)", file=manifest_uri)
+        kind = batch.schema.field("image_id").type
+        offset += table.num_rows
+        yield batch
+
+
+def _manifest_batch(table: pa.Table, manifest_uri: str, images_root: str | None,
+                    offset: int) -> pa.Table:
     missing = [c for c in ("image_id", "uri") if c not in table.column_names]
     if missing:
         raise DataError(f"manifest lacks column(s) {missing} (needs image_id and uri)",
@@ -277,7 +306,8 @@ def read_manifest(manifest_uri: str, images_root: str | None = None) -> pa.Table
         empty = pc.or_kleene(empty, pc.equal(ids, ""))
     empty = pc.fill_null(empty, True)
     if pc.any(empty).as_py():
-        raise DataError("empty image_id or uri", file=manifest_uri, record=f"row {_first(empty)}")
+        raise DataError("empty image_id or uri", file=manifest_uri,
+                        record=f"row {offset + _first(empty)}")
     root = (images_root or posixpath.dirname(str(manifest_uri).rstrip("/"))).rstrip("/")
     absolute = pc.or_(pc.match_substring_regex(uris, r"^[a-z][a-z0-9+.-]*://"),
                       pc.starts_with(uris, "/"))
@@ -286,5 +316,5 @@ def read_manifest(manifest_uri: str, images_root: str | None = None) -> pa.Table
         uris = pc.if_else(absolute, uris, pc.binary_join_element_wise(root, uris, sep))
     columns = {"image_id": ids, "uri": uris}
     if "boxes" in table.column_names:
-        columns["given_boxes"] = _boxes_column(table.column("boxes"), manifest_uri)
+        columns["given_boxes"] = _boxes_column(table.column("boxes"), manifest_uri, offset)
     return pa.table(columns)

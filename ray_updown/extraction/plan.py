@@ -1,24 +1,27 @@
-"""The extraction plan: every input image's shard, as one Arrow table (never an object per image).
+"""The extraction plan of loose image files: every input image's shard, saved beside the store.
 
-`plan_table` sorts new inputs by URI and cuts them into shards of `rows_per_shard`. The plan is
-saved beside the output (`extract_plan.parquet`) on the first run and is the source of truth
-afterwards: a re-run keeps every planned image in its shard and gives images that appeared
-since then new shards after the last one, so a finished shard never changes meaning (and the
-plan stays sorted by shard: a shard is a contiguous range of rows). An image whose URI repeats
-an earlier row's, or whose id repeats an earlier accepted row's, becomes an error row (stage
-"list"), not a silent duplicate. Each row's position (`row`) identifies it through the pipeline.
+The plan is built by streaming the inputs (plan_build.py) and saved beside the output
+(`extract_plan.parquet`) on the first run; it is the source of truth afterwards: a re-run
+keeps every planned image in its shard and gives images that appeared since then new shards
+after the last one, in input order, so a finished shard never changes meaning (and the plan
+stays sorted by shard: a shard is a contiguous range of rows). An image whose URI repeats an
+earlier row's, or whose id repeats an earlier accepted row's, becomes an error row (stage
+"list"), not a silent duplicate; the first row in input order is kept. Each row's position
+(`row`) identifies it through the pipeline.
 
 Columns: image_id (int64 or string), uri, shard (int32), stage, reason, row (int64) and, when
 boxes are given (a manifest's `boxes`, or `boxes_from` a store), given_boxes
 (list<list<float32>>: per image a list of [x1, y1, x2, y2] in original pixels, null where the
 detector chooses).
 
-Everything is vectorised (Arrow and numpy): duplicates are found by sorting, not by hashing
-Python objects, so ten million rows plan in seconds and in about the table's own size.
 Workers read their shard's rows from the saved file (`PlanReader`), one row group at a time.
 """
 
 from __future__ import annotations
+
+import os
+import shutil
+import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -27,143 +30,33 @@ import pyarrow.parquet as pq
 
 from ray_updown import storage
 from ray_updown.errors import ConfigError, DataError, StorageError
-from ray_updown.extraction.inputs import BOXES_TYPE, InputImage, read_parquet_lean
+from ray_updown.extraction.inputs import BOXES_TYPE, InputImage
+from ray_updown.extraction.plan_build import (
+    PLAN_COLUMNS,
+    PLAN_ROW_GROUP,
+    Inputs,
+    NewPlan,
+    RangeBuilder,
+    build_plan,
+    id_kind,
+    saved_batches,
+)
 from ray_updown.features.schema import PLAN_FILE
-
-PLAN_ROW_GROUP = 8192  # rows a worker reads to get its shard's rows
-_COLUMNS = ("image_id", "uri", "shard", "stage", "reason", "row")
-
-
-def _id_kind(column: pa.ChunkedArray | pa.Array | pa.Field) -> str:
-    return "string" if pa.types.is_string(column.type) or pa.types.is_large_string(column.type) \
-        else "int64"
-
-
-def _strings(n: int) -> pa.Array:
-    return pa.repeat(pa.scalar("", pa.string()), n)
-
-
-def _with_boxes(table: pa.Table, boxes: bool) -> pa.Table:
-    if boxes and "given_boxes" not in table.column_names:
-        return table.append_column("given_boxes", pa.nulls(table.num_rows, BOXES_TYPE))
-    return table
-
-
-def _run_starts(equal_to_previous: np.ndarray) -> np.ndarray:
-    """For sorted values, the index of the first element of each element's run."""
-    index = np.arange(len(equal_to_previous))
-    return np.maximum.accumulate(np.where(equal_to_previous, 0, index)) if len(index) else index
-
-
-def _adjacent_equal(values: pa.Array) -> np.ndarray:
-    """equal[i]: values[i] == values[i - 1] (values sorted)."""
-    n = len(values)
-    out = np.zeros(n, dtype=bool)
-    if n > 1:
-        out[1:] = pc.equal(values.slice(1), values.slice(0, n - 1)).to_numpy(zero_copy_only=False)
-    return out
 
 
 def plan_table(inputs: pa.Table, rows_per_shard: int, previous: pa.Table | None = None
                ) -> pa.Table:
-    """Shard assignment: the previous plan unchanged, then new URIs (sorted) in new shards."""
-    if rows_per_shard < 1:
-        raise ConfigError(f"must be >= 1, got {rows_per_shard}", record="rows_per_shard")
-    if previous is None or previous.num_rows == 0:
-        previous = None
-    elif _id_kind(previous.column("image_id")) != _id_kind(inputs.column("image_id")):
-        raise DataError("image ids mix integers and strings (the store was started with one "
-                        "kind, the inputs give the other); use a manifest or a new output")
-    fresh = inputs if previous is None else _not_planned(inputs, previous)
-    if not _is_sorted(fresh.column("uri")):  # (listings and most manifests are)
-        # Stable: rows of a manifest naming one file twice keep their order.
-        fresh = fresh.take(pc.sort_indices(fresh.column("uri")))
-    n_prev = previous.num_rows if previous is not None else 0
-    first_new = int(pc.max(previous.column("shard")).as_py()) + 1 if previous is not None else 0
-    count = fresh.num_rows
-    uris = fresh.column("uri")
-    # A URI repeated among the new rows: every repeat after the first is an error row.
-    dup_uri = _adjacent_equal(uris)
-    columns = {
-        "image_id": fresh.column("image_id").combine_chunks(), "uri": uris,
-        "shard": pa.array(np.arange(count, dtype=np.int32) // np.int32(rows_per_shard)
-                          + np.int32(first_new)),
-        "stage": _strings(count), "reason": _strings(count),
-        "row": pa.array(np.arange(n_prev, n_prev + count, dtype=np.int64))}
-    has_boxes = "given_boxes" in fresh.column_names or (
-        previous is not None and "given_boxes" in previous.column_names)
-    if "given_boxes" in fresh.column_names:
-        columns["given_boxes"] = fresh.column("given_boxes").combine_chunks()
-    new = _with_boxes(pa.table(columns), has_boxes)
-    if dup_uri.any():
-        first = _run_starts(dup_uri)
-        where = np.flatnonzero(dup_uri)
-        ids = new.column("image_id").take(pa.array(first[where])).to_pylist()
-        new = _set_reasons(new, where, [f"duplicate uri (already listed as image id {i!r})"
-                                        for i in ids])
-    plan = new if previous is None else pa.concat_tables(
-        [_with_boxes(previous.select(list(_COLUMNS) + (["given_boxes"] if "given_boxes" in
-                                                         previous.column_names else [])),
-                     has_boxes).cast(new.schema), new])
-    return _mark_duplicate_ids(plan)
-
-
-def _is_sorted(values: pa.ChunkedArray) -> bool:
-    n = len(values)
-    return n < 2 or not pc.any(pc.less(values.slice(1), values.slice(0, n - 1))).as_py()
-
-
-def _not_planned(inputs: pa.Table, previous: pa.Table, chunk: int = 1 << 20) -> pa.Table:
-    """The inputs whose URI the previous plan does not hold. A re-run of the same inputs is
-    recognised without hashing; otherwise the previous URIs are hashed a chunk at a time, so
-    the hash table stays small however large the plan."""
-    uris, known = inputs.column("uri"), previous.column("uri")
-    if len(uris) == len(known) and _is_sorted(uris) and pc.all(pc.equal(uris, known)).as_py():
-        return inputs.slice(0, 0)
-    planned = np.zeros(len(uris), dtype=bool)
-    for start in range(0, len(known), chunk):
-        part = known.slice(start, chunk).combine_chunks()
-        planned |= pc.is_in(uris, value_set=part).to_numpy(zero_copy_only=False)
-    return inputs.filter(pa.array(~planned))
-
-
-def _set_reasons(table: pa.Table, where: np.ndarray, reasons: list[str]) -> pa.Table:
-    mask = np.zeros(table.num_rows, dtype=bool)
-    mask[where] = True
-    mask = pa.array(mask)
-    stage = pc.replace_with_mask(table.column("stage").combine_chunks(), mask,
-                                 pa.repeat(pa.scalar("list"), len(where)))
-    reason = pc.replace_with_mask(table.column("reason").combine_chunks(), mask,
-                                  pa.array(reasons, pa.string()))
-    table = table.set_column(table.schema.get_field_index("stage"), "stage", stage)
-    return table.set_column(table.schema.get_field_index("reason"), "reason", reason)
-
-
-def _mark_duplicate_ids(plan: pa.Table) -> pa.Table:
-    """An id that an earlier accepted row holds: an error row naming that row's file."""
-    accepted = np.flatnonzero(pc.equal(plan.column("reason"), "").to_numpy(zero_copy_only=False))
-    if not len(accepted):
-        return plan
-    ids = plan.column("image_id").combine_chunks()
-    if len(accepted) < len(ids):
-        ids = ids.take(pa.array(accepted))
-    if _id_kind(ids) == "int64":
-        values = ids.to_numpy(zero_copy_only=False)
-        if len(values) < 2 or (np.diff(values) > 0).all():
-            return plan  # increasing: no id twice (COCO and VG file names sort so)
-        order = np.argsort(values, kind="stable")
-    else:
-        order = pc.sort_indices(ids).to_numpy()
-    dup = _adjacent_equal(ids.take(pa.array(order)))
-    if not dup.any():
-        return plan
-    first = _run_starts(dup)
-    where = np.flatnonzero(dup)
-    rows, firsts = accepted[order[where]], accepted[order[first[where]]]
-    dup_ids = plan.column("image_id").take(pa.array(rows)).to_pylist()
-    first_uris = plan.column("uri").take(pa.array(firsts)).to_pylist()
-    return _set_reasons(plan, rows, [f"duplicate image id {i!r} (first at {u})"
-                                     for i, u in zip(dup_ids, first_uris)])
+    """The plan of `inputs` as a table (small uses and tests; runs stream: `make_plan`)."""
+    with tempfile.TemporaryDirectory() as folder:
+        saved = None
+        if previous is not None and previous.num_rows:
+            pq.write_table(previous, os.path.join(folder, "previous.parquet"))
+            saved = pq.ParquetFile(os.path.join(folder, "previous.parquet"))
+        new, _, _, _ = build_plan(lambda: [inputs], rows_per_shard, saved)
+        if new is None:
+            return previous
+        with new.folder:
+            return pq.read_table(new.path)
 
 
 def objects_to_table(plan: list[InputImage]) -> pa.Table:
@@ -178,82 +71,62 @@ def objects_to_table(plan: list[InputImage]) -> pa.Table:
         "row": pa.array(range(len(plan)), type=pa.int64())})
 
 
-def save_plan(out_uri: str, plan: pa.Table | list[InputImage]) -> None:
+def save_plan(out_uri: str, plan: pa.Table | list[InputImage] | NewPlan) -> None:
+    """The plan beside the store, written atomically (a NewPlan's file is copied and removed)."""
+    uri = storage.join(out_uri, PLAN_FILE)
+    if isinstance(plan, NewPlan):
+        with plan.folder, open(plan.path, "rb") as source, storage.atomic_write(uri, "wb") as f:
+            shutil.copyfileobj(source, f, 1 << 22)
+        return
     if isinstance(plan, list):
         plan = objects_to_table(plan)
-    with storage.atomic_write(storage.join(out_uri, PLAN_FILE), "wb") as f:
+    with storage.atomic_write(uri, "wb") as f:
         pq.write_table(plan, f, compression="zstd", row_group_size=PLAN_ROW_GROUP)
 
 
-def load_plan(out_uri: str) -> pa.Table | None:
-    """The saved plan of a store, or None when the store has none yet."""
+def open_saved_plan(out_uri: str) -> pq.ParquetFile | None:
+    """The store's saved plan of loose files, opened (footer only); None when it has none."""
     uri = storage.join(out_uri, PLAN_FILE)
     if not storage.exists(uri):
         return None
     pa_fs, path = storage.pyarrow_filesystem(uri)
     try:
-        table = read_parquet_lean(pa_fs.open_input_file(path),
-                                  list(_COLUMNS[:5]) + ["given_boxes", "source"])
+        file = pq.ParquetFile(pa_fs.open_input_file(path), pre_buffer=False)
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"unreadable extraction plan ({exc}); delete it to re-plan", file=uri) from None
-    if "source" in table.column_names:
+    names = file.schema_arrow.names
+    if "source" in names:
         raise ConfigError("the output was planned from tar shards or tables; loose image files "
                           "go to a new output", file=out_uri)
-    missing = [c for c in _COLUMNS[:5] if c not in table.column_names]
+    missing = [c for c in PLAN_COLUMNS[:5] if c not in names]
     if missing:
         raise DataError(f"extraction plan lacks column(s) {missing}; delete it to re-plan", file=uri)
+    return file
+
+
+def load_plan(out_uri: str) -> pa.Table | None:
+    """The saved plan of a store as a table (small uses and tests), or None."""
+    file = open_saved_plan(out_uri)
+    if file is None:
+        return None
+    columns = list(PLAN_COLUMNS[:5]) + ["given_boxes"]
+    table = pa.concat_tables(saved_batches(file, columns))
     row = pa.array(np.arange(table.num_rows, dtype=np.int64))
     return table.append_column("row", row).select(
-        list(_COLUMNS) + (["given_boxes"] if "given_boxes" in table.column_names else []))
+        list(PLAN_COLUMNS) + (["given_boxes"] if "given_boxes" in table.column_names else []))
 
 
-def make_plan(out_uri: str, inputs: pa.Table, rows_per_shard: int
-              ) -> tuple[pa.Table | None, pa.Table, int, str]:
-    """(the new plan to save, or None when the saved one stands; shard ranges; rows; id type).
-
-    A re-run of the inputs the saved plan was made from (same URIs in the same order: the
-    common resume) is recognised by streaming the saved URIs a row group at a time, so the
-    driver never holds the saved plan beside the inputs."""
-    uri = storage.join(out_uri, PLAN_FILE)
-    if storage.exists(uri) and "given_boxes" not in inputs.column_names:
-        pa_fs, path = storage.pyarrow_filesystem(uri)
-        try:
-            file = pq.ParquetFile(pa_fs.open_input_file(path), pre_buffer=False)
-            same = _same_uris(file, inputs.column("uri"))
-        except (pa.ArrowInvalid, OSError, KeyError):
-            same = False  # load_plan below names the problem
-        if same:
-            shards = pa.concat_tables([file.read_row_group(i, columns=["shard"], use_threads=False)
-                                       for i in range(file.num_row_groups)])
-            return (None, shard_ranges(shards), shards.num_rows,
-                    _id_kind(file.schema_arrow.field("image_id")))
-    plan = plan_table(inputs, rows_per_shard, load_plan(out_uri))
-    return plan, shard_ranges(plan), plan.num_rows, _id_kind(plan.column("image_id"))
-
-
-def _same_uris(file: pq.ParquetFile, uris: pa.ChunkedArray) -> bool:
-    if file.metadata.num_rows != len(uris) or "given_boxes" in file.schema_arrow.names:
-        return False
-    start = 0
-    for i in range(file.num_row_groups):
-        saved = file.read_row_group(i, columns=["uri"], use_threads=False).column("uri")
-        if not pc.all(pc.equal(saved, uris.slice(start, len(saved)))).as_py():
-            return False
-        start += len(saved)
-    return True
+def make_plan(out_uri: str, inputs: Inputs, rows_per_shard: int
+              ) -> tuple[NewPlan | None, pa.Table, int, str]:
+    """`build_plan` of the inputs against the store's saved plan, if any (plan_build.py)."""
+    return build_plan(inputs, rows_per_shard, open_saved_plan(out_uri))
 
 
 def shard_ranges(plan: pa.Table) -> pa.Table:
     """One row per shard: shard, first_row, num_rows (the plan is sorted by shard)."""
-    shards = plan.column("shard").to_numpy()
-    if len(shards) > 1 and (np.diff(shards) < 0).any():
-        raise DataError("the extraction plan is not in shard order; delete it to re-plan")
-    starts = np.flatnonzero(np.r_[True, shards[1:] != shards[:-1]]) if len(shards) else \
-        np.zeros(0, np.int64)
-    counts = np.diff(np.r_[starts, len(shards)])
-    return pa.table({"shard": pa.array(shards[starts], pa.int32()),
-                     "first_row": pa.array(starts, pa.int64()),
-                     "num_rows": pa.array(counts, pa.int64())})
+    ranges = RangeBuilder()
+    ranges.add(plan.column("shard").to_numpy())
+    return ranges.table()
 
 
 class PlanReader:
@@ -292,9 +165,8 @@ class PlanReader:
             "row", pa.array(np.arange(first, end, dtype=np.int64)))
 
 
-def join_boxes_from(inputs: pa.Table, store_uri: str) -> pa.Table:
-    """`inputs` with given_boxes: each image's `boxes` in the feature store at `store_uri`
-    (null where the store has no row for the image: the detector chooses there)."""
+def boxes_of_store(store_uri: str) -> pa.Table:
+    """image_id, boxes of every feature row of the store at `store_uri` (`boxes_from`)."""
     from ray_updown.features.schema import FEATURES_DIR, list_shards
 
     folder = storage.join(store_uri, FEATURES_DIR)
@@ -310,10 +182,15 @@ def join_boxes_from(inputs: pa.Table, store_uri: str) -> pa.Table:
             raise DataError(f"cannot read image_id and boxes ({exc})", file=uri) from None
         parts.append(pa.table({"image_id": part.column("image_id"),
                                "boxes": pc.cast(part.column("boxes"), BOXES_TYPE)}))
-    source = pa.concat_tables(parts)
-    if _id_kind(source.column("image_id")) != _id_kind(inputs.column("image_id")):
-        raise DataError(f"the store's image ids are {_id_kind(source.column('image_id'))}, the "
-                        f"inputs' {_id_kind(inputs.column('image_id'))}", file=store_uri)
+    return pa.concat_tables(parts)
+
+
+def join_boxes(inputs: pa.Table, source: pa.Table, store_uri: str) -> pa.Table:
+    """`inputs` with given_boxes: each image's `boxes` in `source` (boxes_of_store), null
+    where the store has no row for the image (the detector chooses there)."""
+    if id_kind(source.column("image_id")) != id_kind(inputs.column("image_id")):
+        raise DataError(f"the store's image ids are {id_kind(source.column('image_id'))}, the "
+                        f"inputs' {id_kind(inputs.column('image_id'))}", file=store_uri)
     where = pc.index_in(inputs.column("image_id"), value_set=source.column("image_id"))
     boxes = source.column("boxes").take(where)
     if "given_boxes" in inputs.column_names:

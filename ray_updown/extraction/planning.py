@@ -33,11 +33,13 @@ from ray_updown.extraction.containers import (
     table_spec,
     tar_spec,
 )
-from ray_updown.extraction.inputs import InputListing, list_inputs, read_manifest, read_parquet_lean
-from ray_updown.extraction.plan import join_boxes_from, make_plan
+from ray_updown.extraction.inputs import InputListing, list_inputs, manifest_batches, read_parquet_lean
+from ray_updown.extraction.plan import boxes_of_store, join_boxes, make_plan
+from ray_updown.extraction.plan_build import Inputs, NewPlan
 from ray_updown.features.schema import PLAN_FILE
 
 CONTAINER_PLAN_COLUMNS = ("shard", "source", "first_group", "num_groups", "num_rows")
+LISTING_BATCH = 1 << 20  # rows of a listing the planner takes at a time
 
 
 @dataclass
@@ -49,7 +51,7 @@ class Planned:
     id_type: str
     skipped: dict[str, Any]
     container: ContainerSpec | None = None
-    plan: pa.Table | None = None  # the plan to save; None when the saved one stands
+    plan: pa.Table | NewPlan | None = None  # the plan to save; None when the saved one stands
 
 
 def plan_inputs(cfg: ExtractConfig, out: str) -> Planned:
@@ -58,7 +60,8 @@ def plan_inputs(cfg: ExtractConfig, out: str) -> Planned:
         listing = list_inputs(cfg.table, TABLE_SUFFIXES)
         return _plan_containers(cfg, out, listing, "table")
     if cfg.manifest:
-        listing = InputListing(read_manifest(cfg.manifest, cfg.images or None))
+        skipped = InputListing(pa.table({})).skipped_summary()
+        batches = _with_boxes(lambda: manifest_batches(cfg.manifest, cfg.images or None), cfg)
     else:
         listing = list_inputs(cfg.images, tuple(cfg.suffixes) + TAR_SUFFIXES)
         tars = pc.match_substring_regex(listing.table.column("uri"), r"\.(tar|tar\.gz|tgz)$",
@@ -70,15 +73,23 @@ def plan_inputs(cfg: ExtractConfig, out: str) -> Planned:
                               "ending in *.tar)", file=cfg.images, record="images")
         if n_tars:
             return _plan_containers(cfg, out, listing, "tar")
-    inputs, skipped = listing.table, listing.skipped_summary()
-    listing = None  # the plan below holds the inputs from here on
-    if not inputs.num_rows:
-        raise ConfigError(f"no input images found{skipped_text(skipped)}",
-                          file=cfg.manifest or cfg.images)
-    if cfg.boxes_from:
-        inputs = join_boxes_from(inputs, cfg.boxes_from)
-    plan, ranges, total, id_type = make_plan(out, inputs, cfg.rows_per_shard)
+        table, skipped = listing.table, listing.skipped_summary()
+        if not table.num_rows:
+            raise ConfigError(f"no input images found{skipped_text(skipped)}", file=cfg.images)
+        batches = _with_boxes(lambda: (table.slice(i, LISTING_BATCH)
+                                       for i in range(0, table.num_rows, LISTING_BATCH)), cfg)
+    plan, ranges, total, id_type = make_plan(out, batches, cfg.rows_per_shard)
+    if not total:
+        raise ConfigError("no input images found (the manifest has no rows)", file=cfg.manifest)
     return Planned(ranges, total, id_type, skipped, plan=plan)
+
+
+def _with_boxes(batches: Inputs, cfg: ExtractConfig) -> Inputs:
+    """The input batches with the boxes of `cfg.boxes_from` joined in, when it is set."""
+    if not cfg.boxes_from:
+        return batches
+    source = boxes_of_store(cfg.boxes_from)
+    return lambda: (join_boxes(batch, source, cfg.boxes_from) for batch in batches())
 
 
 def _plan_containers(cfg: ExtractConfig, out: str, listing: InputListing, kind: str) -> Planned:

@@ -1,0 +1,283 @@
+"""Building the plan of loose image files in memory that does not depend on how many there are.
+
+`build_plan` streams the inputs (a listing or a manifest, as Arrow batches) three times and
+writes the plan to a local file as it goes; the driver never holds more than one batch, the
+shard bookkeeping (one row per shard) and a bit per input row:
+
+1. URIs: every row's URI goes to spill buckets (dedupe.py). An input whose URI a row of the
+   previous plan holds is already planned (dropped); one whose URI an earlier input holds is
+   a duplicate (an error row naming the row it repeats).
+2. Ids: the same for the image ids of the rows still accepted (a duplicate id is an error
+   row naming the kept row, the first in input order, and its file).
+3. Writing: the previous plan's rows unchanged, then the new rows in input order, numbered
+   on and cut into new shards of `rows_per_shard` after its last shard.
+
+A re-run of the same inputs (the same URIs in the same order, the common resume) is seen in
+one streamed comparison and changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ray_updown.errors import ConfigError, DataError
+from ray_updown.extraction.dedupe import Buckets
+from ray_updown.extraction.inputs import BOXES_TYPE
+
+PLAN_ROW_GROUP = 8192  # rows a worker reads to get its shard's rows
+PLAN_COLUMNS = ("image_id", "uri", "shard", "stage", "reason", "row")
+Inputs = Callable[[], Iterable[pa.Table]]  # a fresh stream of input batches at each call
+
+
+@dataclass
+class NewPlan:
+    """A plan `build_plan` wrote to a local file (saved beside the store by plan.save_plan)."""
+
+    path: str
+    folder: tempfile.TemporaryDirectory
+
+
+def id_kind(column: pa.ChunkedArray | pa.Array | pa.Field | pa.DataType) -> str:
+    kind = column if isinstance(column, pa.DataType) else column.type
+    return "string" if pa.types.is_string(kind) or pa.types.is_large_string(kind) else "int64"
+
+
+class RangeBuilder:
+    """One row per shard (shard, first_row, num_rows) from a shard column seen in pieces."""
+
+    def __init__(self):
+        self.shards: list[int] = []
+        self.firsts: list[int] = []
+        self.counts: list[int] = []
+        self.rows = 0
+
+    def add(self, shards: np.ndarray) -> None:
+        if not len(shards):
+            return
+        if (self.shards and shards[0] < self.shards[-1]) or (np.diff(shards) < 0).any():
+            raise DataError("the extraction plan is not in shard order; delete it to re-plan")
+        starts = np.flatnonzero(np.r_[True, shards[1:] != shards[:-1]])
+        counts = np.diff(np.r_[starts, len(shards)])
+        for start, count in zip(starts.tolist(), counts.tolist()):
+            shard = int(shards[start])
+            if self.shards and self.shards[-1] == shard:
+                self.counts[-1] += count
+            else:
+                self.shards.append(shard)
+                self.firsts.append(self.rows + start)
+                self.counts.append(count)
+        self.rows += len(shards)
+
+    def table(self) -> pa.Table:
+        return pa.table({"shard": pa.array(self.shards, pa.int32()),
+                         "first_row": pa.array(self.firsts, pa.int64()),
+                         "num_rows": pa.array(self.counts, pa.int64())})
+
+
+def saved_batches(previous: pq.ParquetFile | None, columns: list[str]) -> Iterator[pa.Table]:
+    if previous is None:
+        return
+    names = previous.schema_arrow.names
+    for g in range(previous.num_row_groups):
+        yield previous.read_row_group(g, columns=[c for c in columns if c in names], use_threads=False)
+
+
+def build_plan(inputs: Inputs, rows_per_shard: int, previous: pq.ParquetFile | None = None
+               ) -> tuple[NewPlan | None, pa.Table, int, str]:
+    """(the new plan, or None when the previous one stands; one row per shard; plan rows;
+    id type). See the module docstring."""
+    if rows_per_shard < 1:
+        raise ConfigError(f"must be >= 1, got {rows_per_shard}", record="rows_per_shard")
+    if previous is not None and previous.metadata.num_rows and _same_inputs(previous, inputs()):
+        ranges = RangeBuilder()
+        for part in saved_batches(previous, ["shard"]):
+            ranges.add(part.column("shard").to_numpy())
+        return None, ranges.table(), ranges.rows, id_kind(previous.schema_arrow.field("image_id"))
+    folder = tempfile.TemporaryDirectory(prefix="ray-updown-plan-")
+    n_prev = previous.metadata.num_rows if previous is not None else 0
+    kind = id_kind(previous.schema_arrow.field("image_id")) if n_prev else None
+    uri_repeats, kind, boxes = _uri_repeats(inputs, previous, folder.name, kind)
+    dropped, uri_firsts = _split_repeats(uri_repeats, n_prev)
+    n_inputs = uri_repeats[2] - n_prev
+    excluded = np.zeros(n_inputs, bool)  # a bit per input row: dropped or a repeated URI
+    excluded[dropped - n_prev] = True
+    dropped = excluded.copy()
+    excluded[np.fromiter(uri_firsts, np.int64, len(uri_firsts)) - n_prev] = True
+    id_repeats = _id_repeats(inputs, previous, folder.name, excluded, n_prev)
+    boxes = boxes or (previous is not None and "given_boxes" in previous.schema_arrow.names)
+    path = os.path.join(folder.name, "plan.parquet")
+    ranges = _write(path, inputs, previous, rows_per_shard, kind, boxes, dropped,
+                    uri_firsts, id_repeats)
+    return NewPlan(path, folder), ranges.table(), ranges.rows, kind
+
+
+def _same_inputs(previous: pq.ParquetFile, batches: Iterable[pa.Table]) -> bool:
+    """Whether the inputs are the saved plan's URIs in the same order (and give no boxes)."""
+    if "given_boxes" in previous.schema_arrow.names:
+        return False
+    saved = saved_batches(previous, ["uri"])
+    pending = pa.chunked_array([], pa.string())
+    for batch in batches:
+        if "given_boxes" in batch.column_names:
+            return False
+        uris = batch.column("uri")
+        while len(pending) < len(uris):
+            part = next(saved, None)
+            if part is None:
+                return False
+            pending = pa.chunked_array(pending.chunks + part.column("uri").chunks, pa.string())
+        if not pc.all(pc.equal(pending.slice(0, len(uris)), uris)).as_py():
+            return False
+        pending = pending.slice(len(uris))
+    return len(pending) == 0 and next(saved, None) is None
+
+
+def _check_kind(batch: pa.Table, kind: str | None) -> str:
+    mine = id_kind(batch.column("image_id"))
+    if kind is not None and mine != kind:
+        raise DataError("image ids mix integers and strings (the store was started with one "
+                        "kind, the inputs give the other); use a manifest or a new output")
+    return mine
+
+
+def _uri_repeats(inputs: Inputs, previous, folder: str, kind: str | None):
+    """Pass 1: (rows whose URI an earlier row holds, their first rows), the id kind, and
+    whether any input gives boxes."""
+    buckets, row, boxes = Buckets(folder, "uri"), 0, False
+    for part in saved_batches(previous, ["uri"]):
+        buckets.add(np.arange(row, row + part.num_rows), part.column("uri"))
+        row += part.num_rows
+    for batch in inputs():
+        kind = _check_kind(batch, kind)
+        boxes = boxes or "given_boxes" in batch.column_names
+        buckets.add(np.arange(row, row + batch.num_rows), batch.column("uri"))
+        row += batch.num_rows
+    return (*buckets.repeats(), row), kind or "int64", boxes
+
+
+def _split_repeats(repeats, n_prev: int) -> tuple[np.ndarray, dict[int, int]]:
+    """(input rows already in the previous plan, {duplicate input row: the row it repeats})."""
+    rows, firsts, _ = repeats
+    new = rows >= n_prev
+    rows, firsts = rows[new], firsts[new]
+    planned = firsts < n_prev
+    return rows[planned], dict(zip(rows[~planned].tolist(), firsts[~planned].tolist()))
+
+
+def _id_repeats(inputs: Inputs, previous, folder: str, excluded: np.ndarray,
+                n_prev: int) -> dict[int, int]:
+    """Pass 2: {row: first row} for ids repeated among the accepted rows."""
+    buckets, row = Buckets(folder, "id"), 0
+    for part in saved_batches(previous, ["image_id", "reason"]):
+        accepted = pc.equal(part.column("reason"), "").to_numpy(zero_copy_only=False)
+        rows = np.arange(row, row + part.num_rows)
+        buckets.add(rows[accepted], part.column("image_id").filter(pa.array(accepted)))
+        row += part.num_rows
+    for batch in inputs():
+        rows = np.arange(row, row + batch.num_rows)
+        keep = ~excluded[row - n_prev: row - n_prev + batch.num_rows]
+        buckets.add(rows[keep], batch.column("image_id").filter(pa.array(keep)))
+        row += batch.num_rows
+    rows, firsts = buckets.repeats()
+    keep = rows >= n_prev
+    return dict(zip(rows[keep].tolist(), firsts[keep].tolist()))
+
+
+def _write(path: str, inputs: Inputs, previous, rows_per_shard: int, kind: str, boxes: bool,
+           dropped: np.ndarray, uri_firsts: dict[int, int], id_firsts: dict[int, int]
+           ) -> RangeBuilder:
+    """Pass 3: the previous rows, then the new ones, into the plan file."""
+    schema = pa.schema([("image_id", pa.string() if kind == "string" else pa.int64()),
+                        ("uri", pa.string()), ("shard", pa.int32()), ("stage", pa.string()),
+                        ("reason", pa.string()), ("row", pa.int64())]
+                       + ([("given_boxes", BOXES_TYPE)] if boxes else []))
+    ranges, kept = RangeBuilder(), _Kept(set(uri_firsts.values()) | set(id_firsts.values()))
+    n_prev = previous.metadata.num_rows if previous is not None else 0
+    first_shard = 0
+    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+        row = 0
+        for part in saved_batches(previous, list(schema.names)):
+            part = _conform(part, schema, np.arange(row, row + part.num_rows))
+            kept.note(part, row)
+            ranges.add(part.column("shard").to_numpy())
+            writer.write_table(part, row_group_size=PLAN_ROW_GROUP)
+            row += part.num_rows
+        first_shard = (ranges.shards[-1] + 1) if ranges.shards else 0
+        source_row, written = n_prev, n_prev
+        for batch in inputs():
+            rows = np.arange(source_row, source_row + batch.num_rows)
+            keep = ~dropped[source_row - n_prev: source_row - n_prev + batch.num_rows]
+            batch, rows = batch.filter(pa.array(keep)), rows[keep]
+            kept.note(batch, source_row, rows)  # (a kept row may be in this batch)
+            stage, reason = _reasons(batch, rows, kept, uri_firsts, id_firsts, n_prev)
+            numbers = np.arange(written, written + batch.num_rows)
+            shards = (first_shard + (numbers - n_prev) // rows_per_shard).astype(np.int32)
+            columns = {"image_id": batch.column("image_id"), "uri": batch.column("uri"),
+                       "shard": pa.array(shards), "stage": stage, "reason": reason,
+                       "row": pa.array(numbers, pa.int64())}
+            if boxes:
+                columns["given_boxes"] = (batch.column("given_boxes") if "given_boxes" in
+                                          batch.column_names else pa.nulls(batch.num_rows, BOXES_TYPE))
+            table = pa.table(columns).cast(schema)
+            ranges.add(shards)
+            writer.write_table(table, row_group_size=PLAN_ROW_GROUP)
+            source_row += len(keep)
+            written += batch.num_rows
+    return ranges
+
+
+def _conform(part: pa.Table, schema: pa.Schema, rows: np.ndarray) -> pa.Table:
+    """A saved plan's rows in the schema of the plan being written."""
+    columns = {name: (part.column(name) if name in part.column_names else None) for name in schema.names}
+    columns["row"] = pa.array(rows, pa.int64())
+    if columns.get("given_boxes", 0) is None:
+        columns["given_boxes"] = pa.nulls(part.num_rows, BOXES_TYPE)
+    return pa.table({name: columns[name] for name in schema.names}).cast(schema)
+
+
+class _Kept:
+    """The id and URI of each row another row repeats (kept rows come before their repeats,
+    so they are noted as the rows stream by)."""
+
+    def __init__(self, wanted: set[int]):
+        self.wanted = np.array(sorted(wanted), np.int64)
+        self.values: dict[int, tuple] = {}
+
+    def note(self, table: pa.Table, first: int, rows: np.ndarray | None = None) -> None:
+        rows = np.arange(first, first + table.num_rows) if rows is None else rows
+        hit = np.flatnonzero(np.isin(rows, self.wanted))
+        if len(hit):
+            ids = table.column("image_id").take(pa.array(hit)).to_pylist()
+            uris = table.column("uri").take(pa.array(hit)).to_pylist()
+            self.values.update(zip(rows[hit].tolist(), zip(ids, uris)))
+
+
+def _where(row: int, n_prev: int) -> str:
+    return f"input row {row - n_prev + 1}" if row >= n_prev else "planned by an earlier run"
+
+
+def _reasons(batch: pa.Table, rows: np.ndarray, kept: _Kept, uri_firsts: dict[int, int],
+             id_firsts: dict[int, int], n_prev: int) -> tuple[pa.Array, pa.Array]:
+    """Stage and reason of each new row: "" but for duplicates ("list")."""
+    stage, reason = [""] * len(rows), [""] * len(rows)
+    for i in np.flatnonzero(np.isin(rows, np.fromiter(uri_firsts.keys() | id_firsts.keys(), np.int64))):
+        row = int(rows[i])
+        if row in uri_firsts:
+            first = uri_firsts[row]
+            image_id = kept.values.get(first, (None, None))[0]
+            text = f"duplicate uri (already listed as image id {image_id!r}, {_where(first, n_prev)})"
+        else:
+            first = id_firsts[row]
+            uri = kept.values.get(first, (None, None))[1]
+            text = (f"duplicate image id {batch.column('image_id')[int(i)].as_py()!r} (the first, "
+                    f"{_where(first, n_prev)}, is kept: {uri})")
+        stage[i], reason[i] = "list", text
+    return pa.array(stage, pa.string()), pa.array(reason, pa.string())
