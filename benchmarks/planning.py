@@ -5,7 +5,7 @@
 (a) a Parquet manifest of `--rows` image URIs (COCO-style ids and S3 URIs), written a chunk at
     a time, planned by `run_extraction(plan_only=True)` in a fresh process (only the
     pipeline imported, a trivial model): first run (plans and saves the plan) and resumed run
-    (sees the same inputs, plans nothing). Peak RSS is the child process's own (ru_maxrss).
+    (sees the same inputs, plans nothing). Peak RSS is the child process's own (VmHWM).
 (b) `--tars` WebDataset tar shards of 10,000 samples each, planned the same way: a tar is one
     shard, and planning reads no tar (only the listing), so the files here are sparse
     (their nominal size, no data on disk).
@@ -33,8 +33,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHUNK = 1 << 22
 
 _PLAN_CHILD = """
-import json, resource, sys, time
+import json, sys, time
 from ray_updown.extraction.pipeline import ExtractConfig, run_extraction
+def peak_rss_mb():
+    # VmHWM: this process's own peak (ru_maxrss would carry the parent's across exec)
+    with open("/proc/self/status") as f:
+        return round(int(next(l for l in f if l.startswith("VmHWM")).split()[1]) / 1024)
 class TrivialModel:
     name, feature_dim = "trivial", 4
     def extract_regions(self, images):
@@ -46,7 +50,7 @@ summary = run_extraction(cfg, model_factory=TrivialModel)
 print(json.dumps({"inputs": summary["inputs"], "shards": summary["shards"],
                   "shards_to_do": summary["shards_to_do"], "plan_seconds": summary["plan_seconds"],
                   "wall_seconds": round(time.time() - start, 2),
-                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+                  "peak_rss_mb": peak_rss_mb()}))
 """
 
 
@@ -89,6 +93,7 @@ def main() -> None:
     parser.add_argument("--root", default="")
     args = parser.parse_args()
     root = args.root or tempfile.mkdtemp(prefix="ray-updown-planning-")
+    os.makedirs(root, exist_ok=True)
     results = {"machine": {"cpus": os.cpu_count(), "platform": sys.platform}, "manifests": []}
     try:
         for rows in args.rows:

@@ -60,8 +60,10 @@ _CONFIG_COMMANDS: dict[str, tuple[str, str, str, dict[str, tuple[str, str]]]] = 
                         "--workers": ("num_workers", "Ray Train workers")}),
     "extract": ("images in object storage -> Parquet region features (Ray Data)",
                 "ray_updown.extraction.pipeline:ExtractConfig", "ray_updown.extraction.pipeline:run_extraction",
-                {"--images": ("images", "image URI prefix or glob"),
+                {"--images": ("images", "prefix or glob of image files or WebDataset .tar shards"),
                  "--manifest": ("manifest", "Parquet/CSV/JSON-lines manifest with image_id, uri"),
+                 "--table": ("table", "Parquet tables with the image bytes in a column "
+                             "(img2dataset, Hugging Face)"),
                  "--out": ("out", "feature store URI"),
                  "--checkpoint": ("checkpoint", "detector checkpoint (ours, see docs/detector.md)"),
                  "--model": ("model", "detector (regions) or grid (baseline)"),

@@ -112,10 +112,10 @@ def test_table_columns_are_chosen_where_unambiguous_and_named_otherwise(tmp_path
     pq.write_table(pa.table({"jpg": [b"x"], "png": [b"y"], "id": [1], "key": ["a"]}), two)
     with pytest.raises(ConfigError, match=r"several columns of image bytes \(\['jpg', 'png'\]\)"):
         table_spec(two)
-    with pytest.raises(ConfigError, match="several id columns"):
+    with pytest.raises(ConfigError, match=r"several id columns \(\['id', 'key'\]\); name one with id_field="):
         table_spec(two, image_column="jpg")
     assert table_spec(two, "png", "id").id_column == "id"
-    with pytest.raises(ConfigError, match="no column of image bytes named 'gif'"):
+    with pytest.raises(ConfigError, match="none of the columns of image bytes is named 'gif'"):
         table_spec(two, "gif", "id")
 
 

@@ -17,6 +17,7 @@ from ray_updown import storage
 from ray_updown.detector import BottomUpDetector, save_detector, tiny_config
 from ray_updown.errors import ConfigError
 from ray_updown.extraction.pipeline import ExtractConfig, run_extraction
+from ray_updown.features.inspect import inspect_store
 from ray_updown.features.reader import FeatureStore
 
 IMAGES = make_images(9)
@@ -76,6 +77,8 @@ def test_tar_shards_in_s3_give_the_features_of_loose_files(ray_cluster, s3_bucke
     store = FeatureStore(out)
     assert sorted(store.image_ids) == sorted(k for k, _, _ in IMAGES)
     _assert_same_features(store, loose_store, {k: k for k, _, _ in IMAGES})
+    report = inspect_store(out)  # a plan of one row per tar: every shard complete, no warning
+    assert report["plan"]["complete_shards"] == 2 and not report["warnings"]
     again = run_extraction(_cfg(checkpoint, out, images=f"{s3_bucket}/shards/*.tar"))
     assert (again["shards_skipped"], again["images_processed"], again["inputs"]) == (2, 0, 10)
 

@@ -376,3 +376,33 @@ def test_an_s3_prefix_is_listed_page_by_page(s3_bucket, monkeypatch):
     listing = list_inputs(f"{s3_bucket}/pages/")
     assert listing.table.column("image_id").to_pylist() == [1, 2, 3, 4, 5]
     assert listing.skipped_summary()["by_reason"] == {"suffix": 1}
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "csv", "jsonl"])
+def test_manifests_stream_in_batches_and_errors_count_rows_across_them(tmp_path, suffix):
+    from ray_updown.extraction.inputs import manifest_batches
+
+    table = pa.table({"image_id": pa.array(range(1, 41), pa.int64()),
+                      "uri": [f"img/{i:03d}.jpg" for i in range(1, 41)]})
+    path = str(tmp_path / f"m.{suffix}")
+    if suffix == "parquet":
+        pq.write_table(table, path, row_group_size=8)
+    elif suffix == "csv":
+        import pyarrow.csv as pa_csv
+        pa_csv.write_csv(table, path)
+    else:
+        with open(path, "w") as f:
+            f.writelines(f'{{"image_id": {i}, "uri": "{u}"}}\n' for i, u in
+                         zip(table.column("image_id").to_pylist(), table.column("uri").to_pylist()))
+    parts = list(manifest_batches(path, rows=8))
+    assert len(parts) > 1
+    assert pa.concat_tables(parts).column("image_id").to_pylist() == list(range(1, 41))
+    assert pa.concat_tables(parts).column("uri").to_pylist()[0] == str(tmp_path / "img/001.jpg")
+    # An empty uri far into the manifest is named by its row over the whole manifest.
+    if suffix == "parquet":
+        bad = table.set_column(1, "uri", pa.array([u if i != 33 else "" for i, u in
+                                                   enumerate(table.column("uri").to_pylist())]))
+        pq.write_table(bad, path, row_group_size=8)
+        with pytest.raises(DataError, match="empty image_id or uri") as info:
+            list(manifest_batches(path, rows=8))
+        assert info.value.record == "row 33"

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ray_updown import storage
 from ray_updown.errors import ConfigError, DataError, StorageError
@@ -93,7 +92,7 @@ def _row_group_runs(tables: list[str], spec: ContainerSpec, rows_per_shard: int
     """(table, first group, groups, rows) per shard: a table's row groups in runs of about
     `rows_per_shard` rows (a group is never split; a shard never spans two files)."""
     def footer(uri: str) -> tuple[str, list[int]]:
-        meta = _parquet_file(uri).metadata
+        meta = storage.open_parquet(uri).metadata
         return uri, [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
 
     runs = []
@@ -106,16 +105,6 @@ def _row_group_runs(tables: list[str], spec: ContainerSpec, rows_per_shard: int
                     runs.append((uri, start, g + 1 - start, rows))
                     start, rows = g + 1, 0
     return runs
-
-
-def _parquet_file(uri: str) -> pq.ParquetFile:
-    pa_fs, path = storage.pyarrow_filesystem(uri)
-    try:
-        return pq.ParquetFile(pa_fs.open_input_file(path), pre_buffer=False)
-    except FileNotFoundError:
-        raise StorageError("no such table", file=uri) from None
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"not a readable Parquet table ({exc})", file=uri) from None
 
 
 def _image_candidates(schema: pa.Schema) -> list[str]:
@@ -156,32 +145,36 @@ def table_spec(uri: str, image_column: str = "", id_column: str = "",
                suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> ContainerSpec:
     """The columns to read from a Parquet image table, chosen from its schema where
     unambiguous; otherwise a ConfigError listing the candidates and the option to name one."""
-    schema = _parquet_file(uri).schema_arrow
-    images = _image_candidates(schema)
-    if image_column:
-        kind = _column_type(schema, image_column)
-        if kind is None or not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
-            raise ConfigError(f"no column of image bytes named {image_column!r}; candidates: "
-                              f"{images or 'none'}", file=uri, record="image_column")
-    elif len(images) != 1:
-        raise ConfigError(f"{'several' if images else 'no'} columns of image bytes "
-                          f"({images or 'no binary column'}); name one with image_column=",
-                          file=uri, record="image_column")
-    ids = [name for name in ID_COLUMNS if name in schema.names
-           and _id_kind(schema.field(name).type)]
-    if id_column:
-        kind = _column_type(schema, id_column)
-        if kind is None or _id_kind(kind) is None:
-            raise ConfigError(f"no integer or string column named {id_column!r}; candidates: "
-                              f"{_id_candidates(schema)}", file=uri, record="id_column")
-    elif len(ids) != 1:
-        raise ConfigError(f"{'several' if ids else 'no'} id columns ({ids or 'none of ' + str(ID_COLUMNS)}); "
-                          f"name one with id_column= (candidates: {_id_candidates(schema)})",
-                          file=uri, record="id_column")
-    id_column = id_column or ids[0]
+    schema = storage.open_parquet(uri).schema_arrow
+    image_column = _choose(schema, image_column, _image_candidates(schema), _is_bytes,
+                           "columns of image bytes", "image_column", uri)
+    ids = [name for name in ID_COLUMNS if name in schema.names and _id_kind(schema.field(name).type)]
+    id_column = _choose(schema, id_column, ids, lambda kind: _id_kind(kind) is not None,
+                        "id columns", "id_field", uri, _id_candidates(schema))
     status = "status" if "status" in schema.names and _id_kind(schema.field("status").type) == "string" else ""
-    return ContainerSpec("table", _id_kind(_column_type(schema, id_column)), image_column or images[0],
+    return ContainerSpec("table", _id_kind(_column_type(schema, id_column)), image_column,
                          id_column, status, suffixes)
+
+
+def _is_bytes(kind: pa.DataType | None) -> bool:
+    return kind is not None and (pa.types.is_binary(kind) or pa.types.is_large_binary(kind))
+
+
+def _choose(schema: pa.Schema, given: str, found: list[str], fits, what: str, option: str,
+            uri: str, candidates: list[str] | None = None) -> str:
+    """The column given (checked), or the only one found; else one line naming the option."""
+    candidates = found if candidates is None else candidates
+    if given:
+        kind = _column_type(schema, given)
+        if kind is None or not fits(kind):
+            raise ConfigError(f"none of the {what} is named {given!r}; candidates: {candidates or 'none'}",
+                              file=uri, record=option)
+        return given
+    if len(found) != 1:
+        raise ConfigError(f"{'several' if found else 'no'} {what} ({found or 'none found'}); "
+                          f"name one with {option}= (candidates: {candidates or 'none'})",
+                          file=uri, record=option)
+    return found[0]
 
 
 def _id_candidates(schema: pa.Schema) -> list[str]:
@@ -193,7 +186,7 @@ def _id_candidates(schema: pa.Schema) -> list[str]:
 
 def check_table_columns(uri: str, spec: ContainerSpec) -> None:
     """Every table of a run must hold the columns the first one was read with."""
-    schema = _parquet_file(uri).schema_arrow
+    schema = storage.open_parquet(uri).schema_arrow
     for path in (spec.image_column, spec.id_column):
         if _column_type(schema, path) is None:
             raise DataError(f"lacks column {path!r}, which the first table of this input has",
@@ -346,7 +339,7 @@ def _sample_id(key: str, members: dict, spec: ContainerSpec):
 def table_samples(uri: str, first_group: int, num_groups: int, spec: ContainerSpec,
                   chunk: int) -> Iterator[tuple[pa.Table, int]]:
     """(chunk of rows, rows skipped for a failed download) per chunk of a shard's row groups."""
-    file = _parquet_file(uri)
+    file = storage.open_parquet(uri)
     groups = list(range(first_group, first_group + num_groups))
     if groups and groups[-1] >= file.metadata.num_row_groups:
         raise DataError(f"row groups {first_group}..{groups[-1]} planned, the table has "

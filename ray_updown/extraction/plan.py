@@ -84,23 +84,31 @@ def save_plan(out_uri: str, plan: pa.Table | list[InputImage] | NewPlan) -> None
         pq.write_table(plan, f, compression="zstd", row_group_size=PLAN_ROW_GROUP)
 
 
-def open_saved_plan(out_uri: str) -> pq.ParquetFile | None:
-    """The store's saved plan of loose files, opened (footer only); None when it has none."""
+def open_plan_file(out_uri: str) -> pq.ParquetFile | None:
+    """The store's saved plan, of any kind, opened (footer only); None when it has none."""
     uri = storage.join(out_uri, PLAN_FILE)
     if not storage.exists(uri):
         return None
-    pa_fs, path = storage.pyarrow_filesystem(uri)
     try:
-        file = pq.ParquetFile(pa_fs.open_input_file(path), pre_buffer=False)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"unreadable extraction plan ({exc}); delete it to re-plan", file=uri) from None
+        return storage.open_parquet(uri)
+    except DataError as exc:
+        raise DataError(f"unreadable extraction plan ({exc.problem}); delete it to re-plan",
+                        file=uri) from None
+
+
+def open_saved_plan(out_uri: str) -> pq.ParquetFile | None:
+    """The store's saved plan of loose files, opened; None when it has none."""
+    file = open_plan_file(out_uri)
+    if file is None:
+        return None
     names = file.schema_arrow.names
     if "source" in names:
         raise ConfigError("the output was planned from tar shards or tables; loose image files "
                           "go to a new output", file=out_uri)
     missing = [c for c in PLAN_COLUMNS[:5] if c not in names]
     if missing:
-        raise DataError(f"extraction plan lacks column(s) {missing}; delete it to re-plan", file=uri)
+        raise DataError(f"extraction plan lacks column(s) {missing}; delete it to re-plan",
+                        file=storage.join(out_uri, PLAN_FILE))
     return file
 
 

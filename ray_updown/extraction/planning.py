@@ -33,8 +33,8 @@ from ray_updown.extraction.containers import (
     table_spec,
     tar_spec,
 )
-from ray_updown.extraction.inputs import InputListing, list_inputs, manifest_batches, read_parquet_lean
-from ray_updown.extraction.plan import boxes_of_store, join_boxes, make_plan
+from ray_updown.extraction.inputs import InputListing, list_inputs, manifest_batches
+from ray_updown.extraction.plan import boxes_of_store, join_boxes, make_plan, open_plan_file
 from ray_updown.extraction.plan_build import Inputs, NewPlan
 from ray_updown.features.schema import PLAN_FILE
 
@@ -118,21 +118,17 @@ def _plan_containers(cfg: ExtractConfig, out: str, listing: InputListing, kind: 
 
 def load_container_plan(out: str) -> pa.Table | None:
     """The saved plan of a store of container inputs; None when it has none yet."""
-    uri = storage.join(out, PLAN_FILE)
-    if not storage.exists(uri):
+    file = open_plan_file(out)
+    if file is None:
         return None
-    pa_fs, path = storage.pyarrow_filesystem(uri)
-    try:
-        table = read_parquet_lean(pa_fs.open_input_file(path))
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"unreadable extraction plan ({exc}); delete it to re-plan", file=uri) from None
-    if "source" not in table.column_names:
+    if "source" not in file.schema_arrow.names:
         raise ConfigError("the output was planned from loose image files; tar shards and "
                           "tables go to a new output", file=out)
-    missing = [c for c in CONTAINER_PLAN_COLUMNS if c not in table.column_names]
+    missing = [c for c in CONTAINER_PLAN_COLUMNS if c not in file.schema_arrow.names]
     if missing:
-        raise DataError(f"extraction plan lacks column(s) {missing}; delete it to re-plan", file=uri)
-    return table.select(list(CONTAINER_PLAN_COLUMNS))
+        raise DataError(f"extraction plan lacks column(s) {missing}; delete it to re-plan",
+                        file=storage.join(out, PLAN_FILE))
+    return file.read(columns=list(CONTAINER_PLAN_COLUMNS), use_threads=False)
 
 
 def skipped_text(skipped: dict[str, Any], names: int = 5) -> str:

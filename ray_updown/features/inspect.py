@@ -203,14 +203,17 @@ def _scan_errors(store: str, shards: dict[int, tuple[str, int]]
 
 
 def _plan_rows(uri: str) -> Counter:
-    """{shard: planned images} from the plan's `shard` column, one row group at a time."""
+    """{shard: planned images} from the plan's `shard` column, one row group at a time. A plan
+    of tar shards or tables (one row per shard: extraction/planning.py) gives 0 for each
+    shard: its samples are counted when the shard is read, and the extraction checks them."""
     planned: Counter = Counter()
     with open_part(uri) as pf:
         check_columns(pf, ("shard",), uri)
+        per_shard = "source" in pf.schema_arrow.names
         for rg in range(pf.num_row_groups):
             col = read_row_group(pf, rg, ["shard"], uri).column("shard").to_numpy()
             values, counts = np.unique(col, return_counts=True)
-            planned.update(dict(zip(values.tolist(), counts.tolist())))
+            planned.update(dict(zip(values.tolist(), [0] * len(values) if per_shard else counts.tolist())))
     return planned
 
 
@@ -243,7 +246,7 @@ def _against_plan(store: str, features: dict, errors: dict, present_rows: Counte
     complete = [s for s in planned if s in features and s in errors]
     missing = [s for s in planned if s not in complete]
     mismatched = [{"shard": s, "planned": planned[s], "present": present_rows[s]}
-                  for s in sorted(complete) if present_rows[s] != planned[s]]
+                  for s in sorted(complete) if planned[s] and present_rows[s] != planned[s]]
     unplanned = [s for s in sorted(set(features) | set(errors)) if s not in planned]
     plan = {"planned_rows": int(sum(planned.values())), "present_rows": int(sum(present_rows.values())),
             "planned_shards": len(planned), "complete_shards": len(complete),

@@ -34,18 +34,6 @@ def _list_shards(store_uri: str, folder: str) -> list[tuple[str, int]]:
     return [(part.name, part.size) for part in list_shards(store_uri, folder)]
 
 
-def open_parquet(uri: str) -> pq.ParquetFile:
-    pa_fs, path = storage.pyarrow_filesystem(uri)
-    try:
-        # No pre-buffering: it reads through Arrow's I/O thread pool, whose per-thread allocator
-        # caches added ~40 MB of RSS in the memory benchmark; s3fs files read ahead anyway.
-        return pq.ParquetFile(pa_fs.open_input_file(path), pre_buffer=False)
-    except FileNotFoundError:
-        raise StorageError("no such file", file=uri) from None
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"not a readable Parquet file ({exc})", file=uri) from None
-
-
 def _check_parts(store_uri: str, shards: Sequence[tuple[str, int]]) -> None:
     """In a store the extraction wrote (it keeps its plan there), every features part has its
     errors part: the extraction writes that one first, so a features part without it was
@@ -73,7 +61,7 @@ def build_index(store_uri: str, write: bool = True) -> pa.Table:
     meta: StoreMeta | None = None
     for file_no, (name, _) in enumerate(shards):
         uri = storage.join(store_uri, FEATURES_DIR, name)
-        pf = open_parquet(uri)
+        pf = storage.open_parquet(uri)
         file_meta = StoreMeta.from_kv(pf.schema_arrow.metadata, file=uri)
         if meta is None:
             meta = file_meta
@@ -264,7 +252,7 @@ class FeatureStore:
     def _parquet_file(self, f: int) -> pq.ParquetFile:
         pf = self._parquet.get(f)
         if pf is None:
-            pf = open_parquet(self._file_uris[f])
+            pf = storage.open_parquet(self._file_uris[f])
             self._parquet[f] = pf
             while len(self._parquet) > _OPEN_FILES:
                 self._parquet.popitem(last=False)

@@ -50,7 +50,6 @@ import pyarrow.compute as pc
 
 from ray_updown import storage
 from ray_updown.errors import DataError, StorageError
-from ray_updown.features.reader import open_parquet
 from ray_updown.features.records import DecodedRows
 from ray_updown.features.schema import FEATURES_DIR, StoreMeta, list_shards
 from ray_updown.memory import memory_available
@@ -260,7 +259,7 @@ def scan_store(fingerprint: dict[str, Any]) -> dict[str, Any]:
     images = regions = 0
     meta: StoreMeta | None = None
     for uri in _shard_uris(fingerprint):
-        pf = open_parquet(uri)
+        pf = storage.open_parquet(uri)
         file_meta = StoreMeta.from_kv(pf.schema_arrow.metadata, file=uri)
         if meta is not None and file_meta.feature_dim != meta.feature_dim:
             raise DataError(f"feature dim {file_meta.feature_dim} differs from the other shards' "
@@ -290,7 +289,7 @@ def _build(fingerprint: dict[str, Any], key: str, tmp: str) -> None:
     ids: list[Any] = []
     i = r = 0
     for uri in _shard_uris(fingerprint):
-        pf = open_parquet(uri)
+        pf = storage.open_parquet(uri)
         for rg in range(pf.num_row_groups):
             try:
                 group = DecodedRows(pf.read_row_group(rg, use_threads=False), file=uri)
