@@ -6,6 +6,7 @@ actor is killed mid-run (no duplicates, no losses); the bad-image catalogue; the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -22,6 +23,7 @@ from ray_updown import storage
 from ray_updown.data.images import decode_image
 from ray_updown.data.world import WorldConfig, build_world
 from ray_updown.detector import BottomUpDetector, grid_boxes, load_detector, save_detector, tiny_config
+from ray_updown.errors import ConfigError
 from ray_updown.extraction.pipeline import ExtractConfig, run_extraction
 from ray_updown.features.reader import FeatureStore
 
@@ -252,12 +254,23 @@ def test_manifest_boxes_and_boxes_from_reach_the_detector(ray_cluster, tmp_path)
     error, = store.errors()
     assert error["image_id"] == 4 and "box 0" in error["reason"] and "outside" in error["reason"]
 
-    # --boxes-from: a second store pools the first store's boxes, by image id.
+    # --boxes-from: a second store pools the first store's boxes, by image id; id 4 has no
+    # row there: an error row, or with boxes_fallback the model chooses (and it is counted).
     again = ExtractConfig(images=str(tmp_path / "imgs"), out=str(tmp_path / "b"),
                           boxes_from=str(tmp_path / "a"), rows_per_shard=3)
-    assert run_extraction(again, model_factory=BoxModel)["features"] == 4
+    summary = run_extraction(again, model_factory=BoxModel)
+    assert (summary["features"], summary["errors"], summary["boxes_fallbacks"]) == (3, 1, 0)
     second = FeatureStore(str(tmp_path / "b"))
     for i in (1, 2, 3):
         np.testing.assert_array_equal(second.get(i).boxes, store.get(i).boxes)
         assert (second.get(i).features == 2).all()
-    assert (second.get(4).features == 1).all()  # not in the first store: the model chooses
+    error, = second.errors()
+    assert error["image_id"] == 4 and error["stage"] == "boxes" and "no boxes for this id" in error["reason"]
+    fallback = dataclasses.replace(again, out=str(tmp_path / "c"), boxes_fallback=True)
+    summary = run_extraction(fallback, model_factory=BoxModel)
+    assert (summary["features"], summary["boxes_fallbacks"]) == (4, 1)
+    assert (FeatureStore(str(tmp_path / "c")).get(4).features == 1).all()  # the model chose
+    # A manifest with its own boxes and boxes_from: one line, before any work.
+    with pytest.raises(ConfigError, match="the manifest gives boxes"):
+        run_extraction(dataclasses.replace(cfg, out=str(tmp_path / "d"), boxes_from=str(tmp_path / "a")),
+                       model_factory=BoxModel)

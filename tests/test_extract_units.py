@@ -61,7 +61,7 @@ def test_manifests_in_three_formats_resolve_relative_uris(tmp_path):
     (tmp_path / "empty.csv").write_text("image_id,uri\n1,a.jpg\n2,\n")
     with pytest.raises(DataError, match="empty image_id or uri") as info:
         read_manifest(str(tmp_path / "empty.csv"))
-    assert info.value.record == "row 1"
+    assert info.value.record == "row 2"  # data rows counted from 1
 
 
 def test_manifest_boxes_become_the_plans_given_boxes(tmp_path):
@@ -79,7 +79,7 @@ def test_manifest_boxes_become_the_plans_given_boxes(tmp_path):
     (tmp_path / "bad.csv").write_text('image_id,uri,boxes\n1,a.jpg,"[[1, 2"\n')
     with pytest.raises(DataError, match="boxes is not a JSON list") as info:
         read_manifest(str(tmp_path / "bad.csv"))
-    assert info.value.record == "row 0"
+    assert info.value.record == "row 1"
 
 
 def _inputs(names, extra=()):
@@ -405,4 +405,4 @@ def test_manifests_stream_in_batches_and_errors_count_rows_across_them(tmp_path,
         pq.write_table(bad, path, row_group_size=8)
         with pytest.raises(DataError, match="empty image_id or uri") as info:
             list(manifest_batches(path, rows=8))
-        assert info.value.record == "row 33"
+        assert info.value.record == "row 34"  # the 34th data row

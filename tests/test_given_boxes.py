@@ -21,6 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
     ([[-1, 0, 4, 10]], "outside the 40x20 image"),
     ([[1, 2, 3]], "box 0 [1, 2, 3]: not four numbers"),
     ([[0, 0, 1, 1]] * 3, "3 boxes given, at most 2 per image"),
+    ([[0, 0, 4, 4], None], "box 1 is null: not four numbers"),  # named as null, never nan
+    ([[0, None, 4, 4]], "box 0 holds a null: not four numbers"),
 ])
 def test_bad_boxes_are_named(value, problem):
     with pytest.raises(ValueError, match=problem.replace("[", r"\[").replace("]", r"\]")):

@@ -73,6 +73,9 @@ class ExtractConfig:
     suffixes: list[str] = field(default_factory=lambda: list(IMAGE_SUFFIXES))
     # A feature store whose boxes (per image_id) the detector pools instead of choosing its own.
     boxes_from: str = ""
+    # An image boxes_from has no boxes for is an error row; true: the detector chooses its
+    # regions there instead (the summary counts them).
+    boxes_fallback: bool = False
     plan_only: bool = False  # plan, save the plan and check what is complete; run nothing
 
     def validate(self) -> None:

@@ -253,7 +253,7 @@ def _boxes_column(column: pa.ChunkedArray, uri: str, offset: int = 0) -> pa.Chun
                 values.append(json.loads(text) if text not in (None, "") else None)
             except ValueError:
                 raise DataError("boxes is not a JSON list of [x1, y1, x2, y2]", file=uri,
-                                record=f"row {offset + n}") from None
+                                record=f"row {offset + n + 1}") from None
         column = pa.chunked_array([pa.array(values)]) if values else column
     try:
         return pc.cast(column, BOXES_TYPE) if len(column) else column.cast(BOXES_TYPE)
@@ -273,7 +273,7 @@ def manifest_batches(manifest_uri: str, images_root: str | None = None,
     """image_id, uri (relative URIs resolved against `images_root`, default the manifest's
     folder) and, when the manifest has boxes, given_boxes, about `rows` rows at a time.
     Integer id columns give int64 ids, text columns strings. An error names the row
-    (counted from 0 over the whole manifest)."""
+    (its data rows counted from 1 over the whole manifest, the header not counted)."""
     offset, kind = 0, None
     for table in _manifest_parts(manifest_uri, ["image_id", "uri", "boxes"], rows):
         batch = _manifest_batch(table, manifest_uri, images_root, offset)
@@ -307,7 +307,7 @@ def _manifest_batch(table: pa.Table, manifest_uri: str, images_root: str | None,
     empty = pc.fill_null(empty, True)
     if pc.any(empty).as_py():
         raise DataError("empty image_id or uri", file=manifest_uri,
-                        record=f"row {offset + _first(empty)}")
+                        record=f"row {offset + _first(empty) + 1}")
     root = (images_root or posixpath.dirname(str(manifest_uri).rstrip("/"))).rstrip("/")
     absolute = pc.or_(pc.match_substring_regex(uris, r"^[a-z][a-z0-9+.-]*://"),
                       pc.starts_with(uris, "/"))

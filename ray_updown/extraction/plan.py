@@ -193,14 +193,23 @@ def boxes_of_store(store_uri: str) -> pa.Table:
     return pa.concat_tables(parts)
 
 
-def join_boxes(inputs: pa.Table, source: pa.Table, store_uri: str) -> pa.Table:
-    """`inputs` with given_boxes: each image's `boxes` in `source` (boxes_of_store), null
-    where the store has no row for the image (the detector chooses there)."""
+def join_boxes(inputs: pa.Table, source: pa.Table, store_uri: str, fallback: bool = False
+               ) -> tuple[pa.Table, int]:
+    """(`inputs` with given_boxes: each image's `boxes` in `source` (boxes_of_store), the
+    number of images the store has no row for). Those are error rows (a `reason` column,
+    stage "boxes" in the plan) unless `fallback`: then their given_boxes are null and the
+    detector chooses."""
     if id_kind(source.column("image_id")) != id_kind(inputs.column("image_id")):
         raise DataError(f"the store's image ids are {id_kind(source.column('image_id'))}, the "
                         f"inputs' {id_kind(inputs.column('image_id'))}", file=store_uri)
-    where = pc.index_in(inputs.column("image_id"), value_set=source.column("image_id"))
-    boxes = source.column("boxes").take(where)
     if "given_boxes" in inputs.column_names:
-        inputs = inputs.drop_columns(["given_boxes"])
-    return inputs.append_column("given_boxes", boxes)
+        raise ConfigError("the manifest gives boxes (its boxes column) and boxes_from gives "
+                          "others: use one of them", file=store_uri, record="boxes_from")
+    where = pc.index_in(inputs.column("image_id"), value_set=source.column("image_id"))
+    missing = int(where.null_count)
+    inputs = inputs.append_column("given_boxes", source.column("boxes").take(where))
+    if missing and not fallback:
+        reason = pc.if_else(pc.is_null(where), f"no boxes for this id in {store_uri} "
+                            "(boxes_fallback=true lets the detector choose)", "")
+        inputs = inputs.append_column("reason", reason)
+    return inputs, missing

@@ -266,8 +266,11 @@ def _where(row: int, n_prev: int) -> str:
 
 def _reasons(batch: pa.Table, rows: np.ndarray, kept: _Kept, uri_firsts: dict[int, int],
              id_firsts: dict[int, int], n_prev: int) -> tuple[pa.Array, pa.Array]:
-    """Stage and reason of each new row: "" but for duplicates ("list")."""
-    stage, reason = [""] * len(rows), [""] * len(rows)
+    """Stage and reason of each new row: "" but for duplicates ("list") and the reasons the
+    inputs give (stage "boxes": an image boxes_from has no boxes for)."""
+    given = batch.column("reason").to_pylist() if "reason" in batch.column_names else None
+    reason = given or [""] * len(rows)
+    stage = ["boxes" if r else "" for r in reason]
     for i in np.flatnonzero(np.isin(rows, np.fromiter(uri_firsts.keys() | id_firsts.keys(), np.int64))):
         row = int(rows[i])
         if row in uri_firsts:

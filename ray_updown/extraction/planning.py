@@ -16,7 +16,7 @@ from another kind is refused.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -52,16 +52,19 @@ class Planned:
     skipped: dict[str, Any]
     container: ContainerSpec | None = None
     plan: pa.Table | NewPlan | None = None  # the plan to save; None when the saved one stands
+    boxes_fallbacks: int = 0  # images boxes_from has no boxes for, left to the detector
 
 
 def plan_inputs(cfg: ExtractConfig, out: str) -> Planned:
     """List and plan the run's inputs; one ConfigError when there are none."""
+    missing = [0]  # images with no boxes in boxes_from
     if cfg.table:
         listing = list_inputs(cfg.table, TABLE_SUFFIXES)
         return _plan_containers(cfg, out, listing, "table")
     if cfg.manifest:
         skipped = InputListing(pa.table({})).skipped_summary()
-        batches = _with_boxes(lambda: manifest_batches(cfg.manifest, cfg.images or None), cfg)
+        batches = _with_boxes(lambda: manifest_batches(cfg.manifest, cfg.images or None), cfg,
+                              missing)
     else:
         listing = list_inputs(cfg.images, tuple(cfg.suffixes) + TAR_SUFFIXES)
         tars = pc.match_substring_regex(listing.table.column("uri"), r"\.(tar|tar\.gz|tgz)$",
@@ -77,19 +80,30 @@ def plan_inputs(cfg: ExtractConfig, out: str) -> Planned:
         if not table.num_rows:
             raise ConfigError(f"no input images found{skipped_text(skipped)}", file=cfg.images)
         batches = _with_boxes(lambda: (table.slice(i, LISTING_BATCH)
-                                       for i in range(0, table.num_rows, LISTING_BATCH)), cfg)
+                                       for i in range(0, table.num_rows, LISTING_BATCH)), cfg,
+                              missing)
     plan, ranges, total, id_type = make_plan(out, batches, cfg.rows_per_shard)
     if not total:
         raise ConfigError("no input images found (the manifest has no rows)", file=cfg.manifest)
-    return Planned(ranges, total, id_type, skipped, plan=plan)
+    return Planned(ranges, total, id_type, skipped, plan=plan,
+                   boxes_fallbacks=missing[0] if cfg.boxes_fallback else 0)
 
 
-def _with_boxes(batches: Inputs, cfg: ExtractConfig) -> Inputs:
-    """The input batches with the boxes of `cfg.boxes_from` joined in, when it is set."""
+def _with_boxes(batches: Inputs, cfg: ExtractConfig, missing: list[int]) -> Inputs:
+    """The input batches with the boxes of `cfg.boxes_from` joined in, when it is set;
+    missing[0]: the images of the last pass over them that the store has no boxes for."""
     if not cfg.boxes_from:
         return batches
     source = boxes_of_store(cfg.boxes_from)
-    return lambda: (join_boxes(batch, source, cfg.boxes_from) for batch in batches())
+
+    def joined() -> Iterator[pa.Table]:
+        missing[0] = 0
+        for batch in batches():
+            batch, n = join_boxes(batch, source, cfg.boxes_from, cfg.boxes_fallback)
+            missing[0] += n
+            yield batch
+
+    return joined
 
 
 def _plan_containers(cfg: ExtractConfig, out: str, listing: InputListing, kind: str) -> Planned:

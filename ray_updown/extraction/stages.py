@@ -122,9 +122,13 @@ def check_given_boxes(value: Any, width: int, height: int,
                       limit: int = MAX_GIVEN_BOXES) -> np.ndarray:
     """A manifest's boxes for one image -> (k, 4) float32 x1 y1 x2 y2, or ValueError naming
     the first bad box: not four numbers, NaN/inf, empty or inverted, outside the image."""
+    if len(value) > limit:
+        raise ValueError(f"{len(value)} boxes given, at most {limit} per image")
+    for j, box in enumerate(value):
+        if box is None or any(v is None for v in box):
+            raise ValueError(f"box {j} {'is null' if box is None else 'holds a null'}: "
+                             "not four numbers x1, y1, x2, y2")
     rows = [np.asarray(box, dtype=np.float64).reshape(-1) for box in value]
-    if len(rows) > limit:
-        raise ValueError(f"{len(rows)} boxes given, at most {limit} per image")
     for j, box in enumerate(rows):
         shown = "[" + ", ".join(f"{v:g}" for v in box) + "]"
         if box.shape != (4,):
