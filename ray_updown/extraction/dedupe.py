@@ -8,8 +8,8 @@ reads one bucket at a time: equal values have equal hashes, so they meet in one 
 a sort by (value, row) puts every repeat right after the first row of its value. The values
 themselves are compared, so a hash collision costs nothing but balance.
 
-`value_hashes` hashes an Arrow string column with numpy alone (a polynomial over the bytes,
-then a 64-bit mixer), about as fast as reading the column; integer ids are mixed directly.
+`value_hashes` hashes an Arrow string column with numpy alone (a few 8-byte words of each
+value through a 64-bit mixer); integer ids are mixed directly.
 """
 
 from __future__ import annotations
@@ -20,9 +20,6 @@ import tempfile
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-_MULTIPLIER = np.uint64(0x100000001B3)  # FNV-1a's prime, as the polynomial's base
-_MAX_BYTES_AT_ONCE = 1 << 23  # string bytes hashed per step (bounds the temporaries)
 
 
 def _mix(h: np.ndarray) -> np.ndarray:
@@ -37,34 +34,28 @@ def _mix(h: np.ndarray) -> np.ndarray:
 
 
 def _string_hashes(values: pa.Array) -> np.ndarray:
+    """A hash of each string's length and four 8-byte words of it: its last three and one at
+    its middle. Equal strings read the same words, so they hash alike; the values themselves
+    are compared later, so the hash needs only to spread them over the buckets (URIs differ
+    at their end: the number, then the suffix)."""
     values = values.cast(pa.large_string())
     n = len(values)
     offsets = np.frombuffer(values.buffers()[1], np.int64)[values.offset: values.offset + n + 1]
     data = values.buffers()[2]
     data = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
-    lengths = np.diff(offsets)
-    out = np.zeros(n, np.uint64)
-    row = 0
-    while row < n:  # in steps of about _MAX_BYTES_AT_ONCE bytes
-        end = int(np.searchsorted(offsets, offsets[row] + _MAX_BYTES_AT_ONCE, "right")) - 1
-        end = min(n, max(end, row + 1))
-        out[row:end] = _polynomial(data, offsets[row: end + 1], lengths[row:end])
-        row = end
-    return _mix(out ^ (lengths.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)))
-
-
-def _polynomial(data: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    start, stop = int(offsets[0]), int(offsets[-1])
-    terms = data[start:stop].astype(np.uint64)
-    if not len(terms):
-        return np.zeros(len(lengths), np.uint64)
-    position = np.arange(stop - start) - np.repeat(offsets[:-1] - start, lengths)
-    longest = int(lengths.max())
-    powers = np.cumprod(np.r_[np.uint64(1), np.full(longest, _MULTIPLIER, np.uint64)][:-1]
-                        if longest else np.ones(1, np.uint64), dtype=np.uint64)
-    terms *= powers[position]
-    sums = np.add.reduceat(np.r_[terms, np.uint64(0)], np.minimum(offsets[:-1] - start, len(terms)))
-    return np.where(lengths > 0, sums, np.uint64(0))
+    starts, ends = offsets[:-1], offsets[1:]
+    lengths = ends - starts
+    empty = lengths == 0
+    last = np.where(empty, 0, ends - 1)
+    first = np.where(empty, 0, starts)
+    h = lengths.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    for anchor in (ends - 8, ends - 16, ends - 24, starts + lengths // 2 - 4):
+        word = np.zeros(n, np.uint64)
+        for k in range(8):
+            byte = data[np.clip(anchor + k, first, last)] if len(data) else np.zeros(n, np.uint8)
+            word |= byte.astype(np.uint64) << np.uint64(8 * k)
+        h = _mix(h ^ np.where(empty, np.uint64(0), word))
+    return h
 
 
 def value_hashes(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -98,16 +89,24 @@ class Buckets:
                     self.writers[b] = pa.ipc.new_file(self.paths[b], table.schema)
                 self.writers[b].write_table(table.slice(bounds[b], bounds[b + 1] - bounds[b]))
 
-    def repeats(self) -> tuple[np.ndarray, np.ndarray]:
+    def repeats(self, excluded: np.ndarray | None = None, offset: int = 0
+                ) -> tuple[np.ndarray, np.ndarray]:
         """(rows, first rows): every row whose value a row before it holds, and the first row
-        of that value; sorted by row."""
+        of that value; sorted by row. Rows r >= offset with excluded[r - offset] take no part."""
         rows, firsts = [], []
+        excluding = excluded is not None and bool(excluded.any())
         for b, writer in enumerate(self.writers):
             if writer is None:
                 continue
             writer.close()
             with pa.memory_map(self.paths[b]) as source:
                 table = pa.ipc.open_file(source).read_all()
+            if excluding:
+                numbers = table.column("row").to_numpy()
+                mine = numbers >= offset
+                drop = np.zeros(len(numbers), bool)
+                drop[mine] = excluded[numbers[mine] - offset]
+                table = table.filter(pa.array(~drop))
             found = _repeats_in(table)
             del table
             os.remove(self.paths[b])

@@ -1,15 +1,15 @@
 """Building the plan of loose image files in memory that does not depend on how many there are.
 
-`build_plan` streams the inputs (a listing or a manifest, as Arrow batches) three times and
-writes the plan to a local file as it goes; the driver never holds more than one batch, the
-shard bookkeeping (one row per shard) and a bit per input row:
+`build_plan` streams the inputs (a listing or a manifest, as Arrow batches) twice and writes
+the plan to a local file as it goes; the driver never holds more than one batch, the shard
+bookkeeping (one row per shard) and a bit per input row:
 
-1. URIs: every row's URI goes to spill buckets (dedupe.py). An input whose URI a row of the
-   previous plan holds is already planned (dropped); one whose URI an earlier input holds is
-   a duplicate (an error row naming the row it repeats).
-2. Ids: the same for the image ids of the rows still accepted (a duplicate id is an error
-   row naming the kept row, the first in input order, and its file).
-3. Writing: the previous plan's rows unchanged, then the new rows in input order, numbered
+1. Spilling: every row's URI and id go to spill buckets (dedupe.py). Then, bucket by bucket:
+   an input whose URI a row of the previous plan holds is already planned (dropped); one
+   whose URI an earlier input holds is a duplicate (an error row naming the row it repeats);
+   among the rows still accepted, a repeated id is an error row naming the kept row (the
+   first in input order) and its file.
+2. Writing: the previous plan's rows unchanged, then the new rows in input order, numbered
    on and cut into new shards of `rows_per_shard` after its last shard.
 
 A re-run of the same inputs (the same URIs in the same order, the common resume) is seen in
@@ -104,14 +104,16 @@ def build_plan(inputs: Inputs, rows_per_shard: int, previous: pq.ParquetFile | N
     folder = tempfile.TemporaryDirectory(prefix="ray-updown-plan-")
     n_prev = previous.metadata.num_rows if previous is not None else 0
     kind = id_kind(previous.schema_arrow.field("image_id")) if n_prev else None
-    uri_repeats, kind, boxes = _uri_repeats(inputs, previous, folder.name, kind)
-    dropped, uri_firsts = _split_repeats(uri_repeats, n_prev)
-    n_inputs = uri_repeats[2] - n_prev
-    excluded = np.zeros(n_inputs, bool)  # a bit per input row: dropped or a repeated URI
+    uris, ids = Buckets(folder.name, "uri"), Buckets(folder.name, "id")
+    rows, kind, boxes = _spill(inputs, previous, uris, ids, kind)
+    dropped, uri_firsts = _split_repeats(uris.repeats(), n_prev)
+    excluded = np.zeros(rows - n_prev, bool)  # a bit per input row: dropped or a repeated URI
     excluded[dropped - n_prev] = True
     dropped = excluded.copy()
     excluded[np.fromiter(uri_firsts, np.int64, len(uri_firsts)) - n_prev] = True
-    id_repeats = _id_repeats(inputs, previous, folder.name, excluded, n_prev)
+    id_rows, id_firsts = ids.repeats(excluded, n_prev)
+    keep = id_rows >= n_prev
+    id_repeats = dict(zip(id_rows[keep].tolist(), id_firsts[keep].tolist()))
     boxes = boxes or (previous is not None and "given_boxes" in previous.schema_arrow.names)
     path = os.path.join(folder.name, "plan.parquet")
     ranges = _write(path, inputs, previous, rows_per_shard, kind, boxes, dropped,
@@ -148,47 +150,34 @@ def _check_kind(batch: pa.Table, kind: str | None) -> str:
     return mine
 
 
-def _uri_repeats(inputs: Inputs, previous, folder: str, kind: str | None):
-    """Pass 1: (rows whose URI an earlier row holds, their first rows), the id kind, and
-    whether any input gives boxes."""
-    buckets, row, boxes = Buckets(folder, "uri"), 0, False
-    for part in saved_batches(previous, ["uri"]):
-        buckets.add(np.arange(row, row + part.num_rows), part.column("uri"))
+def _spill(inputs: Inputs, previous, uris: Buckets, ids: Buckets, kind: str | None
+           ) -> tuple[int, str, bool]:
+    """Pass 1: every row's URI and id into the spill buckets (of the previous plan's rows,
+    only the accepted ones' ids). (rows, id kind, whether any input gives boxes)."""
+    row, boxes = 0, False
+    for part in saved_batches(previous, ["uri", "image_id", "reason"]):
+        numbers = np.arange(row, row + part.num_rows)
+        uris.add(numbers, part.column("uri"))
+        accepted = pc.equal(part.column("reason"), "").to_numpy(zero_copy_only=False)
+        ids.add(numbers[accepted], part.column("image_id").filter(pa.array(accepted)))
         row += part.num_rows
     for batch in inputs():
         kind = _check_kind(batch, kind)
         boxes = boxes or "given_boxes" in batch.column_names
-        buckets.add(np.arange(row, row + batch.num_rows), batch.column("uri"))
+        numbers = np.arange(row, row + batch.num_rows)
+        uris.add(numbers, batch.column("uri"))
+        ids.add(numbers, batch.column("image_id"))
         row += batch.num_rows
-    return (*buckets.repeats(), row), kind or "int64", boxes
+    return row, kind or "int64", boxes
 
 
 def _split_repeats(repeats, n_prev: int) -> tuple[np.ndarray, dict[int, int]]:
     """(input rows already in the previous plan, {duplicate input row: the row it repeats})."""
-    rows, firsts, _ = repeats
+    rows, firsts = repeats
     new = rows >= n_prev
     rows, firsts = rows[new], firsts[new]
     planned = firsts < n_prev
     return rows[planned], dict(zip(rows[~planned].tolist(), firsts[~planned].tolist()))
-
-
-def _id_repeats(inputs: Inputs, previous, folder: str, excluded: np.ndarray,
-                n_prev: int) -> dict[int, int]:
-    """Pass 2: {row: first row} for ids repeated among the accepted rows."""
-    buckets, row = Buckets(folder, "id"), 0
-    for part in saved_batches(previous, ["image_id", "reason"]):
-        accepted = pc.equal(part.column("reason"), "").to_numpy(zero_copy_only=False)
-        rows = np.arange(row, row + part.num_rows)
-        buckets.add(rows[accepted], part.column("image_id").filter(pa.array(accepted)))
-        row += part.num_rows
-    for batch in inputs():
-        rows = np.arange(row, row + batch.num_rows)
-        keep = ~excluded[row - n_prev: row - n_prev + batch.num_rows]
-        buckets.add(rows[keep], batch.column("image_id").filter(pa.array(keep)))
-        row += batch.num_rows
-    rows, firsts = buckets.repeats()
-    keep = rows >= n_prev
-    return dict(zip(rows[keep].tolist(), firsts[keep].tolist()))
 
 
 def _write(path: str, inputs: Inputs, previous, rows_per_shard: int, kind: str, boxes: bool,
@@ -199,7 +188,8 @@ def _write(path: str, inputs: Inputs, previous, rows_per_shard: int, kind: str, 
                         ("uri", pa.string()), ("shard", pa.int32()), ("stage", pa.string()),
                         ("reason", pa.string()), ("row", pa.int64())]
                        + ([("given_boxes", BOXES_TYPE)] if boxes else []))
-    ranges, kept = RangeBuilder(), _Kept(set(uri_firsts.values()) | set(id_firsts.values()))
+    ranges = RangeBuilder()
+    kept = _Kept(set(uri_firsts.values()) | set(id_firsts.values()), set(uri_firsts) | set(id_firsts))
     n_prev = previous.metadata.num_rows if previous is not None else 0
     first_shard = 0
     with pq.ParquetWriter(path, schema, compression="zstd") as writer:
@@ -247,8 +237,9 @@ class _Kept:
     """The id and URI of each row another row repeats (kept rows come before their repeats,
     so they are noted as the rows stream by)."""
 
-    def __init__(self, wanted: set[int]):
+    def __init__(self, wanted: set[int], repeats: set[int]):
         self.wanted = np.array(sorted(wanted), np.int64)
+        self.repeats = np.array(sorted(repeats), np.int64)  # the rows that repeat one of them
         self.values: dict[int, tuple] = {}
 
     def note(self, table: pa.Table, first: int, rows: np.ndarray | None = None) -> None:
@@ -268,19 +259,28 @@ def _reasons(batch: pa.Table, rows: np.ndarray, kept: _Kept, uri_firsts: dict[in
              id_firsts: dict[int, int], n_prev: int) -> tuple[pa.Array, pa.Array]:
     """Stage and reason of each new row: "" but for duplicates ("list") and the reasons the
     inputs give (stage "boxes": an image boxes_from has no boxes for)."""
-    given = batch.column("reason").to_pylist() if "reason" in batch.column_names else None
-    reason = given or [""] * len(rows)
-    stage = ["boxes" if r else "" for r in reason]
-    for i in np.flatnonzero(np.isin(rows, np.fromiter(uri_firsts.keys() | id_firsts.keys(), np.int64))):
+    if "reason" in batch.column_names:
+        reason = batch.column("reason").combine_chunks().cast(pa.string())
+        stage = pc.if_else(pc.equal(reason, ""), "", "boxes")
+    else:
+        reason = stage = pa.repeat(pa.scalar("", pa.string()), len(rows))
+    hits = np.flatnonzero(np.isin(rows, kept.repeats)) if len(kept.repeats) else []
+    if not len(hits):
+        return stage, reason
+    texts = []
+    for i in hits:
         row = int(rows[i])
         if row in uri_firsts:
             first = uri_firsts[row]
             image_id = kept.values.get(first, (None, None))[0]
-            text = f"duplicate uri (already listed as image id {image_id!r}, {_where(first, n_prev)})"
+            texts.append(f"duplicate uri (already listed as image id {image_id!r}, {_where(first, n_prev)})")
         else:
             first = id_firsts[row]
             uri = kept.values.get(first, (None, None))[1]
-            text = (f"duplicate image id {batch.column('image_id')[int(i)].as_py()!r} (the first, "
-                    f"{_where(first, n_prev)}, is kept: {uri})")
-        stage[i], reason[i] = "list", text
-    return pa.array(stage, pa.string()), pa.array(reason, pa.string())
+            texts.append(f"duplicate image id {batch.column('image_id')[int(i)].as_py()!r} (the "
+                         f"first, {_where(first, n_prev)}, is kept: {uri})")
+    mask = np.zeros(len(rows), bool)
+    mask[hits] = True
+    mask = pa.array(mask)
+    return (pc.replace_with_mask(stage, mask, pa.repeat(pa.scalar("list"), len(hits))),
+            pc.replace_with_mask(reason, mask, pa.array(texts, pa.string())))
