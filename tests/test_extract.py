@@ -270,6 +270,12 @@ def test_manifest_boxes_and_boxes_from_reach_the_detector(ray_cluster, tmp_path)
     summary = run_extraction(fallback, model_factory=BoxModel)
     assert (summary["features"], summary["boxes_fallbacks"]) == (4, 1)
     assert (FeatureStore(str(tmp_path / "c")).get(4).features == 1).all()  # the model chose
+    # An image whose size differs from its row in the boxes_from store: an error row.
+    _write_images(tmp_path / "other", 2, size=(50, 40))
+    resized = dataclasses.replace(fallback, images=str(tmp_path / "other"), out=str(tmp_path / "e"))
+    summary = run_extraction(resized, model_factory=BoxModel)
+    bad = {e["image_id"]: e for e in FeatureStore(str(tmp_path / "e")).errors()}
+    assert sorted(bad) == [1, 2] and "is 60x40 pixels: not the same image" in bad[1]["reason"]
     # A manifest with its own boxes and boxes_from: one line, before any work.
     with pytest.raises(ConfigError, match="the manifest gives boxes"):
         run_extraction(dataclasses.replace(cfg, out=str(tmp_path / "d"), boxes_from=str(tmp_path / "a")),

@@ -142,7 +142,8 @@ def test_a_plan_of_many_batches_finds_repeats_across_them(tmp_path):
     ids[30_000] = 7
     table = pa.table({"image_id": ids, "uri": uris})
     batches = lambda: (table.slice(i, 7000) for i in range(0, n, 7000))  # noqa: E731
-    new, ranges, rows, kind = build_plan(batches, 1000)
+    built = build_plan(batches, 1000)
+    new, ranges, rows, kind = built.new, built.ranges, built.rows, built.kind
     with new.folder:
         plan = pq.read_table(new.path)
     assert (rows, kind, ranges.num_rows, plan.num_rows) == (n, "int64", 50, n)
@@ -373,6 +374,7 @@ def test_an_s3_prefix_is_listed_page_by_page(s3_bucket, monkeypatch):
     monkeypatch.setattr(inputs, "S3_PAGE_KEYS", 2)
     pages = list(inputs._pages(f"{s3_bucket}/pages/"))
     assert [len(p) for p in pages] == [2, 2, 2]  # one list request a page
+    assert pages[0][0][1] == 1 and pages[0][0][2]  # each file's size and ETag
     listing = list_inputs(f"{s3_bucket}/pages/")
     assert listing.table.column("image_id").to_pylist() == [1, 2, 3, 4, 5]
     assert listing.skipped_summary()["by_reason"] == {"suffix": 1}

@@ -3,6 +3,7 @@ actors: their constructor arguments, decode limits and model spec."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -76,6 +77,10 @@ class ExtractConfig:
     # An image boxes_from has no boxes for is an error row; true: the detector chooses its
     # regions there instead (the summary counts them).
     boxes_fallback: bool = False
+    # A re-run whose inputs changed for images already done (another id, other boxes, the
+    # file replaced) or whose decode and model settings changed is refused; true redoes
+    # exactly the shards that hold them (all of them for changed settings).
+    redo_changed: bool = False
     plan_only: bool = False  # plan, save the plan and check what is complete; run nothing
 
     def validate(self) -> None:
@@ -106,6 +111,13 @@ class ExtractConfig:
                 "torch_threads": self.torch_threads or cpus,
                 "decode_threads": self.decode_threads or cpus,
                 "shards_in_flight": self.shards_in_flight}
+
+    def plan_settings(self) -> dict[str, Any]:
+        """What a store's features depend on besides the images and the checkpoint (the
+        store's metadata holds that): kept in the plan, checked on every re-run."""
+        return {**dataclasses.asdict(self.limits()), "model": self.model,
+                "grid_size": self.grid_size if self.model == "grid" else 0,
+                "min_boxes": self.min_boxes, "max_boxes": self.max_boxes, "half": self.half}
 
     def limits(self) -> DecodeLimits:
         return DecodeLimits(self.min_side, self.max_side, self.max_image_pixels,

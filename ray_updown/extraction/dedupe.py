@@ -15,7 +15,6 @@ value through a 64-bit mixer); integer ids are mixed directly.
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -76,12 +75,17 @@ class Buckets:
         self.paths = [os.path.join(folder, f"{name}-{b:03d}.arrow") for b in range(buckets)]
         self.writers: list = [None] * buckets
 
-    def add(self, rows: np.ndarray, values: pa.Array | pa.ChunkedArray) -> None:
+    def add(self, rows: np.ndarray, values: pa.Array | pa.ChunkedArray,
+            prints: np.ndarray | None = None) -> None:
+        """Spill rows with their values (and, optionally, a uint64 print of what else the row
+        holds: `repeats` says where a repeat's print differs from its first row's)."""
         if not len(rows):
             return
         which = (value_hashes(values) >> np.uint64(58)) % np.uint64(self.buckets)
         order = np.argsort(which, kind="stable")
-        table = pa.table({"row": pa.array(rows, pa.int64()), "value": values}).take(pa.array(order))
+        prints = np.zeros(len(rows), np.uint64) if prints is None else prints
+        table = pa.table({"row": pa.array(rows, pa.int64()), "value": values,
+                          "print": pa.array(prints, pa.uint64())}).take(pa.array(order))
         bounds = np.searchsorted(which[order], np.arange(self.buckets + 1, dtype=np.uint64))
         for b in range(self.buckets):
             if bounds[b + 1] > bounds[b]:
@@ -90,10 +94,11 @@ class Buckets:
                 self.writers[b].write_table(table.slice(bounds[b], bounds[b + 1] - bounds[b]))
 
     def repeats(self, excluded: np.ndarray | None = None, offset: int = 0
-                ) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, first rows): every row whose value a row before it holds, and the first row
-        of that value; sorted by row. Rows r >= offset with excluded[r - offset] take no part."""
-        rows, firsts = [], []
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, first rows, differs): every row whose value a row before it holds, the first
+        row of that value, and whether their prints differ; sorted by row. Rows r >= offset
+        with excluded[r - offset] take no part."""
+        rows, firsts, differs = [], [], []
         excluding = excluded is not None and bool(excluded.any())
         for b, writer in enumerate(self.writers):
             if writer is None:
@@ -112,27 +117,58 @@ class Buckets:
             os.remove(self.paths[b])
             rows.append(found[0])
             firsts.append(found[1])
+            differs.append(found[2])
         if not rows:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        rows, firsts = np.concatenate(rows), np.concatenate(firsts)
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool)
+        rows, firsts, differs = np.concatenate(rows), np.concatenate(firsts), np.concatenate(differs)
         order = np.argsort(rows)
-        return rows[order], firsts[order]
+        return rows[order], firsts[order], differs[order]
 
 
-def _repeats_in(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+def _repeats_in(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    none = np.zeros(0, np.int64)
     if table.num_rows < 2:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return none, none, np.zeros(0, bool)
     table = table.sort_by([("value", "ascending"), ("row", "ascending")])
     values = table.column("value").combine_chunks()
     same = np.zeros(table.num_rows, bool)
     same[1:] = pc.equal(values.slice(1), values.slice(0, len(values) - 1)).to_numpy(zero_copy_only=False)
     if not same.any():
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    rows = table.column("row").to_numpy()
+        return none, none, np.zeros(0, bool)
+    rows, prints = table.column("row").to_numpy(), table.column("print").to_numpy()
     first = np.maximum.accumulate(np.where(same, 0, np.arange(len(same))))
-    return rows[same], rows[first[same]]
+    return rows[same], rows[first[same]], prints[same] != prints[first[same]]
 
 
-def spill_folder() -> tempfile.TemporaryDirectory:
-    """A local folder for the spill files (removed when closed)."""
-    return tempfile.TemporaryDirectory(prefix="ray-updown-plan-")
+def row_prints(table: pa.Table, columns: tuple[str, ...]) -> np.ndarray:
+    """A uint64 per row over `columns` of `table` (a column it lacks counts as nulls): equal
+    rows, equal prints. given_boxes: a list of boxes per row (null and [] alike)."""
+    h = np.zeros(table.num_rows, np.uint64)
+    for i, name in enumerate(columns):
+        if name not in table.column_names:
+            part = np.zeros(table.num_rows, np.uint64)
+        elif name == "given_boxes":
+            part = _boxes_hashes(table.column(name).combine_chunks())
+        else:  # a null counts as the column's absence: 0
+            column = table.column(name)
+            filler = pa.scalar(-1 if pa.types.is_integer(column.type) else "", column.type)
+            part = value_hashes(pc.fill_null(column, filler))
+            part[pc.is_null(column).to_numpy(zero_copy_only=False)] = 0
+        h = _mix(h ^ part ^ np.uint64(0x9E3779B1 * (i + 1)))
+    return h
+
+
+def _boxes_hashes(column: pa.ListArray) -> np.ndarray:
+    """Per row, a hash of its boxes' coordinates in order (a row without boxes: 0)."""
+    out = np.zeros(len(column), np.uint64)
+    boxes = column.flatten()
+    if not len(boxes):
+        return out
+    box_row = pc.list_parent_indices(column).to_numpy()
+    coords = boxes.flatten()
+    coord_row = box_row[pc.list_parent_indices(boxes).to_numpy()]
+    bits = pc.fill_null(coords, float("nan")).to_numpy(zero_copy_only=False).astype(np.float32).view(np.uint32)
+    position = np.arange(len(coord_row)) - np.searchsorted(coord_row, coord_row, "left")
+    terms = _mix(bits.astype(np.uint64) ^ (position.astype(np.uint64) << np.uint64(32)))
+    np.add.at(out, coord_row, terms)
+    return out

@@ -64,7 +64,8 @@ class InputImage:
 
 @dataclass
 class InputListing:
-    """The images of a prefix or glob (`table`: image_id, uri), and the files under it that are
+    """The images of a prefix or glob (`table`: image_id, uri, size, version: what the listing
+    says of each file, so a re-run sees a file replaced under its name), and the files under it that are
     not taken: counted by reason, the first `_KEEP_SKIPPED` named in `skipped` (uri, why)."""
 
     table: pa.Table
@@ -121,28 +122,41 @@ def _skip_reason(uri: str, root: str, suffixes: tuple[str, ...]) -> str:
     return ""
 
 
-def _pages(images_uri: str) -> Iterator[list[str]]:
+def _pages(images_uri: str) -> Iterator[list[tuple[str, int, str]]]:
     """The files under a prefix, a page at a time (object stores: one list request a page;
-    local folders: one directory a page). Globs are expanded in one go."""
+    local folders: one directory a page), each as (uri, size, version): the version is what
+    changes when the file is replaced (an object's ETag, a local file's modification time in
+    ns). Globs are expanded in one go."""
     fs, path = storage.filesystem(images_uri)
     with storage.listing_errors(images_uri):
         if any(ch in path for ch in "*?["):
-            yield [storage._unprotocol(images_uri, p) for p in fs.glob(path) if fs.isfile(p)]
+            found = fs.glob(path, detail=True)
+            yield [_entry(images_uri, p, info) for p, info in sorted(found.items())
+                   if info.get("type") != "directory"]
         elif fs.isfile(path):
-            yield [storage._unprotocol(images_uri, path)]
+            yield [_entry(images_uri, path, fs.info(path))]
         elif str(images_uri).startswith("s3://") and hasattr(fs, "_list_pages"):
             yield from _s3_pages(fs, path)
         elif not storage.is_remote(images_uri) and os.path.isdir(path):
-            for folder, dirs, files in os.walk(path):
+            for folder, dirs, _ in os.walk(path):
                 dirs.sort()
-                yield [os.path.join(folder, f) for f in files]
+                with os.scandir(folder) as entries:
+                    yield [(e.path, e.stat().st_size, str(e.stat().st_mtime_ns))
+                           for e in entries if e.is_file()]
         elif fs.isdir(path):
-            yield [storage._unprotocol(images_uri, p) for p in fs.find(path)]
+            yield [_entry(images_uri, p, info) for p, info in
+                   sorted(fs.find(path, detail=True).items())]
         else:
             raise StorageError("no such file or prefix", file=images_uri)
 
 
-def _s3_pages(fs, path: str) -> Iterator[list[str]]:
+def _entry(images_uri: str, path: str, info: dict) -> tuple[str, int, str]:
+    version = info.get("ETag") or info.get("mtime") or info.get("LastModified") or info.get("created")
+    return storage._unprotocol(images_uri, path), int(info.get("size") or 0), \
+        str(version or "").strip('"')
+
+
+def _s3_pages(fs, path: str) -> Iterator[list[tuple[str, int, str]]]:
     from fsspec.asyn import sync
 
     bucket, _, prefix = path.partition("/")
@@ -153,7 +167,8 @@ def _s3_pages(fs, path: str) -> Iterator[list[str]]:
             page = sync(fs.loop, pages.__anext__)
         except StopAsyncIteration:
             return
-        yield [f"s3://{bucket}/{c['Key']}" for c in page.get("Contents", [])]
+        yield [(f"s3://{bucket}/{c['Key']}", int(c.get("Size") or 0), str(c.get("ETag") or "").strip('"'))
+               for c in page.get("Contents", [])]
 
 
 def _ids_from_names(uris: pa.ChunkedArray, images_uri: str) -> pa.ChunkedArray:
@@ -179,18 +194,24 @@ def list_inputs(images_uri: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> 
     chunks, skipped, reasons = [], [], Counter()
     for page in _pages(images_uri):
         keep = []
-        for uri in page:
-            why = _skip_reason(uri, root, wanted)
+        for entry in page:
+            why = _skip_reason(entry[0], root, wanted)
             if not why:
-                keep.append(uri)
+                keep.append(entry)
                 continue
             reasons[why] += 1
             if len(skipped) < _KEEP_SKIPPED:
-                skipped.append((uri, why))
-        chunks.append(pa.array(keep, pa.string()))
-    uris = pa.chunked_array(chunks, pa.string())
-    uris = pc.take(uris, pc.sort_indices(uris))
-    table = pa.table({"image_id": _ids_from_names(uris, images_uri), "uri": uris})
+                skipped.append((entry[0], why))
+        chunks.append(pa.table({"uri": pa.array([e[0] for e in keep], pa.string()),
+                                "size": pa.array([e[1] for e in keep], pa.int64()),
+                                "version": pa.array([e[2] for e in keep], pa.string())}))
+    files = pa.concat_tables(chunks) if chunks else pa.table(
+        {"uri": pa.array([], pa.string()), "size": pa.array([], pa.int64()),
+         "version": pa.array([], pa.string())})
+    files = files.take(pc.sort_indices(files.column("uri")))
+    uris = files.column("uri")
+    table = pa.table({"image_id": _ids_from_names(uris, images_uri), "uri": uris,
+                      "size": files.column("size"), "version": files.column("version")})
     return InputListing(table, sorted(skipped), reasons)
 
 

@@ -79,6 +79,7 @@ from ray_updown.extraction.plan import save_plan
 from ray_updown.extraction.planning import plan_inputs, skipped_text
 from ray_updown.extraction.shards import complete_shards, count_rows
 from ray_updown.features.schema import FEATURES_DIR, StoreMeta, list_shards
+from ray_updown.features.writer import error_shard_uri, feature_shard_uri
 
 
 def run_extraction(cfg: ExtractConfig, model_factory: Callable[[], Any] | None = None
@@ -113,6 +114,7 @@ def run_extraction(cfg: ExtractConfig, model_factory: Callable[[], Any] | None =
                      object_vocab=model_info["object_vocab"],
                      attribute_vocab=model_info["attribute_vocab"])
     _check_same_model(out, meta)
+    _remove_shards(out, planned.redo_shards)  # (before the plan that redoes them is saved)
     if planned.plan is not None:  # new or grown; else the saved plan stands
         save_plan(out, planned.plan)
     planned.plan = None  # from here on the driver holds one row per shard
@@ -142,6 +144,7 @@ def run_extraction(cfg: ExtractConfig, model_factory: Callable[[], Any] | None =
         "images_processed": n_todo, "skipped_files": skipped, "seconds": round(seconds, 3),
         "images_per_s": round(n_todo / seconds, 3) if n_todo and seconds > 0 else 0.0,
         "plan_seconds": round(plan_seconds, 3), "boxes_fallbacks": planned.boxes_fallbacks,
+        "shards_redone": len(planned.redo_shards),
         **written,
         "detector": meta.detector, "feature_dim": meta.feature_dim,
         "checkpoint_hash": meta.checkpoint_hash, "detector_config": meta.detector_config,
@@ -154,6 +157,14 @@ def run_extraction(cfg: ExtractConfig, model_factory: Callable[[], Any] | None =
           f"feature rows, {summary['errors']} errors{_skipped_rows_text(counts['skipped'])} of "
           f"{summary['inputs']} inputs{skipped_text(skipped)}", file=sys.stderr)
     return summary
+
+
+def _remove_shards(out: str, shards) -> None:
+    """Remove both parts of shards to redo, the features part (the commit) first."""
+    for shard in [int(s) for s in shards]:
+        for uri in (feature_shard_uri(out, shard), error_shard_uri(out, shard)):
+            if storage.exists(uri):
+                storage.remove(uri)
 
 
 def _skipped_rows_text(skipped: int) -> str:

@@ -32,8 +32,11 @@ from ray_updown import storage
 from ray_updown.errors import ConfigError, DataError, StorageError
 from ray_updown.extraction.inputs import BOXES_TYPE, InputImage
 from ray_updown.extraction.plan_build import (
+    FILE_COLUMNS,
     PLAN_COLUMNS,
     PLAN_ROW_GROUP,
+    SIZE_TYPE,
+    BuiltPlan,
     Inputs,
     NewPlan,
     RangeBuilder,
@@ -52,7 +55,7 @@ def plan_table(inputs: pa.Table, rows_per_shard: int, previous: pa.Table | None 
         if previous is not None and previous.num_rows:
             pq.write_table(previous, os.path.join(folder, "previous.parquet"))
             saved = pq.ParquetFile(os.path.join(folder, "previous.parquet"))
-        new, _, _, _ = build_plan(lambda: [inputs], rows_per_shard, saved)
+        new = build_plan(lambda: [inputs], rows_per_shard, saved).new
         if new is None:
             return previous
         with new.folder:
@@ -117,17 +120,16 @@ def load_plan(out_uri: str) -> pa.Table | None:
     file = open_saved_plan(out_uri)
     if file is None:
         return None
-    columns = list(PLAN_COLUMNS[:5]) + ["given_boxes"]
-    table = pa.concat_tables(saved_batches(file, columns))
+    table = pa.concat_tables(saved_batches(file, list(PLAN_COLUMNS[:5]) + ["given_boxes", *FILE_COLUMNS]))
     row = pa.array(np.arange(table.num_rows, dtype=np.int64))
     return table.append_column("row", row).select(
-        list(PLAN_COLUMNS) + (["given_boxes"] if "given_boxes" in table.column_names else []))
+        list(PLAN_COLUMNS) + [c for c in ("given_boxes", *FILE_COLUMNS) if c in table.column_names])
 
 
-def make_plan(out_uri: str, inputs: Inputs, rows_per_shard: int
-              ) -> tuple[NewPlan | None, pa.Table, int, str]:
+def make_plan(out_uri: str, inputs: Inputs, rows_per_shard: int, settings: dict | None = None,
+              redo_changed: bool = False) -> BuiltPlan:
     """`build_plan` of the inputs against the store's saved plan, if any (plan_build.py)."""
-    return build_plan(inputs, rows_per_shard, open_saved_plan(out_uri))
+    return build_plan(inputs, rows_per_shard, open_saved_plan(out_uri), settings, redo_changed)
 
 
 def shard_ranges(plan: pa.Table) -> pa.Table:
@@ -169,8 +171,10 @@ class PlanReader:
                 self.cached[g] = self.file.read_row_group(g)
             tables.append(self.cached[g])
         table = pa.concat_tables(tables).slice(first - int(self.starts[groups[0]]), count)
-        return table.drop_columns(["row"]).append_column(
-            "row", pa.array(np.arange(first, end, dtype=np.int64)))
+        rows = pa.array(np.arange(first, end, dtype=np.int64))
+        if "row" not in table.column_names:  # (plans written before it was saved)
+            return table.append_column("row", rows)
+        return table.set_column(table.schema.get_field_index("row"), "row", rows)
 
 
 def boxes_of_store(store_uri: str) -> pa.Table:
@@ -185,12 +189,21 @@ def boxes_of_store(store_uri: str) -> pa.Table:
     for uri in files:
         pa_fs, path = storage.pyarrow_filesystem(uri)
         try:
-            part = pq.read_table(path, filesystem=pa_fs, columns=["image_id", "boxes"])
+            part = pq.read_table(path, filesystem=pa_fs,
+                                 columns=["image_id", "boxes", "image_w", "image_h"])
         except (pa.ArrowInvalid, OSError, KeyError) as exc:
-            raise DataError(f"cannot read image_id and boxes ({exc})", file=uri) from None
+            raise DataError(f"cannot read image_id, boxes and image size ({exc})", file=uri) from None
+        size = _sizes(part)
         parts.append(pa.table({"image_id": part.column("image_id"),
-                               "boxes": pc.cast(part.column("boxes"), BOXES_TYPE)}))
+                               "boxes": pc.cast(part.column("boxes"), BOXES_TYPE), "size": size}))
     return pa.concat_tables(parts)
+
+
+def _sizes(part: pa.Table) -> pa.Array:
+    """[w, h] per row (list<int32>)."""
+    w = part.column("image_w").to_numpy().astype(np.int32)
+    h = part.column("image_h").to_numpy().astype(np.int32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.stack([w, h], 1).reshape(-1)), 2).cast(SIZE_TYPE)
 
 
 def join_boxes(inputs: pa.Table, source: pa.Table, store_uri: str, fallback: bool = False
@@ -208,6 +221,7 @@ def join_boxes(inputs: pa.Table, source: pa.Table, store_uri: str, fallback: boo
     where = pc.index_in(inputs.column("image_id"), value_set=source.column("image_id"))
     missing = int(where.null_count)
     inputs = inputs.append_column("given_boxes", source.column("boxes").take(where))
+    inputs = inputs.append_column("given_size", source.column("size").take(where))
     if missing and not fallback:
         reason = pc.if_else(pc.is_null(where), f"no boxes for this id in {store_uri} "
                             "(boxes_fallback=true lets the detector choose)", "")

@@ -18,6 +18,7 @@ one streamed comparison and changes nothing.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -29,8 +30,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ray_updown.errors import ConfigError, DataError
-from ray_updown.extraction.dedupe import Buckets
+from ray_updown.extraction.dedupe import Buckets, row_prints
 from ray_updown.extraction.inputs import BOXES_TYPE
+from ray_updown.features.schema import PLAN_SETTINGS_KEY
 
 PLAN_ROW_GROUP = 8192  # rows a worker reads to get its shard's rows
 PLAN_COLUMNS = ("image_id", "uri", "shard", "stage", "reason", "row")
@@ -90,56 +92,112 @@ def saved_batches(previous: pq.ParquetFile | None, columns: list[str]) -> Iterat
         yield previous.read_row_group(g, columns=[c for c in columns if c in names], use_threads=False)
 
 
-def build_plan(inputs: Inputs, rows_per_shard: int, previous: pq.ParquetFile | None = None
-               ) -> tuple[NewPlan | None, pa.Table, int, str]:
-    """(the new plan, or None when the previous one stands; one row per shard; plan rows;
-    id type). See the module docstring."""
+@dataclass
+class BuiltPlan:
+    """What `build_plan` gives: the new plan (None when the saved one stands), one row per
+    shard, the plan's rows, the id type, and the shards to redo (their rows or the settings
+    changed since they were written; redo_changed)."""
+
+    new: NewPlan | None
+    ranges: pa.Table
+    rows: int
+    kind: str
+    redo_shards: np.ndarray
+
+
+def build_plan(inputs: Inputs, rows_per_shard: int, previous: pq.ParquetFile | None = None,
+               settings: dict | None = None, redo_changed: bool = False) -> BuiltPlan:
+    """See the module docstring. `settings`: the decode and model settings the features
+    depend on, kept in the plan; a re-run with others, or whose inputs changed for rows
+    already planned, is refused unless `redo_changed`."""
     if rows_per_shard < 1:
         raise ConfigError(f"must be >= 1, got {rows_per_shard}", record="rows_per_shard")
-    if previous is not None and previous.metadata.num_rows and _same_inputs(previous, inputs()):
+    n_prev = previous.metadata.num_rows if previous is not None else 0
+    new_settings = changed_settings(previous.schema_arrow.metadata if n_prev else None, settings)
+    if new_settings and not redo_changed:
+        raise ConfigError(f"the decode or model settings differ from this store's plan "
+                          f"({'; '.join(new_settings)}): write to a new --out, or re-run with "
+                          "redo_changed=true to redo every shard with the new settings")
+    file_columns = FILE_COLUMNS if previous is None or set(FILE_COLUMNS) <= set(
+        previous.schema_arrow.names) else ()
+    if n_prev and not new_settings and _same_inputs(previous, inputs(), file_columns):
         ranges = RangeBuilder()
         for part in saved_batches(previous, ["shard"]):
             ranges.add(part.column("shard").to_numpy())
-        return None, ranges.table(), ranges.rows, id_kind(previous.schema_arrow.field("image_id"))
+        return BuiltPlan(None, ranges.table(), ranges.rows,
+                         id_kind(previous.schema_arrow.field("image_id")), np.zeros(0, np.int64))
     folder = tempfile.TemporaryDirectory(prefix="ray-updown-plan-")
-    n_prev = previous.metadata.num_rows if previous is not None else 0
     kind = id_kind(previous.schema_arrow.field("image_id")) if n_prev else None
     uris, ids = Buckets(folder.name, "uri"), Buckets(folder.name, "id")
-    rows, kind, boxes = _spill(inputs, previous, uris, ids, kind)
-    dropped, uri_firsts = _split_repeats(uris.repeats(), n_prev)
+    rows, kind, boxes = _spill(inputs, previous, uris, ids, kind, ("image_id", "given_boxes") + file_columns)
+    dropped, uri_firsts, changed = _split_repeats(uris.repeats(), n_prev)
+    replacements = _replacements(inputs, changed, n_prev, redo_changed)
     excluded = np.zeros(rows - n_prev, bool)  # a bit per input row: dropped or a repeated URI
     excluded[dropped - n_prev] = True
     dropped = excluded.copy()
     excluded[np.fromiter(uri_firsts, np.int64, len(uri_firsts)) - n_prev] = True
-    id_rows, id_firsts = ids.repeats(excluded, n_prev)
+    id_rows, id_firsts, _ = ids.repeats(excluded, n_prev)
     keep = id_rows >= n_prev
     id_repeats = dict(zip(id_rows[keep].tolist(), id_firsts[keep].tolist()))
     boxes = boxes or (previous is not None and "given_boxes" in previous.schema_arrow.names)
     path = os.path.join(folder.name, "plan.parquet")
-    ranges = _write(path, inputs, previous, rows_per_shard, kind, boxes, dropped,
-                    uri_firsts, id_repeats)
-    return NewPlan(path, folder), ranges.table(), ranges.rows, kind
+    schema = _plan_schema(kind, boxes, file_columns, settings)
+    ranges, redo = _write(path, schema, inputs, previous, rows_per_shard, dropped, uri_firsts,
+                          id_repeats, replacements)
+    if new_settings:
+        redo = np.array(_shards_of(previous), np.int64)
+    return BuiltPlan(NewPlan(path, folder), ranges.table(), ranges.rows, kind, redo)
 
 
-def _same_inputs(previous: pq.ParquetFile, batches: Iterable[pa.Table]) -> bool:
-    """Whether the inputs are the saved plan's URIs in the same order (and give no boxes)."""
+FILE_COLUMNS = ("size", "version")  # what a listing says of a file: replaced files differ
+SIZE_TYPE = pa.list_(pa.int32())  # given_size: [w, h] of the image in the boxes_from store
+
+
+def changed_settings(metadata: dict | None, settings: dict | None) -> list[str]:
+    """'key: old -> new' for each setting that differs from those a saved plan's metadata
+    holds (none when either side has none: plans written before settings were kept)."""
+    saved = (metadata or {}).get(PLAN_SETTINGS_KEY)
+    if not saved or settings is None:
+        return []
+    old = json.loads(saved)
+    return [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(old) | set(settings))
+            if old.get(k) != settings.get(k)]
+
+
+def settings_metadata(settings: dict | None) -> dict[bytes, bytes]:
+    return {PLAN_SETTINGS_KEY: json.dumps(settings, sort_keys=True).encode()} if settings else {}
+
+
+def _shards_of(previous: pq.ParquetFile | None) -> list[int]:
+    ranges = RangeBuilder()
+    for part in saved_batches(previous, ["shard"]):
+        ranges.add(part.column("shard").to_numpy())
+    return ranges.shards
+
+
+def _same_inputs(previous: pq.ParquetFile, batches: Iterable[pa.Table],
+                 file_columns: tuple[str, ...]) -> bool:
+    """Whether the inputs are the saved plan's rows in the same order: the same URIs (and
+    sizes and versions, where both have them), and no boxes."""
     if "given_boxes" in previous.schema_arrow.names:
         return False
-    saved = saved_batches(previous, ["uri"])
-    pending = pa.chunked_array([], pa.string())
+    saved = saved_batches(previous, ["uri", *file_columns])
+    pending: pa.Table | None = None
     for batch in batches:
-        if "given_boxes" in batch.column_names:
+        if "given_boxes" in batch.column_names or "reason" in batch.column_names:
             return False
-        uris = batch.column("uri")
-        while len(pending) < len(uris):
+        names = ["uri"] + [c for c in file_columns if c in batch.column_names]
+        while pending is None or pending.num_rows < batch.num_rows:
             part = next(saved, None)
             if part is None:
                 return False
-            pending = pa.chunked_array(pending.chunks + part.column("uri").chunks, pa.string())
-        if not pc.all(pc.equal(pending.slice(0, len(uris)), uris)).as_py():
-            return False
-        pending = pending.slice(len(uris))
-    return len(pending) == 0 and next(saved, None) is None
+            pending = part if pending is None else pa.concat_tables([pending, part])
+        for name in names:
+            if not pc.all(pc.equal(pending.column(name).slice(0, batch.num_rows),
+                                   batch.column(name))).as_py():
+                return False
+        pending = pending.slice(batch.num_rows)
+    return (pending is None or pending.num_rows == 0) and next(saved, None) is None
 
 
 def _check_kind(batch: pa.Table, kind: str | None) -> str:
@@ -150,14 +208,15 @@ def _check_kind(batch: pa.Table, kind: str | None) -> str:
     return mine
 
 
-def _spill(inputs: Inputs, previous, uris: Buckets, ids: Buckets, kind: str | None
-           ) -> tuple[int, str, bool]:
-    """Pass 1: every row's URI and id into the spill buckets (of the previous plan's rows,
-    only the accepted ones' ids). (rows, id kind, whether any input gives boxes)."""
+def _spill(inputs: Inputs, previous, uris: Buckets, ids: Buckets, kind: str | None,
+           print_columns: tuple[str, ...]) -> tuple[int, str, bool]:
+    """Pass 1: every row's URI (with a print of what else determines its features) and id
+    into the spill buckets (of the previous plan's rows, only the accepted ones' ids).
+    (rows, id kind, whether any input gives boxes)."""
     row, boxes = 0, False
-    for part in saved_batches(previous, ["uri", "image_id", "reason"]):
+    for part in saved_batches(previous, ["uri", "reason", *print_columns]):
         numbers = np.arange(row, row + part.num_rows)
-        uris.add(numbers, part.column("uri"))
+        uris.add(numbers, part.column("uri"), row_prints(part, print_columns))
         accepted = pc.equal(part.column("reason"), "").to_numpy(zero_copy_only=False)
         ids.add(numbers[accepted], part.column("image_id").filter(pa.array(accepted)))
         row += part.num_rows
@@ -165,37 +224,74 @@ def _spill(inputs: Inputs, previous, uris: Buckets, ids: Buckets, kind: str | No
         kind = _check_kind(batch, kind)
         boxes = boxes or "given_boxes" in batch.column_names
         numbers = np.arange(row, row + batch.num_rows)
-        uris.add(numbers, batch.column("uri"))
+        uris.add(numbers, batch.column("uri"), row_prints(batch, print_columns))
         ids.add(numbers, batch.column("image_id"))
         row += batch.num_rows
     return row, kind or "int64", boxes
 
 
-def _split_repeats(repeats, n_prev: int) -> tuple[np.ndarray, dict[int, int]]:
-    """(input rows already in the previous plan, {duplicate input row: the row it repeats})."""
-    rows, firsts = repeats
+def _split_repeats(repeats, n_prev: int) -> tuple[np.ndarray, dict[int, int], dict[int, int]]:
+    """(input rows already in the previous plan, {duplicate input row: the row it repeats},
+    {previous row: the input row that changes it}: same URI, another id, boxes or file)."""
+    rows, firsts, differs = repeats
     new = rows >= n_prev
-    rows, firsts = rows[new], firsts[new]
+    rows, firsts, differs = rows[new], firsts[new], differs[new]
     planned = firsts < n_prev
-    return rows[planned], dict(zip(rows[~planned].tolist(), firsts[~planned].tolist()))
+    changed = planned & differs
+    # The first input naming a changed row changes it (a later one repeats a planned row).
+    prev, first_input = np.unique(firsts[changed], return_index=True)
+    return (rows[planned], dict(zip(rows[~planned].tolist(), firsts[~planned].tolist())),
+            dict(zip(prev.tolist(), rows[changed][first_input].tolist())))
 
 
-def _write(path: str, inputs: Inputs, previous, rows_per_shard: int, kind: str, boxes: bool,
-           dropped: np.ndarray, uri_firsts: dict[int, int], id_firsts: dict[int, int]
-           ) -> RangeBuilder:
-    """Pass 3: the previous rows, then the new ones, into the plan file."""
-    schema = pa.schema([("image_id", pa.string() if kind == "string" else pa.int64()),
-                        ("uri", pa.string()), ("shard", pa.int32()), ("stage", pa.string()),
-                        ("reason", pa.string()), ("row", pa.int64())]
-                       + ([("given_boxes", BOXES_TYPE)] if boxes else []))
+def _replacements(inputs: Inputs, changed: dict[int, int], n_prev: int, redo: bool
+                  ) -> dict[int, dict]:
+    """{previous row: the input row's values} for the changed rows; without `redo`, the one
+    line that refuses them."""
+    if not changed:
+        return {}
+    wanted = changed if redo else dict(sorted(changed.items(), key=lambda kv: kv[1])[:5])
+    by_input = {i: p for p, i in wanted.items()}
+    found, row = {}, n_prev
+    for batch in inputs():
+        numbers = np.arange(row, row + batch.num_rows)
+        hit = np.flatnonzero(np.isin(numbers, np.fromiter(by_input, np.int64, len(by_input))))
+        for i, values in zip(hit.tolist(), batch.take(pa.array(hit)).to_pylist()):
+            found[by_input[int(numbers[i])]] = values
+        row += batch.num_rows
+    if not redo:
+        ids = ", ".join(repr(v["image_id"]) for v in found.values())
+        raise ConfigError(
+            f"{len(changed)} image(s) this store already planned changed since (another id, "
+            f"other boxes, or the file replaced: size or version differ), e.g. ids {ids}: write "
+            "to a new --out, or re-run with redo_changed=true to redo exactly the shards that "
+            "hold them")
+    return found
+
+
+def _plan_schema(kind: str, boxes: bool, file_columns: tuple[str, ...],
+                 settings: dict | None) -> pa.Schema:
+    fields = [("image_id", pa.string() if kind == "string" else pa.int64()), ("uri", pa.string()),
+              ("shard", pa.int32()), ("stage", pa.string()), ("reason", pa.string()),
+              ("row", pa.int64())]
+    fields += [("given_boxes", BOXES_TYPE), ("given_size", SIZE_TYPE)] if boxes else []
+    fields += [(c, pa.int64() if c == "size" else pa.string()) for c in file_columns]
+    return pa.schema(fields, metadata=settings_metadata(settings))
+
+
+def _write(path: str, schema: pa.Schema, inputs: Inputs, previous, rows_per_shard: int,
+           dropped: np.ndarray, uri_firsts: dict[int, int], id_firsts: dict[int, int],
+           replacements: dict[int, dict]) -> tuple[RangeBuilder, np.ndarray]:
+    """Pass 2: the previous rows (those in `replacements` with their new values), then the
+    new ones, into the plan file. (shards, the shards whose rows were replaced)."""
     ranges = RangeBuilder()
     kept = _Kept(set(uri_firsts.values()) | set(id_firsts.values()), set(uri_firsts) | set(id_firsts))
     n_prev = previous.metadata.num_rows if previous is not None else 0
-    first_shard = 0
+    redo: set[int] = set()
     with pq.ParquetWriter(path, schema, compression="zstd") as writer:
         row = 0
         for part in saved_batches(previous, list(schema.names)):
-            part = _conform(part, schema, np.arange(row, row + part.num_rows))
+            part = _conform(part, schema, np.arange(row, row + part.num_rows), replacements, redo)
             kept.note(part, row)
             ranges.add(part.column("shard").to_numpy())
             writer.write_table(part, row_group_size=PLAN_ROW_GROUP)
@@ -210,27 +306,36 @@ def _write(path: str, inputs: Inputs, previous, rows_per_shard: int, kind: str, 
             stage, reason = _reasons(batch, rows, kept, uri_firsts, id_firsts, n_prev)
             numbers = np.arange(written, written + batch.num_rows)
             shards = (first_shard + (numbers - n_prev) // rows_per_shard).astype(np.int32)
-            columns = {"image_id": batch.column("image_id"), "uri": batch.column("uri"),
-                       "shard": pa.array(shards), "stage": stage, "reason": reason,
+            columns = {"shard": pa.array(shards), "stage": stage, "reason": reason,
                        "row": pa.array(numbers, pa.int64())}
-            if boxes:
-                columns["given_boxes"] = (batch.column("given_boxes") if "given_boxes" in
-                                          batch.column_names else pa.nulls(batch.num_rows, BOXES_TYPE))
-            table = pa.table(columns).cast(schema)
+            table = pa.table({name: columns[name] if name in columns else (
+                batch.column(name) if name in batch.column_names else pa.nulls(batch.num_rows, f.type))
+                for name, f in zip(schema.names, schema)}).cast(schema)
             ranges.add(shards)
             writer.write_table(table, row_group_size=PLAN_ROW_GROUP)
             source_row += len(keep)
             written += batch.num_rows
-    return ranges
+    return ranges, np.array(sorted(redo), np.int64)
 
 
-def _conform(part: pa.Table, schema: pa.Schema, rows: np.ndarray) -> pa.Table:
-    """A saved plan's rows in the schema of the plan being written."""
-    columns = {name: (part.column(name) if name in part.column_names else None) for name in schema.names}
+def _conform(part: pa.Table, schema: pa.Schema, rows: np.ndarray, replacements: dict[int, dict],
+             redo: set[int]) -> pa.Table:
+    """A saved plan's rows in the schema of the plan being written, the replaced ones with
+    their new values (and their shards noted in `redo`)."""
+    columns = {name: part.column(name) if name in part.column_names else pa.nulls(part.num_rows, f.type)
+               for name, f in zip(schema.names, schema)}
     columns["row"] = pa.array(rows, pa.int64())
-    if columns.get("given_boxes", 0) is None:
-        columns["given_boxes"] = pa.nulls(part.num_rows, BOXES_TYPE)
-    return pa.table({name: columns[name] for name in schema.names}).cast(schema)
+    table = pa.table(columns).cast(schema)
+    hits = [i for i, r in enumerate(rows.tolist()) if r in replacements]
+    if not hits:
+        return table
+    records = table.to_pylist()
+    for i in hits:
+        new = replacements[int(rows[i])]
+        records[i].update({k: new.get(k) for k in ("image_id", "given_boxes", *FILE_COLUMNS)
+                           if k in schema.names}, stage="", reason="")
+        redo.add(records[i]["shard"])
+    return pa.Table.from_pylist(records, schema=schema)
 
 
 class _Kept:

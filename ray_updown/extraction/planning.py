@@ -15,9 +15,10 @@ from another kind is refused.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -35,7 +36,7 @@ from ray_updown.extraction.containers import (
 )
 from ray_updown.extraction.inputs import InputListing, list_inputs, manifest_batches
 from ray_updown.extraction.plan import boxes_of_store, join_boxes, make_plan, open_plan_file
-from ray_updown.extraction.plan_build import Inputs, NewPlan
+from ray_updown.extraction.plan_build import Inputs, NewPlan, changed_settings, settings_metadata
 from ray_updown.features.schema import PLAN_FILE
 
 CONTAINER_PLAN_COLUMNS = ("shard", "source", "first_group", "num_groups", "num_rows")
@@ -53,6 +54,9 @@ class Planned:
     container: ContainerSpec | None = None
     plan: pa.Table | NewPlan | None = None  # the plan to save; None when the saved one stands
     boxes_fallbacks: int = 0  # images boxes_from has no boxes for, left to the detector
+    # Shards whose inputs or settings changed since they were written (redo_changed): their
+    # parts are removed before the new plan is saved, so they are redone.
+    redo_shards: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 def plan_inputs(cfg: ExtractConfig, out: str) -> Planned:
@@ -82,11 +86,12 @@ def plan_inputs(cfg: ExtractConfig, out: str) -> Planned:
         batches = _with_boxes(lambda: (table.slice(i, LISTING_BATCH)
                                        for i in range(0, table.num_rows, LISTING_BATCH)), cfg,
                               missing)
-    plan, ranges, total, id_type = make_plan(out, batches, cfg.rows_per_shard)
-    if not total:
+    built = make_plan(out, batches, cfg.rows_per_shard, cfg.plan_settings(), cfg.redo_changed)
+    if not built.rows:
         raise ConfigError("no input images found (the manifest has no rows)", file=cfg.manifest)
-    return Planned(ranges, total, id_type, skipped, plan=plan,
-                   boxes_fallbacks=missing[0] if cfg.boxes_fallback else 0)
+    return Planned(built.ranges, built.rows, built.kind, skipped, plan=built.new,
+                   boxes_fallbacks=missing[0] if cfg.boxes_fallback else 0,
+                   redo_shards=built.redo_shards)
 
 
 def _with_boxes(batches: Inputs, cfg: ExtractConfig, missing: list[int]) -> Inputs:
@@ -122,12 +127,20 @@ def _plan_containers(cfg: ExtractConfig, out: str, listing: InputListing, kind: 
             check_table_columns(uri, spec)
     else:
         spec = tar_spec(sources[0], cfg.id_field, suffixes)
-    previous = load_container_plan(out)
+    previous, settings = load_container_plan(out), cfg.plan_settings()
+    changed = changed_settings(previous.schema.metadata if previous is not None else None, settings)
+    if changed and not cfg.redo_changed:
+        raise ConfigError(f"the decode or model settings differ from this store's plan "
+                          f"({'; '.join(changed)}): write to a new --out, or re-run with "
+                          "redo_changed=true to redo every shard with the new settings", file=out)
     plan = plan_containers(sources, spec, cfg.rows_per_shard, previous)
+    plan = plan.replace_schema_metadata(settings_metadata(settings))
     rows = plan.column("num_rows").to_numpy()
     inputs = None if (rows < 0).any() else int(rows.sum())
-    grown = previous is None or plan.num_rows > previous.num_rows
-    return Planned(plan, inputs, spec.id_type, skipped, spec, plan if grown else None)
+    grown = previous is None or plan.num_rows > previous.num_rows or bool(changed)
+    redo = previous.column("shard").to_numpy().astype(np.int64) if changed else np.zeros(0, np.int64)
+    return Planned(plan, inputs, spec.id_type, skipped, spec, plan if grown else None,
+                   redo_shards=redo)
 
 
 def load_container_plan(out: str) -> pa.Table | None:

@@ -232,11 +232,16 @@ class BatchDetector:
         out: dict[int, np.ndarray] = {}
         if column is None:
             return out
+        sizes = batch.get("given_size")  # boxes_from: the image's size in that store
         for i, value in enumerate(column):
             if reasons[i] or value is None or len(value) == 0:
                 continue  # no boxes given: the detector chooses
             try:
-                out[i] = check_given_boxes(value, int(batch["image_w"][i]), int(batch["image_h"][i]))
+                width, height = int(batch["image_w"][i]), int(batch["image_h"][i])
+                if sizes is not None and sizes[i] is not None and tuple(sizes[i]) != (width, height):
+                    raise ValueError(f"the boxes_from store's row of this id is {sizes[i][0]}x"
+                                     f"{sizes[i][1]} pixels: not the same image")
+                out[i] = check_given_boxes(value, width, height)
             except ValueError as exc:
                 stages[i], reasons[i] = "boxes", self._reason(
                     batch["image_id"][i], _strings(batch["uri"])[i], int(batch["image_w"][i]),

@@ -20,6 +20,7 @@ Exports decode one store row group at a time, so memory stays bounded.
 
 from __future__ import annotations
 
+import json
 import posixpath
 import re
 import sys
@@ -35,6 +36,7 @@ from ray_updown.features.hdf5 import HDF5_LAYOUTS, export_hdf5, require_h5py
 from ray_updown.features.parts import store_identity
 from ray_updown.features.reader import FeatureStore
 from ray_updown.features.records import FeatureRecord
+from ray_updown.features.schema import PLAN_FILE, PLAN_SETTINGS_KEY
 
 FORMATS = ("self-critical", "hdf5")
 SELF_CRITICAL_DIRS = {"att": "cocobu_att", "fc": "cocobu_fc", "box": "cocobu_box"}
@@ -83,7 +85,18 @@ def _made_by(store: FeatureStore) -> dict[str, Any]:
         more = f" and {len(disagreements) - 1} more" if len(disagreements) > 1 else ""
         raise DataError(f"its parts were made differently ({disagreements[0]}{more}; `ray-updown "
                         "inspect` lists them): export a store of one detector", file=store.uri)
-    return made_by
+    settings = _extraction_settings(store.uri)
+    return {**made_by, "extraction_settings": settings} if settings else made_by
+
+
+def _extraction_settings(store_uri: str) -> dict | None:
+    """The decode and model settings the extraction plan records, if the store has one."""
+    uri = storage.join(store_uri, PLAN_FILE)
+    if not storage.exists(uri):
+        return None
+    metadata = storage.open_parquet(uri).schema_arrow.metadata or {}
+    saved = metadata.get(PLAN_SETTINGS_KEY)
+    return json.loads(saved) if saved else None
 
 
 # -- self-critical.pytorch ------------------------------------------------------------------

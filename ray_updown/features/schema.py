@@ -65,6 +65,9 @@ FEATURES_DIR = "features"
 ERRORS_DIR = "errors"
 INDEX_FILE = "index.parquet"
 PLAN_FILE = "extract_plan.parquet"  # an extraction's plan (extraction/plan.py writes it)
+# The extraction plan's metadata key for the decode and model settings the store's features
+# depend on (extraction/plan_build.py writes it, exports compare it).
+PLAN_SETTINGS_KEY = b"ray_updown.settings"
 SHARD_NAME = "part-{shard:05d}.parquet"
 
 # Columns whose per-row lists must all have num_boxes entries.
