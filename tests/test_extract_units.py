@@ -408,3 +408,31 @@ def test_manifests_stream_in_batches_and_errors_count_rows_across_them(tmp_path,
         with pytest.raises(DataError, match="empty image_id or uri") as info:
             list(manifest_batches(path, rows=8))
         assert info.value.record == "row 34"  # the 34th data row
+
+
+def test_a_prefix_and_a_glob_list_the_same_sizes_and_versions(tmp_path):
+    (tmp_path / "d").mkdir()
+    for name in ("1.jpg", "2.jpg"):
+        (tmp_path / "d" / name).write_bytes(b"x" * len(name))
+    by_prefix = list_inputs(str(tmp_path / "d")).table.select(["uri", "size", "version"])
+    by_glob = list_inputs(str(tmp_path / "d" / "*.jpg")).table.select(["uri", "size", "version"])
+    assert by_prefix.equals(by_glob) and by_prefix.column("size").to_pylist() == [5, 5]
+
+
+def test_a_manifest_after_a_listing_is_no_change(tmp_path):
+    from ray_updown.extraction.plan_build import build_plan
+
+    listing = pa.table({"image_id": pa.array([1, 2], pa.int64()), "uri": ["/i/1.jpg", "/i/2.jpg"],
+                        "size": pa.array([10, 20], pa.int64()), "version": ["a", "b"]})
+    first = build_plan(lambda: [listing], 5)
+    saved = pq.ParquetFile(first.new.path)
+    manifest = listing.select(["image_id", "uri"])  # says nothing of the files
+    assert build_plan(lambda: [manifest], 5, saved).new is None  # the saved plan stands
+    # A manifest that also repeats a row is planned again (no longer the same inputs): the
+    # listed rows are not "changed" by the manifest's silence on sizes and versions.
+    assert build_plan(lambda: [pa.concat_tables([manifest, manifest.slice(0, 1)])], 5, saved).new \
+        is not None
+    replaced = listing.set_column(2, "size", pa.array([10, 21], pa.int64()))
+    with pytest.raises(ConfigError, match=r"1 image\(s\) this store already planned changed.*ids 2"):
+        build_plan(lambda: [replaced], 5, saved)
+    assert build_plan(lambda: [replaced], 5, saved, redo_changed=True).redo_shards.tolist() == [0]

@@ -151,9 +151,13 @@ def _pages(images_uri: str) -> Iterator[list[tuple[str, int, str]]]:
 
 
 def _entry(images_uri: str, path: str, info: dict) -> tuple[str, int, str]:
-    version = info.get("ETag") or info.get("mtime") or info.get("LastModified") or info.get("created")
-    return storage._unprotocol(images_uri, path), int(info.get("size") or 0), \
-        str(version or "").strip('"')
+    """(uri, size, version) from a listing's entry; a local file's as os.walk gives them."""
+    uri = storage._unprotocol(images_uri, path)
+    if not storage.is_remote(images_uri):
+        stat = os.stat(path)
+        return uri, stat.st_size, str(stat.st_mtime_ns)
+    version = info.get("ETag") or info.get("LastModified") or info.get("mtime")
+    return uri, int(info.get("size") or 0), str(version or "").strip('"')
 
 
 def _s3_pages(fs, path: str) -> Iterator[list[tuple[str, int, str]]]:

@@ -118,8 +118,7 @@ def build_plan(inputs: Inputs, rows_per_shard: int, previous: pq.ParquetFile | N
         raise ConfigError(f"the decode or model settings differ from this store's plan "
                           f"({'; '.join(new_settings)}): write to a new --out, or re-run with "
                           "redo_changed=true to redo every shard with the new settings")
-    file_columns = FILE_COLUMNS if previous is None or set(FILE_COLUMNS) <= set(
-        previous.schema_arrow.names) else ()
+    file_columns = _file_columns(inputs, previous)
     if n_prev and not new_settings and _same_inputs(previous, inputs(), file_columns):
         ranges = RangeBuilder()
         for part in saved_batches(previous, ["shard"]):
@@ -166,6 +165,16 @@ def changed_settings(metadata: dict | None, settings: dict | None) -> list[str]:
 
 def settings_metadata(settings: dict | None) -> dict[bytes, bytes]:
     return {PLAN_SETTINGS_KEY: json.dumps(settings, sort_keys=True).encode()} if settings else {}
+
+
+def _file_columns(inputs: Inputs, previous: pq.ParquetFile | None) -> tuple[str, ...]:
+    """FILE_COLUMNS where both the inputs (a listing) and the saved plan hold them: a manifest,
+    or a plan written before they were kept, says nothing of the files."""
+    first = next(iter(inputs()), None)
+    have = set(first.column_names) if first is not None else set()
+    if previous is not None:
+        have &= set(previous.schema_arrow.names)
+    return FILE_COLUMNS if set(FILE_COLUMNS) <= have else ()
 
 
 def _shards_of(previous: pq.ParquetFile | None) -> list[int]:
