@@ -49,7 +49,7 @@ reads top to bottom in `run_extraction`:
    received) and print one summary line.
 
 Driver memory is one batch of inputs while planning (plus a bit per input row) and then one
-row per shard: 10^8 rows plan in 0.8 GB (benchmarks/planning.py).
+row per shard: 10^8 rows plan in 0.7 GB (benchmarks/planning.py).
 """
 
 from __future__ import annotations
