@@ -76,7 +76,7 @@ from ray_updown.extraction.containers import ContainerSpec
 from ray_updown.extraction.failures import ray_failures_as_one_line
 from ray_updown.extraction.model import ModelSpec, build_model, describe_model
 from ray_updown.extraction.plan import save_plan
-from ray_updown.extraction.planning import plan_inputs, skipped_text
+from ray_updown.extraction.planning import Planned, plan_inputs, skipped_text
 from ray_updown.extraction.shards import complete_shards, count_rows
 from ray_updown.features.schema import FEATURES_DIR, StoreMeta, list_shards
 from ray_updown.features.writer import error_shard_uri, feature_shard_uri
@@ -130,10 +130,16 @@ def run_extraction(cfg: ExtractConfig, model_factory: Callable[[], Any] | None =
     written = (_run_shards(cfg, spec, meta, out, todo, planned.container) if todo.num_rows
                else _no_shards())
     seconds = time.time() - started
-    n_todo = written.pop("rows_written")
 
+    return _finish(cfg, out, meta, planned, todo, written, seconds, plan_seconds)
+
+
+def _finish(cfg: ExtractConfig, out: str, meta: StoreMeta, planned: Planned, todo: pa.Table,
+            written: dict[str, Any], seconds: float, plan_seconds: float) -> dict[str, Any]:
+    """Check the accounting over every shard, index the store, write and print the summary."""
     from ray_updown.features.reader import build_index  # (torch: not while planning)
 
+    ranges, skipped, n_todo = planned.ranges, planned.skipped, written.pop("rows_written")
     counts = count_rows(out, ranges)
     build_index(out)
     summary = {
