@@ -9,9 +9,11 @@ fault-injecting proxy (flaky_proxy.py) in front of a moto server.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -27,20 +29,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _write_quick_retry_data(folder: str) -> str:
+    """`folder` made a botocore data folder (for AWS_DATA_PATH): its `_retry.json` is botocore's
+    own with the backoff before a retry cut from rand(0, 1) s * 2^(attempt-1) to 5 ms *
+    2^(attempt-1).
+
+    Every client keeps botocore's retry policy: the same errors are retried, as often. Only the
+    waits between attempts are shorter, which on a loopback endpoint that answers SlowDown to
+    every third request is what a run's time is otherwise spent on."""
+    import botocore.loaders
+
+    data = botocore.loaders.Loader().load_data("_retry")
+    data["retry"]["__default__"]["delay"]["base"] = 0.005
+    with open(os.path.join(folder, "_retry.json"), "w") as f:
+        json.dump(data, f)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def flaky_s3():
-    """A moto S3 server behind a FlakyProxy; AWS_ENDPOINT_URL points at the proxy.
+    """A moto S3 server behind a FlakyProxy; AWS_ENDPOINT_URL points at the proxy, and
+    AWS_DATA_PATH at botocore's retry policy with short backoffs (_write_quick_retry_data).
 
-    Started before any Ray of this session, so that every worker inherits the endpoint."""
+    Started before any Ray of this session, so that every worker, and every CLI the tests
+    start, inherits both."""
     from moto.server import ThreadedMotoServer
 
     port = _free_port()
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     moto.start()
     proxy = FlakyProxy(f"http://127.0.0.1:{port}").start()
-    with pytest.MonkeyPatch.context() as env:  # put back whatever was set before
+    with tempfile.TemporaryDirectory(prefix="ray-updown-faults-botocore-") as data, \
+            pytest.MonkeyPatch.context() as env:  # put back whatever was set before
         for key, value in {"AWS_ENDPOINT_URL": proxy.endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                           "AWS_DATA_PATH": _write_quick_retry_data(data)}.items():
             env.setenv(key, value)
         proxy.moto_endpoint = f"http://127.0.0.1:{port}"
         yield proxy
