@@ -1,8 +1,9 @@
 """The fault-injection suite's own scaffolding (run it in its own pytest process:
 `pytest tests/faults`, as `make faults` and `make test` do).
 
-It never uses the main suite's session cluster (`ray_cluster`): multi-node tests start their
-own `ray.cluster_utils.Cluster`, so each module here starts and stops the Ray it needs.
+It never uses the main suite's session cluster (`ray_cluster`): the single-node modules share
+a Ray of this process (`local_ray`), and multi-node tests stop it and start their own
+`ray.cluster_utils.Cluster` (one process holds one Ray at a time).
 All S3 traffic, from the test process and from every Ray worker, goes through a
 fault-injecting proxy (flaky_proxy.py) in front of a moto server.
 """
@@ -89,18 +90,33 @@ def bucket(flaky_s3, request):
     return f"s3://{name}"
 
 
-@pytest.fixture(scope="module")
-def local_ray(flaky_s3):
-    """A single-node Ray for one module, stopped at its end (multi-node modules start their
-    own clusters, and one process holds one Ray at a time)."""
+@pytest.fixture(scope="session")
+def _single_node_ray(flaky_s3):
+    """Which single-node Ray `local_ray` started last ({"address": its GCS address}); Ray is
+    shut down at the session's end."""
     import ray
 
+    started: dict[str, str] = {}
+    yield started
     ray.shutdown()
-    # "local": a new instance even when another Ray on this machine left its address behind.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"WANDB_MODE": "disabled"}})
+
+
+@pytest.fixture(scope="module")
+def local_ray(_single_node_ray):
+    """A single-node Ray (2 CPUs). Consecutive modules that use it share one instance (a start
+    and a stop cost seconds each); a multi-node module's fixture shuts it down before it starts
+    its cluster (one process holds one Ray at a time), and the next module that needs it
+    starts a new one."""
+    import ray
+
+    if not (ray.is_initialized() and
+            ray.get_runtime_context().gcs_address == _single_node_ray.get("address")):
+        ray.shutdown()
+        # "local": a new instance even when another Ray on this machine left its address behind.
+        context = ray.init(address="local", num_cpus=2, include_dashboard=False,
+                           log_to_driver=False, runtime_env={"env_vars": {"WANDB_MODE": "disabled"}})
+        _single_node_ray["address"] = context.address_info["gcs_address"]
     yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="session")
