@@ -177,7 +177,7 @@ def main() -> None:
         tars = write_tars(f"{root}/tars", images, args.per_tar)
         table = write_table(f"{root}/table.parquet", images, args.row_group)
         spec = table_spec(table)
-        plan = plan_containers([table], spec, rows_per_shard=config.rows_per_shard)
+        plan, _ = plan_containers([table], spec, rows_per_shard=config.rows_per_shard)
         sources = {"loose": lambda: loose_bytes(loose), "tar": lambda: tar_bytes(tars),
                    "table": lambda: table_bytes(table, plan, spec)}
         paths = measure(sources, limits, args.repeats)

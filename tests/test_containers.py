@@ -123,7 +123,7 @@ def test_failed_downloads_are_skipped_and_counted_not_errors(tmp_path):
     images = make_images(5)
     path = write_img2dataset_table(str(tmp_path / "i2d.parquet"), images, failed=3, row_group_size=3)
     spec = table_spec(path)
-    plan = plan_containers([path], spec, rows_per_shard=4)
+    plan, _ = plan_containers([path], spec, rows_per_shard=4)
     assert plan.column("num_groups").to_pylist() == [2, 1] and plan.column("num_rows").to_pylist() == [6, 2]
     got, skipped = [], 0
     for shard in plan.to_pylist():
@@ -137,9 +137,9 @@ def test_failed_downloads_are_skipped_and_counted_not_errors(tmp_path):
 def test_container_plans_grow_by_new_sources_only(tmp_path):
     paths = [write_tar(str(tmp_path / f"{i:05d}.tar"), image_samples(make_images(2))) for i in range(3)]
     spec = ContainerSpec("tar")
-    first = plan_containers(paths[:2], spec, 100)
+    first, _ = plan_containers(paths[:2], spec, 100)
     assert first.column("num_rows").to_pylist() == [-1, -1]
-    again = plan_containers(paths[::-1], spec, 100, previous=first)
+    again, _ = plan_containers(paths[::-1], spec, 100, previous=first)
     assert again.column("source").to_pylist() == paths[:2] + [paths[2]]
     assert again.column("shard").to_pylist() == [0, 1, 2]
 
@@ -149,3 +149,21 @@ def test_json_sidecar_ids_can_be_strings(tmp_path):
     path = write_tar(str(tmp_path / "s.tar"), samples)
     spec = tar_spec(path, "uid")
     assert spec.id_type == "string" and _rows(tar_samples(path, spec, 4))[0]["image_id"] == "a-1"
+
+
+def test_a_tar_replaced_under_its_name_is_refused_or_redone(tmp_path):
+    paths = [write_tar(str(tmp_path / f"{i:05d}.tar"), image_samples(make_images(2))) for i in range(2)]
+    files = {p: (os.path.getsize(p), "v1") for p in paths}
+    first, redo = plan_containers(paths, ContainerSpec("tar"), 100, files=files)
+    assert redo == [] and first.column("size").to_pylist() == [files[p][0] for p in paths]
+    files[paths[1]] = (files[paths[1]][0], "v2")  # the second tar replaced
+    with pytest.raises(ConfigError, match=r"1 tar shard\(s\) or table\(s\) .* changed since.*00001\.tar"):
+        plan_containers(paths, ContainerSpec("tar"), 100, previous=first, files=files)
+    again, redo = plan_containers(paths, ContainerSpec("tar"), 100, previous=first, files=files,
+                                  redo_changed=True)
+    assert redo == [1]
+    assert again.select(["shard", "source", "num_groups"]).to_pylist() == [
+        {"shard": 0, "source": paths[0], "num_groups": 1},
+        {"shard": 1, "source": paths[1], "num_groups": 0},  # emptied, redone
+        {"shard": 2, "source": paths[1], "num_groups": 1}]  # the new tar's samples
+    assert plan_containers(paths, ContainerSpec("tar"), 100, previous=again, files=files)[1] == []

@@ -225,6 +225,8 @@ class ShardWriter:
         started, skipped = time.time(), [0]
 
         def chunks() -> Iterator[pa.Table]:
+            if num_groups == 0:  # a shard emptied when its source changed (redo_changed)
+                return
             if self.container.kind == "tar":
                 parts = ((chunk, 0) for chunk in tar_samples(source, self.container, self.chunk))
             else:

@@ -133,14 +133,17 @@ def _plan_containers(cfg: ExtractConfig, out: str, listing: InputListing, kind: 
         raise ConfigError(f"the decode or model settings differ from this store's plan "
                           f"({'; '.join(changed)}): write to a new --out, or re-run with "
                           "redo_changed=true to redo every shard with the new settings", file=out)
-    plan = plan_containers(sources, spec, cfg.rows_per_shard, previous)
+    files = dict(zip(sources, zip(listing.table.column("size").to_pylist(),
+                                  listing.table.column("version").to_pylist())))
+    plan, redo = plan_containers(sources, spec, cfg.rows_per_shard, previous, files, cfg.redo_changed)
     plan = plan.replace_schema_metadata(settings_metadata(settings))
     rows = plan.column("num_rows").to_numpy()
     inputs = None if (rows < 0).any() else int(rows.sum())
-    grown = previous is None or plan.num_rows > previous.num_rows or bool(changed)
-    redo = previous.column("shard").to_numpy().astype(np.int64) if changed else np.zeros(0, np.int64)
+    grown = previous is None or plan.num_rows > previous.num_rows or bool(changed) or bool(redo)
+    if changed:  # every shard, with the new settings
+        redo = previous.column("shard").to_pylist()
     return Planned(plan, inputs, spec.id_type, skipped, spec, plan if grown else None,
-                   redo_shards=redo)
+                   redo_shards=np.array(sorted(set(redo)), np.int64))
 
 
 def load_container_plan(out: str) -> pa.Table | None:
@@ -155,7 +158,8 @@ def load_container_plan(out: str) -> pa.Table | None:
     if missing:
         raise DataError(f"extraction plan lacks column(s) {missing}; delete it to re-plan",
                         file=storage.join(out, PLAN_FILE))
-    return file.read(columns=list(CONTAINER_PLAN_COLUMNS), use_threads=False)
+    columns = list(CONTAINER_PLAN_COLUMNS) + [c for c in ("size", "version") if c in file.schema_arrow.names]
+    return file.read(columns=columns, use_threads=False)
 
 
 def skipped_text(skipped: dict[str, Any], names: int = 5) -> str:

@@ -2,12 +2,14 @@
 already done, a file replaced by another image under its name, other decode settings, and an
 export folder that another store filled. Each is refused in one line naming what changed;
 `redo_changed=true` redoes exactly the shards that hold the changes (every shard for changed
-settings), and inputs = features + errors holds after every run."""
+settings), and inputs = features + errors holds after every run. A tar shard replaced under
+its name likewise."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -109,3 +111,23 @@ def test_an_export_folder_filled_from_another_store_is_refused(tmp_path, detecto
     with pytest.raises(RayUpdownError, match="holds an export of another store.*other extraction_settings"):
         export_store(stores[1], "self-critical", folder)
     assert os.path.exists(folder)
+
+
+def test_a_tar_replaced_under_its_name_is_refused_then_redone(tmp_path, detector):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+    from containers_kit import image_samples, make_images, write_tar
+
+    images = make_images(5)
+    tars = str(tmp_path / "tars")
+    write_tar(f"{tars}/00000.tar", image_samples(images[:2]))
+    write_tar(f"{tars}/00001.tar", image_samples(images[2:4]))
+    save_detector(detector, str(tmp_path / "ckpt"))
+    out = str(tmp_path / "store")
+    cfg = ExtractConfig(images=f"{tars}/*.tar", out=out, checkpoint=str(tmp_path / "ckpt"), batch_size=2)
+    assert run_extraction(cfg)["features"] == 4
+    write_tar(f"{tars}/00001.tar", image_samples(images[3:5]))  # another tar, same name
+    with pytest.raises(ConfigError, match=r"1 tar shard\(s\) or table\(s\) .*changed since.*00001\.tar"):
+        run_extraction(cfg)
+    summary = run_extraction(dataclasses.replace(cfg, redo_changed=True))
+    assert (summary["shards_redone"], summary["inputs"], summary["features"]) == (1, 4, 4)
+    assert sorted(FeatureStore(out).image_ids) == sorted(k for k, _, _ in images[:2] + images[3:5])
