@@ -113,16 +113,11 @@ def build_plan(inputs: Inputs, rows_per_shard: int, previous: pq.ParquetFile | N
     if rows_per_shard < 1:
         raise ConfigError(f"must be >= 1, got {rows_per_shard}", record="rows_per_shard")
     n_prev = previous.metadata.num_rows if previous is not None else 0
-    new_settings = changed_settings(previous.schema_arrow.metadata if n_prev else None, settings)
-    if new_settings and not redo_changed:
-        raise ConfigError(f"the decode or model settings differ from this store's plan "
-                          f"({'; '.join(new_settings)}): write to a new --out, or re-run with "
-                          "redo_changed=true to redo every shard with the new settings")
+    new_settings = check_settings(previous.schema_arrow.metadata if n_prev else None, settings,
+                                  redo_changed)
     file_columns = _file_columns(inputs, previous)
     if n_prev and not new_settings and _same_inputs(previous, inputs(), file_columns):
-        ranges = RangeBuilder()
-        for part in saved_batches(previous, ["shard"]):
-            ranges.add(part.column("shard").to_numpy())
+        ranges = _saved_ranges(previous)
         return BuiltPlan(None, ranges.table(), ranges.rows,
                          id_kind(previous.schema_arrow.field("image_id")), np.zeros(0, np.int64))
     folder = tempfile.TemporaryDirectory(prefix="ray-updown-plan-")
@@ -144,7 +139,7 @@ def build_plan(inputs: Inputs, rows_per_shard: int, previous: pq.ParquetFile | N
     ranges, redo = _write(path, schema, inputs, previous, rows_per_shard, dropped, uri_firsts,
                           id_repeats, replacements)
     if new_settings:
-        redo = np.array(_shards_of(previous), np.int64)
+        redo = np.array(_saved_ranges(previous).shards, np.int64)
     return BuiltPlan(NewPlan(path, folder), ranges.table(), ranges.rows, kind, redo)
 
 
@@ -152,7 +147,7 @@ FILE_COLUMNS = ("size", "version")  # what a listing says of a file: replaced fi
 SIZE_TYPE = pa.list_(pa.int32())  # given_size: [w, h] of the image in the boxes_from store
 
 
-def changed_settings(metadata: dict | None, settings: dict | None) -> list[str]:
+def _changed_settings(metadata: dict | None, settings: dict | None) -> list[str]:
     """'key: old -> new' for each setting that differs from those a saved plan's metadata
     holds (none when either side has none: plans written before settings were kept)."""
     saved = (metadata or {}).get(PLAN_SETTINGS_KEY)
@@ -161,6 +156,18 @@ def changed_settings(metadata: dict | None, settings: dict | None) -> list[str]:
     old = json.loads(saved)
     return [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(old) | set(settings))
             if old.get(k) != settings.get(k)]
+
+
+def check_settings(metadata: dict | None, settings: dict | None, redo_changed: bool,
+                   file: str | None = None) -> list[str]:
+    """`_changed_settings`, refused in one line unless `redo_changed` (then every shard is
+    redone with the new settings)."""
+    changes = _changed_settings(metadata, settings)
+    if changes and not redo_changed:
+        raise ConfigError(f"the decode or model settings differ from this store's plan "
+                          f"({'; '.join(changes)}): write to a new --out, or re-run with "
+                          "redo_changed=true to redo every shard with the new settings", file=file)
+    return changes
 
 
 def settings_metadata(settings: dict | None) -> dict[bytes, bytes]:
@@ -177,11 +184,12 @@ def _file_columns(inputs: Inputs, previous: pq.ParquetFile | None) -> tuple[str,
     return FILE_COLUMNS if set(FILE_COLUMNS) <= have else ()
 
 
-def _shards_of(previous: pq.ParquetFile | None) -> list[int]:
+def _saved_ranges(previous: pq.ParquetFile) -> RangeBuilder:
+    """The shards of a saved plan, from its shard column a row group at a time."""
     ranges = RangeBuilder()
     for part in saved_batches(previous, ["shard"]):
         ranges.add(part.column("shard").to_numpy())
-    return ranges.shards
+    return ranges
 
 
 def _same_inputs(previous: pq.ParquetFile, batches: Iterable[pa.Table],

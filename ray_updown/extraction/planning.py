@@ -36,7 +36,7 @@ from ray_updown.extraction.containers import (
 )
 from ray_updown.extraction.inputs import InputListing, list_inputs, manifest_batches
 from ray_updown.extraction.plan import boxes_of_store, join_boxes, make_plan, open_plan_file
-from ray_updown.extraction.plan_build import Inputs, NewPlan, changed_settings, settings_metadata
+from ray_updown.extraction.plan_build import Inputs, NewPlan, check_settings, settings_metadata
 from ray_updown.features.schema import PLAN_FILE
 
 CONTAINER_PLAN_COLUMNS = ("shard", "source", "first_group", "num_groups", "num_rows")
@@ -128,11 +128,8 @@ def _plan_containers(cfg: ExtractConfig, out: str, listing: InputListing, kind: 
     else:
         spec = tar_spec(sources[0], cfg.id_field, suffixes)
     previous, settings = load_container_plan(out), cfg.plan_settings()
-    changed = changed_settings(previous.schema.metadata if previous is not None else None, settings)
-    if changed and not cfg.redo_changed:
-        raise ConfigError(f"the decode or model settings differ from this store's plan "
-                          f"({'; '.join(changed)}): write to a new --out, or re-run with "
-                          "redo_changed=true to redo every shard with the new settings", file=out)
+    changed = check_settings(previous.schema.metadata if previous is not None else None, settings,
+                             cfg.redo_changed, file=out)
     files = dict(zip(sources, zip(listing.table.column("size").to_pylist(),
                                   listing.table.column("version").to_pylist())))
     plan, redo = plan_containers(sources, spec, cfg.rows_per_shard, previous, files, cfg.redo_changed)
