@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from containers_kit import image_samples, make_images, write_hf_table, write_img2dataset_table, write_tar
 
-from ray_updown.errors import ConfigError, DataError
+from ray_updown.errors import ConfigError, DataError, StorageError
 from ray_updown.extraction.containers import (
     ContainerSpec,
+    check_table_columns,
     plan_containers,
     sample_key,
     table_samples,
@@ -167,3 +168,19 @@ def test_a_tar_replaced_under_its_name_is_refused_or_redone(tmp_path):
         {"shard": 1, "source": paths[1], "num_groups": 0},  # emptied, redone
         {"shard": 2, "source": paths[1], "num_groups": 1}]  # the new tar's samples
     assert plan_containers(paths, ContainerSpec("tar"), 100, previous=again, files=files)[1] == []
+
+
+def test_tables_that_do_not_fit_the_first_or_are_not_parquet_are_named(tmp_path):
+    images = make_images(2)
+    first = write_img2dataset_table(str(tmp_path / "a.parquet"), images)
+    spec = table_spec(first)
+    other = str(tmp_path / "b.parquet")
+    pq.write_table(pa.table({"key": ["x"], "png": [images[0][2]]}), other)
+    with pytest.raises(DataError, match=r"b\.parquet: lacks column 'jpg'"):
+        check_table_columns(other, spec)
+    junk = tmp_path / "c.parquet"
+    junk.write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=r"c\.parquet: not a readable Parquet file"):
+        table_spec(str(junk))
+    with pytest.raises(StorageError, match=r"d\.tar: no such tar"):
+        list(tar_samples(str(tmp_path / "d.tar"), ContainerSpec("tar"), 4))
