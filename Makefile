@@ -11,9 +11,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# Reinstall when the project's dependencies change.
+# Reinstall when the project's dependencies change. A download cut off midway (torch is
+# several GB) resumes rather than failing the whole set-up.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --resume-retries 20 -e '.[dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)
