@@ -52,11 +52,27 @@ def test_every_cluster_file_is_recognised_and_passes():
     assert kinds == {
         "cluster/Dockerfile": ["Dockerfile"],
         "cluster/aws.yaml": ["ray-up"],
+        "cluster/examples/captioner.yaml": ["job-config"],
+        "cluster/examples/vqa.yaml": ["job-config"],
+        "cluster/examples/vqa_space.yaml": ["job-config"],
         "cluster/kuberay/raycluster.yaml": ["RayCluster"],
         "cluster/kuberay/rayjob-extract.yaml": ["RayJob"],
         "cluster/kuberay/rayjob-train.yaml": ["RayJob"],
         "cluster/runtime_env.yaml": ["runtime-env"],
     }
+
+
+@pytest.mark.parametrize("name, text, problem", [
+    ("captioner.yaml", "data: {karpathy: a.json}\nepochz: 3\n", "epochz"),
+    ("vqa.yaml", "batch_size: many\n", "batch_size"),
+    ("vqa_space.yaml", "model.hiden: {choice: [1, 2]}\n", "model.hiden"),
+    ("other.yaml", "epochs: 1\n", "not an example config"),
+])
+def test_example_configs_load_as_their_jobs_would(tmp_path, name, text, problem):
+    path = tmp_path / name
+    path.write_text(text)
+    found = checks.check_example_config(path, f"cluster/examples/{name}")
+    assert len(found) == 1 and problem in found[0].message, found
 
 
 def test_command_line_reports_status():

@@ -1,17 +1,29 @@
-"""End to end on a real Ray cluster: `ray start --head` with its job API on loopback,
-`ray job submit` of the extraction and VQA training jobs, outputs checked in the moto S3 bucket.
+"""End to end on a real Ray cluster: the commands of cluster/README.md's Path 1, as written
+there, run against `ray start --head` with its job API on loopback and the moto S3 bucket.
 
-This is the cluster path of docs/cluster.md: the test process never connects to the cluster; it
-only runs the `ray` CLI in subprocesses, as a user on a laptop would against a cloud head node.
-The S3 credentials travel only in the jobs' runtime environment (the head has the endpoint but
-no keys), so the checks also prove that the runtime env reaches every worker (Ray Data actors,
-Ray Train workers) and that the jobs do not print the secret.
+The steps are read from the README itself (its ```bash blocks): the world, the converted
+published detector, extraction, the captioner (XE, then SCST from the XE checkpoint), the VQA
+sweep and ensemble, `ray job logs`, and both leaderboard files. A short, visible table turns the
+README's cluster into this machine's: the bucket, a tiny published detector file, sizes that fit
+2 CPUs (`--actors 8 --gpus-per-actor 1` -> one CPU actor, 30 members -> 2). Every entry must
+still match the README, and every command of Path 1 is either run or named as cloud set-up that
+this machine cannot do (`ray up`, `ray dashboard`, `aws s3 cp`, ...), so a step added to the
+README or changed there fails here until it runs.
+
+The test process never connects to the cluster; it only runs the `ray` CLI in subprocesses, as
+a user on a laptop would against a cloud head node. The S3 credentials travel only in the jobs'
+runtime environment (the head has the endpoint but no keys), so the checks also prove that the
+runtime env reaches every worker (Ray Data actors, Ray Train workers, Tune trials) and that the
+jobs do not print the secret.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -26,11 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
+import yaml
+from test_detector_checkpoint import small_published
 
 from ray_updown import storage
-from ray_updown.data.world import WorldConfig, build_world
-from ray_updown.detector import BottomUpDetector, save_detector, tiny_config
+from ray_updown.captioning.predict import load_captioner
+from ray_updown.detector import load_detector
 from ray_updown.features.reader import FeatureStore
 from ray_updown.vqa.ensemble import load_vqa_checkpoint
 
@@ -39,6 +52,7 @@ BIN = Path(sys.executable).parent  # the project's virtualenv: `ray` and `python
 HEAD_START_TIMEOUT_S = 120  # a hang guard, not a performance check
 JOB_TIMEOUT_S = 300
 NUM_IMAGES = 16
+README = REPO / "cluster" / "README.md"
 
 
 def _free_port() -> int:
@@ -165,95 +179,186 @@ def ray_head(s3_server):
         assert not survivors, f"processes {survivors} of the test's Ray head survived it"
 
 
-def _submit(head: Head, job_id: str, runtime_env: dict, entrypoint: list[str]) -> tuple[str, str]:
-    """`ray job submit` and wait for the job. Returns (the CLI's output, the job's logs as the
-    cluster kept them)."""
-    ray = str(BIN / "ray")
+# ------------------------------------------------------------------ the README's commands
+# README text -> this machine's. Each must match the README (so an edit there shows up here);
+# {bucket}, {published}, ... are filled in by the test.
+REHEARSAL = [
+    ("s3://my-bucket", "{bucket}"),
+    ("--images 2000", "--images 16 image_size=80 write_threads=4"),
+    ("faster_rcnn_from_caffe_attr.pkl", "{published}"),
+    ("cluster/runtime_env.yaml", "{runtime_env}"),
+    ("--config cluster/examples/captioner.yaml", "--config {bucket}/examples/captioner.yaml"),
+    ("--config cluster/examples/vqa.yaml", "--config {bucket}/examples/vqa.yaml"),
+    # GPUs and cluster sizes -> 2 CPUs
+    ("--actors 8 --gpus-per-actor 1 half=true",
+     "--actors 1 --gpus-per-actor 0 rows_per_shard=6 batch_size=4 read_threads=4 min_side=64 "
+     "max_side=107"),
+    ("--workers 8 use_gpu=true",
+     "--workers 1 epochs=1 batch_size=4 data.vocab_min_count=1 data.val_images=2 "
+     "model.embed_dim=16 model.hidden_dim=32 model.att_dim=16"),
+    ("--samples 64", "--samples 2 --cpus-per-trial 1"),
+    ("--gpus-per-trial 0.25 storage_path",
+     "--gpus-per-trial 0 epochs=1 batch_size=16 data.answer_min_count=1 data.max_boxes=10 "
+     "data.glove={bucket}/coco/glove/glove.synthetic.300d.txt storage_path"),
+    ("--members 30", "--members 2"),
+    ("--gpus-per-trial 0.25 name=vqa-ensemble", "--gpus-per-trial 0 name=vqa-ensemble"),
+    # the synthetic world has no test2014/test2015 images: its val split stands in
+    ("v2_OpenEnded_mscoco_test-dev2015_questions.json", "v2_OpenEnded_mscoco_val2014_questions.json"),
+    ("features/updown-test2015/", "features/updown/"),
+    ("features/updown-test2014/", "features/updown/"),
+]
+RUN = ("ray job submit ", "ray job logs ", "ray-updown ")
+CLOUD_SET_UP = ("pip install ", "ray get-auth-token ", "ray up ", "ray dashboard ",
+                "export RAY_ADDRESS=", "aws s3 ", "ray down ")
 
-    def job_logs() -> str:
-        return subprocess.run([ray, "job", "logs", "--address", head.dashboard, job_id],
-                              env=head.cli_env, capture_output=True, text=True, timeout=60).stdout
 
-    try:
-        submit = subprocess.run(
-            [ray, "job", "submit", "--address", head.dashboard, "--submission-id", job_id,
-             "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env),
-             "--", *entrypoint],
-            env=head.cli_env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
-    except subprocess.TimeoutExpired:  # a hang guard: the head (and the job) stop in teardown
-        pytest.fail(f"job {job_id} still running after {JOB_TIMEOUT_S} s:\n{job_logs()[-6000:]}")
-    logs = job_logs()
-    assert submit.returncode == 0 and "succeeded" in submit.stdout, (
-        f"job {job_id} failed (exit {submit.returncode}):\n{submit.stdout[-6000:]}\n"
-        f"{submit.stderr[-3000:]}\n{logs[-6000:]}")
-    return submit.stdout + submit.stderr, logs
+def readme_commands(section: str = "## Path 1") -> list[str]:
+    """The commands of one section of cluster/README.md, continuation lines joined, comments
+    dropped."""
+    text = README.read_text().split(section, 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            line = re.sub(r"\s+#\s.*$", "", line).strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
 
 
-def _printed_summary(logs: str) -> dict:
+def rehearse(command: str, values: dict[str, str]) -> str:
+    for before, after in REHEARSAL:
+        command = command.replace(before, after.format(**values))
+    return command
+
+
+def _printed_summary(text: str) -> dict:
     """The JSON summary a job prints last (cli._print_summary: indented, starts with '{')."""
-    lines = logs.splitlines()
+    lines = text.splitlines()
     end = max(i for i, line in enumerate(lines) if line == "}")
     start = max(i for i, line in enumerate(lines[:end]) if line == "{")
     return json.loads("\n".join(lines[start:end + 1]))
 
 
-def test_extract_and_train_vqa_jobs_on_a_real_head(ray_head, s3_bucket, s3_server):
-    # Inputs in the bucket: the synthetic world and a tiny detector checkpoint.
-    world, detector_uri = f"{s3_bucket}/world", f"{s3_bucket}/detector"
-    build_world(WorldConfig(num_images=NUM_IMAGES, image_size=80, write_threads=4), world)
-    torch.manual_seed(0)
-    detector = BottomUpDetector(tiny_config()).eval()
-    save_detector(detector, detector_uri)
+@dataclass
+class Walk:
+    """Runs the README's commands in order, as the user's laptop would."""
 
-    # A secret no other output could contain by chance (moto accepts any keys).
-    secret = f"e2e-secret-{uuid.uuid4().hex}"
-    runtime_env = {
-        "excludes": [".venv", ".git", "runs", "world", "__pycache__", ".pytest_cache",
-                     "*.egg-info"],
-        "env_vars": {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing",
-                     "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
-                     "WANDB_MODE": "disabled"}}
+    head: Head
+    laptop_env: dict[str, str]  # the client: the cluster's token; S3 keys for `ray-updown` only
+    secret: str
 
-    features = f"{s3_bucket}/features"
-    output, logs = _submit(ray_head, "e2e-extract", runtime_env, [
-        "python", "jobs/extract.py", "--images", f"{world}/images/", "--out", f"{features}/",
-        "--checkpoint", f"{detector_uri}/", "--actors", "1",
-        "rows_per_shard=6", "batch_size=4", "read_threads=4",
-        "min_side=64", "max_side=107"])
-    assert secret not in logs and secret not in output
-    assert "Connecting to existing Ray cluster" in logs  # the head's workers, no embedded Ray
-    summary = _printed_summary(logs)
+    def run(self, command: str) -> str:
+        args = shlex.split(command)
+        env = dict(self.laptop_env)
+        if args[0] == "ray-updown":
+            args[0] = str(BIN / "ray-updown")
+        else:
+            args[0] = str(BIN / "ray")
+            env = {k: v for k, v in env.items() if not k.startswith("AWS_")}
+        started = time.monotonic()
+        try:
+            done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True,
+                                  timeout=JOB_TIMEOUT_S)
+        except subprocess.TimeoutExpired:  # a hang guard: the head stops in teardown
+            pytest.fail(f"still running after {JOB_TIMEOUT_S} s: {command}")
+        output = done.stdout + done.stderr
+        print(f"{time.monotonic() - started:6.1f} s  {command[:100]}")
+        assert done.returncode == 0, f"{command}\nexit {done.returncode}:\n{output[-8000:]}"
+        assert self.secret not in output, f"the S3 secret was printed by: {command}"
+        if args[1:3] == ["job", "submit"]:
+            assert "succeeded" in done.stdout, output[-8000:]
+            if "jobs/world.py" not in args:  # every job but the world's uses Ray: the head's
+                assert "Connecting to existing Ray cluster" in output
+        return done.stdout
+
+
+def _write_inputs(tmp_path: Path, bucket: str, server: str, secret: str) -> dict[str, str]:
+    """The files the README's user brings: the published weights, the runtime env with the
+    cluster's S3 (here: keys for moto), the example configs pointing at the bucket."""
+    published = tmp_path / "faster_rcnn_from_caffe_attr.pkl"
+    weights = small_published("py-bottom-up-attention")
+    published.write_bytes(pickle.dumps(
+        {"model": {k: v.numpy() for k, v in weights.items()}}, protocol=2))
+    runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
+    runtime_env["env_vars"].update(AWS_ENDPOINT_URL=server, AWS_ACCESS_KEY_ID="testing",
+                                   AWS_SECRET_ACCESS_KEY=secret, AWS_DEFAULT_REGION="us-east-1",
+                                   WANDB_MODE="disabled")
+    runtime_env["working_dir"] = str(REPO)
+    env_file = tmp_path / "runtime_env.yaml"
+    env_file.write_text(yaml.safe_dump(runtime_env))
+    for name in ("captioner.yaml", "vqa.yaml"):
+        text = (REPO / "cluster" / "examples" / name).read_text()
+        storage.write_text(f"{bucket}/examples/{name}", text.replace("s3://my-bucket", bucket))
+    return {"bucket": bucket, "published": str(published), "runtime_env": str(env_file)}
+
+
+def test_the_cluster_readme_path_runs_on_a_real_head(ray_head, s3_bucket, s3_server, tmp_path):
+    commands = readme_commands()
+    text = "\n".join(commands)
+    for before, _ in REHEARSAL:
+        assert before in text, f"cluster/README.md no longer has {before!r}: update REHEARSAL"
+    unknown = [c for c in commands if not c.startswith(RUN + CLOUD_SET_UP)]
+    assert not unknown, f"steps this test neither runs nor names as cloud set-up: {unknown}"
+
+    secret = f"e2e-secret-{uuid.uuid4().hex}"  # no other output contains it by chance
+    values = _write_inputs(tmp_path, s3_bucket, s3_server, secret)
+    laptop = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_JOB"))}
+    laptop |= ray_head.cli_env | {"RAY_ADDRESS": ray_head.dashboard}  # the README's export
+    walk = Walk(ray_head, laptop, secret)
+    printed: dict[str, dict] = {}
+    job_ids: dict[str, str] = {}
+    for command in commands:
+        if not command.startswith(RUN):
+            continue
+        command = rehearse(command, values)
+        for step, summary in printed.items():  # <checkpoint>: what that step printed last
+            command = command.replace(f"{s3_bucket}/runs/{step}/<checkpoint>", summary.get(
+                "checkpoint", ""))
+        if "<submission-id>" in command:
+            command = command.replace("<submission-id>", job_ids["extract"])
+        out = walk.run(command)
+        script = next((a for a in shlex.split(command) if a.startswith("jobs/")), "")
+        if script:
+            step = Path(script).stem
+            step = {"train_captioner": "xe" if "--objective xe" in command else "scst"}.get(step, step)
+            job_ids[step] = re.search(r"Job '(\S+)' submitted successfully", out).group(1)
+            printed[step] = _printed_summary(out)
+        elif command.startswith("ray job logs"):
+            printed["logs"] = _printed_summary(out)
+        else:  # ray-updown convert-detector / predict
+            printed["ray-updown " + shlex.split(command)[1]] = _printed_summary(out)
+
+    assert [s for s in printed if not s.startswith("ray-updown")] == [
+        "world", "extract", "logs", "xe", "scst", "tune_vqa", "ensemble_vqa"]
+    bucket = s3_bucket
+    # Extraction with the converted published weights, read back from S3.
+    detector = load_detector(f"{bucket}/weights/updown/")
+    assert detector.config.extra["converted_from"] == "py-bottom-up-attention"
+    summary = printed["extract"]
     assert (summary["inputs"], summary["features"], summary["errors"]) == (NUM_IMAGES, NUM_IMAGES, 0)
-    assert summary["shards"] == 3 and summary["store"] == features
-    # The store in S3, read back here: one row per image, the detector that made it.
-    store = FeatureStore(features)
-    assert sorted(store.image_ids) == list(range(1, NUM_IMAGES + 1))
-    assert store.metadata["detector"] == "bua-tiny-r10-w8"
+    assert printed["logs"] == summary  # `ray job logs --follow <submission-id>`
+    store = FeatureStore(f"{bucket}/features/updown/")
+    assert len(store.image_ids) == NUM_IMAGES
     assert store.metadata["checkpoint_hash"] == detector.checkpoint_hash
-    record = store.get(1)
+    record = store.get(store.image_ids[0])
     assert (record.image_w, record.image_h) == (80, 80)
-    assert 2 <= record.num_boxes <= 10 and record.features.shape == (record.num_boxes, store.feature_dim)
-    assert storage.read_json(f"{features}/extract_summary.json")["features"] == NUM_IMAGES
-
-    # A short VQA training run on those features, its checkpoints in S3.
-    vqa = f"{world}/vqa"
-    runs = f"{s3_bucket}/runs"
-    output, logs = _submit(ray_head, "e2e-train-vqa", runtime_env, [
-        "python", "jobs/train_vqa.py", "--storage-path", runs, "--name", "vqa-e2e",
-        f"data.train_questions={vqa}/v2_OpenEnded_mscoco_train2014_questions.json",
-        f"data.train_annotations={vqa}/v2_mscoco_train2014_annotations.json",
-        f"data.val_questions={vqa}/v2_OpenEnded_mscoco_val2014_questions.json",
-        f"data.val_annotations={vqa}/v2_mscoco_val2014_annotations.json",
-        f"data.features={features}", f"data.glove={world}/glove/glove.synthetic.300d.txt",
-        "data.answer_min_count=1", "data.max_boxes=10", "model.hidden=32", "epochs=2",
-        "batch_size=64", "optimizer=adamax"])
-    assert secret not in logs and secret not in output
-    assert "Connecting to existing Ray cluster" in logs
-    summary = _printed_summary(logs)
-    assert summary["metrics"]["epoch"] == 2 and summary["path"] == f"{runs}/vqa-e2e"
-    checkpoint = summary["latest_checkpoint"]
-    assert checkpoint.startswith(f"{runs}/vqa-e2e/")
-    assert storage.exists(f"{checkpoint}/model.safetensors")
-    trained = load_vqa_checkpoint(checkpoint, device="cpu")
-    assert trained.train_config.data.features == features and trained.train_config.epochs == 2
-    assert len(trained.vocabs.answers) > 2 and trained.model.config.feat_dim == store.feature_dim
+    assert record.features.shape == (record.num_boxes, store.feature_dim) and record.num_boxes >= 10
+    # The captioner: SCST started from the XE checkpoint and kept its vocabulary.
+    xe, scst = printed["xe"]["checkpoint"], printed["scst"]["checkpoint"]
+    assert xe.startswith(f"{bucket}/runs/xe/") and scst.startswith(f"{bucket}/runs/scst/")
+    assert load_captioner(scst).config["objective"] == "scst"
+    assert load_captioner(scst).vocab.itos == load_captioner(xe).vocab.itos
+    # The sweep's best config trained the ensemble; its members are VQA checkpoints.
+    manifest = storage.read_json(f"{bucket}/runs/vqa-ensemble/ensemble.json")
+    assert len(manifest["members"]) == 2
+    member = load_vqa_checkpoint(manifest["members"][0]["checkpoint"], device="cpu")
+    assert member.model.config.feat_dim == store.feature_dim
+    assert member.train_config.data.features == f"{bucket}/features/updown/"
+    # The leaderboard files, in the server formats.
+    files = storage.list_files(f"{bucket}/leaderboard/")
+    vqa = next(f for f in files if "vqa_OpenEnded_mscoco_test-dev2015_updown_results" in f)
+    answers = storage.read_json(vqa)
+    assert answers and set(answers[0]) == {"question_id", "answer"}
+    captions = storage.read_json(next(f for f in files if f.endswith("_results.json")
+                                      and "captions_test2014" in f))
+    assert {c["image_id"] for c in captions} == set(store.image_ids)

@@ -6,6 +6,7 @@
   and its prepare_config/validate_config, then what a launch would only reveal on a live cloud.
 - KubeRay RayCluster/RayJob manifests: the fields of the ray.io/v1 types and KubeRay's rules.
 - The runtime env (Ray's own RuntimeEnv parser), the Dockerfile, and credentials in any file.
+- The example job configs (examples/), loaded into the config classes their jobs use.
 - Every image is pinned to the installed Ray's release family, inside pyproject.toml's range.
 """
 
@@ -17,10 +18,11 @@ import yaml
 
 from .common import REPO_ROOT, Problem, RayTarget, Report, check_image, check_secrets, default_target
 from .kuberay import PLANNED_JOBS, check_raycluster, check_raycluster_spec, check_rayjob
-from .project import REQUIRED_EXCLUDES, check_dockerfile, check_runtime_env
+from .project import REQUIRED_EXCLUDES, check_dockerfile, check_example_config, check_runtime_env
 from .ray_up import autoscaler_schema, check_ray_up
 
 __all__ = ["PLANNED_JOBS", "REPO_ROOT", "Problem", "RayTarget", "Report", "autoscaler_schema",
+           "check_example_config",
            "check_all", "check_dockerfile", "check_image", "check_ray_up", "check_raycluster",
            "check_raycluster_spec", "check_rayjob", "check_runtime_env", "check_secrets",
            "check_yaml_document", "default_target"]
@@ -58,6 +60,10 @@ def check_all(repo_root: Path = REPO_ROOT,
         if path.name.startswith("Dockerfile"):
             kinds[file] = ["Dockerfile"]
             problems += check_dockerfile(text, file, target)
+            continue
+        if path.parent == cluster / "examples":
+            kinds[file] = ["job-config"]
+            problems += check_example_config(path, file)
             continue
         try:
             docs = [doc for doc in yaml.safe_load_all(text) if doc is not None]

@@ -82,3 +82,33 @@ def check_dockerfile(text: str, file: str, target: RayTarget) -> list[Problem]:
     if not re.search(r"openjdk|default-jre", text):
         rep.add("RUN", "no Java runtime (pycocoevalcap's tokenizer and METEOR need it)")
     return rep.problems
+
+
+# cluster/examples/: the configs the README's steps pass to the jobs, and what each loads into.
+EXAMPLE_CONFIGS = {
+    "captioner.yaml": ("config", "ray_updown.captioning.config", "CaptionTrainConfig"),
+    "vqa.yaml": ("config", "ray_updown.vqa.config", "VqaTrainConfig"),
+    "vqa_space.yaml": ("search space", "ray_updown.vqa.config", "VqaTrainConfig"),
+}
+
+
+def check_example_config(path: Path, file: str) -> list[Problem]:
+    """Load an example config as its job would: unknown keys, wrong types and bad values fail."""
+    import importlib
+
+    from ray_updown.config import load_config
+    from ray_updown.errors import ConfigError
+    from ray_updown.train.search import load_search_space, tune_param_space
+
+    if path.name not in EXAMPLE_CONFIGS:
+        return [Problem(file, "(top)", f"not an example config of this folder ({sorted(EXAMPLE_CONFIGS)})")]
+    what, module, name = EXAMPLE_CONFIGS[path.name]
+    cls = getattr(importlib.import_module(module), name)
+    try:
+        if what == "config":
+            load_config(cls, str(path))
+        else:
+            tune_param_space(cls(), load_search_space(str(path)))
+    except ConfigError as exc:
+        return [Problem(file, "(top)", f"does not load as a {name} {what}: {exc}")]
+    return []
