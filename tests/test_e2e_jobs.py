@@ -190,7 +190,7 @@ def _submit(head: Head, job_id: str, runtime_env: dict, entrypoint: list[str]) -
 
 
 def _printed_summary(logs: str) -> dict:
-    """The JSON summary a job prints last (cli._print_summary: indented, starts with '{')."""
+    """The JSON summary a job prints last (cli_handlers.print_summary: indented, starts with '{')."""
     lines = logs.splitlines()
     end = max(i for i, line in enumerate(lines) if line == "}")
     start = max(i for i, line in enumerate(lines[:end]) if line == "{")
