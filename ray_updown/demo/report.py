@@ -1,7 +1,7 @@
 """The demo's report: `<out>/report.md` with its PNGs beside it (in `<out>/figures/`).
 
 `write_report(out, world, state, seconds, previous_seconds, wall_seconds)` turns what the demo's stages
-returned (demo.py) into: the targets and whether each was met, the stages and their times,
+returned (run.py) into: the targets and whether each was met, the stages and their times,
 the detector's scores and its regions on a few test images (the paper's Figure 2,
 viz/regions.py), the miniature Table 1 (captioning: Up-Down vs the grid baseline under
 XE and SCST, all metrics) and Table 4 (VQA: Up-Down vs grids 1x1/7x7/14x14 per answer type,
@@ -302,46 +302,72 @@ def table4_markdown(table4: dict) -> list[str]:
 def write_report(out: str, world, state: dict, seconds: dict[str, float],
                  previous_seconds: dict[str, float], wall_seconds: float) -> dict:
     """Write <out>/report.md and its figures; returns {"report", "table1", "table4", ...}."""
-    from ray_updown.metrics.caption_eval import spice_available, spice_jar_dir
     figures = storage.join(out, FIGURES_DIR)
     table1 = build_table1(state["captioning"])
     table4 = build_table4(state["vqa_scores"], state["ensemble"], list(state["vqa_grids"]))
     targets = targets_met(table1, table4)
-    curves = draw_curves(state, figures)
-    bars = draw_bars(table1, table4, figures)
+    curves = {**draw_curves(state, figures), **draw_bars(table1, table4, figures)}
     caption_pictures = caption_attention_pictures(world, state, figures, FIGURES_DIR)
     vqa_pictures = vqa_attention_pictures(world, state, figures, FIGURES_DIR)
     figure2 = region_pictures(world, state, figures, FIGURES_DIR)
 
-    cfg, det = state["config"], state["detector"]
+    lines = (targets_section(state, targets)
+             + stages_section(seconds, previous_seconds, wall_seconds)
+             + detector_section(state, figure2)
+             + captioning_section(state, table1)
+             + vqa_section(out, state, table4)
+             + ["## Training curves", ""]
+             + [f"![{title}]({path})" for title, path in curves.items()]
+             + attention_section(caption_pictures, vqa_pictures))
+    report_uri = storage.join(out, "report.md")
+    storage.write_text(report_uri, "\n".join(lines) + "\n")
+    pictures = [i["path"] for i in figure2 + caption_pictures + vqa_pictures]
+    return {"report": report_uri, "table1": table1, "table4": table4, "targets": targets,
+            "figures": list(curves.values()) + pictures}
+
+
+def targets_section(state: dict, targets: dict[str, dict]) -> list[str]:
+    """The title, what the run was, and each target with whether it was met."""
+    world = state["world"]
     met = sum(t["met"] for t in targets.values())
-    lines = [f"# Bottom-up and top-down attention on a synthetic world (scale {cfg['scale']:g})", "",
+    lines = [f"# Bottom-up and top-down attention on a synthetic world (scale {state['config']['scale']:g})", "",
              f"Written {time.strftime('%Y-%m-%d %H:%M')} by `ray-updown demo` (ray_updown/demo/run.py). "
-             f"World: {state['world']['images']} images of {state['world']['image_size'][0]} px "
-             f"(Karpathy splits {state['world']['splits']}); everything below was trained and "
+             f"World: {world['images']} images of {world['image_size'][0]} px "
+             f"(Karpathy splits {world['splits']}); everything below was trained and "
              "scored on it by this run, on Ray on this machine.", "",
              f"## Targets: {met} of {len(targets)} met", "",
              "| target | met | numbers |", "|---|---|---|"]
-    lines += [f"| {name} | {'yes' if t['met'] else '**no**'} | {t['detail']} |"
-              for name, t in targets.items()]
-    lines += ["", "## Stages", "", "| stage | seconds (this run) | seconds (when it ran) |",
-              "|---|---|---|"]
+    return lines + [f"| {name} | {'yes' if t['met'] else '**no**'} | {t['detail']} |"
+                    for name, t in targets.items()]
+
+
+def stages_section(seconds: dict[str, float], previous_seconds: dict[str, float],
+                   wall_seconds: float) -> list[str]:
+    """Each stage's seconds in this run and, for a reused one, when it ran."""
+    lines = ["", "## Stages", "", "| stage | seconds (this run) | seconds (when it ran) |",
+             "|---|---|---|"]
     for name in list(seconds):
         then = previous_seconds.get(name)
         lines.append(f"| {name} | {seconds[name]:.0f} | {'' if then is None else f'{then:.0f}'} |")
-    lines += [f"| wall clock of this run, before the report | {wall_seconds:.0f} ({wall_seconds / 60:.1f} min) | |",
-              "", "The captioner and VQA stages run side by side (tracks sharing the "
-              "cluster's CPUs), so their seconds overlap.", ""]
+    return lines + [
+        f"| wall clock of this run, before the report | {wall_seconds:.0f} ({wall_seconds / 60:.1f} min) | |",
+        "", "The captioner and VQA stages run side by side (tracks sharing the "
+        "cluster's CPUs), so their seconds overlap.", ""]
+
+
+def detector_section(state: dict, figure2: list[dict]) -> list[str]:
+    """The detector's scores, the feature stores and the detector's regions (Figure 2)."""
+    cfg, det = state["config"], state["detector"]
     m = det["metrics"]
-    lines += ["## 1. Bottom-up attention: the detector (paper 3.1)", "",
-              f"Faster R-CNN ResNet C4 with the attribute head, trained {det['train_minutes']:.1f} "
-              f"min ({m.get('epoch')} epochs) on the world's Visual Genome files. Held-out VG "
-              f"images: object mAP@0.5 val {_fmt(m.get('val_map50'), 3)}, test "
-              f"{_fmt(m.get('test_map50'), 3)}; attribute accuracy val "
-              f"{_fmt(m.get('val_attr_acc'), 3)}, test {_fmt(m.get('test_attr_acc'), 3)}. "
-              f"Regions kept per image: {cfg['min_regions'] or 'min'}-{cfg['max_regions'] or 'max'}"
-              " by detection score (the paper: 10-100 above 0.2 confidence; its released features also come "
-              "with a fixed 36).", ""]
+    lines = ["## 1. Bottom-up attention: the detector (paper 3.1)", "",
+             f"Faster R-CNN ResNet C4 with the attribute head, trained {det['train_minutes']:.1f} "
+             f"min ({m.get('epoch')} epochs) on the world's Visual Genome files. Held-out VG "
+             f"images: object mAP@0.5 val {_fmt(m.get('val_map50'), 3)}, test "
+             f"{_fmt(m.get('test_map50'), 3)}; attribute accuracy val "
+             f"{_fmt(m.get('val_attr_acc'), 3)}, test {_fmt(m.get('test_attr_acc'), 3)}. "
+             f"Regions kept per image: {cfg['min_regions'] or 'min'}-{cfg['max_regions'] or 'max'}"
+             " by detection score (the paper: 10-100 above 0.2 confidence; its released features also come "
+             "with a fixed 36).", ""]
     lines += ["| features | images | regions per image | feature dim | extraction s |",
               "|---|---|---|---|---|"]
     for name, ex in state["extraction"].items():
@@ -355,32 +381,44 @@ def write_report(out: str, world, state: dict, seconds: dict[str, float],
         for item in figure2:
             lines += [f"**{item['title']}**: {', '.join(item['labels'])}", "",
                       f"![{item['title']}]({item['path']})", ""]
+    return lines
+
+
+def captioning_section(state: dict, table1: dict) -> list[str]:
+    """Table 1 in miniature, with how it was scored."""
+    from ray_updown.metrics.caption_eval import spice_available, spice_jar_dir
+
     test_images = next(iter(state["captioning"].values()))["xe"]["test"]["num_images"]
     spice_note = ("SPICE ran." if spice_available() else
                   f"SPICE skipped: Stanford CoreNLP 3.6.0 jars not found in {spice_jar_dir()}.")
-    lines += ["", "## 2. Captioning: Table 1 in miniature", "",
-              f"Karpathy test split ({test_images} images), beam search 5, scores x100 through "
-              f"pycocoevalcap (PTB tokenizer). {spice_note} The paper (COCO, single model): "
-              "XE BLEU-4 36.2 / CIDEr 113.5, SCST BLEU-4 36.3 / CIDEr 120.1.", ""]
-    lines += table1_markdown(table1)
+    return ["", "## 2. Captioning: Table 1 in miniature", "",
+            f"Karpathy test split ({test_images} images), beam search 5, scores x100 through "
+            f"pycocoevalcap (PTB tokenizer). {spice_note} The paper (COCO, single model): "
+            "XE BLEU-4 36.2 / CIDEr 113.5, SCST BLEU-4 36.3 / CIDEr 120.1.", ""] + table1_markdown(table1)
+
+
+def vqa_section(out: str, state: dict, table4: dict) -> list[str]:
+    """Table 4 in miniature, the ensemble's members and where the results files are."""
     val_q = next(iter(state["vqa_scores"].values()))
-    lines += ["", "## 3. VQA: Table 4 in miniature", "",
-              "VQA val, official accuracy (vqaEval normalisation, min(1, matches/3) over the 10 "
-              "leave-one-out subsets). Each model's checkpoint is its best epoch by val accuracy "
-              "(the world has no other annotated split), so all rows share that optimism. The "
-              "paper (VQA v2 val, single model): 63.2 overall, 80.3 yes/no, 42.8 number, 55.8 "
-              "other; ResNet 7x7 59.4.", ""]
+    lines = ["", "## 3. VQA: Table 4 in miniature", "",
+             "VQA val, official accuracy (vqaEval normalisation, min(1, matches/3) over the 10 "
+             "leave-one-out subsets). Each model's checkpoint is its best epoch by val accuracy "
+             "(the world has no other annotated split), so all rows share that optimism. The "
+             "paper (VQA v2 val, single model): 63.2 overall, 80.3 yes/no, 42.8 number, 55.8 "
+             "other; ResNet 7x7 59.4.", ""]
     lines += table4_markdown(table4)
-    lines += ["", "Ensemble members (overall): " + ", ".join(
+    return lines + ["", "Ensemble members (overall): " + ", ".join(
         f"{k} {v:.2f}" for k, v in table4["members"].items()) + f"; results files in "
-              f"`{storage.join(out, 'results')}` (e.g. `{val_q['results_file'].rsplit('/', 1)[-1]}`).", ""]
-    lines += ["## Training curves", ""]
-    lines += [f"![{title}]({path})" for title, path in {**curves, **bars}.items()]
-    lines += ["", "## Attention (in the style of the paper's Figures 5-7)", "",
-              "Each panel: the image darkened where attention is low, the most attended regions "
-              "outlined (line width by weight), the strongest in red. Captions: one panel per "
-              "generated word (beam search 5, SCST models); Up-Down attends to detected "
-              "objects, the baseline to grid cells.", ""]
+        f"`{storage.join(out, 'results')}` (e.g. `{val_q['results_file'].rsplit('/', 1)[-1]}`).", ""]
+
+
+def attention_section(caption_pictures: list[dict], vqa_pictures: list[dict]) -> list[str]:
+    """The captioners' and the VQA models' attention pictures (Figures 5-7)."""
+    lines = ["", "## Attention (in the style of the paper's Figures 5-7)", "",
+             "Each panel: the image darkened where attention is low, the most attended regions "
+             "outlined (line width by weight), the strongest in red. Captions: one panel per "
+             "generated word (beam search 5, SCST models); Up-Down attends to detected "
+             "objects, the baseline to grid cells.", ""]
     for item in caption_pictures:
         lines += [f"**{item['title']}**: \"{item['caption']}\"", "", f"![{item['title']}]({item['path']})", ""]
     lines += ["VQA: the attention of the question over the regions (Figure 6 style), Up-Down "
@@ -388,8 +426,4 @@ def write_report(out: str, world, state: dict, seconds: dict[str, float],
     for item in vqa_pictures:
         lines += [f"**{item['title']}**: Q: {item['question']} A: {item['answer']} "
                   f"(humans: {item['truth']})", "", f"![{item['title']}]({item['path']})", ""]
-    report_uri = storage.join(out, "report.md")
-    storage.write_text(report_uri, "\n".join(lines) + "\n")
-    pictures = [i["path"] for i in figure2 + caption_pictures + vqa_pictures]
-    return {"report": report_uri, "table1": table1, "table4": table4, "targets": targets,
-            "figures": list(curves.values()) + list(bars.values()) + pictures}
+    return lines
