@@ -31,6 +31,7 @@ import time
 import numpy as np
 
 from ray_updown import storage
+from ray_updown.data.vqa import ANSWER_TYPES
 from ray_updown.data.world import BACKDROP_CLASS, VG_ID_OFFSET
 from ray_updown.metrics.detection import box_iou_coco
 
@@ -158,7 +159,7 @@ def accuracies(scores: dict[str, list[dict]]) -> dict[str, dict]:
     """{store name: {overall and each answer type: [accuracy per seed], "mean": {...}}}."""
     vqa = {name: {"overall": [s["overall"] for s in per_seed],
                   **{t: [s["per_answer_type"][t] for s in per_seed]
-                     for t in ("yes/no", "number", "other")}}
+                     for t in ANSWER_TYPES}}
            for name, per_seed in scores.items()}
     for name in vqa:
         vqa[name]["mean"] = {k: round(float(np.mean(v)), 2) for k, v in vqa[name].items()}
@@ -172,7 +173,7 @@ def draw_study(summary: dict, uri: str) -> None:
     fixed = summary.get("fixed", "fixed36")
     labels = {fixed: f"fixed {fixed[len('fixed'):]} regions", "adaptive": "10-100 regions (paper's rule)"}
     groups = {kind: {labels[name]: summary["vqa"][name]["mean"][kind] for name in labels}
-              for kind in ("overall", "yes/no", "number", "other")}
+              for kind in ("overall", *ANSWER_TYPES)}
     plot_bars(groups, f"Up-Down VQA on world seed {summary['world_seed']}: regions kept "
                       f"(mean of {summary['vqa_seeds']} seeds)", "VQA val accuracy", uri)
 
