@@ -63,6 +63,14 @@ def test_every_command_the_readme_names_exists():
     assert [m for m in makes if m not in targets] == []
 
 
+def test_the_development_page_lists_the_cli_s_subcommands_as_its_table_does():
+    from ray_updown.cli_commands import COMMANDS
+
+    text = (REPO / "docs" / "development.md").read_text(encoding="utf-8")
+    listed = re.findall(r"^\| `([\w-]+)` \| (.+) \|$", text, re.M)
+    assert listed == [(c.name, c.help) for c in COMMANDS]
+
+
 def _pages_and_manifests() -> dict[Path, str]:
     files = PAGES + sorted((REPO / "cluster" / "kuberay").glob("*.yaml"))
     return {f: f.read_text(encoding="utf-8") for f in files}

@@ -232,7 +232,7 @@ def rehearse(command: str, values: dict[str, str]) -> str:
 
 
 def _printed_summary(text: str) -> dict:
-    """The JSON summary a job prints last (cli._print_summary: indented, starts with '{')."""
+    """The JSON summary a job prints last (cli_handlers.print_summary: indented, starts with '{')."""
     lines = text.splitlines()
     end = max(i for i, line in enumerate(lines) if line == "}")
     start = max(i for i, line in enumerate(lines[:end]) if line == "{")

@@ -345,7 +345,7 @@ def test_cli_show_writes_the_png_and_a_bad_id_exits_2_with_one_line(world, capsy
 
 # ------------------------------------------------------------------------ demo report
 def test_demo_report_draws_figure2_for_test_images(world):
-    from ray_updown.demo.report import region_pictures
+    from ray_updown.demo.pictures import region_pictures
     from ray_updown.demo.stages import WorldFiles
 
     root = world["tmp"] / "world"

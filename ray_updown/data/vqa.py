@@ -33,10 +33,11 @@ from ray_updown.errors import DataError
 
 __all__ = ["VqaQuestion", "AnswerVocab", "load_vqa", "tokenize_question", "encode_question",
            "build_question_vocab", "build_answer_vocab", "soft_score", "soft_targets",
-           "load_vg_qa", "normalize_answer", "NUM_ANNOTATORS", "QUESTION_LEN"]
+           "load_vg_qa", "normalize_answer", "NUM_ANNOTATORS", "QUESTION_LEN", "ANSWER_TYPES"]
 
 NUM_ANNOTATORS = 10
 QUESTION_LEN = 14
+ANSWER_TYPES = ("yes/no", "number", "other")  # the annotations' answer_type values
 
 
 @dataclass(frozen=True)

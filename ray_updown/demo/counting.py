@@ -31,6 +31,7 @@ import time
 import numpy as np
 
 from ray_updown import storage
+from ray_updown.data.vqa import ANSWER_TYPES
 from ray_updown.data.world import BACKDROP_CLASS, VG_ID_OFFSET
 from ray_updown.metrics.detection import box_iou_coco
 
@@ -79,36 +80,16 @@ def stored_boxes(store: str, image_ids: list[int]) -> dict[int, np.ndarray]:
 
 
 def run_study(demo: str, seeds: int) -> dict:
-    from ray_updown.config import from_dict
-    from ray_updown.demo.run import DemoConfig
-    from ray_updown.demo.stages import (
-        CONFIG_RECORD,
-        STAGES_DIR,
-        StageBook,
-        WorldFiles,
-        evaluate_vqa_model,
-        extract,
-        log,
-        train_vqa_trials,
-        vqa_config,
-    )
+    """The study on a finished demo folder (see the module docstring); returns its summary."""
+    from ray_updown.demo.stages import StageBook, WorldFiles, extract, log
     from ray_updown.ray_cluster import ensure_ray
 
     if seeds < 1:
         raise SystemExit(f"--seeds must be at least 1, got {seeds}")
-    book = StageBook(demo)
-    config_uri = storage.join(demo, STAGES_DIR, CONFIG_RECORD)
-    if not storage.exists(book.record_uri("extract_regions")) or not storage.exists(config_uri):
-        raise SystemExit(f"{demo}: not a demo folder with its region features (run `make demo` first)")
-    cfg = from_dict(DemoConfig, {**storage.read_json(config_uri), "out": demo})
-    if cfg.min_regions != cfg.max_regions or not cfg.max_regions:
-        raise SystemExit(f"{demo}: the study compares a fixed region count with 10-100; this demo "
-                         f"kept {cfg.min_regions}-{cfg.max_regions}")
+    cfg, detector = finished_demo(demo)
     fixed = f"fixed{cfg.max_regions}"
-    detector = storage.read_json(book.record_uri("detector"))["result"]["detector"]
     world = WorldFiles(storage.join(demo, "world"))
     out = storage.join(demo, "counting")
-    runs = storage.join(out, "runs")
     ensure_ray(cfg.num_cpus or None)
     stores = {fixed: storage.join(demo, "features", "regions"),
               "adaptive": storage.join(out, "regions_adaptive")}
@@ -123,6 +104,40 @@ def run_study(demo: str, seeds: int) -> dict:
                 for name, store in stores.items()}
     log(f"coverage of the val images' shapes: {json.dumps(coverage)}")
 
+    scores = train_and_score(study, cfg, world, stores, seeds)
+    summary = {"demo": demo, "world_seed": cfg.seed, "vqa_seeds": seeds, "fixed": fixed,
+               "coverage": coverage, "vqa": accuracies(scores)}
+    storage.write_json(storage.join(out, "summary.json"), summary, indent=1)
+    draw_study(summary, storage.join(out, "counting.png"))
+    return summary
+
+
+def finished_demo(demo: str):
+    """A finished demo folder's config (DemoConfig) and detector checkpoint; SystemExit when
+    it has no region features or kept other than a fixed region count."""
+    from ray_updown.config import from_dict
+    from ray_updown.demo.run import DemoConfig
+    from ray_updown.demo.stages import CONFIG_RECORD, STAGES_DIR, StageBook
+
+    book = StageBook(demo)
+    config_uri = storage.join(demo, STAGES_DIR, CONFIG_RECORD)
+    if not storage.exists(book.record_uri("extract_regions")) or not storage.exists(config_uri):
+        raise SystemExit(f"{demo}: not a demo folder with its region features (run `make demo` first)")
+    cfg = from_dict(DemoConfig, {**storage.read_json(config_uri), "out": demo})
+    if cfg.min_regions != cfg.max_regions or not cfg.max_regions:
+        raise SystemExit(f"{demo}: the study compares a fixed region count with 10-100; this demo "
+                         f"kept {cfg.min_regions}-{cfg.max_regions}")
+    detector = storage.read_json(book.record_uri("detector"))["result"]["detector"]
+    return cfg, detector
+
+
+def train_and_score(study, cfg, world, stores: dict[str, str], seeds: int) -> dict[str, list[dict]]:
+    """The demo's single Up-Down VQA model on each store for `seeds` seeds (from the demo's
+    seed on): {store name: [VQA val scores per seed]}."""
+    from ray_updown.demo.stages import evaluate_vqa_model, train_vqa_trials, vqa_config
+
+    out = study.out
+    runs = storage.join(out, "runs")
     epochs = cfg.epochs(cfg.vqa_epochs)
     scores: dict[str, list[dict]] = {name: [] for name in stores}
     for k in range(seeds):
@@ -137,18 +152,18 @@ def run_study(demo: str, seeds: int) -> dict:
             scores[name].append(study.run(f"val_{name}_seed{seed_cfg.seed}", lambda: evaluate_vqa_model(
                 world, [trained[name]["checkpoint"]], store, f"{name}-seed{seed_cfg.seed}",
                 storage.join(out, "results"))))
-    summary = {"demo": demo, "world_seed": cfg.seed, "vqa_seeds": seeds, "fixed": fixed,
-               "coverage": coverage,
-               "vqa": {name: {"overall": [s["overall"] for s in per_seed],
-                              **{t: [s["per_answer_type"][t] for s in per_seed]
-                                 for t in ("yes/no", "number", "other")}}
-                       for name, per_seed in scores.items()}}
-    for name in stores:
-        summary["vqa"][name]["mean"] = {k: round(float(np.mean(v)), 2)
-                                        for k, v in summary["vqa"][name].items()}
-    storage.write_json(storage.join(out, "summary.json"), summary, indent=1)
-    draw_study(summary, storage.join(out, "counting.png"))
-    return summary
+    return scores
+
+
+def accuracies(scores: dict[str, list[dict]]) -> dict[str, dict]:
+    """{store name: {overall and each answer type: [accuracy per seed], "mean": {...}}}."""
+    vqa = {name: {"overall": [s["overall"] for s in per_seed],
+                  **{t: [s["per_answer_type"][t] for s in per_seed]
+                     for t in ANSWER_TYPES}}
+           for name, per_seed in scores.items()}
+    for name in vqa:
+        vqa[name]["mean"] = {k: round(float(np.mean(v)), 2) for k, v in vqa[name].items()}
+    return vqa
 
 
 def draw_study(summary: dict, uri: str) -> None:
@@ -158,7 +173,7 @@ def draw_study(summary: dict, uri: str) -> None:
     fixed = summary.get("fixed", "fixed36")
     labels = {fixed: f"fixed {fixed[len('fixed'):]} regions", "adaptive": "10-100 regions (paper's rule)"}
     groups = {kind: {labels[name]: summary["vqa"][name]["mean"][kind] for name in labels}
-              for kind in ("overall", "yes/no", "number", "other")}
+              for kind in ("overall", *ANSWER_TYPES)}
     plot_bars(groups, f"Up-Down VQA on world seed {summary['world_seed']}: regions kept "
                       f"(mean of {summary['vqa_seeds']} seeds)", "VQA val accuracy", uri)
 

@@ -1,31 +1,34 @@
 """The demo's report: `<out>/report.md` with its PNGs beside it (in `<out>/figures/`).
 
 `write_report(out, world, state, seconds, previous_seconds, wall_seconds)` turns what the demo's stages
-returned (demo.py) into: the targets and whether each was met, the stages and their times,
-the detector's scores and its regions on a few test images (the paper's Figure 2,
+returned (run.py) into: the targets and whether each was met, the stages and their times,
+the detector's scores and its regions on a few test images (the paper's Figure 2, pictures.py,
 viz/regions.py), the miniature Table 1 (captioning: Up-Down vs the grid baseline under
 XE and SCST, all metrics) and Table 4 (VQA: Up-Down vs grids 1x1/7x7/14x14 per answer type,
 single model vs ensemble), training curves (viz/plots.py) and attention pictures in the style
-of the paper's Figures 5-7 (viz/attention.py) on a few test images: pixels from the world's
+of the paper's Figures 5-7 (pictures.py, viz/attention.py) on a few test images: pixels from the world's
 JPEGs, boxes from the feature store, attention from the trained models.
 """
 
 from __future__ import annotations
 
-import io
 import time
 from typing import Any
 
-import numpy as np
-
 from ray_updown import storage
+from ray_updown.data.vqa import ANSWER_TYPES
+from ray_updown.demo.pictures import (
+    FIGURE2_REGIONS,
+    caption_attention_pictures,
+    region_pictures,
+    vqa_attention_pictures,
+)
 from ray_updown.viz.plots import plot_bars, plot_curves
 
 FIGURES_DIR = "figures"
 CAPTION_METRICS = (("Bleu_1", "BLEU-1"), ("Bleu_2", "BLEU-2"), ("Bleu_3", "BLEU-3"),
                    ("Bleu_4", "BLEU-4"), ("METEOR", "METEOR"), ("ROUGE_L", "ROUGE-L"),
                    ("CIDEr", "CIDEr"), ("SPICE", "SPICE"))
-ANSWER_TYPES = ("yes/no", "number", "other")
 PAPER_TABLE1 = {"xe": {"Bleu_4": 36.2, "CIDEr": 113.5}, "scst": {"Bleu_4": 36.3, "CIDEr": 120.1}}
 PAPER_TABLE4 = {"overall": 63.2, "yes/no": 80.3, "number": 42.8, "other": 55.8}
 
@@ -160,122 +163,6 @@ def draw_bars(table1: dict, table4: dict, figures: str) -> dict[str, str]:
     return out
 
 
-# ---------------------------------------------------------------------- attention pictures
-ZOOM = 2  # the world's 128-px images drawn at 256 px, so the word labels stay readable
-
-
-def _image(uri: str) -> np.ndarray:
-    """An image's pixels, enlarged ZOOM times."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(storage.read_bytes(uri))) as im:
-        im = im.convert("RGB")
-        return np.asarray(im.resize((im.width * ZOOM, im.height * ZOOM), Image.BILINEAR))
-
-
-def caption_attention_pictures(world, state: dict, figures: str, prefix: str,
-                               count: int | None = None) -> list[dict]:
-    """Figure 5/7 style: each generated word's attention (beam search, `return_attention`),
-    for the SCST captioner on regions and on the grid, on the same test images."""
-    from ray_updown.captioning.predict import load_captioner, predict_with_attention
-    from ray_updown.data.coco import images_in_split, load_karpathy
-    from ray_updown.viz.attention import caption_attention_figure, save_png
-
-    count = count or int(state["config"]["attention_examples"])
-    ids = [im.image_id for im in images_in_split(load_karpathy(world.karpathy), "test")][:count]
-    paths = world.image_paths()
-    out = []
-    for feat, run in state["captioning"].items():
-        loaded = load_captioner(run["scst"]["checkpoint"])
-        predictions = predict_with_attention(loaded.model, state["stores"][feat], ids,
-                                             loaded.vocab, beam_size=5,
-                                             max_regions=loaded.max_regions)
-        for image_id in ids:
-            p = predictions[image_id]
-            words = p.words or ["<empty>"]
-            attention = p.attention[:max(1, len(p.words))]
-            picture = caption_attention_figure(_image(paths[image_id]), p.boxes * ZOOM, words,
-                                               attention, columns=6)
-            name = f"caption_attention_{feat}_{image_id}.png"
-            save_png(picture, storage.join(figures, name))
-            out.append({"title": f"{run['label']} (SCST), test image {image_id}",
-                        "caption": p.caption, "path": f"{prefix}/{name}"})
-    return out
-
-
-FIGURE2_EXAMPLES = 3  # test images drawn with their regions
-FIGURE2_REGIONS = 6  # the world has 2-5 objects an image; the rest are lower-ranked duplicates
-
-
-def region_pictures(world, state: dict, figures: str, prefix: str,
-                    count: int = FIGURE2_EXAMPLES) -> list[dict]:
-    """Figure 2 style: the top regions of the region store on a few test images, each labelled
-    "attribute object" with its confidences (viz/regions.py). Nothing when the run has no
-    region store."""
-    from ray_updown.data.coco import images_in_split, load_karpathy
-    from ray_updown.viz.attention import save_png
-    from ray_updown.viz.regions import regions_picture
-
-    store = state["stores"].get("regions")
-    if not store:
-        return []
-    ids = [im.image_id for im in images_in_split(load_karpathy(world.karpathy), "test")][:count]
-    paths = world.image_paths()
-    out = []
-    for image_id in ids:
-        # The store's own vocabularies come first; the detector is the fallback for a store
-        # extracted before they were recorded.
-        picture = regions_picture(store, image_id, image=paths[image_id], top=FIGURE2_REGIONS,
-                                  detector=state["detector"].get("detector"), zoom=ZOOM)
-        name = f"regions_{image_id}.png"
-        save_png(picture.image, storage.join(figures, name))
-        out.append({"title": f"Test image {image_id}", "labels": [r["label"] for r in picture.regions],
-                    "path": f"{prefix}/{name}"})
-    return out
-
-
-def vqa_attention_pictures(world, state: dict, figures: str, prefix: str) -> list[dict]:
-    """Figure 6 style: the attention of VqaModel.forward(..., return_attention=True) for one
-    val question of each answer type, Up-Down (first ensemble member) and the largest grid."""
-    from ray_updown.data.vqa import load_vqa
-    from ray_updown.features.reader import FeatureStore
-    from ray_updown.viz.attention import save_png, vqa_attention_figure
-    from ray_updown.vqa.data import questions_dataset
-    from ray_updown.vqa.ensemble import load_vqa_checkpoint
-
-    questions = load_vqa(world.questions("val"), world.annotations("val"))
-    chosen = []
-    for answer_type in ANSWER_TYPES:
-        chosen += [q for q in questions if q.answer_type == answer_type][:1]
-    largest = max(state["vqa_grids"], key=lambda n: int(n[len("grid"):]))
-    g = largest[len("grid"):]
-    models = {"regions": ("Up-Down", state["ensemble"]["members"][0]["checkpoint"]),
-              largest: (f"ResNet {g}x{g}", state["vqa_grids"][largest]["checkpoint"])}
-    loaded = {feat: (label, load_vqa_checkpoint(checkpoint, "cpu"),
-                     FeatureStore(state["stores"][feat]))
-              for feat, (label, checkpoint) in models.items()}
-    paths = world.image_paths()
-    out = []
-    for q in chosen:
-        for feat, (label, trained, store) in loaded.items():
-            data_cfg = trained.train_config.data
-            batch = questions_dataset([q], trained.vocabs, store, trained.model.config.question_len,
-                                      data_cfg.max_boxes, data_cfg.spatial).__getitems__([0])
-            scores, attention = trained.model.predict(batch["question_tokens"], batch["feats"],
-                                                      batch["mask"], return_attention=True)
-            k = int(batch["mask"][0].sum())
-            answer = trained.vocabs.answers.itos[int(scores[0].argmax())]
-            boxes = store.get(q.image_id).boxes[:k] * ZOOM
-            picture = vqa_attention_figure(_image(paths[q.image_id]), boxes, q.question, answer,
-                                           attention[0, :k].cpu().numpy())
-            name = f"vqa_attention_{feat}_{q.question_id}.png"
-            save_png(picture, storage.join(figures, name))
-            out.append({"title": f"{label}, {q.answer_type} question {q.question_id}",
-                        "question": q.question, "answer": answer,
-                        "truth": q.multiple_choice_answer, "path": f"{prefix}/{name}"})
-    return out
-
-
 # ------------------------------------------------------------------------------ markdown
 def _fmt(value: Any, digits: int = 1) -> str:
     return "—" if value is None else f"{float(value):.{digits}f}"
@@ -302,46 +189,72 @@ def table4_markdown(table4: dict) -> list[str]:
 def write_report(out: str, world, state: dict, seconds: dict[str, float],
                  previous_seconds: dict[str, float], wall_seconds: float) -> dict:
     """Write <out>/report.md and its figures; returns {"report", "table1", "table4", ...}."""
-    from ray_updown.metrics.caption_eval import spice_available, spice_jar_dir
     figures = storage.join(out, FIGURES_DIR)
     table1 = build_table1(state["captioning"])
     table4 = build_table4(state["vqa_scores"], state["ensemble"], list(state["vqa_grids"]))
     targets = targets_met(table1, table4)
-    curves = draw_curves(state, figures)
-    bars = draw_bars(table1, table4, figures)
+    curves = {**draw_curves(state, figures), **draw_bars(table1, table4, figures)}
     caption_pictures = caption_attention_pictures(world, state, figures, FIGURES_DIR)
     vqa_pictures = vqa_attention_pictures(world, state, figures, FIGURES_DIR)
     figure2 = region_pictures(world, state, figures, FIGURES_DIR)
 
-    cfg, det = state["config"], state["detector"]
+    lines = (targets_section(state, targets)
+             + stages_section(seconds, previous_seconds, wall_seconds)
+             + detector_section(state, figure2)
+             + captioning_section(state, table1)
+             + vqa_section(out, state, table4)
+             + ["## Training curves", ""]
+             + [f"![{title}]({path})" for title, path in curves.items()]
+             + attention_section(caption_pictures, vqa_pictures))
+    report_uri = storage.join(out, "report.md")
+    storage.write_text(report_uri, "\n".join(lines) + "\n")
+    pictures = [i["path"] for i in figure2 + caption_pictures + vqa_pictures]
+    return {"report": report_uri, "table1": table1, "table4": table4, "targets": targets,
+            "figures": list(curves.values()) + pictures}
+
+
+def targets_section(state: dict, targets: dict[str, dict]) -> list[str]:
+    """The title, what the run was, and each target with whether it was met."""
+    world = state["world"]
     met = sum(t["met"] for t in targets.values())
-    lines = [f"# Bottom-up and top-down attention on a synthetic world (scale {cfg['scale']:g})", "",
+    lines = [f"# Bottom-up and top-down attention on a synthetic world (scale {state['config']['scale']:g})", "",
              f"Written {time.strftime('%Y-%m-%d %H:%M')} by `ray-updown demo` (ray_updown/demo/run.py). "
-             f"World: {state['world']['images']} images of {state['world']['image_size'][0]} px "
-             f"(Karpathy splits {state['world']['splits']}); everything below was trained and "
+             f"World: {world['images']} images of {world['image_size'][0]} px "
+             f"(Karpathy splits {world['splits']}); everything below was trained and "
              "scored on it by this run, on Ray on this machine.", "",
              f"## Targets: {met} of {len(targets)} met", "",
              "| target | met | numbers |", "|---|---|---|"]
-    lines += [f"| {name} | {'yes' if t['met'] else '**no**'} | {t['detail']} |"
-              for name, t in targets.items()]
-    lines += ["", "## Stages", "", "| stage | seconds (this run) | seconds (when it ran) |",
-              "|---|---|---|"]
+    return lines + [f"| {name} | {'yes' if t['met'] else '**no**'} | {t['detail']} |"
+                    for name, t in targets.items()]
+
+
+def stages_section(seconds: dict[str, float], previous_seconds: dict[str, float],
+                   wall_seconds: float) -> list[str]:
+    """Each stage's seconds in this run and, for a reused one, when it ran."""
+    lines = ["", "## Stages", "", "| stage | seconds (this run) | seconds (when it ran) |",
+             "|---|---|---|"]
     for name in list(seconds):
         then = previous_seconds.get(name)
         lines.append(f"| {name} | {seconds[name]:.0f} | {'' if then is None else f'{then:.0f}'} |")
-    lines += [f"| wall clock of this run, before the report | {wall_seconds:.0f} ({wall_seconds / 60:.1f} min) | |",
-              "", "The captioner and VQA stages run side by side (tracks sharing the "
-              "cluster's CPUs), so their seconds overlap.", ""]
+    return lines + [
+        f"| wall clock of this run, before the report | {wall_seconds:.0f} ({wall_seconds / 60:.1f} min) | |",
+        "", "The captioner and VQA stages run side by side (tracks sharing the "
+        "cluster's CPUs), so their seconds overlap.", ""]
+
+
+def detector_section(state: dict, figure2: list[dict]) -> list[str]:
+    """The detector's scores, the feature stores and the detector's regions (Figure 2)."""
+    cfg, det = state["config"], state["detector"]
     m = det["metrics"]
-    lines += ["## 1. Bottom-up attention: the detector (paper 3.1)", "",
-              f"Faster R-CNN ResNet C4 with the attribute head, trained {det['train_minutes']:.1f} "
-              f"min ({m.get('epoch')} epochs) on the world's Visual Genome files. Held-out VG "
-              f"images: object mAP@0.5 val {_fmt(m.get('val_map50'), 3)}, test "
-              f"{_fmt(m.get('test_map50'), 3)}; attribute accuracy val "
-              f"{_fmt(m.get('val_attr_acc'), 3)}, test {_fmt(m.get('test_attr_acc'), 3)}. "
-              f"Regions kept per image: {cfg['min_regions'] or 'min'}-{cfg['max_regions'] or 'max'}"
-              " by detection score (the paper: 10-100 above 0.2 confidence; its released features also come "
-              "with a fixed 36).", ""]
+    lines = ["## 1. Bottom-up attention: the detector (paper 3.1)", "",
+             f"Faster R-CNN ResNet C4 with the attribute head, trained {det['train_minutes']:.1f} "
+             f"min ({m.get('epoch')} epochs) on the world's Visual Genome files. Held-out VG "
+             f"images: object mAP@0.5 val {_fmt(m.get('val_map50'), 3)}, test "
+             f"{_fmt(m.get('test_map50'), 3)}; attribute accuracy val "
+             f"{_fmt(m.get('val_attr_acc'), 3)}, test {_fmt(m.get('test_attr_acc'), 3)}. "
+             f"Regions kept per image: {cfg['min_regions'] or 'min'}-{cfg['max_regions'] or 'max'}"
+             " by detection score (the paper: 10-100 above 0.2 confidence; its released features also come "
+             "with a fixed 36).", ""]
     lines += ["| features | images | regions per image | feature dim | extraction s |",
               "|---|---|---|---|---|"]
     for name, ex in state["extraction"].items():
@@ -355,32 +268,44 @@ def write_report(out: str, world, state: dict, seconds: dict[str, float],
         for item in figure2:
             lines += [f"**{item['title']}**: {', '.join(item['labels'])}", "",
                       f"![{item['title']}]({item['path']})", ""]
+    return lines
+
+
+def captioning_section(state: dict, table1: dict) -> list[str]:
+    """Table 1 in miniature, with how it was scored."""
+    from ray_updown.metrics.caption_eval import spice_available, spice_jar_dir
+
     test_images = next(iter(state["captioning"].values()))["xe"]["test"]["num_images"]
     spice_note = ("SPICE ran." if spice_available() else
                   f"SPICE skipped: Stanford CoreNLP 3.6.0 jars not found in {spice_jar_dir()}.")
-    lines += ["", "## 2. Captioning: Table 1 in miniature", "",
-              f"Karpathy test split ({test_images} images), beam search 5, scores x100 through "
-              f"pycocoevalcap (PTB tokenizer). {spice_note} The paper (COCO, single model): "
-              "XE BLEU-4 36.2 / CIDEr 113.5, SCST BLEU-4 36.3 / CIDEr 120.1.", ""]
-    lines += table1_markdown(table1)
+    return ["", "## 2. Captioning: Table 1 in miniature", "",
+            f"Karpathy test split ({test_images} images), beam search 5, scores x100 through "
+            f"pycocoevalcap (PTB tokenizer). {spice_note} The paper (COCO, single model): "
+            "XE BLEU-4 36.2 / CIDEr 113.5, SCST BLEU-4 36.3 / CIDEr 120.1.", ""] + table1_markdown(table1)
+
+
+def vqa_section(out: str, state: dict, table4: dict) -> list[str]:
+    """Table 4 in miniature, the ensemble's members and where the results files are."""
     val_q = next(iter(state["vqa_scores"].values()))
-    lines += ["", "## 3. VQA: Table 4 in miniature", "",
-              "VQA val, official accuracy (vqaEval normalisation, min(1, matches/3) over the 10 "
-              "leave-one-out subsets). Each model's checkpoint is its best epoch by val accuracy "
-              "(the world has no other annotated split), so all rows share that optimism. The "
-              "paper (VQA v2 val, single model): 63.2 overall, 80.3 yes/no, 42.8 number, 55.8 "
-              "other; ResNet 7x7 59.4.", ""]
+    lines = ["", "## 3. VQA: Table 4 in miniature", "",
+             "VQA val, official accuracy (vqaEval normalisation, min(1, matches/3) over the 10 "
+             "leave-one-out subsets). Each model's checkpoint is its best epoch by val accuracy "
+             "(the world has no other annotated split), so all rows share that optimism. The "
+             "paper (VQA v2 val, single model): 63.2 overall, 80.3 yes/no, 42.8 number, 55.8 "
+             "other; ResNet 7x7 59.4.", ""]
     lines += table4_markdown(table4)
-    lines += ["", "Ensemble members (overall): " + ", ".join(
+    return lines + ["", "Ensemble members (overall): " + ", ".join(
         f"{k} {v:.2f}" for k, v in table4["members"].items()) + f"; results files in "
-              f"`{storage.join(out, 'results')}` (e.g. `{val_q['results_file'].rsplit('/', 1)[-1]}`).", ""]
-    lines += ["## Training curves", ""]
-    lines += [f"![{title}]({path})" for title, path in {**curves, **bars}.items()]
-    lines += ["", "## Attention (in the style of the paper's Figures 5-7)", "",
-              "Each panel: the image darkened where attention is low, the most attended regions "
-              "outlined (line width by weight), the strongest in red. Captions: one panel per "
-              "generated word (beam search 5, SCST models); Up-Down attends to detected "
-              "objects, the baseline to grid cells.", ""]
+        f"`{storage.join(out, 'results')}` (e.g. `{val_q['results_file'].rsplit('/', 1)[-1]}`).", ""]
+
+
+def attention_section(caption_pictures: list[dict], vqa_pictures: list[dict]) -> list[str]:
+    """The captioners' and the VQA models' attention pictures (Figures 5-7)."""
+    lines = ["", "## Attention (in the style of the paper's Figures 5-7)", "",
+             "Each panel: the image darkened where attention is low, the most attended regions "
+             "outlined (line width by weight), the strongest in red. Captions: one panel per "
+             "generated word (beam search 5, SCST models); Up-Down attends to detected "
+             "objects, the baseline to grid cells.", ""]
     for item in caption_pictures:
         lines += [f"**{item['title']}**: \"{item['caption']}\"", "", f"![{item['title']}]({item['path']})", ""]
     lines += ["VQA: the attention of the question over the regions (Figure 6 style), Up-Down "
@@ -388,8 +313,4 @@ def write_report(out: str, world, state: dict, seconds: dict[str, float],
     for item in vqa_pictures:
         lines += [f"**{item['title']}**: Q: {item['question']} A: {item['answer']} "
                   f"(humans: {item['truth']})", "", f"![{item['title']}]({item['path']})", ""]
-    report_uri = storage.join(out, "report.md")
-    storage.write_text(report_uri, "\n".join(lines) + "\n")
-    pictures = [i["path"] for i in figure2 + caption_pictures + vqa_pictures]
-    return {"report": report_uri, "table1": table1, "table4": table4, "targets": targets,
-            "figures": list(curves.values()) + list(bars.values()) + pictures}
+    return lines

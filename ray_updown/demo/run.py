@@ -140,15 +140,50 @@ class DemoConfig:
         return max(1, round(base * self.scale))
 
 
+@dataclass(frozen=True)
+class DemoRun:
+    """One run of the demo: its config, its folder and the book of its finished stages."""
+
+    cfg: DemoConfig
+    out: str
+    book: StageBook
+
+    @property
+    def world(self) -> WorldFiles:
+        return WorldFiles(storage.join(self.out, "world"))
+
+    @property
+    def runs(self) -> str:
+        return storage.join(self.out, "runs")
+
+    @property
+    def results(self) -> str:
+        return storage.join(self.out, "results")
+
+    def features(self, name: str) -> str:
+        return storage.join(self.out, "features", name)
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Run (or finish) the demo into `cfg.out`; returns the summary (tables, targets, times)."""
-    from ray_updown.data.world import WorldConfig, build_world
-    from ray_updown.demo.report import targets_met, write_report
-    from ray_updown.detector.train.config import demo_detector_config
-    from ray_updown.detector.train.loop import train_detector
+    started = time.perf_counter()
+    demo = start_demo(cfg)
+    world_summary = world_stage(demo)
+    detector = detector_stage(demo)
+    stores, extraction = features_stage(demo, detector)
+    captioning, vqa_grids, ensemble = tracks_stage(demo, detector, stores)
+    vqa_scores = demo.book.run("vqa_val", lambda: score_vqa(demo, stores, vqa_grids, ensemble))
+    state = {"config": to_dict(cfg), "world": world_summary, "detector": detector,
+             "extraction": extraction, "stores": stores, "captioning": captioning,
+             "vqa_grids": vqa_grids, "ensemble": ensemble, "vqa_scores": vqa_scores}
+    report = report_stage(demo, state, started)
+    return summarise(demo, detector, report, started)
+
+
+def start_demo(cfg: DemoConfig) -> DemoRun:
+    """Check the config against the folder's, and start (or connect to) Ray."""
     from ray_updown.ray_cluster import ensure_ray
 
-    started = time.perf_counter()
     cfg.validate()
     out = local_or_uri(cfg.out)
     book = StageBook(out)
@@ -158,111 +193,151 @@ def run_demo(cfg: DemoConfig) -> dict:
     # wait for a worker group would fail (then retry) a run that is merely waiting its turn.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "3600")
     ensure_ray(cfg.num_cpus or None)
-    world = WorldFiles(storage.join(out, "world"))
-    runs, results = storage.join(out, "runs"), storage.join(out, "results")
+    return DemoRun(cfg, out, book)
 
-    def features(name: str) -> str:
-        return storage.join(out, "features", name)
 
-    # 1. The world, in the real datasets' formats.
-    world_summary = book.run("world", lambda: build_world(
-        WorldConfig(num_images=cfg.world_images(), seed=cfg.seed), world.root))
+def world_stage(demo: DemoRun) -> dict:
+    """1. The world, in the real datasets' formats."""
+    from ray_updown.data.world import WorldConfig, build_world
 
-    # 2. Bottom-up attention: the detector with its attribute head (paper 3.1).
-    def train_the_detector() -> dict:
-        det_cfg = demo_detector_config(world.root, runs, "detector", keep_checkpoints=0,
-                                       seed=cfg.seed)
-        if cfg.detector_attr_loss_weight:
-            det_cfg = dataclasses.replace(det_cfg, model=dataclasses.replace(
-                det_cfg.model, attr_loss_weight=cfg.detector_attr_loss_weight))
-        det_cfg = dataclasses.replace(
-            det_cfg, max_minutes=(cfg.detector_minutes or det_cfg.max_minutes) * cfg.scale,
-            epochs=cfg.detector_epochs or det_cfg.epochs)
-        det_cfg = dataclasses.replace(det_cfg, data=dataclasses.replace(
-            det_cfg.data, train_images=cfg.detector_train_images))
-        summary = train_detector(det_cfg)
+    cfg = demo.cfg
+    return demo.book.run("world", lambda: build_world(
+        WorldConfig(num_images=cfg.world_images(), seed=cfg.seed), demo.world.root))
+
+
+def detector_stage(demo: DemoRun) -> dict:
+    """2. Bottom-up attention: the detector with its attribute head (paper 3.1)."""
+    from ray_updown.detector.train.loop import train_detector
+
+    def train() -> dict:
+        summary = train_detector(detector_config(demo))
         return {"detector": summary["detector"], "metrics": summary["metrics"],
                 "history": detector_history(summary), "train_minutes": summary["train_minutes"]}
 
-    detector = book.run("detector", train_the_detector)
+    return demo.book.run("detector", train)
 
-    # 3. Region features and the grid baseline from the same backbone (paper 4.2).
+
+def detector_config(demo: DemoRun):
+    """The demo detector's training config, with the demo's budget, epochs, images and
+    attribute loss weight (0 keeps the demo detector's own)."""
+    from ray_updown.detector.train.config import demo_detector_config
+
+    cfg = demo.cfg
+    det_cfg = demo_detector_config(demo.world.root, demo.runs, "detector", keep_checkpoints=0,
+                                   seed=cfg.seed)
+    if cfg.detector_attr_loss_weight:
+        det_cfg = dataclasses.replace(det_cfg, model=dataclasses.replace(
+            det_cfg.model, attr_loss_weight=cfg.detector_attr_loss_weight))
+    det_cfg = dataclasses.replace(
+        det_cfg, max_minutes=(cfg.detector_minutes or det_cfg.max_minutes) * cfg.scale,
+        epochs=cfg.detector_epochs or det_cfg.epochs)
+    return dataclasses.replace(det_cfg, data=dataclasses.replace(
+        det_cfg.data, train_images=cfg.detector_train_images))
+
+
+def features_stage(demo: DemoRun, detector: dict) -> tuple[dict[str, str], dict[str, dict]]:
+    """3. Region features and the grid baseline from the same backbone (paper 4.2): the
+    stores by name (regions, grid<g>) and what each extraction reported."""
+    cfg = demo.cfg
     grid_sizes = sorted(set(cfg.vqa_grids) | {cfg.caption_grid})
-    stores = {"regions": features("regions"), **{f"grid{g}": features(f"grid{g}") for g in grid_sizes}}
+    stores = {"regions": demo.features("regions"),
+              **{f"grid{g}": demo.features(f"grid{g}") for g in grid_sizes}}
     extraction = {}
     for name, store in stores.items():
         grid = None if name == "regions" else int(name[len("grid"):])
-        extraction[name] = book.run(f"extract_{name}", lambda: {
-            **extract(world, store, detector["detector"], grid, cfg.extract_threads,
+        extraction[name] = demo.book.run(f"extract_{name}", lambda: {
+            **extract(demo.world, store, detector["detector"], grid, cfg.extract_threads,
                       (cfg.min_regions, cfg.max_regions)),
             "mean_regions": mean_regions(store)})
+    return stores, extraction
 
-    # 4. The captioner: XE then SCST, on regions and on the grid (Table 1).
-    caption_models = {"regions": "Up-Down", f"grid{cfg.caption_grid}":
-                      f"ResNet {cfg.caption_grid}x{cfg.caption_grid}"}
 
-    def captioner(feat: str) -> dict:
-        xe = book.run(f"caption_xe_{feat}", lambda: train_caption_model(
-            cfg, world, stores[feat], runs, f"caption-xe-{feat}", "xe",
-            cfg.epochs(cfg.caption_xe_epochs)))
-        scst = book.run(f"caption_scst_{feat}", lambda: train_caption_model(
-            cfg, world, stores[feat], runs, f"caption-scst-{feat}", "scst",
-            cfg.epochs(cfg.scst_epochs), init_from=xe["checkpoint"]))
-        for objective, run in (("xe", xe), ("scst", scst)):
-            run["test"] = book.run(f"caption_test_{objective}_{feat}", lambda: evaluate_caption_model(
-                world, stores[feat], run["checkpoint"], f"{objective}-{feat}", results))
-        return {"label": caption_models[feat], "xe": xe, "scst": scst}
-
-    # 5. VQA: the grids as single models, the ensemble on regions (its first member is the
-    # single Up-Down model), the official accuracy of each (Table 4).
-    epochs = cfg.epochs(cfg.vqa_epochs)
-
-    def vqa_grids() -> dict:
-        grid_configs = {f"grid{g}": vqa_config(cfg, world, stores[f"grid{g}"], g * g, runs,
-                                               f"vqa-grid{g}", epochs) for g in cfg.vqa_grids}
-        return book.run("vqa_grids", lambda: train_vqa_trials(grid_configs, runs, "vqa-grids"))
-
-    def vqa_ensemble() -> dict:
-        detector_boxes = cfg.max_regions or int(storage.read_json(storage.join(
-            detector["detector"], "detector.json"))["config"].get("max_boxes", 100))
-        ensemble_cfg = vqa_config(cfg, world, stores["regions"], detector_boxes, runs,
-                                  "vqa-ensemble", epochs)
-        return book.run("vqa_ensemble", lambda: train_vqa_ensemble(ensemble_cfg,
-                                                                    cfg.ensemble_members))
-
-    # 4 and 5 share the cluster: a captioner run takes one CPU, a VQA trial one; Ray queues
-    # what does not fit, so both CPUs stay busy until the last run ends. Ray Train and Tune are
-    # imported here first: two threads importing them at once trip over ray.train's own
-    # circular imports (as when a re-run skips the detector, the first importer).
+def tracks_stage(demo: DemoRun, detector: dict, stores: dict[str, str]) -> tuple[dict, dict, dict]:
+    """4 and 5. The captioner on regions and on the grid, the VQA grids and the VQA ensemble,
+    as four tracks sharing the cluster: a captioner run takes one CPU, a VQA trial one; Ray
+    queues what does not fit, so both CPUs stay busy until the last run ends. Returns the
+    captioners by features, the VQA grid runs and the ensemble."""
+    # Ray Train and Tune are imported here first: two threads importing them at once trip
+    # over ray.train's own circular imports (as when a re-run skips the detector, the first
+    # importer).
     import ray.train  # noqa: F401
     import ray.tune  # noqa: F401
-    tracks = side_by_side({"caption_regions": lambda: captioner("regions"),
-                           "caption_grid": lambda: captioner(f"grid{cfg.caption_grid}"),
-                           "vqa_grids": vqa_grids, "vqa_ensemble": vqa_ensemble},
-                          cfg.parallel_tracks)
-    captioning = {"regions": tracks["caption_regions"],
-                  f"grid{cfg.caption_grid}": tracks["caption_grid"]}
-    vqa_grids_runs, ensemble = tracks["vqa_grids"], tracks["vqa_ensemble"]
 
-    def score_vqa() -> dict:
-        members = {f"member{m['seed']}": [m["checkpoint"]] for m in ensemble["members"]}
-        models = {**members, "ensemble": [m["checkpoint"] for m in ensemble["members"]]}
-        scores = {name: evaluate_vqa_model(world, checkpoints, stores["regions"], name, results)
-                  for name, checkpoints in models.items()}
-        for name, run in vqa_grids_runs.items():
-            scores[name] = evaluate_vqa_model(world, [run["checkpoint"]], stores[name], name,
-                                              results)
-        return scores
+    grid = f"grid{demo.cfg.caption_grid}"
+    tracks = side_by_side({"caption_regions": lambda: caption_track(demo, stores, "regions"),
+                           "caption_grid": lambda: caption_track(demo, stores, grid),
+                           "vqa_grids": lambda: vqa_grids_track(demo, stores),
+                           "vqa_ensemble": lambda: vqa_ensemble_track(demo, detector, stores)},
+                          demo.cfg.parallel_tracks)
+    captioning = {"regions": tracks["caption_regions"], grid: tracks["caption_grid"]}
+    return captioning, tracks["vqa_grids"], tracks["vqa_ensemble"]
 
-    vqa_scores = book.run("vqa_val", score_vqa)
 
-    # 6. The report: curves, Tables 1 and 4, targets, attention pictures.
-    state = {"config": to_dict(cfg), "world": world_summary, "detector": detector,
-             "extraction": extraction, "stores": stores, "captioning": captioning,
-             "vqa_grids": vqa_grids_runs, "ensemble": ensemble, "vqa_scores": vqa_scores}
-    report = book.run("report", lambda: write_report(
-        out, world, state, dict(book.seconds), dict(book.previous_seconds),
+def caption_track(demo: DemoRun, stores: dict[str, str], feat: str) -> dict:
+    """The captioner on one feature store: XE, then SCST from it, each scored on the Karpathy
+    test split (Table 1)."""
+    cfg, book = demo.cfg, demo.book
+    label = "Up-Down" if feat == "regions" else f"ResNet {cfg.caption_grid}x{cfg.caption_grid}"
+    xe = book.run(f"caption_xe_{feat}", lambda: train_caption_model(
+        cfg, demo.world, stores[feat], demo.runs, f"caption-xe-{feat}", "xe",
+        cfg.epochs(cfg.caption_xe_epochs)))
+    scst = book.run(f"caption_scst_{feat}", lambda: train_caption_model(
+        cfg, demo.world, stores[feat], demo.runs, f"caption-scst-{feat}", "scst",
+        cfg.epochs(cfg.scst_epochs), init_from=xe["checkpoint"]))
+    for objective, run in (("xe", xe), ("scst", scst)):
+        run["test"] = book.run(f"caption_test_{objective}_{feat}", lambda: evaluate_caption_model(
+            demo.world, stores[feat], run["checkpoint"], f"{objective}-{feat}", demo.results))
+    return {"label": label, "xe": xe, "scst": scst}
+
+
+def vqa_grids_track(demo: DemoRun, stores: dict[str, str]) -> dict:
+    """The VQA model on each grid baseline, as Ray Tune trials."""
+    cfg, epochs = demo.cfg, demo.cfg.epochs(demo.cfg.vqa_epochs)
+    grid_configs = {f"grid{g}": vqa_config(cfg, demo.world, stores[f"grid{g}"], g * g, demo.runs,
+                                           f"vqa-grid{g}", epochs) for g in cfg.vqa_grids}
+    return demo.book.run("vqa_grids", lambda: train_vqa_trials(grid_configs, demo.runs,
+                                                               "vqa-grids"))
+
+
+def vqa_ensemble_track(demo: DemoRun, detector: dict, stores: dict[str, str]) -> dict:
+    """The VQA ensemble on regions; its first member is the single Up-Down model."""
+    cfg = demo.cfg
+    detector_boxes = cfg.max_regions or int(storage.read_json(storage.join(
+        detector["detector"], "detector.json"))["config"].get("max_boxes", 100))
+    ensemble_cfg = vqa_config(cfg, demo.world, stores["regions"], detector_boxes, demo.runs,
+                              "vqa-ensemble", cfg.epochs(cfg.vqa_epochs))
+    return demo.book.run("vqa_ensemble", lambda: train_vqa_ensemble(ensemble_cfg,
+                                                                    cfg.ensemble_members))
+
+
+def score_vqa(demo: DemoRun, stores: dict[str, str], vqa_grids: dict, ensemble: dict) -> dict:
+    """The official VQA val accuracy of each member, the ensemble and each grid (Table 4)."""
+    members = {f"member{m['seed']}": [m["checkpoint"]] for m in ensemble["members"]}
+    models = {**members, "ensemble": [m["checkpoint"] for m in ensemble["members"]]}
+    scores = {name: evaluate_vqa_model(demo.world, checkpoints, stores["regions"], name,
+                                       demo.results)
+              for name, checkpoints in models.items()}
+    for name, run in vqa_grids.items():
+        scores[name] = evaluate_vqa_model(demo.world, [run["checkpoint"]], stores[name], name,
+                                          demo.results)
+    return scores
+
+
+def report_stage(demo: DemoRun, state: dict, started: float) -> dict:
+    """6. The report: curves, Tables 1 and 4, targets, attention pictures."""
+    from ray_updown.demo.report import write_report
+
+    book = demo.book
+    return book.run("report", lambda: write_report(
+        demo.out, demo.world, state, dict(book.seconds), dict(book.previous_seconds),
         time.perf_counter() - started))
+
+
+def summarise(demo: DemoRun, detector: dict, report: dict, started: float) -> dict:
+    """The run's summary: the report, the times per stage, the tables and the targets."""
+    from ray_updown.demo.report import targets_met
+
+    book = demo.book
     minutes = (time.perf_counter() - started) / 60
     summary = {"report": report["report"], "minutes": round(minutes, 2),
                "stage_seconds": {k: round(v, 1) for k, v in book.seconds.items()},

@@ -1,4 +1,4 @@
-"""The pieces `make demo` (demo.py) strings together: stage bookkeeping and one call per stage.
+"""The pieces `make demo` (run.py) strings together: stage bookkeeping and one call per stage.
 
 Every stage of the demo is a call of the project's own entry points (world, detector training,
 Ray Data extraction, Ray Train captioner runs, Ray Tune VQA runs, evaluation); this module only

@@ -194,7 +194,7 @@ def test_a_damaged_latest_checkpoint_is_one_warning_line(tmp_path, monkeypatch, 
         assert fit(trainer, str(tmp_path / "run")) == "result"
 
     monkeypatch.setattr("ray_updown.vqa.train.train_vqa", train)
-    monkeypatch.setattr("ray_updown.cli._print_summary", lambda summary: None)
+    monkeypatch.setattr("ray_updown.cli_handlers.print_summary", lambda summary: None)
     assert cli.main(["train-vqa"]) == 0 and trainer.fitted
     assert capsys.readouterr().err == (
         f"ray-updown train-vqa: warning: {latest}/model.safetensors: truncated: 3 of its 64 "
