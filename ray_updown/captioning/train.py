@@ -34,7 +34,7 @@ from ray_updown.data.coco import Vocab
 from ray_updown.devices import pick_device
 from ray_updown.errors import CheckpointError, ConfigError
 from ray_updown.features.regions import regions_to_device
-from ray_updown.train.checkpoint import CONFIG_FILE, check_vocabulary, load_checkpoint_dir, save_checkpoint_dir
+from ray_updown.train.run_checkpoint import CONFIG_FILE, check_vocabulary, load_checkpoint_dir, save_checkpoint_dir
 from ray_updown.train.session import RayTrainSession, Session
 from ray_updown.train.trainer import build_trainer, checkpoint_uri, fit, history, latest_checkpoint
 from ray_updown.train.worker import (

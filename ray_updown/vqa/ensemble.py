@@ -35,7 +35,7 @@ from ray_updown.devices import pick_device
 from ray_updown.errors import CheckpointError, ConfigError, DataError
 from ray_updown.features.reader import FeatureStore
 from ray_updown.metrics.vqa_eval import write_vqa_results
-from ray_updown.train.checkpoint import load_checkpoint_dir
+from ray_updown.train.run_checkpoint import load_checkpoint_dir
 from ray_updown.train.search import restore_tuner
 from ray_updown.train.trainer import checkpoint_uri, raise_unwrapped
 from ray_updown.train.worker import shard_batches

@@ -33,7 +33,7 @@ import torch
 from ray_updown import storage
 from ray_updown.devices import pick_device
 from ray_updown.features.regions import batch_loader, regions_to_device
-from ray_updown.train.checkpoint import find_damage, load_checkpoint_dir, save_checkpoint_dir
+from ray_updown.train.run_checkpoint import find_damage, load_checkpoint_dir, save_checkpoint_dir
 from ray_updown.train.session import LocalSession, RayTrainSession, Session, TuneSession
 from ray_updown.train.trainer import build_trainer, checkpoint_uri, fit, storage_kwargs
 from ray_updown.train.worker import (

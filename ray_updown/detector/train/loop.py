@@ -31,16 +31,16 @@ from ray_updown.detector.checkpoint import CONFIG_FILE as DETECTOR_JSON
 from ray_updown.detector.checkpoint import load_detector, save_detector
 from ray_updown.detector.config import DetectorConfig
 from ray_updown.detector.model import BottomUpDetector
-from ray_updown.detector.train.checkpoints import (
+from ray_updown.detector.train.config import DetectorTrainConfig
+from ray_updown.detector.train.data import DetectorData, DetectorImage, evaluate_split, flips_for
+from ray_updown.detector.train.optim import build_optimizer, learning_rate
+from ray_updown.detector.train.resume import (
     check_vocabularies,
     load_weights_from,
     read_meta,
     read_trainer_state,
     save_training_checkpoint,
 )
-from ray_updown.detector.train.config import DetectorTrainConfig
-from ray_updown.detector.train.data import DetectorData, DetectorImage, evaluate_split, flips_for
-from ray_updown.detector.train.optim import build_optimizer, learning_rate
 from ray_updown.devices import pick_device
 from ray_updown.errors import CheckpointError, ConfigError
 from ray_updown.train.session import RayTrainSession, Session
