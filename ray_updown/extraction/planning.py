@@ -36,7 +36,8 @@ from ray_updown.extraction.containers import (
 )
 from ray_updown.extraction.inputs import InputListing, list_inputs, manifest_batches
 from ray_updown.extraction.plan import boxes_of_store, join_boxes, make_plan, open_plan_file
-from ray_updown.extraction.plan_build import Inputs, NewPlan, check_settings, settings_metadata
+from ray_updown.extraction.plan_build import Inputs, NewPlan
+from ray_updown.extraction.plan_settings import check_settings, settings_metadata
 from ray_updown.features.schema import PLAN_FILE
 
 CONTAINER_PLAN_COLUMNS = ("shard", "source", "first_group", "num_groups", "num_rows")
