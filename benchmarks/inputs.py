@@ -44,7 +44,8 @@ from PIL import Image, ImageDraw
 from ray_updown import storage
 from ray_updown.data.images import DecodeLimits, decode_image
 from ray_updown.extraction.config import ExtractConfig
-from ray_updown.extraction.containers import ContainerSpec, plan_containers, table_samples, table_spec, tar_samples
+from ray_updown.extraction.container_plan import plan_containers
+from ray_updown.extraction.containers import ContainerSpec, table_samples, table_spec, tar_samples
 
 WIDTH, HEIGHT, QUALITY, CHUNK = 640, 480, 90, 64
 

@@ -33,24 +33,14 @@ T = TypeVar("T")
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
+    """`value` (from YAML or a `key=value` override) as the field type `tp`; ConfigError,
+    naming `key` and `source`, when it does not fit."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key, source)
-            except ConfigError as exc:
-                errors.append(exc.problem)
-        # X | None: X's own message ("expected one of [...]") says more than the union's
-        problem = errors[0] if len(errors) == 1 else f"{value!r} does not fit {tp}"
-        raise ConfigError(problem, file=source, record=key)
+        return _coerce_union(value, tp, key, source)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -69,6 +59,36 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"expected a mapping, got {value!r}", file=source, record=key)
         return dict(value)
+    if tp in (bool, int, float, str):
+        return _coerce_scalar(value, tp, key, source)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"expected one of {list(args)}, got {value!r}", file=source, record=key)
+        return value
+    return value
+
+
+def _coerce_union(value: Any, tp: Any, key: str, source: str | None) -> Any:
+    """`value` as the first member of the union `tp` it fits (None when the union allows it)."""
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, key, source)
+        except ConfigError as exc:
+            errors.append(exc.problem)
+    # X | None: X's own message ("expected one of [...]") says more than the union's
+    problem = errors[0] if len(errors) == 1 else f"{value!r} does not fit {tp}"
+    raise ConfigError(problem, file=source, record=key)
+
+
+def _coerce_scalar(value: Any, tp: type, key: str, source: str | None) -> Any:
+    """`value` as a bool, int, float or str; YAML's true/false words and numeric strings are
+    accepted, a bool is never taken for a number."""
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -89,17 +109,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"expected a number, got {value!r}", file=source, record=key) from None
-    if tp is str:
-        if value is None:  # `key:` or `key: null` in YAML: left empty, never the text "None"
-            return ""
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"expected a string, got {value!r}", file=source, record=key)
-        return str(value)
-    if origin is typing.Literal:
-        if value not in args:
-            raise ConfigError(f"expected one of {list(args)}, got {value!r}", file=source, record=key)
-        return value
-    return value
+    if value is None:  # `key:` or `key: null` in YAML: left empty, never the text "None"
+        return ""
+    if isinstance(value, (dict, list)):
+        raise ConfigError(f"expected a string, got {value!r}", file=source, record=key)
+    return str(value)
 
 
 def _replace_deprecated(cls: type, data: dict, source: str | None, prefix: str) -> None:

@@ -11,10 +11,10 @@ import pytest
 from containers_kit import image_samples, make_images, write_hf_table, write_img2dataset_table, write_tar
 
 from ray_updown.errors import ConfigError, DataError, StorageError
+from ray_updown.extraction.container_plan import plan_containers
 from ray_updown.extraction.containers import (
     ContainerSpec,
     check_table_columns,
-    plan_containers,
     sample_key,
     table_samples,
     table_spec,

@@ -17,9 +17,9 @@ from ray_updown.detector import BottomUpDetector, save_detector, tiny_config
 from ray_updown.errors import CheckpointError, ConfigError, DataError, StorageError
 from ray_updown.extraction.inputs import image_id_from_name, list_images, list_inputs, read_manifest
 from ray_updown.extraction.model import ModelSpec
+from ray_updown.extraction.per_image import BatchDetector, result_schema
 from ray_updown.extraction.pipeline import ExtractConfig, run_extraction
 from ray_updown.extraction.plan import PlanReader, load_plan, plan_table, save_plan, shard_ranges
-from ray_updown.extraction.stages import BatchDetector, result_schema
 from ray_updown.features.records import FeatureRecord
 from ray_updown.features.schema import StoreMeta
 from ray_updown.features.writer import feature_shard_uri, write_feature_shard

@@ -200,7 +200,7 @@ def test_a_detect_stage_reason_names_the_image_its_file_and_size():
     from test_extract_units import PoisonModel
 
     from ray_updown.extraction.model import ModelSpec
-    from ray_updown.extraction.stages import BatchDetector
+    from ray_updown.extraction.per_image import BatchDetector
     from ray_updown.features.schema import StoreMeta
 
     actor = BatchDetector(ModelSpec(factory=PoisonModel), StoreMeta(feature_dim=3, image_id_type="int64",

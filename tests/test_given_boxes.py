@@ -8,7 +8,7 @@ import torch
 
 from ray_updown.detector import BottomUpDetector, save_detector, tiny_config
 from ray_updown.extraction.model import ModelSpec
-from ray_updown.extraction.stages import BatchDetector, check_given_boxes
+from ray_updown.extraction.per_image import BatchDetector, check_given_boxes
 from ray_updown.features.schema import StoreMeta
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

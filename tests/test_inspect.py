@@ -15,7 +15,8 @@ from PIL import Image
 from ray_updown import storage
 from ray_updown.cli import main
 from ray_updown.errors import DataError
-from ray_updown.features.inspect import Histogram, format_summary, inspect_store, store_histograms
+from ray_updown.features.histograms import Histogram, store_histograms
+from ray_updown.features.inspect import format_summary, inspect_store
 from ray_updown.features.records import FeatureRecord, records_to_table
 from ray_updown.features.schema import StoreMeta
 from ray_updown.features.writer import error_shard_uri, feature_shard_uri, write_error_shard, write_feature_shard

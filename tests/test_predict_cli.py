@@ -16,7 +16,7 @@ from ray_updown.data.text import Vocab
 from ray_updown.features.records import FeatureRecord
 from ray_updown.features.schema import StoreMeta
 from ray_updown.features.writer import feature_shard_uri, write_feature_shard
-from ray_updown.train.checkpoint import save_checkpoint_dir
+from ray_updown.train.run_checkpoint import save_checkpoint_dir
 from ray_updown.vqa.config import VqaTrainConfig
 from ray_updown.vqa.model import VqaConfig, VqaModel
 

@@ -29,7 +29,7 @@ from ray_updown.errors import CheckpointError, ConfigError, DataError
 from ray_updown.features.records import FeatureRecord
 from ray_updown.features.schema import StoreMeta
 from ray_updown.features.writer import feature_shard_uri, write_feature_shard
-from ray_updown.train.checkpoint import load_checkpoint_dir, save_checkpoint_dir
+from ray_updown.train.run_checkpoint import load_checkpoint_dir, save_checkpoint_dir
 from ray_updown.train.session import LocalSession
 from ray_updown.train.worker import shard_batches
 

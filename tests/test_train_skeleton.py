@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ray_updown.errors import CheckpointError, ConfigError
-from ray_updown.train.checkpoint import check_vocabulary, load_checkpoint_dir, save_checkpoint_dir
+from ray_updown.train.run_checkpoint import check_vocabulary, load_checkpoint_dir, save_checkpoint_dir
 from ray_updown.train.session import LocalSession
 from ray_updown.train.worker import all_reduce, init_wandb, shard_batches
 from ray_updown.weights import load_state_strict

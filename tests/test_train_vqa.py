@@ -22,7 +22,7 @@ from ray_updown.errors import ConfigError, DataError
 from ray_updown.features.records import FeatureRecord
 from ray_updown.features.schema import StoreMeta
 from ray_updown.features.writer import feature_shard_uri, write_feature_shard
-from ray_updown.train.checkpoint import load_checkpoint_dir
+from ray_updown.train.run_checkpoint import load_checkpoint_dir
 from ray_updown.train.session import LocalSession
 from ray_updown.vqa.config import VqaTrainConfig
 from ray_updown.vqa.data import prepare_vqa_data

@@ -20,14 +20,8 @@ from ray_updown.features.reader import FeatureStore
 from ray_updown.features.records import FeatureRecord, records_to_table
 from ray_updown.features.schema import StoreMeta, aligned_vocab
 from ray_updown.features.writer import feature_shard_uri, write_feature_shard
-from ray_updown.viz.regions import (
-    find_image,
-    label_text,
-    region_colour,
-    region_label,
-    regions_picture,
-    show_regions,
-)
+from ray_updown.viz.region_drawing import label_text, region_colour, region_label
+from ray_updown.viz.regions import find_image, regions_picture, show_regions
 
 W, H = 200, 150
 GREY = (128, 128, 128)

@@ -27,7 +27,7 @@ from ray_updown.errors import CheckpointError, ConfigError, DataError
 from ray_updown.features.reader import FeatureStore
 from ray_updown.features.spatial import SPATIAL_DIM
 from ray_updown.metrics.caption_eval import evaluate_captions, results_filename, write_caption_results
-from ray_updown.train.checkpoint import load_checkpoint_dir
+from ray_updown.train.run_checkpoint import load_checkpoint_dir
 from ray_updown.weights import load_state_strict
 
 EVAL_SPLITS = ("val", "test")

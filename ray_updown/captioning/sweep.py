@@ -108,6 +108,42 @@ def _absolute(uri: str) -> str:
     return os.path.abspath(uri)
 
 
+def check_sweep_settings(cfg: CaptionTrainConfig, num_samples: int, grace_period: int,
+                         reduction_factor: int) -> None:
+    """ConfigError unless ASHA's settings make sense and there are validation images to rank by."""
+    if num_samples < 1 or grace_period < 1 or reduction_factor < 2:
+        raise ConfigError("num_samples >= 1, grace_period >= 1 and reduction_factor >= 2 required",
+                          record="sweep")
+    if cfg.data.val_images == 0:
+        raise ConfigError(f"the sweep ranks trials by {METRIC} on validation images: "
+                          "set data.val_images > 0", record="data.val_images")
+
+
+def trial_base_config(cfg: CaptionTrainConfig, workers_per_trial: int | None,
+                      use_gpu: bool | None) -> CaptionTrainConfig:
+    """The config every trial starts from: local paths absolute, and the sweep's worker count
+    and GPU choice (each defaulting to the config's)."""
+    data = dataclasses.replace(cfg.data, karpathy=_absolute(cfg.data.karpathy),
+                               features=_absolute(cfg.data.features),
+                               feature_cache_dir=_absolute(cfg.data.feature_cache_dir))
+    return dataclasses.replace(
+        cfg, data=data, storage_path=_absolute(cfg.storage_path),
+        scst=dataclasses.replace(cfg.scst, init_from=_absolute(cfg.scst.init_from)),
+        num_workers=workers_per_trial or cfg.num_workers,
+        use_gpu=cfg.use_gpu if use_gpu is None else use_gpu)
+
+
+def best_result(grid):
+    """The trial result with the highest METRIC; the first trial's error (or a ConfigError)
+    when no trial reported it."""
+    if not any(r.error is None and r.metrics and METRIC in r.metrics for r in grid):
+        errors = [r.error for r in grid if r.error is not None]
+        if errors:
+            raise_unwrapped(errors[0])
+        raise ConfigError(f"no trial reported {METRIC}", record="sweep")
+    return grid.get_best_result(metric=METRIC, mode="max", scope="all")
+
+
 def run_captioner_sweep(cfg: CaptionTrainConfig | str, space: Mapping[str, Any] | str,
                         num_samples: int = 8, max_concurrent: int = 0, *,
                         overrides: Sequence[str] = (), workers_per_trial: int | None = None,
@@ -135,20 +171,8 @@ def run_captioner_sweep(cfg: CaptionTrainConfig | str, space: Mapping[str, Any] 
     elif overrides:
         raise ConfigError("overrides apply to a config file; edit the CaptionTrainConfig instead")
     space = load_search_space(space) if isinstance(space, str) else dict(space)
-    if num_samples < 1 or grace_period < 1 or reduction_factor < 2:
-        raise ConfigError("num_samples >= 1, grace_period >= 1 and reduction_factor >= 2 required",
-                          record="sweep")
-    if cfg.data.val_images == 0:
-        raise ConfigError(f"the sweep ranks trials by {METRIC} on validation images: "
-                          "set data.val_images > 0", record="data.val_images")
-    data = dataclasses.replace(cfg.data, karpathy=_absolute(cfg.data.karpathy),
-                               features=_absolute(cfg.data.features),
-                               feature_cache_dir=_absolute(cfg.data.feature_cache_dir))
-    cfg = dataclasses.replace(
-        cfg, data=data, storage_path=_absolute(cfg.storage_path),
-        scst=dataclasses.replace(cfg.scst, init_from=_absolute(cfg.scst.init_from)),
-        num_workers=workers_per_trial or cfg.num_workers,
-        use_gpu=cfg.use_gpu if use_gpu is None else use_gpu)
+    check_sweep_settings(cfg, num_samples, grace_period, reduction_factor)
+    cfg = trial_base_config(cfg, workers_per_trial, use_gpu)
     root = storage.join(cfg.storage_path, cfg.name)
     workers = TrialWorkers(cpus_per_worker=cpus_per_worker,
                            resources_per_worker=dict(resources_per_worker or {}),
@@ -173,13 +197,7 @@ def run_captioner_sweep(cfg: CaptionTrainConfig | str, space: Mapping[str, Any] 
     tuner = restore_or_new_tuner(root, experiment, trainable, new_tuner,
                                  message="resuming the sweep at %s", logger=log)
     grid = tuner.fit()
-    if not any(r.error is None and r.metrics and METRIC in r.metrics for r in grid):
-        errors = [r.error for r in grid if r.error is not None]
-        if errors:
-            raise_unwrapped(errors[0])
-        raise ConfigError(f"no trial reported {METRIC}", record="sweep")
-    best = grid.get_best_result(metric=METRIC, mode="max", scope="all")
-    best_cfg = from_dict(CaptionTrainConfig, best.config)
+    best_cfg = from_dict(CaptionTrainConfig, best_result(grid).config)
     storage.write_text(storage.join(root, BEST_CONFIG_FILE), dump_config(best_cfg))
     storage.write_json(storage.join(root, SWEEP_SUMMARY_FILE),
                        _summary(grid, space, cfg), indent=2)

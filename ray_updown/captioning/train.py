@@ -34,7 +34,7 @@ from ray_updown.data.coco import Vocab
 from ray_updown.devices import pick_device
 from ray_updown.errors import CheckpointError, ConfigError
 from ray_updown.features.regions import regions_to_device
-from ray_updown.train.checkpoint import CONFIG_FILE, check_vocabulary, load_checkpoint_dir, save_checkpoint_dir
+from ray_updown.train.run_checkpoint import CONFIG_FILE, check_vocabulary, load_checkpoint_dir, save_checkpoint_dir
 from ray_updown.train.session import RayTrainSession, Session
 from ray_updown.train.trainer import build_trainer, checkpoint_uri, fit, history, latest_checkpoint
 from ray_updown.train.worker import (
@@ -146,6 +146,48 @@ def restore(session: Session, cfg: CaptionTrainConfig, model: torch.nn.Module,
     return {}
 
 
+def sampling_generator(cfg: CaptionTrainConfig, device: torch.device, epoch: int,
+                       rank: int) -> torch.Generator:
+    """SCST's sampling stream, reproducible per (seed, epoch, rank), so that a resumed run
+    draws the same captions."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(cfg.seed * 100_003 + epoch * 101 + rank)
+    return generator
+
+
+def train_epoch(cfg: CaptionTrainConfig, ddp_model, optimizer, loader, device: torch.device,
+                pad_id: int, reward: CiderReward, generator: torch.Generator, step: int,
+                total_steps: int) -> tuple[dict[str, float], int, float]:
+    """One epoch of updates: this worker's sums (_SUMS), the step count after it and the last
+    learning rate."""
+    sums = dict.fromkeys(_SUMS, 0.0)
+    lr = learning_rate(cfg, step, total_steps)
+    for batch in loader:
+        lr = learning_rate(cfg, step, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        stats = train_step(ddp_model, optimizer, batch.to(device), cfg, pad_id, reward, generator)
+        step += 1
+        for key in sums:
+            sums[key] += stats.get(key, 0.0)
+    return sums, step, lr
+
+
+def epoch_statistics(cfg: CaptionTrainConfig, sums: dict[str, float],
+                     started: float) -> dict[str, float]:
+    """The epoch's mean loss per caption over all workers (for SCST also the mean reward and
+    baseline), its seconds and captions per second."""
+    totals = dict(zip(_SUMS, all_reduce([sums[k] for k in _SUMS])))
+    seconds = time.perf_counter() - started
+    captions = max(totals["captions"], 1.0)
+    out = {"loss": totals["loss_sum"] / captions, "epoch_seconds": seconds,
+           "captions_per_second": totals["captions"] / seconds}
+    if cfg.objective == "scst":
+        out["train_reward"] = totals["reward_sum"] / captions
+        out["train_baseline"] = totals["baseline_sum"] / captions
+    return out
+
+
 def run_captioner_loop(cfg: CaptionTrainConfig, session: Session) -> None:
     """One worker: its shard of the images, the model (DDP), epochs of XE or SCST, reports."""
     rank, world = session.rank, session.world
@@ -177,32 +219,13 @@ def run_captioner_loop(cfg: CaptionTrainConfig, session: Session) -> None:
         started = time.perf_counter()
         loader = make_loader(data, regions, data.train_ids, shard_batches(
             len(data.train_ids), cfg.batch_size, rank, world, seed=cfg.seed, epoch=epoch))
-        # SCST samples: reproducible per (seed, epoch, rank), so a resumed run draws the same
-        generator = torch.Generator(device=device)
-        generator.manual_seed(cfg.seed * 100_003 + epoch * 101 + rank)
         # SCST without dropout: candidates and their re-scored log-probs share one policy.
         ddp_model.train(cfg.objective == "xe")
-        sums = dict.fromkeys(_SUMS, 0.0)
-        lr = learning_rate(cfg, step, total_steps)
-        for batch in loader:
-            lr = learning_rate(cfg, step, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            stats = train_step(ddp_model, optimizer, batch.to(device), cfg, data.vocab.pad_id,
-                               reward, generator)
-            step += 1
-            for key in sums:
-                sums[key] += stats.get(key, 0.0)
-        totals = dict(zip(_SUMS, all_reduce([sums[k] for k in _SUMS])))
-        seconds = time.perf_counter() - started
-        captions = max(totals["captions"], 1.0)
+        sums, step, lr = train_epoch(cfg, ddp_model, optimizer, loader, device, data.vocab.pad_id,
+                                     reward, sampling_generator(cfg, device, epoch, rank),
+                                     step, total_steps)
         metrics = {"epoch": epoch + 1, "step": step, "objective": cfg.objective, "lr": lr,
-                   "loss": totals["loss_sum"] / captions, "epoch_seconds": seconds,
-                   "captions_per_second": totals["captions"] / seconds,
-                   "resumed_from_epoch": start_epoch}
-        if cfg.objective == "scst":
-            metrics["train_reward"] = totals["reward_sum"] / captions
-            metrics["train_baseline"] = totals["baseline_sum"] / captions
+                   **epoch_statistics(cfg, sums, started), "resumed_from_epoch": start_epoch}
         metrics.update(evaluate(ddp_model, val_loader, reward, device))
         if wandb_run is not None:
             wandb_run.log({k: v for k, v in metrics.items() if not isinstance(v, str)},

@@ -158,18 +158,10 @@ def _attributes_by_object(attributes_uri: str, vocab: ClassVocab, known_images: 
     return out
 
 
-def load_visual_genome(image_data_uri: str, objects_uri: str, attributes_uri: str | None,
-                       object_vocab: ClassVocab, attribute_vocab: ClassVocab | None,
-                       root: str | None = None, images_dir: str | None = None) -> list[VgImage]:
-    """Images with their mapped objects, boxes and attributes, in image_data.json order.
-
-    An object takes the class of its first name found in `object_vocab` (aliases, lowercased,
-    stripped); objects with no such name are dropped and counted in `num_unmapped`. Images with
-    no objects entry or no mapped object are kept (with n = 0): training decides what to skip.
-    """
-    metas = records(storage.read_json(image_data_uri), None, image_data_uri)
+def _image_metas(image_data_uri: str) -> dict[int, dict]:
+    """{image_id: url, width, height, coco_id, flickr_id} of image_data.json, in its order."""
     images: dict[int, dict] = {}
-    for i, meta in enumerate(metas):
+    for i, meta in enumerate(records(storage.read_json(image_data_uri), None, image_data_uri)):
         image_id = _image_key(meta, image_data_uri, f"[{i}]")
         rec = f"[{i}] (image_id {image_id})"
         if image_id in images:
@@ -182,52 +174,78 @@ def load_visual_genome(image_data_uri: str, objects_uri: str, attributes_uri: st
             "coco_id": field(meta, "coco_id", int, image_data_uri, rec, optional=True),
             "flickr_id": field(meta, "flickr_id", int, image_data_uri, rec, optional=True),
         }
-    attrs = (_attributes_by_object(attributes_uri, attribute_vocab, set(images))
-             if attributes_uri is not None and attribute_vocab is not None else {})
+    return images
 
-    objects_by_image: dict[int, tuple[int, list]] = {}
+
+def _objects_by_image(objects_uri: str, known_images: dict[int, dict]
+                      ) -> dict[int, tuple[int, list]]:
+    """{image_id: (its entry's index in objects.json, its objects)}."""
+    out: dict[int, tuple[int, list]] = {}
     for i, entry in enumerate(records(storage.read_json(objects_uri), None, objects_uri)):
         image_id = _image_key(entry, objects_uri, f"[{i}]")
         rec = f"[{i}] (image_id {image_id})"
-        if image_id not in images:
+        if image_id not in known_images:
             raise DataError("image_id is not in image_data.json", file=objects_uri, record=rec)
-        if image_id in objects_by_image:
+        if image_id in out:
             raise DataError("image listed twice", file=objects_uri, record=rec)
-        objects_by_image[image_id] = (i, field(entry, "objects", list, objects_uri, rec))
+        out[image_id] = (i, field(entry, "objects", list, objects_uri, rec))
+    return out
 
+
+def _vg_image(image_id: int, meta: dict, index: int, objects: list, objects_uri: str,
+                    object_vocab: ClassVocab, image_attrs: dict[int, list[int]],
+                    root: str | None, images_dir: str | None) -> VgImage:
+    """One image with the objects whose name is in the vocabulary and whose clipped box is not
+    empty; the others are counted (num_unmapped, num_degenerate)."""
+    rec = f"[{index}] (image_id {image_id})"
+    ids, boxes, labels, obj_attrs = [], [], [], []
+    unmapped = degenerate = 0
+    for j, obj in enumerate(objects):
+        orec = f"{rec} objects[{j}]"
+        object_id = field(obj, "object_id" if isinstance(obj, dict) and "object_id" in obj
+                          else "id", int, objects_uri, orec)
+        names = (string_list(obj, "names", objects_uri, orec) if "names" in obj
+                 else [field(obj, "name", str, objects_uri, orec)])
+        label = next((c for c in map(object_vocab.index, names) if c is not None), None)
+        box = _box(obj, objects_uri, orec, meta["width"], meta["height"])
+        if label is None:
+            unmapped += 1
+            continue
+        if box[2] <= box[0] or box[3] <= box[1]:
+            degenerate += 1
+            continue
+        ids.append(object_id)
+        boxes.append(box)
+        labels.append(label)
+        obj_attrs.append(tuple(image_attrs.get(object_id, ())))
+    return VgImage(
+        image_id=image_id, url=meta["url"], width=meta["width"], height=meta["height"],
+        coco_id=meta["coco_id"], flickr_id=meta["flickr_id"],
+        path=vg_image_path(meta["url"], root, images_dir),
+        object_ids=np.asarray(ids, dtype=np.int64),
+        boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+        labels=np.asarray(labels, dtype=np.int64), attributes=obj_attrs,
+        num_unmapped=unmapped, num_degenerate=degenerate)
+
+
+def load_visual_genome(image_data_uri: str, objects_uri: str, attributes_uri: str | None,
+                       object_vocab: ClassVocab, attribute_vocab: ClassVocab | None,
+                       root: str | None = None, images_dir: str | None = None) -> list[VgImage]:
+    """Images with their mapped objects, boxes and attributes, in image_data.json order.
+
+    An object takes the class of its first name found in `object_vocab` (aliases, lowercased,
+    stripped); objects with no such name are dropped and counted in `num_unmapped`. Images with
+    no objects entry or no mapped object are kept (with n = 0): training decides what to skip.
+    """
+    images = _image_metas(image_data_uri)
+    attrs = (_attributes_by_object(attributes_uri, attribute_vocab, set(images))
+             if attributes_uri is not None and attribute_vocab is not None else {})
+    objects_by_image = _objects_by_image(objects_uri, images)
     out: list[VgImage] = []
     for image_id, meta in images.items():
         index, objects = objects_by_image.get(image_id, (-1, []))
-        rec = f"[{index}] (image_id {image_id})"
-        ids, boxes, labels, obj_attrs = [], [], [], []
-        unmapped = degenerate = 0
-        image_attrs = attrs.get(image_id, {})
-        for j, obj in enumerate(objects):
-            orec = f"{rec} objects[{j}]"
-            object_id = field(obj, "object_id" if isinstance(obj, dict) and "object_id" in obj
-                              else "id", int, objects_uri, orec)
-            names = (string_list(obj, "names", objects_uri, orec) if "names" in obj
-                     else [field(obj, "name", str, objects_uri, orec)])
-            label = next((c for c in map(object_vocab.index, names) if c is not None), None)
-            box = _box(obj, objects_uri, orec, meta["width"], meta["height"])
-            if label is None:
-                unmapped += 1
-                continue
-            if box[2] <= box[0] or box[3] <= box[1]:
-                degenerate += 1
-                continue
-            ids.append(object_id)
-            boxes.append(box)
-            labels.append(label)
-            obj_attrs.append(tuple(image_attrs.get(object_id, ())))
-        out.append(VgImage(
-            image_id=image_id, url=meta["url"], width=meta["width"], height=meta["height"],
-            coco_id=meta["coco_id"], flickr_id=meta["flickr_id"],
-            path=vg_image_path(meta["url"], root, images_dir),
-            object_ids=np.asarray(ids, dtype=np.int64),
-            boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
-            labels=np.asarray(labels, dtype=np.int64), attributes=obj_attrs,
-            num_unmapped=unmapped, num_degenerate=degenerate))
+        out.append(_vg_image(image_id, meta, index, objects, objects_uri, object_vocab,
+                                   attrs.get(image_id, {}), root, images_dir))
     return out
 
 

@@ -1,1 +1,1 @@
-"""Images to region features with Ray Data: inputs and plans, decode and detect stages, writers."""
+"""Images to region features with Ray Data: inputs and plans, per-image steps, writers."""

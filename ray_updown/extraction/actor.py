@@ -2,7 +2,7 @@
 
 A shard is the unit of work, of writing and of accounting. Ray Data hands each actor up to
 `shards_in_flight` shards at once (ActorPoolStrategy with that many concurrent calls, run on
-threads of the one actor process), and inside the actor every stage runs on threads of its
+threads of the one actor process), and inside the actor every step runs on threads of its
 own, joined by bounded hand-offs, so reading, decoding, the forwards, building the result
 table and writing Parquet all overlap, within a shard and across shard boundaries:
 
@@ -51,8 +51,8 @@ from ray_updown.data.images import DecodeLimits
 from ray_updown.errors import DataError, StorageError
 from ray_updown.extraction.containers import ContainerSpec, table_samples, tar_samples
 from ray_updown.extraction.model import ModelSpec, default_batch_size
+from ray_updown.extraction.per_image import BatchDetector, Detected, decode_stage, read_stage
 from ray_updown.extraction.plan import PlanReader
-from ray_updown.extraction.stages import BatchDetector, Detected, decode_stage, read_stage
 from ray_updown.features.schema import StoreMeta
 from ray_updown.features.writer import error_shard_uri, feature_shard_uri, write_error_table, write_feature_table
 
@@ -62,7 +62,7 @@ _TEXT_COLUMNS = ("node", "failure", "failure_file")
 
 
 def numpy_batch(rows: pa.Table) -> dict[str, np.ndarray]:
-    """Plan rows as the stages' numpy batch; given_boxes per image: None (the detector
+    """Plan rows as the per-image steps' numpy batch; given_boxes per image: None (the detector
     chooses) or a list of [x1, y1, x2, y2] lists as the manifest gave them."""
     batch = {}
     for name in rows.column_names:

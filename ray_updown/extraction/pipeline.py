@@ -10,7 +10,7 @@ reads top to bottom in `run_extraction`:
    by the same model.
 2. List the inputs and plan them (planning.py): image files (prefix page by page, glob or
    manifest; inputs.py) in deterministic shards of input order, planned in a stream
-   (plan_build.py); WebDataset tar shards and Parquet image tables (containers.py) a shard
+   (plan_build.py); WebDataset tar shards and Parquet image tables (container_plan.py) a shard
    per tar or run of row groups. The plan is saved beside the output
    (`extract_plan.parquet`) and reused, so a re-run sees the same shards. `boxes_from` joins
    the boxes of an existing store into the plan by image_id (given_boxes).

@@ -18,7 +18,6 @@ one streamed comparison and changes nothing.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import pyarrow.parquet as pq
 from ray_updown.errors import ConfigError, DataError
 from ray_updown.extraction.dedupe import Buckets, row_prints
 from ray_updown.extraction.inputs import BOXES_TYPE
-from ray_updown.features.schema import PLAN_SETTINGS_KEY
+from ray_updown.extraction.plan_settings import check_settings, settings_metadata
 
 PLAN_ROW_GROUP = 8192  # rows a worker reads to get its shard's rows
 PLAN_COLUMNS = ("image_id", "uri", "shard", "stage", "reason", "row")
@@ -145,33 +144,6 @@ def build_plan(inputs: Inputs, rows_per_shard: int, previous: pq.ParquetFile | N
 
 FILE_COLUMNS = ("size", "version")  # what a listing says of a file: replaced files differ
 SIZE_TYPE = pa.list_(pa.int32())  # given_size: [w, h] of the image in the boxes_from store
-
-
-def _changed_settings(metadata: dict | None, settings: dict | None) -> list[str]:
-    """'key: old -> new' for each setting that differs from those a saved plan's metadata
-    holds (none when either side has none: plans written before settings were kept)."""
-    saved = (metadata or {}).get(PLAN_SETTINGS_KEY)
-    if not saved or settings is None:
-        return []
-    old = json.loads(saved)
-    return [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(old) | set(settings))
-            if old.get(k) != settings.get(k)]
-
-
-def check_settings(metadata: dict | None, settings: dict | None, redo_changed: bool,
-                   file: str | None = None) -> list[str]:
-    """`_changed_settings`, refused in one line unless `redo_changed` (then every shard is
-    redone with the new settings)."""
-    changes = _changed_settings(metadata, settings)
-    if changes and not redo_changed:
-        raise ConfigError(f"the decode or model settings differ from this store's plan "
-                          f"({'; '.join(changes)}): write to a new --out, or re-run with "
-                          "redo_changed=true to redo every shard with the new settings", file=file)
-    return changes
-
-
-def settings_metadata(settings: dict | None) -> dict[bytes, bytes]:
-    return {PLAN_SETTINGS_KEY: json.dumps(settings, sort_keys=True).encode()} if settings else {}
 
 
 def _file_columns(inputs: Inputs, previous: pq.ParquetFile | None) -> tuple[str, ...]:

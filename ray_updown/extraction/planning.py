@@ -4,7 +4,7 @@
                   per image (plan.py), a shard a run of `rows_per_shard` rows
     tar shards    `images=` a prefix or glob of WebDataset `.tar` files: a shard per tar
     image tables  `table=` Parquet files with the image bytes in a column: a shard per run of
-                  row groups (containers.py)
+                  row groups (container_plan.py)
 
 `plan_inputs` returns the shards (`Planned.ranges`): for loose files shard, first_row,
 num_rows (rows of the saved plan); for containers shard, source, first_group, num_groups,
@@ -25,18 +25,19 @@ import pyarrow.compute as pc
 from ray_updown import storage
 from ray_updown.errors import ConfigError, DataError
 from ray_updown.extraction.config import SUMMARY_FILE, ExtractConfig
+from ray_updown.extraction.container_plan import plan_containers
 from ray_updown.extraction.containers import (
     TABLE_SUFFIXES,
     TAR_SUFFIXES,
     ContainerSpec,
     check_table_columns,
-    plan_containers,
     table_spec,
     tar_spec,
 )
 from ray_updown.extraction.inputs import InputListing, list_inputs, manifest_batches
 from ray_updown.extraction.plan import boxes_of_store, join_boxes, make_plan, open_plan_file
-from ray_updown.extraction.plan_build import Inputs, NewPlan, check_settings, settings_metadata
+from ray_updown.extraction.plan_build import Inputs, NewPlan
+from ray_updown.extraction.plan_settings import check_settings, settings_metadata
 from ray_updown.features.schema import PLAN_FILE
 
 CONTAINER_PLAN_COLUMNS = ("shard", "source", "first_group", "num_groups", "num_rows")

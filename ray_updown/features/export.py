@@ -13,7 +13,7 @@ its row's shape, else rewritten; temporary files of an interrupted run are remov
 exported from a store made differently (another detector, config, checkpoint, dimension or id
 type) is refused, so one folder never mixes two stores' features.
 
-hdf5: the bottom-up-attention-vqa layout and its import back, see hdf5.py.
+hdf5: the bottom-up-attention-vqa layout (hdf5.py, which also imports it back; hdf5_export.py).
 
 Exports decode one store row group at a time, so memory stays bounded.
 """
@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from ray_updown import storage
 from ray_updown.errors import ConfigError, DataError, StorageError
-from ray_updown.features.hdf5 import HDF5_LAYOUTS, export_hdf5, require_h5py
+from ray_updown.features.hdf5 import HDF5_LAYOUTS, require_h5py
+from ray_updown.features.hdf5_export import export_hdf5
 from ray_updown.features.parts import store_identity
 from ray_updown.features.reader import FeatureStore
 from ray_updown.features.records import FeatureRecord

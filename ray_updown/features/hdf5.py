@@ -1,4 +1,5 @@
-"""The bottom-up-attention-vqa HDF5 layout: export a store to it, import it back.
+"""The bottom-up-attention-vqa HDF5 layout, and its import into a store (`import_hdf5`;
+hdf5_export.py writes a store in it).
 
 hdf5 (bottom-up-attention-vqa, tools/detection_features_converter.py, and its 10-100 adaptive
 boxes version, tools/adaptive_detection_features_converter.py in jnhwkim/ban-vqa, which the
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pickle
 import re
 import sys
 from typing import Any, Iterator
@@ -41,17 +41,14 @@ from tqdm import tqdm
 
 from ray_updown import storage
 from ray_updown.errors import ConfigError, DataError
-from ray_updown.features.reader import FeatureStore, build_index
+from ray_updown.features.reader import build_index
 from ray_updown.features.records import FeatureRecord
 from ray_updown.features.schema import StoreMeta
-from ray_updown.features.spatial import spatial_features
 from ray_updown.features.writer import feature_shard_uri, write_feature_shard
 
 HDF5_LAYOUTS = ("adaptive", "fixed")
 REQUIRED_DATASETS = ("image_features", "image_bb")
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # an output file name, not a path
-_BATCH_BYTES = 16 << 20     # float32 features buffered before one HDF5 append
-_CHUNK_BYTES = 1 << 20      # HDF5 chunk size: h5py's guidance is 10 KiB - 1 MiB
+BATCH_BYTES = 16 << 20      # float32 features per HDF5 append (export) or slab read (import)
 _SHARD_BYTES = 128 << 20    # float16 features of one imported shard
 
 
@@ -63,24 +60,13 @@ def require_h5py():
     return h5py
 
 
-def _progress(total: int, desc: str) -> tqdm:
+def progress_bar(total: int, desc: str) -> tqdm:
     return tqdm(total=total, desc=desc, unit="img", mininterval=0.5, file=sys.stderr)
 
 
-def _summary(line: str) -> None:
+def print_summary(line: str) -> None:
     """The last line on stderr, after the progress bar has closed."""
     print(line, file=sys.stderr, flush=True)
-
-
-def _hdf5_paths(out: str, name: str) -> tuple[str, str, str]:
-    """(hdf5, json map, pickle map) URIs for an export to `out`."""
-    if out.lower().endswith((".hdf5", ".h5")):
-        base = out.rsplit(".", 1)[0]
-        return out, base + "_imgid2idx.json", base + "_imgid2idx.pkl"
-    if not _SAFE_NAME.match(name):
-        raise ConfigError(f"HDF5 name {name!r} must be a plain file name")
-    base = storage.join(out, name)
-    return base + ".hdf5", base + "_imgid2idx.json", base + "_imgid2idx.pkl"
 
 
 def default_ids_uri(hdf5: str) -> str:
@@ -88,117 +74,6 @@ def default_ids_uri(hdf5: str) -> str:
     base = hdf5.rsplit(".", 1)[0] if hdf5.lower().endswith((".hdf5", ".h5")) else hdf5
     return base + "_imgid2idx.json"
 
-
-def vqa_spatial(boxes: np.ndarray, image_w: np.ndarray, image_h: np.ndarray) -> np.ndarray:
-    """[n, 4] boxes with per-box image sizes -> [n, 6] x1/w y1/h x2/w y2/h bw/w bh/h (float32)."""
-    # spatial.py's first six columns are exactly this encoding; the seventh (area) is dropped.
-    return np.ascontiguousarray(spatial_features(boxes[:, None, :], image_w, image_h)[:, 0, :6],
-                                dtype=np.float32)
-
-
-class _H5Appender:
-    """Resizable datasets of one HDF5 file, appended to in batches of images."""
-
-    def __init__(self, h5, dim: int, fixed_k: int | None):
-        self.dim, self.fixed_k = dim, fixed_k
-        lead = () if fixed_k is None else (fixed_k,)
-        row_bytes = dim * 4 * (fixed_k or 1)
-        rows = max(1, _CHUNK_BYTES // row_bytes)
-
-        def make(name: str, width: int, dtype: str, chunk_rows: int = rows):
-            shape = (0,) + lead + (width,)
-            return h5.create_dataset(name, shape, dtype, maxshape=(None,) + shape[1:],
-                                     chunks=(chunk_rows,) + shape[1:])
-
-        self.features = make("image_features", dim, "f4")
-        self.bb = make("image_bb", 4, "f4", max(rows, 1024))
-        self.spatial = make("spatial_features", 6, "f4", max(rows, 1024))
-        self.pos = None if fixed_k is not None else h5.create_dataset(
-            "pos_boxes", (0, 2), "i4", maxshape=(None, 2), chunks=(4096, 2))
-        self.size = h5.create_dataset("image_size", (0, 2), "i4", maxshape=(None, 2), chunks=(4096, 2))
-        self.images = self.boxes = 0
-
-    def append(self, batch: list[FeatureRecord]) -> None:
-        counts = np.array([r.num_boxes for r in batch], np.int64)
-        n, nb = len(batch), int(counts.sum())
-        feats = np.concatenate([r.features for r in batch]).astype(np.float32)
-        boxes = np.concatenate([r.boxes for r in batch]).astype(np.float32)
-        w = np.repeat(np.array([r.image_w for r in batch], np.float32), counts)
-        h = np.repeat(np.array([r.image_h for r in batch], np.float32), counts)
-        spatial = vqa_spatial(boxes, w, h)
-        if self.fixed_k is not None:  # images x k x ...: one row per image
-            feats, boxes, spatial = (a.reshape(n, self.fixed_k, -1) for a in (feats, boxes, spatial))
-            start, stop = self.images, self.images + n
-        else:
-            start, stop = self.boxes, self.boxes + nb
-        if stop > start:
-            for ds, values in ((self.features, feats), (self.bb, boxes), (self.spatial, spatial)):
-                ds.resize(stop, axis=0)
-                ds[start:stop] = values
-        if self.pos is not None:
-            ends = self.boxes + np.cumsum(counts)
-            if ends[-1] > np.iinfo(np.int32).max:
-                raise DataError("more than 2^31 boxes do not fit pos_boxes (int32)",
-                                record=f"image {batch[-1].image_id}")
-            self.pos.resize(self.images + n, axis=0)
-            self.pos[self.images:] = np.stack([ends - counts, ends], 1).astype(np.int32)
-        self.size.resize(self.images + n, axis=0)
-        self.size[self.images:] = np.array([[r.image_w, r.image_h] for r in batch], np.int32)
-        self.images += n
-        self.boxes += nb
-
-
-def export_hdf5(store: FeatureStore, out: str, name: str = "features", layout: str = "adaptive") -> dict:
-    """The bottom-up-attention-vqa HDF5 file plus its id maps (JSON and pickle).
-
-    The file is written under a temporary name and renamed last, after both maps, so a
-    complete-looking `.hdf5` always has its maps; a re-run rewrites all three.
-    """
-    h5py = require_h5py()
-    if layout not in HDF5_LAYOUTS:
-        raise ConfigError(f"unknown HDF5 layout {layout!r}; expected one of {list(HDF5_LAYOUTS)}")
-    dim = store.feature_dim
-    hdf5_uri, json_uri, pkl_uri = _hdf5_paths(out, name)
-    meta = store.metadata
-    id2idx: dict[Any, int] = {}
-    with _progress(len(store), f"export hdf5 ({layout})") as bar:
-        with storage.atomic_write(hdf5_uri, "w+b") as f:
-            with h5py.File(f, "w") as h5:
-                h5.attrs["image_id_type"] = meta.get("image_id_type", "int64")
-                h5.attrs["store_metadata"] = json.dumps(meta, sort_keys=True)
-                h5.attrs["layout"] = layout
-                appender: _H5Appender | None = None
-                batch: list[FeatureRecord] = []
-                batch_bytes = 0
-                for record in store.iter_records():
-                    if appender is None:
-                        appender = _H5Appender(h5, dim, record.num_boxes if layout == "fixed" else None)
-                    if layout == "fixed" and record.num_boxes != appender.fixed_k:
-                        raise DataError(f"has {record.num_boxes} boxes, but the fixed layout needs "
-                                        f"{appender.fixed_k} for every image (export with --layout adaptive)",
-                                        file=store.locate(record.image_id)[0],
-                                        record=f"image {record.image_id}")
-                    id2idx[record.image_id] = len(id2idx)
-                    batch.append(record)
-                    batch_bytes += record.num_boxes * dim * 4
-                    if batch_bytes >= _BATCH_BYTES:
-                        appender.append(batch)
-                        bar.update(len(batch))
-                        batch, batch_bytes = [], 0
-                if batch:
-                    appender.append(batch)
-                    bar.update(len(batch))
-                total_boxes = appender.boxes if appender is not None else 0
-            storage.write_json(json_uri, {str(k): v for k, v in id2idx.items()})
-            # Protocol 2 loads in the Python 2 original and in the Python 3 forks alike.
-            storage.write_bytes(pkl_uri, pickle.dumps(dict(id2idx), protocol=2))
-    _summary(f"hdf5: {len(id2idx)} images, {total_boxes} boxes ({layout}) -> {hdf5_uri}")
-    return {"format": "hdf5", "layout": layout, "store": store.uri, "out": out, "hdf5": hdf5_uri,
-            "ids_json": json_uri, "ids_pickle": pkl_uri, "images": len(id2idx), "boxes": total_boxes,
-            "feature_dim": dim}
-
-
-# -- import ----------------------------------------------------------------------------------
 
 def _load_id_map(ids_uri: str, hdf5_uri: str) -> dict[str, int]:
     if not storage.exists(ids_uri):
@@ -369,12 +244,8 @@ def _saved_meta(h5, hdf5: str, layout: str) -> dict[str, Any]:
     return {k: v for k, v in saved.items() if k in fields}
 
 
-def _import_open(h5, hdf5: str, ids_uri: str, raw_ids: dict[str, int], store: str,
-                 rows_per_shard: int, first_shard: int) -> dict:
-    try:
-        src = _H5Source(h5, hdf5)
-    except OSError as exc:  # h5py reports corrupt or truncated data as OSError
-        raise DataError(f"cannot read ({exc})", file=hdf5) from None
+def _image_rows(h5, raw_ids: dict[str, int], ids_uri: str) -> dict[Any, int]:
+    """{image_id: row} with the ids typed as the file says; DataError when two ids share a row."""
     attr_type = h5.attrs.get("image_id_type")
     attr_type = attr_type if attr_type in ("int64", "string") else None
     try:
@@ -387,61 +258,88 @@ def _import_open(h5, hdf5: str, ids_uri: str, raw_ids: dict[str, int], store: st
             raise DataError(f"row {row} is claimed by images {by_row[row]!r} and {image_id!r}",
                             file=ids_uri, record=f"image {image_id!r}")
         by_row[row] = image_id
+    return id_rows
+
+
+class _ShardSink:
+    """Imported records gathered into feature shards of at most `rows_per_shard` images or
+    _SHARD_BYTES of features, numbered from `first_shard`."""
+
+    def __init__(self, store: str, meta: StoreMeta, hdf5: str, rows_per_shard: int,
+                 first_shard: int):
+        self.store, self.meta, self.hdf5, self.rows_per_shard = store, meta, hdf5, rows_per_shard
+        self.shard, self.batch, self.batch_bytes, self.boxes = first_shard, [], 0, 0
+        self.shards: list[str] = []
+
+    def add(self, record: FeatureRecord) -> None:
+        self.batch.append(record)
+        self.batch_bytes += record.features.nbytes
+        self.boxes += record.num_boxes
+        if len(self.batch) >= self.rows_per_shard or self.batch_bytes >= _SHARD_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.batch:
+            return
+        uri = feature_shard_uri(self.store, self.shard)
+        try:
+            write_feature_shard(self.batch, uri, self.meta)
+        except DataError as exc:  # e.g. a feature beyond float16: name the HDF5 file too
+            raise DataError(exc.problem, file=self.hdf5, record=exc.record) from None
+        self.shards.append(uri)
+        self.shard += 1
+        self.batch, self.batch_bytes = [], 0
+
+
+def _slab_records(src: _H5Source, run: list[tuple[Any, int, int, int]]) -> Iterator[FeatureRecord]:
+    """The records of one run of contiguous images, read as one slab; each image's size from
+    image_size, else derived from its boxes."""
+    lo, hi = run[0][2], run[-1][3]
+    feats = src.read(src.features, lo, hi).astype(np.float16)  # the store's dtype, half the RAM
+    bb = src.read(src.bb, lo, hi).astype(np.float32)
+    spatial = src.read(src.spatial, lo, hi) if src.spatial is not None and src.sizes is None else None
+    for image_id, row, start, end in run:
+        a, b = start - lo, end - lo
+        try:
+            if src.sizes is not None:
+                w, h = (int(v) for v in src.sizes[row])
+            else:
+                sp = spatial[a:b] if spatial is not None else None
+                w = _derive_size(bb[a:b], sp, 2, "width")
+                h = _derive_size(bb[a:b], sp, 3, "height")
+            record = FeatureRecord(image_id=image_id, image_w=w, image_h=h, boxes=bb[a:b],
+                                   features=feats[a:b])
+        except DataError as exc:
+            raise DataError(exc.problem, file=src.uri,
+                            record=f"image {image_id!r} (row {row})") from None
+        yield record
+
+
+def _import_open(h5, hdf5: str, ids_uri: str, raw_ids: dict[str, int], store: str,
+                 rows_per_shard: int, first_shard: int) -> dict:
+    try:
+        src = _H5Source(h5, hdf5)
+    except OSError as exc:  # h5py reports corrupt or truncated data as OSError
+        raise DataError(f"cannot read ({exc})", file=hdf5) from None
+    id_rows = _image_rows(h5, raw_ids, ids_uri)
     plan = sorted(((image_id, row) + src.span(row, image_id) for image_id, row in id_rows.items()),
                   key=lambda t: t[2])
     meta = StoreMeta(feature_dim=int(src.dim),
                      image_id_type="string" if any(isinstance(i, str) for i in id_rows) else "int64",
                      **_saved_meta(h5, hdf5, src.layout))
-    shard, batch, batch_bytes, boxes = first_shard, [], 0, 0
-    shards: list[str] = []
-
-    def flush() -> None:
-        nonlocal shard, batch, batch_bytes
-        uri = feature_shard_uri(store, shard)
-        try:
-            write_feature_shard(batch, uri, meta)
-        except DataError as exc:  # e.g. a feature beyond float16: name the HDF5 file too
-            raise DataError(exc.problem, file=hdf5, record=exc.record) from None
-        shards.append(uri)
-        shard += 1
-        batch, batch_bytes = [], 0
-
-    with _progress(len(plan), "import hdf5") as bar:
-        for run in _plan(plan, max(1, _BATCH_BYTES // (4 * src.dim))):
-            lo, hi = run[0][2], run[-1][3]
-            feats = src.read(src.features, lo, hi).astype(np.float16)  # the store's dtype, half the RAM
-            bb = src.read(src.bb, lo, hi).astype(np.float32)
-            spatial = src.read(src.spatial, lo, hi) if src.spatial is not None and src.sizes is None else None
-            for image_id, row, start, end in run:
-                a, b = start - lo, end - lo
-                where = {"file": hdf5, "record": f"image {image_id!r} (row {row})"}
-                if src.sizes is not None:
-                    w, h = (int(v) for v in src.sizes[row])
-                else:
-                    sp = spatial[a:b] if spatial is not None else None
-                    try:
-                        w = _derive_size(bb[a:b], sp, 2, "width")
-                        h = _derive_size(bb[a:b], sp, 3, "height")
-                    except DataError as exc:
-                        raise DataError(exc.problem, **where) from None
-                try:
-                    record = FeatureRecord(image_id=image_id, image_w=w, image_h=h, boxes=bb[a:b],
-                                           features=feats[a:b])
-                except DataError as exc:
-                    raise DataError(exc.problem, **where) from None
-                batch.append(record)
-                batch_bytes += record.features.nbytes
-                boxes += record.num_boxes
-                if len(batch) >= rows_per_shard or batch_bytes >= _SHARD_BYTES:
-                    flush()
+    sink = _ShardSink(store, meta, hdf5, rows_per_shard, first_shard)
+    with progress_bar(len(plan), "import hdf5") as bar:
+        for run in _plan(plan, max(1, BATCH_BYTES // (4 * src.dim))):
+            for record in _slab_records(src, run):
+                sink.add(record)
             bar.update(len(run))
-        if batch:
-            flush()
+        sink.flush()
     build_index(store)
     unmapped = src.images - len(plan)
-    _summary(f"import hdf5: {len(plan)} images, {boxes} boxes ({src.layout}) into {len(shards)} shard(s) "
-             f"of {store}" + (f"; {unmapped} rows without an id skipped" if unmapped else ""))
+    print_summary(f"import hdf5: {len(plan)} images, {sink.boxes} boxes ({src.layout}) into "
+                  f"{len(sink.shards)} shard(s) of {store}"
+                  + (f"; {unmapped} rows without an id skipped" if unmapped else ""))
     return {"hdf5": hdf5, "ids": ids_uri, "store": store, "layout": src.layout, "images": len(plan),
-            "boxes": boxes, "feature_dim": int(src.dim), "shards": len(shards),
+            "boxes": sink.boxes, "feature_dim": int(src.dim), "shards": len(sink.shards),
             "rows_without_id": unmapped,
             "image_sizes": "image_size dataset" if src.sizes is not None else "derived from spatial_features"}

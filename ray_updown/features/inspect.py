@@ -4,13 +4,13 @@
 footers), errors by stage with their most common reasons, boxes per image, feature dim and
 dtype, detector, config hash and checkpoint hash, files and bytes, whether every shard is
 complete (against the extraction plan when the store has one) and whether `index.parquet` is
-current. `format_summary` renders it as aligned text; `viz.store_plots.plot_store` draws histograms of boxes
-per image and detection confidences as a PNG.
+current. `format_summary` renders it as aligned text. histograms.py counts boxes per image
+and detection confidences for `viz.store_plots.plot_store`'s PNG.
 
 Memory stays bounded however large the store: one listing of the store, the footers, the
 small `num_boxes` column per shard, the `stage`/`reason` columns of error shards one row group
-at a time, the plan's `shard` column one row group at a time, and (for the plot) `object_conf`
-one row group at a time into fixed bins. The `features` column is never read.
+at a time, and the plan's `shard` column one row group at a time. The `features` column is
+never read.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from ray_updown import storage
 from ray_updown.errors import DataError, StorageError
@@ -34,36 +33,6 @@ TOP_REASONS = 5
 MAX_REASONS_PER_STAGE = 10_000
 # Shard numbers listed by name in the summary (the counts are always complete).
 MAX_LISTED = 20
-CONFIDENCE_BINS = 50
-
-
-class Histogram:
-    """Counts in fixed bins over [lo, hi], accumulated chunk by chunk: memory is the bins only.
-
-    The last bin includes `hi` (as numpy.histogram). Values outside the range and NaN/inf are
-    counted separately rather than dropped silently.
-    """
-
-    def __init__(self, lo: float = 0.0, hi: float = 1.0, bins: int = CONFIDENCE_BINS):
-        if not hi > lo or bins < 1:
-            raise ValueError(f"need lo < hi and bins >= 1, got {lo}, {hi}, {bins}")
-        self.edges = np.linspace(lo, hi, bins + 1)
-        self.counts = np.zeros(bins, dtype=np.int64)
-        self.below = self.above = self.nonfinite = 0
-
-    def add(self, values: Any) -> None:
-        v = np.asarray(values, dtype=np.float64).ravel()
-        finite = np.isfinite(v)
-        self.nonfinite += int(v.size - finite.sum())
-        v = v[finite]
-        lo, hi = self.edges[0], self.edges[-1]
-        self.below += int((v < lo).sum())
-        self.above += int((v > hi).sum())
-        self.counts += np.histogram(v[(v >= lo) & (v <= hi)], bins=self.edges)[0]
-
-    @property
-    def total(self) -> int:
-        return int(self.counts.sum()) + self.below + self.above + self.nonfinite
 
 
 def _count_stats(counts: Counter) -> dict[str, Any]:
@@ -112,7 +81,7 @@ def _list_store(uri: str) -> tuple[dict[str, int], set[str]]:
     return files, folders
 
 
-def _store_files(store: str) -> dict[str, int]:
+def store_files(store: str) -> dict[str, int]:
     """The store's files; a DataError naming `store` when it is not a feature store."""
     files, folders = _list_store(store)
     # An empty local store still has its folders; on object stores (no folders) an empty
@@ -123,7 +92,7 @@ def _store_files(store: str) -> dict[str, int]:
     return files
 
 
-def _shards(files: dict[str, int], folder: str) -> tuple[dict[int, tuple[str, int]], list[str]]:
+def numbered_shards(files: dict[str, int], folder: str) -> tuple[dict[int, tuple[str, int]], list[str]]:
     """{shard number: (name, size)} of complete shard files in `folder`, and other files there."""
     shards: dict[int, tuple[str, int]] = {}
     stray: list[str] = []
@@ -269,10 +238,10 @@ def inspect_store(uri: str) -> dict[str, Any]:
     zeros.
     """
     store = str(uri).rstrip("/") or str(uri)
-    files = _store_files(store)
+    files = store_files(store)
     warnings: list[str] = []
-    features, stray_f = _shards(files, FEATURES_DIR)
-    errors, stray_e = _shards(files, ERRORS_DIR)
+    features, stray_f = numbered_shards(files, FEATURES_DIR)
+    errors, stray_e = numbered_shards(files, ERRORS_DIR)
     feature_rows, boxes, meta = _scan_features(store, features, warnings)
     error_rows, by_stage, error_id_type = _scan_errors(store, errors)
 
@@ -399,25 +368,3 @@ def format_summary(summary: dict[str, Any]) -> str:
     out.append(f"summary: {s['images']} images, {s['errors']} errors, median {b['median']} boxes/image, "
                f"{detector}, {_human(f['total_bytes'])} in {f['total_files']} files; {status}")
     return "\n".join(out)
-
-
-# -- plot ------------------------------------------------------------------------------------
-
-def store_histograms(uri: str, bins: int = CONFIDENCE_BINS) -> tuple[Counter, Histogram]:
-    """{num_boxes: images} and the object_conf histogram of every box, one row group at a time."""
-    store = str(uri).rstrip("/") or str(uri)
-    files = _store_files(store)
-    features, _ = _shards(files, FEATURES_DIR)
-    boxes: Counter = Counter()
-    conf = Histogram(0.0, 1.0, bins)
-    for _, (name, _) in sorted(features.items()):
-        file_uri = storage.join(store, FEATURES_DIR, name)
-        with open_part(file_uri) as pf:
-            check_columns(pf, ("num_boxes", "object_conf"), file_uri)
-            for rg in range(pf.num_row_groups):
-                table = read_row_group(pf, rg, ["num_boxes", "object_conf"], file_uri)
-                values, counts = np.unique(table.column("num_boxes").to_numpy(), return_counts=True)
-                boxes.update(dict(zip(values.tolist(), counts.tolist())))
-                # list_flatten honours the offsets (a row group's lists may share a buffer).
-                conf.add(pc.list_flatten(table.column("object_conf")).to_numpy())
-    return boxes, conf

@@ -17,7 +17,7 @@ function trial (one worker; wandb goes through Tune's callback), and `LocalSessi
 plain process with no Ray at all, for debugging and fast tests.
 
 A checkpoint damaged on disk (truncated by a full disk, half uploaded) is not resumed from:
-`restore` checks each checkpoint's manifest (checkpoint.py) and falls back to the newest
+`restore` checks each checkpoint's manifest (run_checkpoint.py) and falls back to the newest
 earlier one that is intact, or raises a CheckpointError naming the damaged file.
 """
 
@@ -34,7 +34,7 @@ from typing import Callable, ContextManager, Iterable, Iterator, Protocol
 import torch
 
 from ray_updown.ray_cluster import progress_line
-from ray_updown.train.checkpoint import MANIFEST_FILE, find_damage, nothing_intact, resuming_before, write_manifest
+from ray_updown.train.run_checkpoint import MANIFEST_FILE, find_damage, nothing_intact, resuming_before, write_manifest
 
 log = logging.getLogger(__name__)
 

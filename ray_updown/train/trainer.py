@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from ray_updown import storage
 from ray_updown.errors import StorageError, package_error
-from ray_updown.train.checkpoint import find_damage, nothing_intact, resuming_before
+from ray_updown.train.run_checkpoint import find_damage, nothing_intact, resuming_before
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Pictures of a region-feature store: histograms of boxes per image and of detection
-confidences (`ray-updown inspect STORE --png`), counted by features/inspect.py one row group at
-a time so that any store fits."""
+confidences (`ray-updown inspect STORE --png`), counted by features/histograms.py one row
+group at a time so that any store fits."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import io
 import numpy as np
 
 from ray_updown import storage
-from ray_updown.features.inspect import store_histograms
+from ray_updown.features.histograms import store_histograms
 
 FIGURE_SIZE = (10.0, 4.0)
 FIGURE_DPI = 100

@@ -35,7 +35,7 @@ from ray_updown.devices import pick_device
 from ray_updown.errors import CheckpointError, ConfigError, DataError
 from ray_updown.features.reader import FeatureStore
 from ray_updown.metrics.vqa_eval import write_vqa_results
-from ray_updown.train.checkpoint import load_checkpoint_dir
+from ray_updown.train.run_checkpoint import load_checkpoint_dir
 from ray_updown.train.search import restore_tuner
 from ray_updown.train.trainer import checkpoint_uri, raise_unwrapped
 from ray_updown.train.worker import shard_batches
@@ -67,6 +67,44 @@ def read_manifest(uri: str) -> dict:
     return manifest
 
 
+def resume_interrupted_members(plan: dict | None, root: str, trainable, cfg: VqaTrainConfig,
+                               manifest: dict, manifest_uri: str) -> list[BaseException]:
+    """Continue the planned experiment when some of its members are not in the manifest yet
+    (an interrupted run); adds the finished ones to the manifest and returns the failures."""
+    if not plan or not set(plan.get("seeds", [])) - _done_seeds(manifest):
+        return []
+    tuner = restore_tuner(root, plan["experiment"], trainable, logger=log,
+                          message="resuming the interrupted ensemble experiment %s")
+    if tuner is None:
+        return []
+    failures = _collect(tuner.fit(), plan["experiment"], cfg, manifest)
+    storage.write_json(manifest_uri, manifest, indent=2)
+    return failures
+
+
+def train_missing_members(todo: list[int], plan: dict | None, root: str, trainable,
+                          cfg: VqaTrainConfig, manifest: dict, manifest_uri: str,
+                          max_concurrent_trials: int,
+                          callbacks: Iterable[Any] | None) -> list[BaseException]:
+    """A new experiment (the next `members-NNN`, saved as the plan first) training the seeds
+    in `todo`; adds the finished members to the manifest and returns the failures."""
+    from ray import tune
+
+    number = int(plan.get("number", -1)) + 1 if plan else 0
+    experiment = f"members-{number:03d}"
+    storage.write_json(storage.join(root, PLAN_FILE),
+                       {"experiment": experiment, "number": number, "seeds": todo})
+    param_space = {**cfg.to_dict(), "seed": tune.grid_search(todo)}
+    tuner = tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(num_samples=1,
+                                    max_concurrent_trials=max_concurrent_trials or None),
+        run_config=tune_run_config(cfg, root, experiment, callbacks))
+    failures = _collect(tuner.fit(), experiment, cfg, manifest)
+    storage.write_json(manifest_uri, manifest, indent=2)
+    return failures
+
+
 def train_ensemble(cfg: VqaTrainConfig | str, members: int = 30, *,
                    overrides: Sequence[str] = (), cpus_per_trial: float = 1.0,
                    gpus_per_trial: float | None = None,
@@ -77,10 +115,10 @@ def train_ensemble(cfg: VqaTrainConfig | str, members: int = 30, *,
     `cfg` is a config or a YAML file (e.g. a sweep's best_config.yaml) with `overrides`.
     `gpus_per_trial` defaults to 1 when cfg.use_gpu, else 0 (fractions such as 0.25 share a
     GPU: 8 GPUs at 0.25 run 32 members at once); `resources_per_trial` adds custom resources
-({"member_node": 1}). Returns the manifest (with its "uri"). A member whose trial fails is not in the
-    manifest; the first failure is re-raised after the manifest of the others is written.
+    ({"member_node": 1}). Returns the manifest (with its "uri"). A member whose trial fails is
+    not in the manifest; the first failure is re-raised after the manifest of the others is
+    written.
     """
-    from ray import tune
 
     from ray_updown.ray_cluster import ensure_ray
 
@@ -101,32 +139,13 @@ def train_ensemble(cfg: VqaTrainConfig | str, members: int = 30, *,
     manifest_uri = storage.join(root, MANIFEST_FILE)
     manifest = read_manifest(manifest_uri) if storage.exists(manifest_uri) else \
         {"kind": "vqa_ensemble", "config": cfg.to_dict(), "members": []}
-    failures: list[BaseException] = []
     plan_uri = storage.join(root, PLAN_FILE)
     plan = storage.read_json(plan_uri) if storage.exists(plan_uri) else None
-
-    # 1. Continue an interrupted experiment whose members are not all in the manifest.
-    if plan and set(plan.get("seeds", [])) - _done_seeds(manifest):
-        tuner = restore_tuner(root, plan["experiment"], trainable, logger=log,
-                              message="resuming the interrupted ensemble experiment %s")
-        if tuner is not None:
-            failures += _collect(tuner.fit(), plan["experiment"], cfg, manifest)
-            storage.write_json(manifest_uri, manifest, indent=2)
-
-    # 2. A new experiment for the members still missing.
+    failures = resume_interrupted_members(plan, root, trainable, cfg, manifest, manifest_uri)
     todo = [cfg.seed + i for i in range(members) if cfg.seed + i not in _done_seeds(manifest)]
     if todo and not failures:
-        number = int(plan.get("number", -1)) + 1 if plan else 0
-        experiment = f"members-{number:03d}"
-        storage.write_json(plan_uri, {"experiment": experiment, "number": number, "seeds": todo})
-        param_space = {**cfg.to_dict(), "seed": tune.grid_search(todo)}
-        tuner = tune.Tuner(
-            trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(num_samples=1,
-                                        max_concurrent_trials=max_concurrent_trials or None),
-            run_config=tune_run_config(cfg, root, experiment, callbacks))
-        failures += _collect(tuner.fit(), experiment, cfg, manifest)
-        storage.write_json(manifest_uri, manifest, indent=2)
+        failures = train_missing_members(todo, plan, root, trainable, cfg, manifest, manifest_uri,
+                                         max_concurrent_trials, callbacks)
     if failures:
         log.error("%d ensemble member(s) failed; re-run to retry them", len(failures))
         raise_unwrapped(failures[0])

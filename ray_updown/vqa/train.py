@@ -33,7 +33,7 @@ import torch
 from ray_updown import storage
 from ray_updown.devices import pick_device
 from ray_updown.features.regions import batch_loader, regions_to_device
-from ray_updown.train.checkpoint import find_damage, load_checkpoint_dir, save_checkpoint_dir
+from ray_updown.train.run_checkpoint import find_damage, load_checkpoint_dir, save_checkpoint_dir
 from ray_updown.train.session import LocalSession, RayTrainSession, Session, TuneSession
 from ray_updown.train.trainer import build_trainer, checkpoint_uri, fit, storage_kwargs
 from ray_updown.train.worker import (
@@ -125,6 +125,20 @@ def evaluate(model: VqaModel, dataset: VqaDataset, batch_size: int, rank: int, w
     return out
 
 
+def restore_state(resume: tuple | None, model: VqaModel,
+                  optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The run's counters (epoch, best accuracy, epochs since it, whether early stopping
+    ended the run): a restored checkpoint's, with its weights and optimizer state loaded,
+    or a new run's."""
+    state: dict[str, Any] = {"epoch": 0, "best": -1.0, "since_best": 0, "done": False}
+    if resume:
+        weights, _, trainer_state = resume
+        load_state_strict(model, weights, "restored checkpoint")
+        optimizer.load_state_dict(trainer_state["optimizer"])
+        state.update({k: trainer_state[k] for k in state if k in trainer_state})
+    return state
+
+
 def run_vqa_loop(config: dict, session: Session) -> None:
     """One worker's training run (see the module docstring)."""
     cfg = VqaTrainConfig.from_dict(config)
@@ -140,13 +154,8 @@ def run_vqa_loop(config: dict, session: Session) -> None:
     model = VqaModel(mcfg, seed=cfg.seed)
     if data.embeddings is not None:
         model.load_embeddings(data.embeddings, source=cfg.data.glove)
-    state: dict[str, Any] = {"epoch": 0, "best": -1.0, "since_best": 0, "done": False}
     optimizer = build_optimizer(cfg, model.parameters())
-    if resume:
-        weights, _, trainer_state = resume
-        load_state_strict(model, weights, "restored checkpoint")
-        optimizer.load_state_dict(trainer_state["optimizer"])
-        state.update({k: trainer_state[k] for k in state if k in trainer_state})
+    state = restore_state(resume, model, optimizer)
     # Features gathered on the GPU need no loader processes (and CUDA tensors must not cross
     # into them); otherwise the loader workers map the node's shared copy.
     loader_workers = 0 if place_features(data, device, cfg.data.device_features_share) \

@@ -13,7 +13,7 @@ from conftest import FAST_HEALTH_CHECKS
 from ray import tune
 from worlds import vqa_config, write_vqa_world
 
-from ray_updown.train.checkpoint import load_checkpoint_dir
+from ray_updown.train.run_checkpoint import load_checkpoint_dir
 from ray_updown.vqa.ensemble import read_manifest, train_ensemble
 
 _CLUSTERS: list = []  # the test's Cluster; kept off the callback, which Tune may pickle

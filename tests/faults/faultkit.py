@@ -156,7 +156,7 @@ def write_checkpoint_dir(path: str) -> str:
     """A small real checkpoint directory (weights, config, trainer state with an optimizer)."""
     import torch
 
-    from ray_updown.train.checkpoint import save_checkpoint_dir
+    from ray_updown.train.run_checkpoint import save_checkpoint_dir
 
     model = torch.nn.Linear(4, 3)
     optimizer = torch.optim.Adamax(model.parameters())

@@ -15,7 +15,7 @@ import pytest
 from faultkit import console, progress_of, run_cli, vqa_config, write_vqa_world
 
 from ray_updown.errors import CheckpointError
-from ray_updown.train.checkpoint import (
+from ray_updown.train.run_checkpoint import (
     CONFIG_FILE,
     MANIFEST_FILE,
     MODEL_FILE,

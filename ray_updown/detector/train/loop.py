@@ -31,16 +31,16 @@ from ray_updown.detector.checkpoint import CONFIG_FILE as DETECTOR_JSON
 from ray_updown.detector.checkpoint import load_detector, save_detector
 from ray_updown.detector.config import DetectorConfig
 from ray_updown.detector.model import BottomUpDetector
-from ray_updown.detector.train.checkpoints import (
+from ray_updown.detector.train.config import DetectorTrainConfig
+from ray_updown.detector.train.data import DetectorData, DetectorImage, evaluate_split, flips_for
+from ray_updown.detector.train.optim import build_optimizer, learning_rate
+from ray_updown.detector.train.resume import (
     check_vocabularies,
     load_weights_from,
     read_meta,
     read_trainer_state,
     save_training_checkpoint,
 )
-from ray_updown.detector.train.config import DetectorTrainConfig
-from ray_updown.detector.train.data import DetectorData, DetectorImage, evaluate_split, flips_for
-from ray_updown.detector.train.optim import build_optimizer, learning_rate
 from ray_updown.devices import pick_device
 from ray_updown.errors import CheckpointError, ConfigError
 from ray_updown.train.session import RayTrainSession, Session
@@ -80,6 +80,88 @@ def evaluate(model: BottomUpDetector, splits: dict[str, list[DetectorImage]], ba
     return metrics
 
 
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands: epochs finished, optimizer steps taken, seconds spent training, and
+    the training-time budget in seconds (0: none)."""
+    epoch: int
+    step: int
+    train_seconds: float
+    budget: float
+
+    def out_of_budget(self) -> bool:
+        return self.budget > 0 and self.train_seconds >= self.budget
+
+    def fraction(self, total_steps: int) -> float:
+        """How far through the run: by steps or by the time budget, whichever is further."""
+        by_time = self.train_seconds / self.budget if self.budget else 0.0
+        return max(self.step / total_steps, by_time)
+
+
+def restore_weights(cfg: DetectorTrainConfig, session: Session, model: BottomUpDetector,
+                    names: tuple[list[str], list[str]]) -> dict:
+    """The run's last checkpoint loaded into `model`, or else `init_from`'s weights; returns the
+    restored trainer state ({} when the run starts fresh)."""
+    state: dict = {}
+    with session.restore() as path:
+        if path is not None:
+            load_weights_from(model, path, *names, f"{path} (the last checkpoint of run "
+                                                   f"{cfg.name}; give a new run another name)")
+            state = read_trainer_state(path)
+    if not state and cfg.init_from:
+        load_weights_from(model, cfg.init_from, *names, cfg.init_from)
+    return state
+
+
+def train_epoch(cfg: DetectorTrainConfig, ddp_model, optimizer, images: list[DetectorImage],
+                progress: Progress, total_steps: int, rank: int, world: int,
+                wandb_run) -> tuple[dict[str, float], int, float]:
+    """One epoch of updates, cut short when the time budget runs out. Advances `progress`;
+    returns this worker's sum of each loss, its number of steps and the last learning rate."""
+    sums = dict.fromkeys(("loss", *LOSSES), 0.0)
+    steps_done, lr = 0, 0.0
+    batches = shard_batches(len(images), cfg.batch_size, rank, world,
+                            seed=cfg.seed, epoch=progress.epoch)
+    for s, indices in enumerate(batches):
+        step_started = time.perf_counter()
+        lr = learning_rate(cfg.optim, progress.step, progress.fraction(total_steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        losses = train_step(ddp_model, optimizer, [images[i] for i in indices],
+                            flips_for(indices, progress.epoch, s, rank, cfg.seed, cfg.data.hflip),
+                            cfg.optim.grad_clip)
+        progress.step += 1
+        steps_done += 1
+        for key in sums:
+            sums[key] += losses[key]
+        # All workers agree on the clock (the slowest one's), so they stop together.
+        progress.train_seconds += all_reduce([time.perf_counter() - step_started], "max")[0]
+        if wandb_run is not None and progress.step % cfg.log_every == 0:
+            wandb_run.log({**{"train/" + k: losses[k] for k in LOSSES}, "lr": lr},
+                          step=progress.step)
+        if progress.out_of_budget():
+            break
+    return sums, steps_done, lr
+
+
+def mean_losses(sums: dict[str, float], steps_done: int, world: int) -> dict[str, float]:
+    """Each loss averaged over every worker's steps of the epoch."""
+    totals = all_reduce([sums[k] for k in sums] + [float(steps_done * world)])
+    return {k: v / max(totals[-1], 1.0) for k, v in zip(sums, totals)}
+
+
+def held_out_splits(cfg: DetectorTrainConfig, data: DetectorData, val_images, decode,
+                    epoch: int, finished: bool) -> dict[str, list[DetectorImage]]:
+    """The splits scored after `epoch`: val every `eval_every` epochs and at the end, test
+    (decoded only then) at the end."""
+    held_out = {}
+    if finished or epoch % cfg.eval_every == 0:
+        held_out["val_"] = val_images
+    if finished and cfg.data.test_split and data.splits[cfg.data.test_split]:
+        held_out["test_"] = decode(cfg.data.test_split)
+    return held_out
+
+
 def run_detector_loop(cfg: DetectorTrainConfig, session: Session) -> None:
     """One worker: data, model (DDP), epochs of the five losses, evaluation, reports."""
     rank, world = session.rank, session.world
@@ -89,18 +171,12 @@ def run_detector_loop(cfg: DetectorTrainConfig, session: Session) -> None:
 
     data = DetectorData.load(cfg.data)
     model_cfg = model_config(cfg, data)
-    names = (data.object_vocab.names, data.attribute_vocab.names)
-    model = BottomUpDetector(model_cfg, *names)
-    state: dict = {}
-    with session.restore() as path:
-        if path is not None:
-            load_weights_from(model, path, *names, f"{path} (the last checkpoint of run "
-                                                   f"{cfg.name}; give a new run another name)")
-            state = read_trainer_state(path)
-    if not state and cfg.init_from:
-        load_weights_from(model, cfg.init_from, *names, cfg.init_from)
-    start_epoch, step = int(state.get("epoch", 0)), int(state.get("step", 0))
-    train_seconds = float(state.get("train_seconds", 0.0))
+    model = BottomUpDetector(model_cfg, data.object_vocab.names, data.attribute_vocab.names)
+    state = restore_weights(cfg, session, model,
+                            (data.object_vocab.names, data.attribute_vocab.names))
+    progress = Progress(int(state.get("epoch", 0)), int(state.get("step", 0)),
+                        float(state.get("train_seconds", 0.0)), cfg.max_minutes * 60.0)
+    start_epoch = progress.epoch
     model.to(device).train()
     ddp_model = session.wrap(model)
     optimizer = build_optimizer(model, cfg.optim)
@@ -110,70 +186,40 @@ def run_detector_loop(cfg: DetectorTrainConfig, session: Session) -> None:
     def decode(split: str) -> list[DetectorImage]:
         return data.decode(split, model_cfg.min_size, model_cfg.max_size)
 
+    def checkpoint(trainer_state: dict):
+        return lambda path: save_training_checkpoint(path, model, to_dict(cfg), trainer_state)
+
     train_images, val_images = decode("train"), decode(cfg.data.val_split)
     total_steps = cfg.epochs * steps_per_epoch(len(train_images), cfg.batch_size)
-    budget = cfg.max_minutes * 60.0
     wandb_run = init_wandb(cfg.wandb_project, to_dict(cfg), cfg.name) \
         if session.logs_to_wandb else None
 
-    def out_of_budget() -> bool:
-        return budget > 0 and train_seconds >= budget
-
-    epoch = start_epoch
-    stopped = out_of_budget() or start_epoch >= cfg.epochs
+    stopped = progress.out_of_budget() or start_epoch >= cfg.epochs
     if stopped and "metrics" in state:
         # Nothing left to train: report the finished run again so fit() returns it.
-        session.report({**state["metrics"], "resumed_from_epoch": start_epoch},
-                       lambda path: save_training_checkpoint(path, model, to_dict(cfg), state))
+        session.report({**state["metrics"], "resumed_from_epoch": start_epoch}, checkpoint(state))
     while not stopped:
         started = time.perf_counter()
-        sums = dict.fromkeys(("loss", *LOSSES), 0.0)
-        steps_done, lr = 0, 0.0
-        batches = shard_batches(len(train_images), cfg.batch_size, rank, world,
-                                seed=cfg.seed, epoch=epoch)
-        for s, indices in enumerate(batches):
-            step_started = time.perf_counter()
-            progress = max(step / total_steps, train_seconds / budget if budget else 0.0)
-            lr = learning_rate(cfg.optim, step, progress)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            losses = train_step(ddp_model, optimizer, [train_images[i] for i in indices],
-                                flips_for(indices, epoch, s, rank, cfg.seed, cfg.data.hflip),
-                                cfg.optim.grad_clip)
-            step += 1
-            steps_done += 1
-            for key in sums:
-                sums[key] += losses[key]
-            # All workers agree on the clock (the slowest one's), so they stop together.
-            train_seconds += all_reduce([time.perf_counter() - step_started], "max")[0]
-            if wandb_run is not None and step % cfg.log_every == 0:
-                wandb_run.log({**{"train/" + k: losses[k] for k in LOSSES}, "lr": lr}, step=step)
-            if out_of_budget():
-                break
-        epoch += 1
-        stopped = out_of_budget() or epoch >= cfg.epochs
+        sums, steps_done, lr = train_epoch(cfg, ddp_model, optimizer, train_images, progress,
+                                           total_steps, rank, world, wandb_run)
+        progress.epoch += 1
+        stopped = progress.out_of_budget() or progress.epoch >= cfg.epochs
         epoch_seconds = time.perf_counter() - started
-        totals = all_reduce([sums[k] for k in sums] + [float(steps_done * world)])
-        metrics = {"epoch": epoch, "step": step, "lr": lr, "train_seconds": train_seconds,
-                   "epoch_seconds": epoch_seconds, "resumed_from_epoch": start_epoch,
+        metrics = {"epoch": progress.epoch, "step": progress.step, "lr": lr,
+                   "train_seconds": progress.train_seconds, "epoch_seconds": epoch_seconds,
+                   "resumed_from_epoch": start_epoch,
                    "images_per_second": steps_done * cfg.batch_size / max(epoch_seconds, 1e-9),
-                   "finished": stopped}
-        metrics.update({k: v / max(totals[-1], 1.0) for k, v in zip(sums, totals)})
+                   "finished": stopped, **mean_losses(sums, steps_done, world)}
         eval_started = time.perf_counter()
-        held_out = {}
-        if stopped or epoch % cfg.eval_every == 0:
-            held_out["val_"] = val_images
-        if stopped and cfg.data.test_split and data.splits[cfg.data.test_split]:
-            held_out["test_"] = decode(cfg.data.test_split)
+        held_out = held_out_splits(cfg, data, val_images, decode, progress.epoch, stopped)
         metrics.update(evaluate(model, held_out, cfg.eval_batch_size, rank, world))
         metrics["eval_seconds"] = time.perf_counter() - eval_started
         if wandb_run is not None:
             wandb_run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                          step=step)
-        trainer_state = {"epoch": epoch, "step": step, "train_seconds": train_seconds,
-                         "optimizer": optimizer.state_dict(), "metrics": metrics}
-        session.report(metrics, lambda path: save_training_checkpoint(
-            path, model, to_dict(cfg), trainer_state))
+                          step=progress.step)
+        session.report(metrics, checkpoint({
+            "epoch": progress.epoch, "step": progress.step, "train_seconds": progress.train_seconds,
+            "optimizer": optimizer.state_dict(), "metrics": metrics}))
     if wandb_run is not None:
         wandb_run.finish()
 

@@ -1,5 +1,6 @@
-"""The checkpoint directory of the captioner and VQA runs (the detector has its own format,
-detector/checkpoint.py, so that any training checkpoint of it is also a detector).
+"""The checkpoint directory of a captioner or VQA training run (the detector's runs write its
+own format, detector/checkpoint.py, so that any training checkpoint of it is also a detector;
+detector/train/resume.py).
 
     model.safetensors   the weights
     config.json         the model and training configs (+ vocabularies)

@@ -1,4 +1,5 @@
-"""Where a detector training run's checkpoints go and come from.
+"""A detector training run's checkpoints: how each is written, and how one is read back to
+resume the run or to start another from it (`init_from`).
 
 A training checkpoint is a directory in our detector format, so `load_detector` reads any
 of them directly::
@@ -23,7 +24,7 @@ from ray_updown.detector.checkpoint import CONFIG_FILE as DETECTOR_JSON
 from ray_updown.detector.checkpoint import load_detector, save_detector
 from ray_updown.errors import CheckpointError
 from ray_updown.safe_pickle import safe_torch_load
-from ray_updown.train.checkpoint import check_vocabulary
+from ray_updown.train.run_checkpoint import check_vocabulary
 from ray_updown.weights import load_state_strict
 
 STATE_FILE = "trainer_state.pt"

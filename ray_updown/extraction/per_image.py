@@ -1,8 +1,10 @@
-"""The stages of the extraction pipeline (actor.py's ShardWriter runs them on each shard).
+"""The per-image steps of the extraction pipeline: read, decode, detect (actor.py's ShardWriter
+runs them on each shard's rows).
 
-Every stage keeps the rows it was given: a row that fails gets `stage` and `reason` set and
-rides along to the end, where it becomes an error row. So input rows = feature rows + error
-rows holds by construction, and one bad image never fails a batch.
+Every step keeps the rows it was given: a row that fails gets `stage` (the step's name in the
+errors table) and `reason` set and rides along to the end, where it becomes an error row. So
+input rows = feature rows + error rows holds by construction, and one bad image never fails a
+batch.
 
     read_stage     uri -> bytes (a thread pool: object stores answer slowly but in parallel)
     decode_stage   bytes -> HxWx3 uint8 pixels + original size (images.decode_image)
