@@ -21,7 +21,7 @@ import json
 import logging
 import types
 import typing
-from typing import Any, Iterable, TypeVar
+from typing import Any, Iterable, Mapping, TypeVar
 
 import yaml
 
@@ -265,3 +265,12 @@ def from_dict(cls: type[T], data: dict, source: str | None = None) -> T:
     merged: dict = to_dict(cls())
     _merge(merged, dict(data))
     return _build(cls, merged, source)
+
+
+def changed_keys(before: Mapping[str, Any], now: Mapping[str, Any],
+                 ignore: Iterable[str] = ()) -> list[str]:
+    """The keys, sorted, whose values differ between two flat settings mappings (a key on one
+    side only counts as changed); `ignore` names keys left out of the comparison."""
+    skip = set(ignore)
+    return sorted(k for k in set(before) | set(now)
+                  if k not in skip and before.get(k) != now.get(k))

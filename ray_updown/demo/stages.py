@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ray_updown import storage
+from ray_updown.config import changed_keys
 from ray_updown.errors import ConfigError
 
 STAGES_DIR = "stages"
@@ -51,8 +52,7 @@ def plain(value: Any) -> Any:
 
 def changed_settings(before: dict, now: dict, ignore: set[str] = frozenset()) -> list[str]:
     """The demo settings that differ between two configs, scheduling-only ones left out."""
-    return sorted(k for k in set(before) | set(now)
-                  if k not in SCHEDULING_ONLY and k not in ignore and before.get(k) != now.get(k))
+    return changed_keys(before, now, ignore=SCHEDULING_ONLY | set(ignore))
 
 
 class StageBook:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+from ray_updown.config import changed_keys
 from ray_updown.errors import ConfigError
 from ray_updown.features.schema import PLAN_SETTINGS_KEY
 
@@ -21,8 +22,7 @@ def _changed_settings(metadata: dict | None, settings: dict | None) -> list[str]
     if not saved or settings is None:
         return []
     old = json.loads(saved)
-    return [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(old) | set(settings))
-            if old.get(k) != settings.get(k)]
+    return [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed_keys(old, settings)]
 
 
 def check_settings(metadata: dict | None, settings: dict | None, redo_changed: bool,
