@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SCALE ?= 1
 
-.PHONY: demo test faults cluster-tests lint setup clean bench
+.PHONY: demo test faults cluster-tests bench-tests lint setup clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,21 +22,21 @@ setup: $(STAMP)
 demo: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/python jobs/demo.py --out runs/demo --scale $(SCALE)
 
-# Lint first: it takes a second and fails fast. Three pytest processes, each with its own Ray:
-# the main suite, and beside it the fault-injection suite followed by the multi-node/autoscaler
-# suite (tests/faults/conftest.py, tests/cluster/conftest.py). Ray's start-ups and waits leave
-# the cores idle often enough that the two lines together take the main suite's time
-# (docs/development.md). The main suite's progress shows live; the other two print theirs when
-# they end (also in .test-logs/).
+# Lint first: it takes a second and fails fast. Four pytest processes, each with its own Ray:
+# the main suite, and beside it a second line of the fault-injection suite, the multi-node and
+# autoscaler suite (tests/faults/conftest.py, tests/cluster/conftest.py) and the dry run of the
+# GPU check (tests/benchmarks). Ray's start-ups and waits leave the cores idle often enough that
+# the two lines together take little more than the main suite alone (docs/development.md). The
+# main suite's progress shows live; the second line's output follows it (also in .test-logs/).
 test: lint
 	@mkdir -p .test-logs
-	@echo "make test: tests/faults then tests/cluster run beside the main suite; their output follows it"
-	@( $(MAKE) --no-print-directory faults && $(MAKE) --no-print-directory cluster-tests ) \
-	    > .test-logs/faults-and-cluster.log 2>&1 & side=$$!; \
+	@echo "make test: tests/faults, tests/cluster, tests/benchmarks run beside the main suite; their output follows it"
+	@( $(MAKE) --no-print-directory faults && $(MAKE) --no-print-directory cluster-tests && \
+	   $(MAKE) --no-print-directory bench-tests ) > .test-logs/second-line.log 2>&1 & side=$$!; \
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q --durations=15 tests --ignore=tests/faults \
-	    --ignore=tests/cluster; main=$$?; \
-	wait $$side; other=$$?; cat .test-logs/faults-and-cluster.log; \
-	echo "make test: main suite exit $$main, fault and multi-node suites exit $$other"; \
+	    --ignore=tests/cluster --ignore=tests/benchmarks; main=$$?; \
+	wait $$side; other=$$?; cat .test-logs/second-line.log; \
+	echo "make test: main suite exit $$main, fault, multi-node and benchmark suites exit $$other"; \
 	[ $$main -eq 0 ] && [ $$other -eq 0 ]
 
 faults: $(STAMP)
@@ -46,6 +46,10 @@ faults: $(STAMP)
 # pytest process.
 cluster-tests: $(STAMP)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q --durations=10 tests/cluster
+
+# The benchmark scripts' dry runs (benchmarks/gpu_check.py --dry).
+bench-tests: $(STAMP)
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q --durations=10 tests/benchmarks
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,7 +1,7 @@
 """Every GPU measurement in one command, one JSON: the script to run when a GPU is lent.
 
     python benchmarks/gpu_check.py --out DIR [--checkpoint DETECTOR --images FOLDER]
-    python benchmarks/gpu_check.py --out DIR --dry      # CPU, tiny sizes (the test suite runs it)
+    python benchmarks/gpu_check.py --out DIR --dry      # CPU, tiny sizes (tests/benchmarks runs it)
 
 Sections, each timed and reported on its own (a failing one records its error, the rest run), in
 the order they run; DIR/gpu_check.json is rewritten after each, so a time-out keeps what finished:
