@@ -14,7 +14,8 @@ from PIL import Image
 from ray import cloudpickle
 
 from ray_updown import storage
-from ray_updown.detector import load_detector
+from ray_updown.detector import load_detector, save_detector
+from ray_updown.extraction.config import ExtractConfig
 from ray_updown.features.reader import FeatureStore
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
@@ -165,3 +166,12 @@ def write_checkpoint_dir(path: str) -> str:
     save_checkpoint_dir(path, model, {"model": {"in": 4, "out": 3}},
                         {"epoch": 1, "optimizer": optimizer.state_dict()})
     return path
+
+
+def loose_file_extraction(root, detector, count: int, batch_size: int) -> ExtractConfig:
+    """`count` PNGs in root/imgs and `detector` saved in root/ckpt: the config of their store
+    at root/store, two images a shard."""
+    write_images(str(root / "imgs"), count)
+    save_detector(detector, str(root / "ckpt"))
+    return ExtractConfig(images=str(root / "imgs"), out=str(root / "store"),
+                         checkpoint=str(root / "ckpt"), rows_per_shard=2, batch_size=batch_size)

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from faultkit import assert_accounted, write_images
+from faultkit import assert_accounted, loose_file_extraction, write_images
 from PIL import Image
 
 from ray_updown.detector import save_detector
@@ -69,11 +69,8 @@ def test_changed_boxes_and_ids_are_refused_then_redone_shard_by_shard(tmp_path, 
 
 
 def test_a_replaced_file_and_other_decode_settings_are_refused_then_redone(tmp_path, detector):
-    write_images(str(tmp_path / "imgs"), 5)
-    save_detector(detector, str(tmp_path / "ckpt"))
+    cfg = loose_file_extraction(tmp_path, detector, 5, batch_size=2)
     out = tmp_path / "store"
-    cfg = ExtractConfig(images=str(tmp_path / "imgs"), out=str(out), checkpoint=str(tmp_path / "ckpt"),
-                        rows_per_shard=2, batch_size=2)
     run_extraction(cfg)
     old = assert_accounted(str(out), 5).get(3)
 

@@ -7,11 +7,10 @@ from __future__ import annotations
 import os
 
 import pytest
-from faultkit import assert_accounted, write_images
+from faultkit import assert_accounted, loose_file_extraction
 
-from ray_updown.detector import save_detector
 from ray_updown.errors import DataError
-from ray_updown.extraction.pipeline import ExtractConfig, run_extraction
+from ray_updown.extraction.pipeline import run_extraction
 from ray_updown.features.reader import FeatureStore
 
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -24,11 +23,8 @@ def _truncate(path, keep: float = 0.5) -> None:
 
 
 def test_damaged_shards_are_named_by_the_reader_and_repaired_by_a_rerun(tmp_path, detector):
-    write_images(str(tmp_path / "imgs"), 9)
-    save_detector(detector, str(tmp_path / "ckpt"))
+    cfg = loose_file_extraction(tmp_path, detector, 9, batch_size=3)
     out = tmp_path / "store"
-    cfg = ExtractConfig(images=str(tmp_path / "imgs"), out=str(out), checkpoint=str(tmp_path / "ckpt"),
-                        rows_per_shard=2, batch_size=3)
     assert run_extraction(cfg)["shards"] == 5
     intact = {p: p.read_bytes() for p in sorted(out.rglob("part-*.parquet"))}
 
@@ -70,11 +66,8 @@ def test_a_damaged_first_shard_and_a_shard_short_of_rows_are_redone(tmp_path, de
     """The first features part is what a re-run checks the model against: damaged, it must
     not stop the repair. A part that reads but holds fewer rows than planned (e.g. copied
     from another run) is not complete either."""
-    write_images(str(tmp_path / "imgs"), 4)
-    save_detector(detector, str(tmp_path / "ckpt"))
+    cfg = loose_file_extraction(tmp_path, detector, 4, batch_size=2)
     out = tmp_path / "store"
-    cfg = ExtractConfig(images=str(tmp_path / "imgs"), out=str(out), checkpoint=str(tmp_path / "ckpt"),
-                        rows_per_shard=2, batch_size=2)
     run_extraction(cfg)
     _truncate(out / "features" / "part-00000.parquet")
     (out / "errors" / "part-00001.parquet").write_bytes(
