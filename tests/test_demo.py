@@ -109,6 +109,12 @@ def test_demo_writes_the_report_with_every_section_and_a_rerun_skips_every_stage
     assert os.path.exists(tmp_path / "demo" / "results" /
                           "captions_test2014_scst-regions_results.json")
 
+    # The VQA grid trials queue costliest first (Tune numbers its trials in launch order), and
+    # the stage still reports the grids in the config's order.
+    trials = sorted(os.listdir(tmp_path / "demo" / "runs" / "vqa-grids"))
+    trials = [t for t in trials if re.fullmatch(r"\w+_\d{5}-grid\d+", t)]
+    assert [t.split("-")[-1] for t in trials] == ["grid7", "grid1"]
+
     # A second run reuses every stage (and leaves the report as it was).
     written = report.stat().st_mtime_ns
     again = run_demo(tiny_demo(tmp_path / "demo"))

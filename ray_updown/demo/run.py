@@ -255,8 +255,9 @@ def features_stage(demo: DemoRun, detector: dict) -> tuple[dict[str, str], dict[
 def tracks_stage(demo: DemoRun, detector: dict, stores: dict[str, str]) -> tuple[dict, dict, dict]:
     """4 and 5. The captioner on regions and on the grid, the VQA grids and the VQA ensemble,
     as four tracks sharing the cluster: a captioner run takes one CPU, a VQA trial one; Ray
-    queues what does not fit, so both CPUs stay busy until the last run ends. Returns the
-    captioners by features, the VQA grid runs and the ensemble."""
+    queues what does not fit, so both CPUs stay busy until the last run ends. The VQA grids,
+    the longest track, asks first. Returns the captioners by features, the VQA grid runs and
+    the ensemble."""
     # Ray Train and Tune are imported here first: two threads importing them at once trip
     # over ray.train's own circular imports (as when a re-run skips the detector, the first
     # importer).
@@ -264,9 +265,9 @@ def tracks_stage(demo: DemoRun, detector: dict, stores: dict[str, str]) -> tuple
     import ray.tune  # noqa: F401
 
     grid = f"grid{demo.cfg.caption_grid}"
-    tracks = side_by_side({"caption_regions": lambda: caption_track(demo, stores, "regions"),
+    tracks = side_by_side({"vqa_grids": lambda: vqa_grids_track(demo, stores),
+                           "caption_regions": lambda: caption_track(demo, stores, "regions"),
                            "caption_grid": lambda: caption_track(demo, stores, grid),
-                           "vqa_grids": lambda: vqa_grids_track(demo, stores),
                            "vqa_ensemble": lambda: vqa_ensemble_track(demo, detector, stores)},
                           demo.cfg.parallel_tracks)
     captioning = {"regions": tracks["caption_regions"], grid: tracks["caption_grid"]}

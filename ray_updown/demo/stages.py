@@ -257,9 +257,11 @@ def vqa_config(cfg, world: WorldFiles, features: str, max_boxes: int, runs: str,
 
 def train_vqa_trials(configs: dict[str, Any], root: str, experiment: str) -> dict[str, dict]:
     """Single VQA models as trials of one Ray Tune experiment (they share the cluster, one CPU
-    each); resumes an interrupted experiment. Returns per model its best checkpoint (by val
-    accuracy) and every epoch's metrics (Tune keeps them all; Ray Train keeps only those of
-    retained checkpoints)."""
+    each); resumes an interrupted experiment. Tune starts trials in the order of its grid, so
+    the models with the most regions per image (the costliest epochs) queue first: a long
+    trial started last would run alone on one CPU while the others sit idle. Returns per
+    model, in the order given, its best checkpoint (by val accuracy) and every epoch's
+    metrics (Tune keeps them all; Ray Train keeps only those of retained checkpoints)."""
     from ray import tune
 
     from ray_updown.train.search import restore_or_new_tuner
@@ -274,7 +276,8 @@ def train_vqa_trials(configs: dict[str, Any], root: str, experiment: str) -> dic
 
     def new_tuner():
         # One trial per model: the models differ only in their data section (features, K).
-        datas = [cfg.absolute().to_dict()["data"] for cfg in configs.values()]
+        costliest_first = sorted(configs.values(), key=lambda c: -c.data.max_boxes)
+        datas = [cfg.absolute().to_dict()["data"] for cfg in costliest_first]
         param_space = {**first.absolute().to_dict(), "data": tune.grid_search(datas)}
         return tune.Tuner(trainable, param_space=param_space,
                           tune_config=tune.TuneConfig(trial_dirname_creator=_trial_dirname),
