@@ -205,22 +205,45 @@ def _q_left_of(scene: Scene, rng: np.random.Generator) -> Question | None:
                     "yes" if a.cx < b.cx else "no")
 
 
+COUNT_ALL_QUESTIONS = ("how many shapes are there?", "how many shapes are in the picture?",
+                       "how many objects are in the image?")
+
+
+def _count_class_question(cls: str) -> str:
+    return f"how many {plural(cls)} are there?"
+
+
+def _count_colour_question(colour: str) -> str:
+    return f"how many {colour} shapes are there?"
+
+
+def count_question_form(text: str) -> str | None:
+    """What a number question of the world counts: "all" the shapes, the shapes of one
+    "colour", or those of one "class" (the three count questions below); None for another."""
+    if text in COUNT_ALL_QUESTIONS:
+        return "all"
+    if text in {_count_colour_question(c) for c in COLOURS}:
+        return "colour"
+    if text in {_count_class_question(c) for c in CLASS_NAMES}:
+        return "class"
+    return None
+
+
 def _q_count_class(scene: Scene, rng: np.random.Generator) -> Question | None:
     cls = (_pick(rng, scene.objects).cls if rng.random() < 0.85
            else CLASS_NAMES[rng.integers(len(CLASS_NAMES))])
     n = sum(o.cls == cls for o in scene.objects)
-    return Question(f"how many {plural(cls)} are there?", "how many", "number", str(n))
+    return Question(_count_class_question(cls), "how many", "number", str(n))
 
 
 def _q_count_colour(scene: Scene, rng: np.random.Generator) -> Question | None:
     colour = _pick(rng, scene.objects).colour
     n = sum(o.colour == colour for o in scene.objects)
-    return Question(f"how many {colour} shapes are there?", "how many", "number", str(n))
+    return Question(_count_colour_question(colour), "how many", "number", str(n))
 
 
 def _q_count_all(scene: Scene, rng: np.random.Generator) -> Question | None:
-    text = _pick(rng, ["how many shapes are there?", "how many shapes are in the picture?",
-                       "how many objects are in the image?"])
+    text = _pick(rng, list(COUNT_ALL_QUESTIONS))
     return Question(text, "how many", "number", str(len(scene.objects)))
 
 

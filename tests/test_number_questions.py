@@ -1,0 +1,91 @@
+"""Number questions by what they count (demo/number_questions.py), on a small world and a
+hand-made demo folder holding only what the breakdown reads."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from ray_updown import storage
+from ray_updown.data.world import WorldConfig, build_world
+from ray_updown.data.world_language import count_question_form
+from ray_updown.demo.number_questions import breakdown_table, demo_breakdown, draw_all_shapes
+from ray_updown.demo.stages import WorldFiles
+from ray_updown.metrics.vqa_eval import vqa_accuracy
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """A demo folder: its world (60 images), its config, and two models' val results: one
+    that always answers "1", and one that answers each question's consensus answer."""
+    out = tmp_path_factory.mktemp("demo")
+    build_world(WorldConfig(num_images=60, seed=5, image_size=80), str(out / "world"))
+    world = WorldFiles(str(out / "world"))
+    questions = storage.read_json(world.questions("val"))["questions"]
+    truth = {a["question_id"]: a["multiple_choice_answer"]
+             for a in storage.read_json(world.annotations("val"))["annotations"]}
+    scored = {}
+    for name, answer in (("always one", lambda q: "1"), ("oracle", lambda q: truth[q])):
+        uri = str(out / "results" / f"{name}.json")
+        storage.write_json(uri, [{"question_id": q["question_id"], "answer": answer(q["question_id"])}
+                                 for q in questions])
+        scored[name] = {"results_file": uri}
+    storage.write_json(str(out / "stages" / "vqa_val.json"), {"result": scored})
+    storage.write_json(str(out / "stages" / "demo_config.json"), {"seed": 5})
+    return str(out), world
+
+
+def test_every_number_question_of_the_world_has_one_count_form(demo):
+    _, world = demo
+    texts = {q["question_id"]: q["question"]
+             for q in storage.read_json(world.questions("train"))["questions"]}
+    forms = set()
+    for ann in storage.read_json(world.annotations("train"))["annotations"]:
+        form = count_question_form(texts[ann["question_id"]])
+        assert (form is None) == (ann["answer_type"] != "number"), texts[ann["question_id"]]
+        forms.add(form)
+    assert forms == {None, "all", "colour", "class"}
+    assert count_question_form("how many red shapes are there?") == "colour"
+    assert count_question_form("how many crosses are there?") == "class"
+    assert count_question_form("how many objects are in the image?") == "all"
+    assert count_question_form("how many dogs are there?") is None
+
+
+def test_the_breakdown_scores_each_model_and_the_prior_on_each_count(demo, tmp_path):
+    out, world = demo
+    run = demo_breakdown(out)
+    assert set(run["models"]) == {"answer prior", "always one", "oracle"}
+    questions = sum(run["questions"].values())
+    assert set(run["questions"]) == {"all", "colour", "class"}
+    ones = run["models"]["always one"]
+    assert ones["number"]["n"] == questions
+    # Scored by hand: "1" against every all-shapes question's ten answers (2 to 5 shapes).
+    anns = [a for a in storage.read_json(world.annotations("val"))["annotations"]
+            if a["answer_type"] == "number"]
+    texts = {q["question_id"]: q["question"] for q in storage.read_json(world.questions("val"))["questions"]}
+    all_shapes = [a for a in anns if count_question_form(texts[a["question_id"]]) == "all"]
+    expected = 100 * sum(vqa_accuracy("1", [x["answer"] for x in a["answers"]])
+                         for a in all_shapes) / len(all_shapes)
+    assert ones["all"]["accuracy"] == pytest.approx(expected, abs=0.01)
+    assert ones["all"]["n"] == len(all_shapes) == run["questions"]["all"]
+    oracle = run["models"]["oracle"]
+    assert oracle["number"]["accuracy"] > 90.0 > ones["all"]["accuracy"]
+    assert sum(oracle[f"all={n}"]["n"] for n in "2345" if f"all={n}" in oracle) == len(all_shapes)
+    # The consensus answer scores 1 on every question (at least six annotators give it).
+    assert (oracle["all"]["accuracy"], oracle["all"]["standard_error"]) == (100.0, 0.0)
+    p = expected / 100
+    assert ones["all"]["standard_error"] == pytest.approx(
+        100 * (p * (1 - p) / len(all_shapes)) ** 0.5, abs=0.01)
+    # The prior answers one answer per count form, its commonest in training.
+    assert run["prior"]["colour"] == "1"
+
+    table = breakdown_table([run])
+    assert f"| seed 5 | *questions* | {questions} |" in table
+    assert f"| seed 5 | always one | {ones['number']['accuracy']:.2f} |" in table
+    draw_all_shapes([run], str(tmp_path / "all.png"))
+    assert Image.open(tmp_path / "all.png").size[0] > 400
+
+
+def test_a_folder_without_vqa_scores_is_named(tmp_path):
+    with pytest.raises(SystemExit, match="no finished VQA scoring"):
+        demo_breakdown(str(tmp_path))
