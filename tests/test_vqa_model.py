@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ray_updown.errors import ConfigError, DataError
-from ray_updown.vqa.model import GatedTanh, VqaConfig, VqaModel, ensemble_scores, soft_accuracy, vqa_loss
+from ray_updown.vqa.model import GatedTanh, ReluLayer, VqaConfig, VqaModel, ensemble_scores, soft_accuracy, vqa_loss
 
 TINY = dict(num_tokens=12, num_answers=5, embed_dim=8, hidden=16, feat_dim=6, question_len=5)
 CONFIGS = {
@@ -98,6 +98,25 @@ def test_gated_tanh_on_hand_set_weights():
     # By hand: Wx+b = [0.5-2+0.1, -0.5-0.5-0.2] = [-1.4, -1.2]; W'x+b' = [0.15+1, 1-1+0.5]
     expected = torch.tanh(torch.tensor([-1.4, -1.2])) * torch.sigmoid(torch.tensor([1.15, 0.5]))
     assert torch.allclose(y[0], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer_class, weight_norm", [(GatedTanh, False), (ReluLayer, True)])
+def test_a_layer_over_region_question_pairs_equals_it_over_their_concatenation(layer_class,
+                                                                                weight_norm):
+    # f_a([v_i, q]) of eq. 15 without building [B, K, D + H]: the same values and gradients.
+    torch.manual_seed(0)
+    layer = layer_class(6 + 4, 3, weight_norm)
+    regions, question = torch.randn(2, 5, 6), torch.randn(2, 4)
+    pairs = torch.cat([regions, question.unsqueeze(1).expand(-1, 5, -1)], dim=2)
+    concatenated = layer(pairs)
+    concatenated.sum().backward()
+    grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    split = layer.forward_pairs(regions, question)
+    split.sum().backward()
+    assert torch.allclose(split, concatenated, atol=1e-6)
+    for before, p in zip(grads, layer.parameters()):
+        assert torch.allclose(p.grad, before, atol=1e-6)
 
 
 def test_glove_init_copies_matrix_and_rejects_wrong_dim():

@@ -117,6 +117,16 @@ def _linear(in_dim: int, out_dim: int, use_weight_norm: bool) -> nn.Linear:
     return _weight_norm(layer, dim=None) if use_weight_norm else layer
 
 
+def linear_of_pairs(layer: nn.Linear, regions: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
+    """`layer([v_i, q])` for every region i [B, K, out], without building the concatenation:
+    W [v; q] + b = W_v v + (W_q q + b), the question's half once per question instead of once
+    per region (the same numbers up to float rounding, at a fraction of the cost)."""
+    weight = layer.weight  # under weight norm, the normalised matrix
+    split = regions.shape[-1]
+    question_half = F.linear(question, weight[:, split:], layer.bias)
+    return F.linear(regions, weight[:, :split]) + question_half.unsqueeze(1)
+
+
 class GatedTanh(nn.Module):
     """Gated tanh layer f(x) = tanh(W x + b) ∘ σ(W' x + b') (eq. 12-14)."""
 
@@ -128,6 +138,11 @@ class GatedTanh(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.linear(x)) * torch.sigmoid(self.gate(x))  # eq. 14
 
+    def forward_pairs(self, regions: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
+        """f([v_i, q]) for every region (see `linear_of_pairs`). [B, K, out]"""
+        return (torch.tanh(linear_of_pairs(self.linear, regions, question))
+                * torch.sigmoid(linear_of_pairs(self.gate, regions, question)))
+
 
 class ReluLayer(nn.Module):
     """The variant's replacement for eq. 12-14: f(x) = ReLU(W x + b)."""
@@ -138,6 +153,10 @@ class ReluLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.linear(x))
+
+    def forward_pairs(self, regions: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
+        """f([v_i, q]) for every region (see `linear_of_pairs`). [B, K, out]"""
+        return F.relu(linear_of_pairs(self.linear, regions, question))
 
 
 def nonlinear_layer(config: VqaConfig, in_dim: int, out_dim: int) -> nn.Module:
@@ -222,9 +241,7 @@ class VqaModel(nn.Module):
         with no real region attends to nothing (all zeros) instead of producing NaN.
         """
         if self.config.attention == "concat":
-            num_regions = feats.shape[1]
-            joint = self.attention_layer(
-                torch.cat([feats, question.unsqueeze(1).expand(-1, num_regions, -1)], dim=2))
+            joint = self.attention_layer.forward_pairs(feats, question)  # f_a([v_i, q])
         else:
             joint = self.attention_region(feats) * self.attention_question(question).unsqueeze(1)
         logits = self.attention_weight(self.attention_dropout(joint))
