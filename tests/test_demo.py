@@ -10,6 +10,7 @@ import re
 import pytest
 
 from ray_updown.demo import report as report_module
+from ray_updown.demo.number_questions import demo_breakdown, train_grid_seeds
 from ray_updown.demo.report import (
     build_table1,
     build_table4,
@@ -126,6 +127,16 @@ def test_demo_writes_the_report_with_every_section_and_a_rerun_skips_every_stage
     # Other settings in the same folder are refused instead of mixing two runs.
     with pytest.raises(ConfigError, match="scale"):
         run_demo(DemoConfig(out=str(tmp_path / "demo"), scale=0.1))
+
+    # The number questions by count form, with the finest grid trained on one more VQA seed.
+    more = train_grid_seeds(str(tmp_path / "demo"), 1)
+    assert list(more) == ["grid7 seed 1"]
+    breakdown = demo_breakdown(str(tmp_path / "demo"), more)
+    assert {"answer prior", "member0", "member1", "ensemble", "grid1", "grid7",
+            "grid7 seed 1"} == set(breakdown["models"])
+    number = {name: m["number"]["accuracy"] for name, m in breakdown["models"].items()}
+    assert number["member0"] == rows4["Up-Down (single model, seed 0)"]["number"]
+    assert number["grid7"] == rows4["ResNet 7x7"]["number"]
 
 
 def test_stage_book_runs_a_stage_once_and_records_its_result(tmp_path):

@@ -10,6 +10,11 @@ class that is absent). For each finished demo folder this scores every VQA resul
 answer prior (the commonest training answer of each count). A model that scores its prior on a
 count does not count there; the number target is decided where the models differ.
 
+The demo trains its Up-Down model with three VQA seeds (the ensemble's members) but each grid
+with one. `--grid-seeds N` trains the demo's finest grid again with the next N seeds, as Tune
+trials on the demo's features (kept in <demo>/number_questions, so a re-run resumes), and
+scores them too: then both sides of the number target have a seed spread.
+
 Prints a Markdown table (one row per world and model) and a JSON summary; `--png` draws the
 accuracy on the questions that count all the shapes, per model and world.
 """
@@ -17,6 +22,7 @@ accuracy on the questions that count all the shapes, per model and world.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -71,9 +77,10 @@ def accuracy_by_form(questions: list[dict], answer_of) -> dict[str, dict]:
     return out
 
 
-def demo_breakdown(demo: str) -> dict:
+def demo_breakdown(demo: str, more_results: dict[str, str] | None = None) -> dict:
     """{"demo", "seed", "questions", "prior", "models"} of a finished demo folder: per model
-    (and for the answer prior) its accuracy by count form (`accuracy_by_form`)."""
+    of its `vqa_val` stage, per model of `more_results` ({name: results file}), and for the
+    answer prior, the accuracy by count form (`accuracy_by_form`)."""
     book = StageBook(demo)
     if not storage.exists(book.record_uri("vqa_val")):
         raise SystemExit(f"{demo}: no finished VQA scoring here (no {STAGES_DIR}/vqa_val.json)")
@@ -82,12 +89,40 @@ def demo_breakdown(demo: str) -> dict:
     questions = number_questions(world, "val")
     prior = answer_prior(world)
     models = {"answer prior": accuracy_by_form(questions, lambda q: prior.get(q["form"], ""))}
-    for name, scored in storage.read_json(book.record_uri("vqa_val"))["result"].items():
-        answers = {r["question_id"]: r["answer"]
-                   for r in storage.read_json(scored["results_file"])}
+    results = {name: scored["results_file"]
+               for name, scored in storage.read_json(book.record_uri("vqa_val"))["result"].items()}
+    for name, results_file in {**results, **(more_results or {})}.items():
+        answers = {r["question_id"]: r["answer"] for r in storage.read_json(results_file)}
         models[name] = accuracy_by_form(questions, lambda q: answers.get(q["question_id"], ""))
     return {"demo": demo, "seed": config["seed"], "prior": prior,
             "questions": dict(Counter(q["form"] for q in questions)), "models": models}
+
+
+def train_grid_seeds(demo: str, seeds: int) -> dict[str, str]:
+    """The demo's finest grid model trained again with the demo's next `seeds` VQA seeds (its
+    settings and features otherwise), as the members of an ensemble (Tune trials side by side),
+    each scored on VQA val: {"grid<g> seed <s>": results file}."""
+    from ray_updown.config import from_dict
+    from ray_updown.demo.run import DemoConfig
+    from ray_updown.demo.stages import evaluate_vqa_model, train_vqa_ensemble, vqa_config
+    from ray_updown.ray_cluster import ensure_ray
+
+    cfg = from_dict(DemoConfig, {**storage.read_json(storage.join(demo, STAGES_DIR, CONFIG_RECORD)),
+                                 "out": demo})
+    grid = max(cfg.vqa_grids)
+    world, store = WorldFiles(storage.join(demo, "world")), storage.join(demo, "features", f"grid{grid}")
+    study = StageBook(storage.join(demo, "number_questions"))
+    vqa_cfg = vqa_config(dataclasses.replace(cfg, seed=cfg.seed + 1), world, store, grid * grid,
+                         storage.join(study.out, "runs"), f"vqa-grid{grid}-seeds",
+                         cfg.epochs(cfg.vqa_epochs))
+    ensure_ray(cfg.num_cpus or None)
+    trained = study.run(f"grid{grid}_seeds", lambda: train_vqa_ensemble(vqa_cfg, seeds))
+    files = {}
+    for member in trained["members"]:
+        name = f"grid{grid}-seed{member['seed']}"
+        files[f"grid{grid} seed {member['seed']}"] = study.run(f"val_{name}", lambda: evaluate_vqa_model(
+            world, [member["checkpoint"]], store, name, storage.join(study.out, "results")))["results_file"]
+    return files
 
 
 def breakdown_table(runs: list[dict]) -> str:
@@ -121,8 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("demos", nargs="+", help="finished demo folders")
     parser.add_argument("--png", default="", help="write the all-shapes picture here")
+    parser.add_argument("--grid-seeds", type=int, default=0,
+                        help="train the finest grid with this many more VQA seeds first")
     args = parser.parse_args(argv)
-    runs = [demo_breakdown(d) for d in args.demos]
+    if args.grid_seeds < 0:
+        raise SystemExit(f"--grid-seeds must be at least 0, got {args.grid_seeds}")
+    runs = [demo_breakdown(d, train_grid_seeds(d, args.grid_seeds) if args.grid_seeds else None)
+            for d in args.demos]
     print(breakdown_table(runs))
     if args.png:
         draw_all_shapes(runs, args.png)
