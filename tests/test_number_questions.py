@@ -9,7 +9,12 @@ from PIL import Image
 from ray_updown import storage
 from ray_updown.data.world import WorldConfig, build_world
 from ray_updown.data.world_language import count_question_form
-from ray_updown.demo.number_questions import breakdown_table, demo_breakdown, draw_all_shapes
+from ray_updown.demo.number_questions import (
+    breakdown_table,
+    demo_breakdown,
+    draw_all_shapes,
+    summary_table,
+)
 from ray_updown.demo.stages import WorldFiles
 from ray_updown.metrics.vqa_eval import vqa_accuracy
 
@@ -89,3 +94,22 @@ def test_the_breakdown_scores_each_model_and_the_prior_on_each_count(demo, tmp_p
 def test_a_folder_without_vqa_scores_is_named(tmp_path):
     with pytest.raises(SystemExit, match="no finished VQA scoring"):
         demo_breakdown(str(tmp_path))
+
+
+def test_the_summary_gives_each_familys_range_over_seeds_and_who_sits_at_the_prior():
+    def scores(number, all_shapes, colour, cls):
+        return {"number": {"accuracy": number}, "all": {"accuracy": all_shapes},
+                "colour": {"accuracy": colour}, "class": {"accuracy": cls}}
+
+    run = {"seed": 21, "questions": {"all": 41, "colour": 44, "class": 103},
+           "models": {"answer prior": scores(58.0, 28.1, 70.2, 65.3),
+                      "member21": scores(65.05, 55.6, 66.4, 65.3),
+                      "member22": scores(67.93, 72.0, 70.2, 65.3),
+                      "ensemble": scores(67.9, 72.0, 70.2, 65.3),
+                      "grid14": scores(61.17, 41.0, 70.2, 65.3),
+                      "grid14 seed 22": scores(63.0, 47.5, 70.2, 64.0)}}
+    lines = summary_table([run]).splitlines()
+    assert lines[0].startswith("| world | number questions: all / colour / class | "
+                               "Up-Down: number; all shapes | grid14: number; all shapes |")
+    assert lines[2] == ("| seed 21 | 41 / 44 / 103 | 65.0–67.9; 55.6–72.0 | 61.2–63.0; 41.0–47.5 "
+                        "| 4 / 4 of 5 |")

@@ -142,6 +142,47 @@ def breakdown_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def model_family(name: str) -> str | None:
+    """"Up-Down" for an ensemble member, "grid<g>" for a grid at any seed; None for the
+    ensemble and the prior."""
+    if name.startswith("member"):
+        return "Up-Down"
+    return name.split(" ", 1)[0] if name.startswith("grid") else None
+
+
+def summary_table(runs: list[dict]) -> str:
+    """Markdown, a row per world: each family's number and all-shapes accuracy (the range over
+    its seeds), and how many of the world's models score exactly the answer prior on the
+    one-colour and one-class counts (they answer its commonest answer there)."""
+    families = list(dict.fromkeys(f for run in runs for f in map(model_family, run["models"]) if f))
+    lines = ["| world | number questions: all / colour / class | "
+             + " | ".join(f"{f}: number; all shapes" for f in families)
+             + " | models at the prior on colour / class counts |",
+             "|---|---|" + "---|" * len(families) + "---|"]
+    for run in runs:
+        models = {n: m for n, m in run["models"].items() if n != "answer prior"}
+        cells = []
+        for family in families:
+            members = [m for n, m in models.items() if model_family(n) == family]
+            cells.append(f"{_span([m['number']['accuracy'] for m in members])}; "
+                         f"{_span([m['all']['accuracy'] for m in members if 'all' in m])}")
+        prior = run["models"]["answer prior"]
+        at_prior = [sum(m.get(f, {}).get("accuracy") == prior.get(f, {}).get("accuracy")
+                        for m in models.values()) for f in FORMS[1:]]
+        n = run["questions"]
+        lines.append(f"| seed {run['seed']} | " + " / ".join(str(n.get(f, 0)) for f in FORMS)
+                     + " | " + " | ".join(cells)
+                     + f" | {at_prior[0]} / {at_prior[1]} of {len(models)} |")
+    return "\n".join(lines)
+
+
+def _span(values: list[float]) -> str:
+    if not values:
+        return "–"
+    low, high = min(values), max(values)
+    return f"{low:.1f}" if low == high else f"{low:.1f}–{high:.1f}"
+
+
 def draw_all_shapes(runs: list[dict], uri: str) -> None:
     """Accuracy on the questions that count all the shapes, per world and model."""
     from ray_updown.viz.plots import plot_bars
@@ -164,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = [demo_breakdown(d, train_grid_seeds(d, args.grid_seeds) if args.grid_seeds else None)
             for d in args.demos]
     print(breakdown_table(runs))
+    print()
+    print(summary_table(runs))
     if args.png:
         draw_all_shapes(runs, args.png)
     print(json.dumps(runs, indent=1))
