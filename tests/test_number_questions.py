@@ -113,3 +113,11 @@ def test_the_summary_gives_each_familys_range_over_seeds_and_who_sits_at_the_pri
                                "Up-Down: number; all shapes | grid14: number; all shapes |")
     assert lines[2] == ("| seed 21 | 41 / 44 / 103 | 65.0–67.9; 55.6–72.0 | 61.2–63.0; 41.0–47.5 "
                         "| 4 / 4 of 5 |")
+
+
+def test_bars_of_different_worlds_share_labels_by_seed_relative_to_the_world():
+    from ray_updown.demo.number_questions import _bar_label
+
+    assert _bar_label("member22", 21) == "Up-Down, seed S+1"
+    assert _bar_label("grid14 seed 23", 21) == "grid14, seed S+2"
+    assert _bar_label("grid7", 21) == "grid7"

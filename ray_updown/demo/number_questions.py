@@ -183,11 +183,22 @@ def _span(values: list[float]) -> str:
     return f"{low:.1f}" if low == high else f"{low:.1f}–{high:.1f}"
 
 
+def _bar_label(name: str, world_seed: int) -> str:
+    """A model's name with its VQA seed relative to the world's (the demo's VQA seeds start at
+    the world's seed), so that bars of different worlds share labels: "Up-Down, seed S+1"."""
+    if name.startswith("member"):
+        return f"Up-Down, seed S+{int(name[len('member'):]) - world_seed}"
+    if " seed " in name:
+        grid, seed = name.split(" seed ")
+        return f"{grid}, seed S+{int(seed) - world_seed}"
+    return name
+
+
 def draw_all_shapes(runs: list[dict], uri: str) -> None:
     """Accuracy on the questions that count all the shapes, per world and model."""
     from ray_updown.viz.plots import plot_bars
 
-    groups = {f"seed {run['seed']}": {name: acc.get("all", {}).get("accuracy", 0.0)
+    groups = {f"seed {run['seed']}": {_bar_label(name, run["seed"]): acc.get("all", {}).get("accuracy", 0.0)
                                       for name, acc in run["models"].items()} for run in runs}
     plot_bars(groups, '"how many shapes are there?": accuracy per model and world',
               "VQA accuracy", uri)
