@@ -3,6 +3,8 @@ hand-made demo folder holding only what the breakdown reads."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from PIL import Image
 
@@ -121,3 +123,46 @@ def test_bars_of_different_worlds_share_labels_by_seed_relative_to_the_world():
     assert _bar_label("member22", 21) == "Up-Down, seed S+1"
     assert _bar_label("grid14 seed 23", 21) == "grid14, seed S+2"
     assert _bar_label("grid7", 21) == "grid7"
+
+
+def test_model_names_parse_into_family_and_vqa_seed():
+    from ray_updown.demo.number_questions import model_family, model_family_and_seed
+
+    assert model_family_and_seed("member22") == ("Up-Down", 22)
+    assert model_family_and_seed("grid14 seed 23") == ("grid14", 23)
+    assert model_family_and_seed("grid7") == ("grid7", None)
+    assert model_family_and_seed("ensemble") == (None, None)
+    assert [model_family(n) for n in ("member0", "grid1 seed 2", "answer prior")] == \
+        ["Up-Down", "grid1", None]
+
+
+def test_negative_grid_seeds_exit_with_one_line(demo):
+    from ray_updown.demo.number_questions import main
+
+    with pytest.raises(SystemExit, match="--grid-seeds must be at least 0, got -1"):
+        main([demo[0], "--grid-seeds", "-1"])
+
+
+def test_a_results_file_missing_from_a_demo_folder_is_one_line_naming_it(demo, tmp_path):
+    from ray_updown.demo.number_questions import main
+
+    out = tmp_path / "demo"
+    storage.write_json(str(out / "stages" / "demo_config.json"), {"seed": 5})
+    storage.write_json(str(out / "stages" / "vqa_val.json"),
+                       {"result": {"gone": {"results_file": str(out / "results" / "gone.json")}}})
+    # the world is the fixture's: only the results file is missing
+    shutil.copytree(demo[0] + "/world", out / "world")
+    with pytest.raises(SystemExit, match=r"number_questions: error: .*gone\.json") as exc:
+        main([str(out)])
+    assert "Traceback" not in str(exc.value)
+
+
+def test_a_folder_without_a_demo_config_record_is_a_config_error_naming_the_file(tmp_path):
+    from ray_updown.demo.run import load_demo_config
+    from ray_updown.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"demo_config\.json: not a demo folder"):
+        load_demo_config(str(tmp_path))
+    storage.write_json(str(tmp_path / "stages" / "demo_config.json"), {"seed": 3, "images": 40})
+    cfg = load_demo_config(str(tmp_path))
+    assert (cfg.seed, cfg.images, cfg.out) == (3, 40, str(tmp_path))

@@ -115,15 +115,14 @@ def run_study(demo: str, seeds: int) -> dict:
 def finished_demo(demo: str):
     """A finished demo folder's config (DemoConfig) and detector checkpoint; SystemExit when
     it has no region features or kept other than a fixed region count."""
-    from ray_updown.config import from_dict
-    from ray_updown.demo.run import DemoConfig
+    from ray_updown.demo.run import load_demo_config
     from ray_updown.demo.stages import CONFIG_RECORD, STAGES_DIR, StageBook
 
     book = StageBook(demo)
     config_uri = storage.join(demo, STAGES_DIR, CONFIG_RECORD)
     if not storage.exists(book.record_uri("extract_regions")) or not storage.exists(config_uri):
         raise SystemExit(f"{demo}: not a demo folder with its region features (run `make demo` first)")
-    cfg = from_dict(DemoConfig, {**storage.read_json(config_uri), "out": demo})
+    cfg = load_demo_config(demo)
     if cfg.min_regions != cfg.max_regions or not cfg.max_regions:
         raise SystemExit(f"{demo}: the study compares a fixed region count with 10-100; this demo "
                          f"kept {cfg.min_regions}-{cfg.max_regions}")

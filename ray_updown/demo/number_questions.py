@@ -31,6 +31,7 @@ from collections import Counter
 from ray_updown import storage
 from ray_updown.data.world_language import count_question_form
 from ray_updown.demo.stages import CONFIG_RECORD, STAGES_DIR, StageBook, WorldFiles
+from ray_updown.errors import RayUpdownError
 from ray_updown.metrics.vqa_eval import vqa_accuracy
 
 FORMS = ("all", "colour", "class")
@@ -102,13 +103,11 @@ def train_grid_seeds(demo: str, seeds: int) -> dict[str, str]:
     """The demo's finest grid model trained again with the demo's next `seeds` VQA seeds (its
     settings and features otherwise), as the members of an ensemble (Tune trials side by side),
     each scored on VQA val: {"grid<g> seed <s>": results file}."""
-    from ray_updown.config import from_dict
-    from ray_updown.demo.run import DemoConfig
+    from ray_updown.demo.run import load_demo_config
     from ray_updown.demo.stages import evaluate_vqa_model, train_vqa_ensemble, vqa_config
     from ray_updown.ray_cluster import ensure_ray
 
-    cfg = from_dict(DemoConfig, {**storage.read_json(storage.join(demo, STAGES_DIR, CONFIG_RECORD)),
-                                 "out": demo})
+    cfg = load_demo_config(demo)
     grid = max(cfg.vqa_grids)
     world, store = WorldFiles(storage.join(demo, "world")), storage.join(demo, "features", f"grid{grid}")
     study = StageBook(storage.join(demo, "number_questions"))
@@ -142,12 +141,22 @@ def breakdown_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def model_family_and_seed(name: str) -> tuple[str | None, int | None]:
+    """A demo model's name parsed: ("Up-Down", s) for ensemble member "member<s>",
+    ("grid<g>", s) for "grid<g> seed <s>", ("grid<g>", None) for the demo's own grid model
+    (trained at the world's seed), (None, None) for the ensemble and the prior."""
+    if name.startswith("member"):
+        return "Up-Down", int(name[len("member"):])
+    if name.startswith("grid"):
+        grid, _, seed = name.partition(" seed ")
+        return grid, int(seed) if seed else None
+    return None, None
+
+
 def model_family(name: str) -> str | None:
     """"Up-Down" for an ensemble member, "grid<g>" for a grid at any seed; None for the
     ensemble and the prior."""
-    if name.startswith("member"):
-        return "Up-Down"
-    return name.split(" ", 1)[0] if name.startswith("grid") else None
+    return model_family_and_seed(name)[0]
 
 
 def summary_table(runs: list[dict]) -> str:
@@ -186,12 +195,8 @@ def _span(values: list[float]) -> str:
 def _bar_label(name: str, world_seed: int) -> str:
     """A model's name with its VQA seed relative to the world's (the demo's VQA seeds start at
     the world's seed), so that bars of different worlds share labels: "Up-Down, seed S+1"."""
-    if name.startswith("member"):
-        return f"Up-Down, seed S+{int(name[len('member'):]) - world_seed}"
-    if " seed " in name:
-        grid, seed = name.split(" seed ")
-        return f"{grid}, seed S+{int(seed) - world_seed}"
-    return name
+    family, seed = model_family_and_seed(name)
+    return name if seed is None else f"{family}, seed S+{seed - world_seed}"
 
 
 def draw_all_shapes(runs: list[dict], uri: str) -> None:
@@ -213,8 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.grid_seeds < 0:
         raise SystemExit(f"--grid-seeds must be at least 0, got {args.grid_seeds}")
-    runs = [demo_breakdown(d, train_grid_seeds(d, args.grid_seeds) if args.grid_seeds else None)
-            for d in args.demos]
+    try:
+        runs = [demo_breakdown(d, train_grid_seeds(d, args.grid_seeds) if args.grid_seeds else None)
+                for d in args.demos]
+    except RayUpdownError as exc:  # a missing or malformed file of a demo folder: one line
+        raise SystemExit(f"number_questions: error: {exc}") from None
     print(breakdown_table(runs))
     print()
     print(summary_table(runs))

@@ -35,8 +35,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ray_updown import storage
-from ray_updown.config import check_at_least, to_dict, validate_fields
+from ray_updown.config import check_at_least, from_dict, to_dict, validate_fields
 from ray_updown.demo.stages import (
+    CONFIG_RECORD,
+    STAGES_DIR,
     StageBook,
     WorldFiles,
     detector_history,
@@ -138,6 +140,16 @@ class DemoConfig:
 
     def epochs(self, base: int) -> int:
         return max(1, round(base * self.scale))
+
+
+def load_demo_config(demo: str) -> DemoConfig:
+    """The DemoConfig a demo folder was run with (its stage record), with `out` the folder:
+    ConfigError when the folder has no record, naming the file."""
+    uri = storage.join(demo, STAGES_DIR, CONFIG_RECORD)
+    if not storage.exists(uri):
+        raise ConfigError("not a demo folder: its config record is missing (run `make demo`)",
+                          file=uri)
+    return from_dict(DemoConfig, {**storage.read_json(uri), "out": demo}, uri)
 
 
 @dataclass(frozen=True)

@@ -35,10 +35,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 class SlowDetector:
-    """The tiny detector, `delay` seconds a forward: a run lasts long enough to be hit."""
+    """The tiny detector, `delay` seconds a forward: a run lasts long enough to be hit.
 
-    def __init__(self, checkpoint: str, delay: float):
+    With a `barrier` folder, its first forward waits until `parties` detectors have been
+    built (each leaves a file there): on a busy machine one actor could otherwise take every
+    shard before the other has loaded its model.
+    """
+
+    def __init__(self, checkpoint: str, delay: float, barrier: str | None = None,
+                 parties: int = 0):
         self.model, self.delay = load_detector(checkpoint), delay
+        self.barrier, self.parties = barrier, parties
+        if barrier:
+            open(os.path.join(barrier, f"built-{os.getpid()}"), "w").close()
 
     def __getattr__(self, name):
         if name == "extract_batches":  # every forward through extract_regions
@@ -46,12 +55,19 @@ class SlowDetector:
         return getattr(self.model, name)
 
     def extract_regions(self, images):
+        if self.barrier:  # a loop of its own: this runs in a Ray worker, without conftest
+            deadline = time.monotonic() + 120
+            while len(os.listdir(self.barrier)) < self.parties:
+                assert time.monotonic() < deadline, f"{self.parties} detectors never built"
+                time.sleep(0.1)
+            self.barrier = None
         time.sleep(self.delay)
         return self.model.extract_regions(images)
 
 
-def slow_detector(checkpoint: str, delay: float) -> SlowDetector:
-    return SlowDetector(checkpoint, delay)
+def slow_detector(checkpoint: str, delay: float, barrier: str | None = None,
+                  parties: int = 0) -> SlowDetector:
+    return SlowDetector(checkpoint, delay, barrier, parties)
 
 
 @pytest.fixture()
@@ -87,7 +103,8 @@ def _first_part(job) -> str:
 
 def test_actors_on_both_worker_nodes_write_their_shards(make_cluster, job):
     cluster = make_cluster(1, [WORKER, WORKER])
-    factory = functools.partial(slow_detector, str(job / "ckpt"), 0.2)
+    (job / "barrier").mkdir()
+    factory = functools.partial(slow_detector, str(job / "ckpt"), 0.2, str(job / "barrier"), 2)
     summary = run_extraction(_config(job), model_factory=factory)
     assert (summary["inputs"], summary["features"], summary["errors"]) == (16, 16, 0)
     workers = {n.node_id for n in cluster.worker_nodes}
