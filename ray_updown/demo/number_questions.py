@@ -30,7 +30,7 @@ from collections import Counter
 
 from ray_updown import storage
 from ray_updown.data.world_language import count_question_form
-from ray_updown.demo.stages import CONFIG_RECORD, STAGES_DIR, StageBook, WorldFiles
+from ray_updown.demo.stages import STAGES_DIR, StageBook, WorldFiles
 from ray_updown.errors import RayUpdownError
 from ray_updown.metrics.vqa_eval import vqa_accuracy
 
@@ -82,10 +82,12 @@ def demo_breakdown(demo: str, more_results: dict[str, str] | None = None) -> dic
     """{"demo", "seed", "questions", "prior", "models"} of a finished demo folder: per model
     of its `vqa_val` stage, per model of `more_results` ({name: results file}), and for the
     answer prior, the accuracy by count form (`accuracy_by_form`)."""
+    from ray_updown.demo.run import load_demo_config
+
     book = StageBook(demo)
     if not storage.exists(book.record_uri("vqa_val")):
         raise SystemExit(f"{demo}: no finished VQA scoring here (no {STAGES_DIR}/vqa_val.json)")
-    config = storage.read_json(storage.join(demo, STAGES_DIR, CONFIG_RECORD))
+    seed = load_demo_config(demo).seed
     world = WorldFiles(storage.join(demo, "world"))
     questions = number_questions(world, "val")
     prior = answer_prior(world)
@@ -95,7 +97,7 @@ def demo_breakdown(demo: str, more_results: dict[str, str] | None = None) -> dic
     for name, results_file in {**results, **(more_results or {})}.items():
         answers = {r["question_id"]: r["answer"] for r in storage.read_json(results_file)}
         models[name] = accuracy_by_form(questions, lambda q: answers.get(q["question_id"], ""))
-    return {"demo": demo, "seed": config["seed"], "prior": prior,
+    return {"demo": demo, "seed": seed, "prior": prior,
             "questions": dict(Counter(q["form"] for q in questions)), "models": models}
 
 
