@@ -4,6 +4,7 @@ has every section with its PNGs, and a second run reuses every stage."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
@@ -444,3 +445,30 @@ def test_a_demo_folder_refuses_other_settings_but_not_other_scheduling(tmp_path)
     with pytest.raises(ConfigError, match="seed: 0 then, 1 now") as info:
         StageBook(str(tmp_path)).check_config({"out": "a", "seed": 1, "parallel_tracks": 4})
     assert "parallel_tracks" not in str(info.value)
+
+
+def test_every_demo_vqa_model_reads_unit_length_features_under_one_schedule(tmp_path):
+    """The grids and the Up-Down members differ only in their data: each scales its features
+    to unit length and trains with the same optimiser, step size and epochs."""
+    import torch
+
+    from ray_updown.demo.stages import WorldFiles, vqa_config
+    from ray_updown.vqa.model import VqaModel
+
+    cfg, world = DemoConfig(out=str(tmp_path)), WorldFiles(str(tmp_path / "world"))
+    grid = vqa_config(cfg, world, "grid7", 49, str(tmp_path), "vqa-grids", cfg.vqa_epochs)
+    regions = vqa_config(cfg, world, "regions", 36, str(tmp_path), "vqa-ensemble", cfg.vqa_epochs)
+    for run in (grid, regions):
+        assert run.model.base().l2_normalize_features is True
+        assert (run.optimizer, run.lr, run.epochs, run.batch_size) == (
+            "adamax", cfg.vqa_lr, cfg.vqa_epochs, cfg.vqa_batch_size)
+    assert (grid.data.features, grid.data.max_boxes) != (regions.data.features,
+                                                         regions.data.max_boxes)
+    # What the option does: a region 12 long and the same region 32 long give the same answer.
+    model_cfg = dataclasses.replace(regions.model.base(), num_tokens=5, num_answers=3,
+                                    feat_dim=8, embed_dim=4, hidden=6, pad_index=0)
+    model = VqaModel(model_cfg, seed=0).eval()
+    feats = torch.randn(2, 3, 8)
+    tokens = torch.tensor([[1, 2, 0], [3, 4, 1]])
+    short = feats * (12 / feats.norm(dim=2, keepdim=True))
+    torch.testing.assert_close(model(tokens, short), model(tokens, short * 32 / 12))

@@ -249,7 +249,9 @@ def vqa_config(cfg, world: WorldFiles, features: str, max_boxes: int, runs: str,
                          max_boxes=max_boxes,
                          # The demo's shared feature copies live in its own folder.
                          feature_cache_dir=os.path.join(runs, "feature_cache"))
-    return VqaTrainConfig(data=data, model=VqaModelOptions(preset="paper", hidden=cfg.vqa_hidden),
+    return VqaTrainConfig(data=data, model=VqaModelOptions(
+                              preset="paper", hidden=cfg.vqa_hidden,
+                              l2_normalize_features=cfg.vqa_l2_normalize),
                           optimizer=cfg.vqa_optimizer, lr=cfg.vqa_lr or None, epochs=epochs,
                           batch_size=cfg.vqa_batch_size, patience=cfg.vqa_patience,
                           seed=cfg.seed, storage_path=runs, name=name)
