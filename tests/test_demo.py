@@ -447,23 +447,26 @@ def test_a_demo_folder_refuses_other_settings_but_not_other_scheduling(tmp_path)
     assert "parallel_tracks" not in str(info.value)
 
 
-def test_every_demo_vqa_model_reads_unit_length_features_under_one_schedule(tmp_path):
-    """The grids and the Up-Down members differ only in their data: each scales its features
-    to unit length and trains with the same optimiser, step size and epochs."""
+def test_every_demo_vqa_model_shares_the_feature_scaling_and_the_schedule(tmp_path):
+    """The grids and the Up-Down members differ only in their data: raw features by default,
+    unit-length ones for all with `vqa_l2_normalize`, and one optimiser, step and epochs."""
     import torch
 
     from ray_updown.demo.stages import WorldFiles, vqa_config
     from ray_updown.vqa.model import VqaModel
 
-    cfg, world = DemoConfig(out=str(tmp_path)), WorldFiles(str(tmp_path / "world"))
-    grid = vqa_config(cfg, world, "grid7", 49, str(tmp_path), "vqa-grids", cfg.vqa_epochs)
-    regions = vqa_config(cfg, world, "regions", 36, str(tmp_path), "vqa-ensemble", cfg.vqa_epochs)
-    for run in (grid, regions):
-        assert run.model.base().l2_normalize_features is True
-        assert (run.optimizer, run.lr, run.epochs, run.batch_size) == (
-            "adamax", cfg.vqa_lr, cfg.vqa_epochs, cfg.vqa_batch_size)
-    assert (grid.data.features, grid.data.max_boxes) != (regions.data.features,
-                                                         regions.data.max_boxes)
+    world = WorldFiles(str(tmp_path / "world"))
+    for unit_length in (False, True):
+        cfg = DemoConfig(out=str(tmp_path), vqa_l2_normalize=unit_length)
+        grid = vqa_config(cfg, world, "grid7", 49, str(tmp_path), "vqa-grids", cfg.vqa_epochs)
+        regions = vqa_config(cfg, world, "regions", 36, str(tmp_path), "vqa-ensemble",
+                             cfg.vqa_epochs)
+        for run in (grid, regions):
+            assert run.model.base().l2_normalize_features is unit_length
+            assert (run.optimizer, run.lr, run.epochs, run.batch_size) == (
+                "adamax", cfg.vqa_lr, cfg.vqa_epochs, cfg.vqa_batch_size)
+        assert (grid.data.features, grid.data.max_boxes) != (regions.data.features,
+                                                             regions.data.max_boxes)
     # What the option does: a region 12 long and the same region 32 long give the same answer.
     model_cfg = dataclasses.replace(regions.model.base(), num_tokens=5, num_answers=3,
                                     feat_dim=8, embed_dim=4, hidden=6, pad_index=0)
