@@ -168,6 +168,7 @@ NESTED_CASES = [
     (ExtractConfig, "half=true", "half"),
     (WorldConfig, "jpeg_quality=0", "jpeg_quality"),
     (DemoConfig, "scale=0", "scale"),
+    (DemoConfig, "vqa_l2_normalize=maybe", "vqa_l2_normalize"),
 ]
 
 

@@ -4,7 +4,6 @@ has every section with its PNGs, and a second run reuses every stage."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 
@@ -453,7 +452,7 @@ def test_every_demo_vqa_model_shares_the_feature_scaling_and_the_schedule(tmp_pa
     import torch
 
     from ray_updown.demo.stages import WorldFiles, vqa_config
-    from ray_updown.vqa.model import VqaModel
+    from ray_updown.vqa.model import VqaConfig, VqaModel
 
     world = WorldFiles(str(tmp_path / "world"))
     for unit_length in (False, True):
@@ -468,9 +467,9 @@ def test_every_demo_vqa_model_shares_the_feature_scaling_and_the_schedule(tmp_pa
         assert (grid.data.features, grid.data.max_boxes) != (regions.data.features,
                                                              regions.data.max_boxes)
     # What the option does: a region 12 long and the same region 32 long give the same answer.
-    model_cfg = dataclasses.replace(regions.model.base(), num_tokens=5, num_answers=3,
-                                    feat_dim=8, embed_dim=4, hidden=6, pad_index=0)
-    model = VqaModel(model_cfg, seed=0).eval()
+    unit_length_model = VqaConfig.paper(l2_normalize_features=True, num_tokens=5, num_answers=3,
+                                        feat_dim=8, embed_dim=4, hidden=6, pad_index=0)
+    model = VqaModel(unit_length_model, seed=0).eval()
     feats = torch.randn(2, 3, 8)
     tokens = torch.tensor([[1, 2, 0], [3, 4, 1]])
     short = feats * (12 / feats.norm(dim=2, keepdim=True))

@@ -101,9 +101,9 @@ class DemoConfig:
     # ensemble 2-9 points more than 15 at 256 (docs/demo.md, "Hidden 128, 30 epochs").
     vqa_hidden: int = 128
     vqa_optimizer: Literal["adadelta", "adamax"] = "adamax"  # the paper; the re-implementation
-    # True: every VQA model scales each region feature to unit length (Teney et al.). Off:
-    # on worlds 0-2 it met the same 18 of 21 targets as raw features (with vqa_lr=2e-2;
-    # docs/demo.md, "Tried: unit-length features").
+    # True: every VQA model scales each region feature to unit length (Teney et al.). Off by
+    # default: with vqa_lr=2e-2 it meets 18 of 21 targets on worlds 0-2, as raw features do
+    # (docs/demo.md, "Tried: unit-length features").
     vqa_l2_normalize: bool = False
     # 1e-2: at Adamax's default 2e-3 every model stays at the answer priors for 10+ epochs
     # on the world.
