@@ -46,3 +46,14 @@ def test_study_picture_is_drawn_from_a_summary(tmp_path):
     draw_study(summary, str(tmp_path / "counting.png"))
     with Image.open(tmp_path / "counting.png") as picture:
         assert picture.format == "PNG" and picture.size[0] > 400
+
+
+def test_a_demo_folder_without_its_config_record_is_one_line_naming_the_file(tmp_path):
+    from ray_updown import storage
+    from ray_updown.demo.counting import main
+
+    with pytest.raises(SystemExit, match="not a demo folder with its region features"):
+        main(["--demo", str(tmp_path)])
+    storage.write_json(str(tmp_path / "stages" / "extract_regions.json"), {"result": {}})
+    with pytest.raises(SystemExit, match=r"counting: error: .*demo_config\.json: not a demo folder"):
+        main(["--demo", str(tmp_path)])

@@ -33,6 +33,8 @@ import numpy as np
 from ray_updown import storage
 from ray_updown.data.vqa import ANSWER_TYPES
 from ray_updown.data.world import BACKDROP_CLASS, VG_ID_OFFSET
+from ray_updown.demo.run import load_demo_config
+from ray_updown.errors import RayUpdownError
 from ray_updown.metrics.detection import box_iou_coco
 
 ADAPTIVE = (10, 100)  # the paper: 10 to 100 regions above the confidence threshold
@@ -115,14 +117,12 @@ def run_study(demo: str, seeds: int) -> dict:
 def finished_demo(demo: str):
     """A finished demo folder's config (DemoConfig) and detector checkpoint; SystemExit when
     it has no region features or kept other than a fixed region count."""
-    from ray_updown.demo.run import load_demo_config
-    from ray_updown.demo.stages import CONFIG_RECORD, STAGES_DIR, StageBook
+    from ray_updown.demo.stages import StageBook
 
     book = StageBook(demo)
-    config_uri = storage.join(demo, STAGES_DIR, CONFIG_RECORD)
-    if not storage.exists(book.record_uri("extract_regions")) or not storage.exists(config_uri):
+    if not storage.exists(book.record_uri("extract_regions")):
         raise SystemExit(f"{demo}: not a demo folder with its region features (run `make demo` first)")
-    cfg = load_demo_config(demo)
+    cfg = load_demo_config(demo)  # ConfigError, naming the file, when the record is missing
     if cfg.min_regions != cfg.max_regions or not cfg.max_regions:
         raise SystemExit(f"{demo}: the study compares a fixed region count with 10-100; this demo "
                          f"kept {cfg.min_regions}-{cfg.max_regions}")
@@ -183,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=2, help="VQA seeds per region rule")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    summary = run_study(args.demo, args.seeds)
+    try:
+        summary = run_study(args.demo, args.seeds)
+    except RayUpdownError as exc:  # a missing or malformed file of a demo folder: one line
+        raise SystemExit(f"counting: error: {exc}") from None
     summary["minutes"] = round((time.perf_counter() - started) / 60, 2)
     print(json.dumps(summary, indent=1))
     return 0
