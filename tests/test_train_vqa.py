@@ -272,6 +272,40 @@ def test_early_stopping_on_val_accuracy_and_restart_after_it(tiny_vqa, tmp_path)
     assert server.reports[0][0]["samples_per_s"] > 0
 
 
+
+def test_the_learning_rate_warms_up_linearly_then_holds_and_resumes_mid_warmup(tiny_vqa, tmp_path,
+                                                                              monkeypatch):
+    import ray_updown.vqa.train as vqa_train
+
+    seen: list[float] = []  # the lr of each step, as the optimizer takes it
+    plain_step = vqa_train.train_step
+
+    def recording_step(model, optimizer, *args):
+        seen.append(optimizer.param_groups[0]["lr"])
+        return plain_step(model, optimizer, *args)
+
+    monkeypatch.setattr(vqa_train, "train_step", recording_step)
+    cfg = tiny_config(tiny_vqa, tmp_path, "warm", lr=0.04, warmup_epochs=1.5, epochs=3)
+    run_vqa_loop(cfg.to_dict(), LocalSession(str(tmp_path / "warm")))
+    steps = len(seen) // 3
+    warm = round(1.5 * steps)
+    assert steps >= 2
+    assert seen == pytest.approx([0.04 * (k + 1) / warm for k in range(warm)]
+                                 + [0.04] * (3 * steps - warm))
+    # Stopped after its first epoch, a run resumes the warmup where it was.
+    full, seen[:] = list(seen), []
+    run_vqa_loop(dataclasses.replace(cfg, epochs=1).to_dict(), LocalSession(str(tmp_path / "cut")))
+    run_vqa_loop(cfg.to_dict(), LocalSession(str(tmp_path / "cut")))
+    assert seen == pytest.approx(full)
+    # Without warmup every step takes the full lr; a negative warmup is refused by name.
+    seen[:] = []
+    run_vqa_loop(dataclasses.replace(cfg, warmup_epochs=0.0, epochs=1).to_dict(),
+                 LocalSession(str(tmp_path / "flat")))
+    assert seen == [0.04] * steps
+    with pytest.raises(ConfigError, match="warmup_epochs"):
+        dataclasses.replace(cfg, warmup_epochs=-1.0).validate()
+
+
 # -- Ray -------------------------------------------------------------------------------------
 
 def _train_loss(model: VqaModel, dataset) -> float:

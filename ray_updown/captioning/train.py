@@ -41,6 +41,7 @@ from ray_updown.train.worker import (
     all_reduce,
     autocast,
     init_wandb,
+    set_lr,
     shard_batches,
     steps_per_epoch,
 )
@@ -164,8 +165,7 @@ def train_epoch(cfg: CaptionTrainConfig, ddp_model, optimizer, loader, device: t
     lr = learning_rate(cfg, step, total_steps)
     for batch in loader:
         lr = learning_rate(cfg, step, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         stats = train_step(ddp_model, optimizer, batch.to(device), cfg, pad_id, reward, generator)
         step += 1
         for key in sums:

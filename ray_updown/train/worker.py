@@ -1,5 +1,5 @@
 """What a training worker does the same way in every task: split an epoch into batches, sum
-numbers over the workers, run under the chosen precision, start wandb (its device comes from
+numbers over the workers, warm up the learning rate, run under the chosen precision, start wandb (its device comes from
 devices.py).
 
 Nothing here needs Ray: a loop run by a LocalSession (session.py) uses the same functions
@@ -36,6 +36,19 @@ def optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device) -> None
         for k, v in per_param.items():
             if torch.is_tensor(v):
                 per_param[k] = v.to(device)
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """The linear warmup of the learning rate (Goyal et al. 2017): the lr of 0-based `step`
+    is its full value times (step + 1) / warmup_steps over the first `warmup_steps` steps,
+    then times 1. No warmup when `warmup_steps` is 0."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The learning rate of every parameter group, before a step."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def distributed() -> bool:

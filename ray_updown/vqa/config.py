@@ -63,6 +63,9 @@ class VqaTrainConfig:
     # None: the preset's, as each was trained: adadelta (paper), adamax (the re-implementation's)
     optimizer: Literal["adadelta", "adamax"] | None = None
     lr: float | None = None              # None: 1.0 for adadelta, 2e-3 for adamax
+    # The lr rises linearly from lr/steps to lr over the first warmup_epochs (train/worker.py
+    # warmup_factor), then stays; 0 = the full lr from the first step
+    warmup_epochs: float = 0.0
     weight_decay: float = 0.0
     grad_clip: float = 0.25              # max gradient norm; 0 = no clipping
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast in training (train/worker.py)
@@ -82,7 +85,7 @@ class VqaTrainConfig:
     def validate(self) -> None:
         validate_fields(self)  # data, model, optimizer
         check_training_run(self)
-        check_at_least(self, 0, "patience", "grad_clip")
+        check_at_least(self, 0, "patience", "grad_clip", "warmup_epochs")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"must be positive (or null: the optimizer's default), got "
                               f"{self.lr}", record="lr")
@@ -90,6 +93,10 @@ class VqaTrainConfig:
     def optimizer_name(self) -> str:
         """The optimizer this run uses: the one named, else the preset's."""
         return self.optimizer or ("adadelta" if self.model.preset == "paper" else "adamax")
+
+    def learning_rate(self) -> float:
+        """The lr after warmup: the one given, else the optimizer's default."""
+        return self.lr if self.lr is not None else OPTIMIZERS[self.optimizer_name()]
 
     def absolute(self) -> "VqaTrainConfig":
         """A copy with local relative paths made absolute (Ray workers have their own cwd)."""

@@ -15,7 +15,8 @@ copy moves to the GPU when it fits (`data.device_features_share`) and batches ar
 there (features/regions.py).
 
 Each epoch: `train_step` over this worker's share of the questions (binary cross-entropy
-against soft scores, AdaDelta (paper) or Adamax (re-implementation), clipped gradients), then
+against soft scores, AdaDelta (paper) or Adamax (re-implementation), clipped gradients, the
+learning rate warmed up linearly over the first `warmup_epochs`), then
 `evaluate` (the soft score of the top answer, i.e. its official accuracy) and a checkpoint.
 Training stops early after `patience` epochs without a better validation accuracy.
 """
@@ -41,9 +42,11 @@ from ray_updown.train.worker import (
     autocast,
     init_wandb,
     optimizer_to,
+    set_lr,
     shard_batches,
+    warmup_factor,
 )
-from ray_updown.vqa.config import METRIC, OPTIMIZERS, VqaTrainConfig
+from ray_updown.vqa.config import METRIC, VqaTrainConfig
 from ray_updown.vqa.data import (
     PreparedVqa,
     VqaDataset,
@@ -66,8 +69,7 @@ def model_config(cfg: VqaTrainConfig, data: PreparedVqa) -> VqaConfig:
 
 
 def build_optimizer(cfg: VqaTrainConfig, params) -> torch.optim.Optimizer:
-    name = cfg.optimizer_name()
-    lr = cfg.lr if cfg.lr is not None else OPTIMIZERS[name]
+    name, lr = cfg.optimizer_name(), cfg.learning_rate()
     if name == "adadelta":
         return torch.optim.Adadelta(params, lr=lr, weight_decay=cfg.weight_decay)
     return torch.optim.Adamax(params, lr=lr, weight_decay=cfg.weight_decay)
@@ -167,12 +169,17 @@ def run_vqa_loop(config: dict, session: Session) -> None:
     run = init_wandb(cfg.wandb_project, cfg.to_dict(), cfg.name) if session.logs_to_wandb else None
     early_stopping = cfg.patience > 0 and data.val is not None and "val" not in cfg.data.train_on
     resumed_from_epoch = state["epoch"]
+    warmup_steps = round(cfg.warmup_epochs * len(shard_batches(len(data.train), cfg.batch_size,
+                                                                rank, world, seed=cfg.seed)))
     while not state["done"] and state["epoch"] < cfg.epochs:
         epoch = state["epoch"]
         started, losses = time.perf_counter(), []
         batches = shard_batches(len(data.train), cfg.batch_size, rank, world,
                                 seed=cfg.seed, epoch=epoch)
-        for batch in batch_loader(data.train, batches, loader_workers):
+        for step, batch in enumerate(batch_loader(data.train, batches, loader_workers),
+                                     start=epoch * len(batches)):
+            if warmup_steps:
+                set_lr(optimizer, cfg.learning_rate() * warmup_factor(step, warmup_steps))
             losses.append(train_step(ddp_model, optimizer, batch_to(batch, device), cfg.grad_clip,
                                      cfg.precision))
         seconds = time.perf_counter() - started

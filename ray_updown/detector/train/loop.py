@@ -45,7 +45,7 @@ from ray_updown.devices import pick_device
 from ray_updown.errors import CheckpointError, ConfigError
 from ray_updown.train.session import RayTrainSession, Session
 from ray_updown.train.trainer import build_trainer, checkpoint_uri, fit, history, latest_checkpoint
-from ray_updown.train.worker import all_reduce, init_wandb, shard_batches, steps_per_epoch
+from ray_updown.train.worker import all_reduce, init_wandb, set_lr, shard_batches, steps_per_epoch
 
 LOSSES = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_attr")
 
@@ -125,8 +125,7 @@ def train_epoch(cfg: DetectorTrainConfig, ddp_model, optimizer, images: list[Det
     for s, indices in enumerate(batches):
         step_started = time.perf_counter()
         lr = learning_rate(cfg.optim, progress.step, progress.fraction(total_steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         losses = train_step(ddp_model, optimizer, [images[i] for i in indices],
                             flips_for(indices, progress.epoch, s, rank, cfg.seed, cfg.data.hflip),
                             cfg.optim.grad_clip)

@@ -15,6 +15,7 @@ import torch
 
 from ray_updown.config import validate_fields
 from ray_updown.errors import ConfigError
+from ray_updown.train.worker import warmup_factor
 
 
 @dataclass
@@ -56,7 +57,7 @@ def build_optimizer(model: torch.nn.Module, o: DetectorOptimConfig) -> torch.opt
 
 def learning_rate(o: DetectorOptimConfig, step: int, progress: float) -> float:
     """Warmup over the first steps, then decay by the run's progress in [0, 1]."""
-    warm = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else 1.0
+    warm = warmup_factor(step, o.warmup_steps)
     progress = min(max(progress, 0.0), 1.0)
     if o.schedule == "cosine":
         floor = o.min_lr_fraction
