@@ -161,6 +161,7 @@ NESTED_CASES = [
     (VqaTrainConfig, "data.max_boxes=0", "data.max_boxes"),
     (VqaTrainConfig, "model.dropout=1.5", "model.dropout"),
     (VqaTrainConfig, "data.train_on=val", "data.train_on"),
+    (VqaTrainConfig, "warmup_epochs=-1", "warmup_epochs"),
     (DetectorTrainConfig, "optim.lr=0", "optim.lr"),
     (DetectorTrainConfig, "model.min_boxes=0", "model.min_boxes"),
     (DetectorTrainConfig, "data.load_threads=0", "data.load_threads"),
@@ -169,6 +170,7 @@ NESTED_CASES = [
     (WorldConfig, "jpeg_quality=0", "jpeg_quality"),
     (DemoConfig, "scale=0", "scale"),
     (DemoConfig, "vqa_l2_normalize=maybe", "vqa_l2_normalize"),
+    (DemoConfig, "vqa_warmup_epochs=-1", "vqa_warmup_epochs"),
 ]
 
 

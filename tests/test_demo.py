@@ -448,7 +448,8 @@ def test_a_demo_folder_refuses_other_settings_but_not_other_scheduling(tmp_path)
 
 def test_every_demo_vqa_model_shares_the_feature_scaling_and_the_schedule(tmp_path):
     """The grids and the Up-Down members differ only in their data: raw features by default,
-    unit-length ones for all with `vqa_l2_normalize`, and one optimiser, step and epochs."""
+    unit-length ones for all with `vqa_l2_normalize`, and one optimiser, step, warmup and
+    epochs."""
     import torch
 
     from ray_updown.demo.stages import WorldFiles, vqa_config
@@ -462,8 +463,8 @@ def test_every_demo_vqa_model_shares_the_feature_scaling_and_the_schedule(tmp_pa
                              cfg.vqa_epochs)
         for run in (grid, regions):
             assert run.model.base().l2_normalize_features is unit_length
-            assert (run.optimizer, run.lr, run.epochs, run.batch_size) == (
-                "adamax", cfg.vqa_lr, cfg.vqa_epochs, cfg.vqa_batch_size)
+            assert (run.optimizer, run.lr, run.warmup_epochs, run.epochs, run.batch_size) == (
+                "adamax", cfg.vqa_lr, cfg.vqa_warmup_epochs, cfg.vqa_epochs, cfg.vqa_batch_size)
         assert (grid.data.features, grid.data.max_boxes) != (regions.data.features,
                                                              regions.data.max_boxes)
     # What the option does: a region 12 long and the same region 32 long give the same answer.

@@ -252,7 +252,8 @@ def vqa_config(cfg, world: WorldFiles, features: str, max_boxes: int, runs: str,
     return VqaTrainConfig(data=data, model=VqaModelOptions(
                               preset="paper", hidden=cfg.vqa_hidden,
                               l2_normalize_features=cfg.vqa_l2_normalize),
-                          optimizer=cfg.vqa_optimizer, lr=cfg.vqa_lr or None, epochs=epochs,
+                          optimizer=cfg.vqa_optimizer, lr=cfg.vqa_lr or None,
+                          warmup_epochs=cfg.vqa_warmup_epochs, epochs=epochs,
                           batch_size=cfg.vqa_batch_size, patience=cfg.vqa_patience,
                           seed=cfg.seed, storage_path=runs, name=name)
 
