@@ -1,6 +1,6 @@
 """What a training worker does the same way in every task: split an epoch into batches, sum
-numbers over the workers, warm up the learning rate, run under the chosen precision, start wandb (its device comes from
-devices.py).
+numbers over the workers, warm up the learning rate, run under the chosen precision, start
+wandb (its device comes from devices.py).
 
 Nothing here needs Ray: a loop run by a LocalSession (session.py) uses the same functions
 with a world of one.

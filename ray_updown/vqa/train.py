@@ -44,6 +44,7 @@ from ray_updown.train.worker import (
     optimizer_to,
     set_lr,
     shard_batches,
+    steps_per_epoch,
     warmup_factor,
 )
 from ray_updown.vqa.config import METRIC, VqaTrainConfig
@@ -169,8 +170,7 @@ def run_vqa_loop(config: dict, session: Session) -> None:
     run = init_wandb(cfg.wandb_project, cfg.to_dict(), cfg.name) if session.logs_to_wandb else None
     early_stopping = cfg.patience > 0 and data.val is not None and "val" not in cfg.data.train_on
     resumed_from_epoch = state["epoch"]
-    warmup_steps = round(cfg.warmup_epochs * len(shard_batches(len(data.train), cfg.batch_size,
-                                                                rank, world, seed=cfg.seed)))
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch(len(data.train), cfg.batch_size))
     while not state["done"] and state["epoch"] < cfg.epochs:
         epoch = state["epoch"]
         started, losses = time.perf_counter(), []
