@@ -34,6 +34,15 @@ from ray_updown import storage
 from ray_updown.data.vqa import ANSWER_TYPES
 from ray_updown.data.world import BACKDROP_CLASS, VG_ID_OFFSET
 from ray_updown.demo.run import load_demo_config
+from ray_updown.demo.stages import (
+    StageBook,
+    WorldFiles,
+    evaluate_vqa_model,
+    extract,
+    log,
+    train_vqa_trials,
+    vqa_config,
+)
 from ray_updown.errors import RayUpdownError
 from ray_updown.metrics.detection import box_iou_coco
 
@@ -83,7 +92,6 @@ def stored_boxes(store: str, image_ids: list[int]) -> dict[int, np.ndarray]:
 
 def run_study(demo: str, seeds: int) -> dict:
     """The study on a finished demo folder (see the module docstring); returns its summary."""
-    from ray_updown.demo.stages import StageBook, WorldFiles, extract, log
     from ray_updown.ray_cluster import ensure_ray
 
     if seeds < 1:
@@ -117,8 +125,6 @@ def run_study(demo: str, seeds: int) -> dict:
 def finished_demo(demo: str):
     """A finished demo folder's config (DemoConfig) and detector checkpoint; SystemExit when
     it has no region features or kept other than a fixed region count."""
-    from ray_updown.demo.stages import StageBook
-
     book = StageBook(demo)
     if not storage.exists(book.record_uri("extract_regions")):
         raise SystemExit(f"{demo}: not a demo folder with its region features (run `make demo` first)")
@@ -133,7 +139,6 @@ def finished_demo(demo: str):
 def train_and_score(study, cfg, world, stores: dict[str, str], seeds: int) -> dict[str, list[dict]]:
     """The demo's single Up-Down VQA model on each store for `seeds` seeds (from the demo's
     seed on): {store name: [VQA val scores per seed]}."""
-    from ray_updown.demo.stages import evaluate_vqa_model, train_vqa_trials, vqa_config
 
     out = study.out
     runs = storage.join(out, "runs")

@@ -31,7 +31,14 @@ from collections import Counter
 from ray_updown import storage
 from ray_updown.data.world_language import count_question_form
 from ray_updown.demo.run import load_demo_config
-from ray_updown.demo.stages import STAGES_DIR, StageBook, WorldFiles
+from ray_updown.demo.stages import (
+    STAGES_DIR,
+    StageBook,
+    WorldFiles,
+    evaluate_vqa_model,
+    train_vqa_ensemble,
+    vqa_config,
+)
 from ray_updown.errors import RayUpdownError
 from ray_updown.metrics.vqa_eval import vqa_accuracy
 
@@ -104,7 +111,6 @@ def train_grid_seeds(demo: str, seeds: int) -> dict[str, str]:
     """The demo's finest grid model trained again with the demo's next `seeds` VQA seeds (its
     settings and features otherwise), as the members of an ensemble (Tune trials side by side),
     each scored on VQA val: {"grid<g> seed <s>": results file}."""
-    from ray_updown.demo.stages import evaluate_vqa_model, train_vqa_ensemble, vqa_config
     from ray_updown.ray_cluster import ensure_ray
 
     cfg = load_demo_config(demo)
