@@ -28,16 +28,19 @@ from typing import Any, Iterable, Mapping, Sequence
 from ray_updown import storage
 from ray_updown.captioning.config import CaptionTrainConfig
 from ray_updown.captioning.train import check_inputs, run_captioner_loop
-from ray_updown.config import dump_config, from_dict, load_config, to_dict
+from ray_updown.config import from_dict, load_config, to_dict
 from ray_updown.errors import ConfigError
 from ray_updown.train.search import (
+    BEST_CONFIG_FILE,
+    SWEEP_SUMMARY_FILE,
     asha_tune_config,
+    best_config_uri,
     load_search_space,
     restore_or_new_tuner,
-    searched_values,
-    trial_name,
     trial_resources,
+    trial_row,
     tune_param_space,
+    write_sweep_results,
 )
 from ray_updown.train.session import RayTrainSession
 from ray_updown.train.trainer import build_trainer, checkpoint_uri, fit, raise_unwrapped, storage_kwargs
@@ -45,8 +48,6 @@ from ray_updown.train.trainer import build_trainer, checkpoint_uri, fit, raise_u
 log = logging.getLogger(__name__)
 
 METRIC = "val_cider_d"
-BEST_CONFIG_FILE = "best_config.yaml"
-SWEEP_SUMMARY_FILE = "sweep_results.json"
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # the metric TuneReportCallback adds
 
 
@@ -198,35 +199,21 @@ def run_captioner_sweep(cfg: CaptionTrainConfig | str, space: Mapping[str, Any] 
                                  message="resuming the sweep at %s", logger=log)
     grid = tuner.fit()
     best_cfg = from_dict(CaptionTrainConfig, best_result(grid).config)
-    storage.write_text(storage.join(root, BEST_CONFIG_FILE), dump_config(best_cfg))
-    storage.write_json(storage.join(root, SWEEP_SUMMARY_FILE),
-                       _summary(grid, space, cfg), indent=2)
+    write_sweep_results(root, best_cfg, METRIC, [summary_row(r, space, cfg) for r in grid],
+                        workers_per_trial=cfg.num_workers, config=to_dict(cfg))
     return best_cfg
 
 
-def _summary(grid, space: Mapping[str, Any], cfg: CaptionTrainConfig) -> dict:
-    """Per trial: searched values, epochs run, best CIDEr-D with its checkpoint, status."""
-    trials = []
-    for r in grid:
-        df = r.metrics_dataframe
-        best, checkpoint = None, None
-        if df is not None and METRIC in df and df[METRIC].notna().any():
-            row = df.loc[df[METRIC].idxmax()]
-            best = float(row[METRIC])
-            if isinstance(row.get(CHECKPOINT_PATH_KEY), str):
-                checkpoint = checkpoint_uri(row[CHECKPOINT_PATH_KEY], cfg.storage_path)
-        trials.append({"trial": trial_name(r), "config": searched_values(r.config, space, cfg),
-                       "epochs": int(r.metrics.get("training_iteration", 0)) if r.metrics else 0,
-                       METRIC: best, "checkpoint": checkpoint,
-                       "error": None if r.error is None else str(r.error)[:300]})
-    trials.sort(key=lambda t: -(t[METRIC] if t[METRIC] is not None else -1.0))
-    return {"metric": METRIC, "mode": "max", "scheduler": "ASHA",
-            "workers_per_trial": cfg.num_workers, "trials": trials,
-            "config": to_dict(cfg), "best_config": BEST_CONFIG_FILE}
-
-
-def best_config_uri(cfg: CaptionTrainConfig) -> str:
-    return storage.join(cfg.storage_path, cfg.name, BEST_CONFIG_FILE)
+def summary_row(result, space: Mapping[str, Any], cfg: CaptionTrainConfig) -> dict:
+    """A trial's row of the sweep summary, with its best CIDEr-D's checkpoint."""
+    df = result.metrics_dataframe
+    best, checkpoint = None, None
+    if df is not None and METRIC in df and df[METRIC].notna().any():
+        row = df.loc[df[METRIC].idxmax()]
+        best = float(row[METRIC])
+        if isinstance(row.get(CHECKPOINT_PATH_KEY), str):
+            checkpoint = checkpoint_uri(row[CHECKPOINT_PATH_KEY], cfg.storage_path)
+    return {**trial_row(result, space, cfg, METRIC, best), "checkpoint": checkpoint}
 
 
 __all__ = ["run_captioner_sweep", "captioner_trial", "TrialWorkers", "best_config_uri",

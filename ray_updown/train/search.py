@@ -21,9 +21,12 @@ import re
 import threading
 from typing import Any, Callable, Mapping, Sequence
 
-from ray_updown.config import from_dict, read_yaml_mapping, to_dict
+from ray_updown import storage
+from ray_updown.config import dump_config, from_dict, read_yaml_mapping, to_dict
 from ray_updown.errors import ConfigError
 
+BEST_CONFIG_FILE = "best_config.yaml"  # a sweep's outputs, in its folder
+SWEEP_SUMMARY_FILE = "sweep_results.json"
 SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint", "lograndint", "quniform")
 _BUILT_IN = {"cpu", "gpu", "CPU", "GPU", "memory"}  # not custom resources
 
@@ -217,7 +220,34 @@ def trial_name(result) -> str:
     return result.path.rstrip("/").rsplit("/", 1)[-1]
 
 
-__all__ = ["SAMPLERS", "load_search_space", "resolve_key", "domain", "tune_param_space",
+def trial_row(result, space: Mapping[str, Any], cfg: Any, metric: str,
+              best: float | None) -> dict:
+    """One trial of a sweep's summary: its name, searched values, epochs run, best value of
+    `metric` and error."""
+    return {"trial": trial_name(result), "config": searched_values(result.config, space, cfg),
+            "epochs": int(result.metrics.get("training_iteration", 0)) if result.metrics else 0,
+            metric: best, "error": None if result.error is None else str(result.error)[:300]}
+
+
+def write_sweep_results(root: str, best_cfg: Any, metric: str, trials: list[dict],
+                        **extra: Any) -> None:
+    """A finished ASHA sweep's two outputs in its folder `root`: the best trial's whole config
+    (BEST_CONFIG_FILE, a config file every command takes) and the summary of its trials, best
+    first (SWEEP_SUMMARY_FILE), with `extra` entries."""
+    trials = sorted(trials, key=lambda t: -(t[metric] if t[metric] is not None else -1.0))
+    summary = {"metric": metric, "mode": "max", "scheduler": "ASHA", **extra, "trials": trials,
+               "best_config": BEST_CONFIG_FILE}
+    storage.write_text(storage.join(root, BEST_CONFIG_FILE), dump_config(best_cfg))
+    storage.write_json(storage.join(root, SWEEP_SUMMARY_FILE), summary, indent=2)
+
+
+def best_config_uri(cfg: Any) -> str:
+    """Where the sweep named by `cfg` (storage_path, name) writes its best config."""
+    return storage.join(cfg.storage_path, cfg.name, BEST_CONFIG_FILE)
+
+
+__all__ = ["BEST_CONFIG_FILE", "SWEEP_SUMMARY_FILE", "trial_row", "write_sweep_results",
+           "best_config_uri", "SAMPLERS", "load_search_space", "resolve_key", "domain", "tune_param_space",
            "set_path", "searched_values", "trial_resources", "trial_name", "asha_tune_config",
            "tune_experiment_path",
            "restore_tuner", "restore_or_new_tuner"]

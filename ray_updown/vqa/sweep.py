@@ -17,27 +17,27 @@ import logging
 from typing import Any, Iterable, Mapping, Sequence
 
 from ray_updown import storage
-from ray_updown.config import dump_config, load_config
+from ray_updown.config import load_config
 from ray_updown.errors import ConfigError
 from ray_updown.train.search import (
+    BEST_CONFIG_FILE,
     SAMPLERS,
+    SWEEP_SUMMARY_FILE,
     asha_tune_config,
+    best_config_uri,
     load_search_space,
     resolve_key,
     restore_or_new_tuner,
-    searched_values,
-    trial_name,
     trial_resources,
+    trial_row,
     tune_param_space,
+    write_sweep_results,
 )
 from ray_updown.train.trainer import raise_unwrapped
 from ray_updown.vqa.config import METRIC, VqaTrainConfig
 from ray_updown.vqa.train import check_inputs, tune_run_config, vqa_trainable
 
 log = logging.getLogger(__name__)
-
-BEST_CONFIG_FILE = "best_config.yaml"
-SWEEP_SUMMARY_FILE = "sweep_results.json"
 
 
 def vqa_trial(cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0,
@@ -101,28 +101,16 @@ def run_sweep(cfg: VqaTrainConfig | str, space: Mapping[str, Any] | str, num_sam
                           record="sweep")
     best = grid.get_best_result(metric=METRIC, mode="max", scope="all")
     best_cfg = VqaTrainConfig.from_dict(best.config)
-    storage.write_text(storage.join(root, BEST_CONFIG_FILE), dump_config(best_cfg))
-    storage.write_json(storage.join(root, SWEEP_SUMMARY_FILE), _summary(grid, space, cfg), indent=2)
+    write_sweep_results(root, best_cfg, METRIC, [trial_row(r, space, cfg, METRIC, best_value(r))
+                                                 for r in grid])
     return best_cfg
 
 
-def _summary(grid, space: Mapping[str, Any], cfg: VqaTrainConfig) -> dict:
-    """Per trial: the searched values, epochs run, best val accuracy and status."""
-    trials = []
-    for r in grid:
-        df = r.metrics_dataframe
-        best = float(df[METRIC].max()) if df is not None and METRIC in df else None
-        trials.append({"trial": trial_name(r), "config": searched_values(r.config, space, cfg),
-                       "epochs": int(r.metrics.get("training_iteration", 0)) if r.metrics else 0,
-                       METRIC: best, "error": None if r.error is None else str(r.error)[:300]})
-    trials.sort(key=lambda t: -(t[METRIC] if t[METRIC] is not None else -1.0))
-    return {"metric": METRIC, "mode": "max", "scheduler": "ASHA", "trials": trials,
-            "best_config": BEST_CONFIG_FILE}
-
-
-def best_config_uri(cfg: VqaTrainConfig) -> str:
-    return storage.join(cfg.storage_path, cfg.name, BEST_CONFIG_FILE)
+def best_value(result) -> float | None:
+    """A trial's best val accuracy over its epochs (None if it reported none)."""
+    df = result.metrics_dataframe
+    return float(df[METRIC].max()) if df is not None and METRIC in df else None
 
 
 __all__ = ["run_sweep", "load_search_space", "tune_param_space", "resolve_key", "best_config_uri",
-           "BEST_CONFIG_FILE", "SAMPLERS"]
+           "BEST_CONFIG_FILE", "SWEEP_SUMMARY_FILE", "SAMPLERS"]
