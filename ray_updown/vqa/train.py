@@ -142,6 +142,14 @@ def restore_state(resume: tuple | None, model: VqaModel,
     return state
 
 
+def update_best(state: dict, accuracy: float) -> None:
+    """The best val accuracy so far and the epochs since it, which early stopping counts."""
+    if accuracy > state["best"] + 1e-9:
+        state["best"], state["since_best"] = accuracy, 0
+    else:
+        state["since_best"] += 1
+
+
 def run_vqa_loop(config: dict, session: Session) -> None:
     """One worker's training run (see the module docstring)."""
     cfg = VqaTrainConfig.from_dict(config)
@@ -188,10 +196,7 @@ def run_vqa_loop(config: dict, session: Session) -> None:
                    "samples_per_s": sum(len(b) for b in batches) * world / max(seconds, 1e-9)}
         if data.val is not None:
             metrics.update(evaluate(model, data.val, cfg.batch_size * 2, rank, world, device))
-            if metrics[METRIC] > state["best"] + 1e-9:
-                state["best"], state["since_best"] = metrics[METRIC], 0
-            else:
-                state["since_best"] += 1
+            update_best(state, metrics[METRIC])
         state["epoch"] = epoch + 1
         state["done"] = early_stopping and state["since_best"] >= cfg.patience
         metrics.update(best_val_accuracy=state["best"], stopped_early=bool(state["done"]),
