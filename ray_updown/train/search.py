@@ -1,5 +1,6 @@
 """What every Ray Tune experiment of the project shares: search spaces over a typed config,
-and what one trial asks the cluster for.
+what one trial asks the cluster for, and a finished sweep's outputs (its best config and the
+summary of its trials).
 
 A search space is a plain mapping (YAML-able) from config keys to distributions::
 
@@ -247,7 +248,6 @@ def best_config_uri(cfg: Any) -> str:
 
 
 __all__ = ["BEST_CONFIG_FILE", "SWEEP_SUMMARY_FILE", "trial_row", "write_sweep_results",
-           "best_config_uri", "SAMPLERS", "load_search_space", "resolve_key", "domain", "tune_param_space",
-           "set_path", "searched_values", "trial_resources", "trial_name", "asha_tune_config",
-           "tune_experiment_path",
-           "restore_tuner", "restore_or_new_tuner"]
+           "best_config_uri", "SAMPLERS", "load_search_space", "resolve_key", "domain",
+           "tune_param_space", "set_path", "searched_values", "trial_resources", "trial_name",
+           "asha_tune_config", "tune_experiment_path", "restore_tuner", "restore_or_new_tuner"]
