@@ -272,7 +272,6 @@ def test_early_stopping_on_val_accuracy_and_restart_after_it(tiny_vqa, tmp_path)
     assert server.reports[0][0]["samples_per_s"] > 0
 
 
-
 def test_the_learning_rate_warms_up_linearly_then_holds_and_resumes_mid_warmup(tiny_vqa, tmp_path,
                                                                               monkeypatch):
     import ray_updown.vqa.train as vqa_train

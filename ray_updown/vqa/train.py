@@ -178,15 +178,15 @@ def run_vqa_loop(config: dict, session: Session) -> None:
     run = init_wandb(cfg.wandb_project, cfg.to_dict(), cfg.name) if session.logs_to_wandb else None
     early_stopping = cfg.patience > 0 and data.val is not None and "val" not in cfg.data.train_on
     resumed_from_epoch = state["epoch"]
-    lr, warmup_steps = cfg.learning_rate(), round(
-        cfg.warmup_epochs * steps_per_epoch(len(data.train), cfg.batch_size))
+    lr, epoch_steps = cfg.learning_rate(), steps_per_epoch(len(data.train), cfg.batch_size)
+    warmup_steps = round(cfg.warmup_epochs * epoch_steps)
     while not state["done"] and state["epoch"] < cfg.epochs:
         epoch = state["epoch"]
         started, losses = time.perf_counter(), []
         batches = shard_batches(len(data.train), cfg.batch_size, rank, world,
                                 seed=cfg.seed, epoch=epoch)
         for step, batch in enumerate(batch_loader(data.train, batches, loader_workers),
-                                     start=epoch * len(batches)):
+                                     start=epoch * epoch_steps):
             if warmup_steps:
                 set_lr(optimizer, lr * warmup_factor(step, warmup_steps))
             losses.append(train_step(ddp_model, optimizer, batch_to(batch, device), cfg.grad_clip,
