@@ -171,6 +171,9 @@ NESTED_CASES = [
     (DemoConfig, "scale=0", "scale"),
     (DemoConfig, "vqa_l2_normalize=maybe", "vqa_l2_normalize"),
     (DemoConfig, "vqa_warmup_epochs=-1", "vqa_warmup_epochs"),
+    (DemoConfig, "vqa_classifier_dropout=1", "vqa_classifier_dropout"),
+    (DemoConfig, "vqa_seeds=0", "vqa_seeds"),
+    (DemoConfig, "vqa_seeds=4", "vqa_seeds"),  # more than the ensemble's 3 members
 ]
 
 

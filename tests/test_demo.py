@@ -4,16 +4,18 @@ has every section with its PNGs, and a second run reuses every stage."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
 import pytest
 
 from ray_updown.demo import report as report_module
-from ray_updown.demo.number_questions import demo_breakdown, train_grid_seeds
+from ray_updown.demo.number_questions import demo_breakdown
 from ray_updown.demo.report import (
     build_table1,
     build_table4,
+    per_seed_markdown,
     table1_markdown,
     table4_markdown,
     targets_met,
@@ -28,12 +30,13 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def tiny_demo(out) -> DemoConfig:
     """The demo at its smallest: scale 0.05 (50 images, one epoch per run: VQA's 20 epochs,
-    not the demo's 30, so that 0.05 rounds to one), two VQA grids, an ensemble of two, and
+    not the demo's 30, so that 0.05 rounds to one), two VQA grids, two VQA seeds (so an
+    ensemble of two), and
     models 32 wide on 10 regions per image (the demo's are 128 and 256 wide on 36). What the
     test checks does not depend on those sizes: that every stage runs on Ray and lands in the
     report's sections, tables, targets and figures, and that a re-run reuses every stage."""
     return DemoConfig(out=str(out), scale=0.05, detector_minutes=1.0, caption_grid=7,
-                      vqa_grids=[1, 7], ensemble_members=2, attention_examples=1,
+                      vqa_grids=[1, 7], ensemble_members=2, vqa_seeds=2, attention_examples=1,
                       caption_dim=32, vqa_hidden=32, vqa_epochs=20, min_regions=10, max_regions=10)
 
 
@@ -63,11 +66,15 @@ def test_demo_writes_the_report_with_every_section_and_a_rerun_skips_every_stage
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")][2:9]
         assert all(re.fullmatch(r"\d+\.\d", c) for c in cells), row
-    # Table 4: the grids, the single model and the ensemble, per answer type.
+    # Table 4: the grids, the single model and the ensemble, per answer type; the single
+    # models per VQA seed.
     table4 = _section(text, "## 3. VQA")
-    for label in ("ResNet 1x1", "ResNet 7x7", "Up-Down (single model, seed 0)",
+    for label in ("ResNet 1x1", "ResNet 7x7", "Up-Down (single model, mean of 2 seeds)",
                   "Up-Down ensemble of 2"):
         assert re.search(rf"\| {re.escape(label)} \|( \d+\.\d\d \|){{4}}", table4), label
+        if "ensemble" not in label:
+            assert re.search(rf"\| {re.escape(label)} \|( \d+\.\d\d / \d+\.\d\d \|){{2}}",
+                             table4), label
 
     # Every picture the report links exists as a PNG beside it.
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
@@ -110,11 +117,15 @@ def test_demo_writes_the_report_with_every_section_and_a_rerun_skips_every_stage
     assert os.path.exists(tmp_path / "demo" / "results" /
                           "captions_test2014_scst-regions_results.json")
 
-    # The VQA grid trials queue costliest first (Tune numbers its trials in launch order), and
-    # the stage still reports the grids in the config's order.
+    # The VQA grid trials queue seed by seed, costliest first (Tune numbers its trials in
+    # launch order), and the stage still reports the grids in the config's order.
     trials = sorted(os.listdir(tmp_path / "demo" / "runs" / "vqa-grids"))
-    trials = [t for t in trials if re.fullmatch(r"\w+_\d{5}-grid\d+", t)]
-    assert [t.split("-")[-1] for t in trials] == ["grid7", "grid1"]
+    trials = [t for t in trials if re.fullmatch(r"\w+_\d{5}-grid\d+-seed\d+", t)]
+    assert [t.split("-", 1)[1] for t in trials] == ["grid7-seed0", "grid1-seed0", "grid7-seed1",
+                                                    "grid1-seed1"]
+    grids = json.loads((tmp_path / "demo" / "stages" / "vqa_grids.json").read_text())["result"]
+    assert {name: run["seed"] for name, run in grids.items()} == {
+        "grid1-seed0": 0, "grid1-seed1": 1, "grid7-seed0": 0, "grid7-seed1": 1}
 
     # A second run reuses every stage (and leaves the report as it was).
     written = report.stat().st_mtime_ns
@@ -128,15 +139,17 @@ def test_demo_writes_the_report_with_every_section_and_a_rerun_skips_every_stage
     with pytest.raises(ConfigError, match="scale"):
         run_demo(DemoConfig(out=str(tmp_path / "demo"), scale=0.1))
 
-    # The number questions by count form, with the finest grid trained on one more VQA seed.
-    more = train_grid_seeds(str(tmp_path / "demo"), 1)
-    assert list(more) == ["grid7 seed 1"]
-    breakdown = demo_breakdown(str(tmp_path / "demo"), more)
-    assert {"answer prior", "member0", "member1", "ensemble", "grid1", "grid7",
-            "grid7 seed 1"} == set(breakdown["models"])
+    # The number questions by count form: every model at every VQA seed; Table 4's rows are
+    # their means.
+    breakdown = demo_breakdown(str(tmp_path / "demo"))
+    assert {"answer prior", "member0", "member1", "ensemble", "grid1-seed0", "grid1-seed1",
+            "grid7-seed0", "grid7-seed1"} == set(breakdown["models"])
     number = {name: m["number"]["accuracy"] for name, m in breakdown["models"].items()}
-    assert number["member0"] == rows4["Up-Down (single model, seed 0)"]["number"]
-    assert number["grid7"] == rows4["ResNet 7x7"]["number"]
+    per_seed = summary["table4"]["per_seed"]
+    assert number["member1"] == per_seed["Up-Down (single model, mean of 2 seeds)"]["seed 1"]["number"]
+    assert number["grid7-seed0"] == per_seed["ResNet 7x7"]["seed 0"]["number"]
+    assert rows4["ResNet 7x7"]["number"] == pytest.approx(
+        (number["grid7-seed0"] + number["grid7-seed1"]) / 2, abs=0.006)
 
 
 def test_stage_book_runs_a_stage_once_and_records_its_result(tmp_path):
@@ -172,7 +185,7 @@ def test_targets_compare_the_right_numbers():
 
 # ------------------------------------------------------------------ targets, tables, report
 GRID = "ResNet 10x10"
-SINGLE = "Up-Down (single model, seed 0)"
+SINGLE = "Up-Down (single model, mean of 2 seeds)"
 ENSEMBLE = "Up-Down ensemble of 2"
 
 
@@ -283,9 +296,11 @@ def _vqa_scores() -> dict:
     def score(overall, yes_no, number, other):
         return {"overall": overall, "results_file": f"/r/vqa_{overall}_results.json",
                 "per_answer_type": {"yes/no": yes_no, "number": number, "other": other}}
-    return {"grid1": score(41.0, 60.0, 20.0, 30.0), "grid14": score(52.5, 70.0, 31.0, 44.0),
-            "grid7": score(50.25, 68.0, 30.0, 40.0), "member0": score(55.0, 72.0, 35.0, 47.0),
-            "member1": score(56.5, 73.0, 32.0, 48.0), "ensemble": score(57.75, 74.0, 33.0, 49.5)}
+    return {"grid1-seed0": score(41.0, 60.0, 20.0, 30.0), "grid1-seed1": score(43.0, 62.0, 22.0, 32.0),
+            "grid7-seed0": score(50.25, 68.0, 30.0, 40.0), "grid7-seed1": score(50.75, 68.0, 32.0, 42.0),
+            "grid14-seed0": score(52.5, 70.0, 31.0, 44.0), "grid14-seed1": score(52.5, 70.0, 31.0, 44.0),
+            "member0": score(55.0, 72.0, 35.0, 47.0), "member1": score(56.5, 73.0, 32.0, 48.0),
+            "ensemble": score(57.75, 74.0, 33.0, 49.5)}
 
 
 def _ensemble() -> dict:
@@ -307,12 +322,22 @@ def test_build_table1_scales_rounds_and_puts_the_grid_first():
 
 
 def test_build_table4_orders_grids_numerically_and_names_single_and_ensemble():
-    table = build_table4(_vqa_scores(), _ensemble(), ["grid14", "grid7", "grid1"])
+    table = build_table4(_vqa_scores(), _ensemble(), ["grid14", "grid7", "grid1"], [0, 1])
     assert list(table["rows"]) == ["ResNet 1x1", "ResNet 7x7", "ResNet 14x14", SINGLE, ENSEMBLE]
     assert table["single"] == SINGLE and table["ensemble"] == ENSEMBLE
     assert table["rows"]["ResNet 14x14"] == {"overall": 52.5, "yes/no": 70.0, "number": 31.0,
                                              "other": 44.0}
-    assert table["rows"][SINGLE]["overall"] == 55.0  # the first member, not the best
+    assert table["rows"]["ResNet 7x7"] == {"overall": 50.5, "yes/no": 68.0, "number": 31.0,
+                                           "other": 41.0}  # the mean of its two seeds
+    assert table["rows"][SINGLE] == {"overall": 55.75, "yes/no": 72.5, "number": 33.5,
+                                     "other": 47.5}  # the members' mean, not the best
+    assert table["per_seed"]["ResNet 1x1"]["seed 1"] == {"overall": 43.0, "yes/no": 62.0,
+                                                        "number": 22.0, "other": 32.0}
+    assert list(table["per_seed"]) == ["ResNet 1x1", "ResNet 7x7", "ResNet 14x14", SINGLE]
+    assert table["seeds"] == [0, 1]
+    one = build_table4(_vqa_scores(), _ensemble(), ["grid1"], [0])
+    assert list(one["rows"]) == ["ResNet 1x1", "Up-Down (single model, seed 0)", ENSEMBLE]
+    assert one["rows"]["Up-Down (single model, seed 0)"]["overall"] == 55.0
     assert table["rows"][ENSEMBLE] == {"overall": 57.75, "yes/no": 74.0, "number": 33.0,
                                        "other": 49.5}
     assert table["members"] == {"seed 0": 55.0, "seed 1": 56.5}
@@ -329,14 +354,19 @@ def test_markdown_tables_hold_the_numbers_in_the_right_columns():
         "| XE | Up-Down | 70.1 | 52.0 | 38.0 | 28.4 | 24.3 | 51.2 | 91.3 | — |",
         "| SCST | ResNet 7x7 | 65.1 | 47.0 | 33.0 | 24.5 | 22.1 | 49.0 | 83.0 | — |",
         "| SCST | Up-Down | 70.1 | 52.0 | 38.0 | 28.4 | 24.3 | 51.2 | 95.6 | — |"]
-    table4 = build_table4(_vqa_scores(), _ensemble(), ["grid1", "grid7"])
+    table4 = build_table4(_vqa_scores(), _ensemble(), ["grid1", "grid7"], [0, 1])
     table4["rows"]["ResNet 7x7"]["number"] = None  # a missing answer type prints as a dash
     assert table4_markdown(table4) == [
         "| model | overall | yes/no | number | other |", "|---|---|---|---|---|",
-        "| ResNet 1x1 | 41.00 | 60.00 | 20.00 | 30.00 |",
-        "| ResNet 7x7 | 50.25 | 68.00 | — | 40.00 |",
-        f"| {SINGLE} | 55.00 | 72.00 | 35.00 | 47.00 |",
+        "| ResNet 1x1 | 42.00 | 61.00 | 21.00 | 31.00 |",
+        "| ResNet 7x7 | 50.50 | 68.00 | — | 41.00 |",
+        f"| {SINGLE} | 55.75 | 72.50 | 33.50 | 47.50 |",
         f"| {ENSEMBLE} | 57.75 | 74.00 | 33.00 | 49.50 |"]
+    assert per_seed_markdown(table4) == [
+        "| model | seed 0 | seed 1 |", "|---|---|---|",
+        "| ResNet 1x1 | 41.00 / 20.00 | 43.00 / 22.00 |",
+        "| ResNet 7x7 | 50.25 / 30.00 | 50.75 / 32.00 |",
+        f"| {SINGLE} | 55.00 / 35.00 | 56.50 / 32.00 |"]
 
 
 def _state(captioning: dict) -> dict:
@@ -354,10 +384,12 @@ def _state(captioning: dict) -> dict:
                        "grid7": {"features": 50, "errors": 1, "mean_regions": 49.0,
                                  "feature_dim": 64, "seconds": 4.0}},
         "stores": {}, "captioning": captioning,
-        "vqa_grids": {"grid1": {"history": [{"epoch": 1, "val_accuracy": 0.3}]},
-                      "grid7": {"history": [{"epoch": 1, "val_accuracy": 0.35}]}},
+        "vqa_grids": {"grid1": [{"seed": 0, "history": [{"epoch": 1, "val_accuracy": 0.3}]},
+                                {"seed": 1, "history": [{"epoch": 1, "val_accuracy": 0.32}]}],
+                      "grid7": [{"seed": 0, "history": [{"epoch": 1, "val_accuracy": 0.35}]},
+                                {"seed": 1, "history": [{"epoch": 1, "val_accuracy": 0.36}]}]},
         "ensemble": _ensemble(),
-        "vqa_scores": {k: v for k, v in _vqa_scores().items() if k != "grid14"},
+        "vqa_scores": {k: v for k, v in _vqa_scores().items() if not k.startswith("grid14")},
     }
 
 
@@ -382,7 +414,8 @@ def test_write_report_writes_targets_tables_stages_and_figures(tmp_path, monkeyp
     text = (out / "report.md").read_text()
     assert result["report"] == str(out / "report.md")
     assert result["table1"] == build_table1(captioning)
-    assert result["table4"] == build_table4(state["vqa_scores"], state["ensemble"], ["grid1", "grid7"])
+    assert result["table4"] == build_table4(state["vqa_scores"], state["ensemble"], ["grid1", "grid7"],
+                                            [0, 1])
     verdicts = {name: t["met"] for name, t in result["targets"].items()}
     assert sorted(name for name, met in verdicts.items() if not met) == [
         "captioning: SCST CIDEr > XE CIDEr for Up-Down",
@@ -393,8 +426,8 @@ def test_write_report_writes_targets_tables_stages_and_figures(tmp_path, monkeyp
             in text)
     assert "| captioning: SCST CIDEr > XE CIDEr for Up-Down | **no** | 70.0 vs 91.3 |" in text
     assert "| captioning: Up-Down CIDEr > ResNet 7x7 under XE | yes | 91.3 vs 80.5 |" in text
-    assert ("| VQA: Up-Down > every grid baseline (overall) | yes | 55.00 vs best grid "
-            "ResNet 7x7 50.25 |") in text
+    assert ("| VQA: Up-Down > every grid baseline (overall) | yes | 55.75 vs best grid "
+            "ResNet 7x7 50.50 |") in text
     assert "| VQA: ensemble > its best member (overall) | yes | 57.75 vs 56.50 (seed 1) |" in text
     target_rows = [line for line in _section(text, "## Targets").splitlines()
                    if line.startswith("| captioning") or line.startswith("| VQA")]
@@ -419,6 +452,9 @@ def test_write_report_writes_targets_tables_stages_and_figures(tmp_path, monkeyp
     for line in table4_markdown(result["table4"]):
         assert line in table4, line
     assert "Ensemble members (overall): seed 0 55.00, seed 1 56.50" in table4
+    for line in per_seed_markdown(result["table4"]):
+        assert line in table4, line
+    assert "mean over the VQA seeds 0-1" in table4
     # Curves and bars are real PNGs beside the report; the attention pictures are linked.
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     expected = {"detector_losses.png", "detector_val.png", "caption_xe_loss.png",
@@ -448,8 +484,8 @@ def test_a_demo_folder_refuses_other_settings_but_not_other_scheduling(tmp_path)
 
 def test_every_demo_vqa_model_shares_the_feature_scaling_and_the_schedule(tmp_path):
     """The grids and the Up-Down members differ only in their data: raw features by default,
-    unit-length ones for all with `vqa_l2_normalize`, and one optimiser, step, warmup and
-    epochs."""
+    unit-length ones for all with `vqa_l2_normalize`, and one classifier dropout, optimiser,
+    step, warmup and epochs."""
     import torch
 
     from ray_updown.demo.stages import WorldFiles, vqa_config
@@ -463,6 +499,7 @@ def test_every_demo_vqa_model_shares_the_feature_scaling_and_the_schedule(tmp_pa
                              cfg.vqa_epochs)
         for run in (grid, regions):
             assert run.model.base().l2_normalize_features is unit_length
+            assert run.model.base().classifier_dropout == cfg.vqa_classifier_dropout == 0.5
             assert (run.optimizer, run.lr, run.warmup_epochs, run.epochs, run.batch_size) == (
                 "adamax", cfg.vqa_lr, cfg.vqa_warmup_epochs, cfg.vqa_epochs, cfg.vqa_batch_size)
         assert (grid.data.features, grid.data.max_boxes) != (regions.data.features,

@@ -10,10 +10,8 @@ class that is absent). For each finished demo folder this scores every VQA resul
 answer prior (the commonest training answer of each count). A model that scores its prior on a
 count does not count there; the number target is decided where the models differ.
 
-The demo trains its Up-Down model with three VQA seeds (the ensemble's members) but each grid
-with one. `--grid-seeds N` trains the demo's finest grid again with the next N seeds, as Tune
-trials on the demo's features (kept in <demo>/number_questions, so a re-run resumes), and
-scores them too: then both sides of the number target have a seed spread.
+Every model runs with the demo's VQA seeds (`vqa_seeds`, 3 by default): each grid, and Up-Down
+as the ensemble's first members, so both sides of the number target have a seed spread.
 
 Prints a Markdown table (one row per world and model) and a JSON summary; `--png` draws the
 accuracy on the questions that count all the shapes, per model and world.
@@ -22,7 +20,6 @@ accuracy on the questions that count all the shapes, per model and world.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -35,9 +32,6 @@ from ray_updown.demo.stages import (
     STAGES_DIR,
     StageBook,
     WorldFiles,
-    evaluate_vqa_model,
-    train_vqa_ensemble,
-    vqa_config,
 )
 from ray_updown.errors import RayUpdownError
 from ray_updown.metrics.vqa_eval import vqa_accuracy
@@ -86,10 +80,10 @@ def accuracy_by_form(questions: list[dict], answer_of) -> dict[str, dict]:
     return out
 
 
-def demo_breakdown(demo: str, more_results: dict[str, str] | None = None) -> dict:
+def demo_breakdown(demo: str) -> dict:
     """{"demo", "seed", "questions", "prior", "models"} of a finished demo folder: per model
-    of its `vqa_val` stage, per model of `more_results` ({name: results file}), and for the
-    answer prior, the accuracy by count form (`accuracy_by_form`)."""
+    of its `vqa_val` stage and for the answer prior, the accuracy by count form
+    (`accuracy_by_form`)."""
     book = StageBook(demo)
     if not storage.exists(book.record_uri("vqa_val")):
         raise SystemExit(f"{demo}: no finished VQA scoring here (no {STAGES_DIR}/vqa_val.json)")
@@ -100,34 +94,11 @@ def demo_breakdown(demo: str, more_results: dict[str, str] | None = None) -> dic
     models = {"answer prior": accuracy_by_form(questions, lambda q: prior.get(q["form"], ""))}
     results = {name: scored["results_file"]
                for name, scored in storage.read_json(book.record_uri("vqa_val"))["result"].items()}
-    for name, results_file in {**results, **(more_results or {})}.items():
+    for name, results_file in results.items():
         answers = {r["question_id"]: r["answer"] for r in storage.read_json(results_file)}
         models[name] = accuracy_by_form(questions, lambda q: answers.get(q["question_id"], ""))
     return {"demo": demo, "seed": seed, "prior": prior,
             "questions": dict(Counter(q["form"] for q in questions)), "models": models}
-
-
-def train_grid_seeds(demo: str, seeds: int) -> dict[str, str]:
-    """The demo's finest grid model trained again with the demo's next `seeds` VQA seeds (its
-    settings and features otherwise), as the members of an ensemble (Tune trials side by side),
-    each scored on VQA val: {"grid<g> seed <s>": results file}."""
-    from ray_updown.ray_cluster import ensure_ray
-
-    cfg = load_demo_config(demo)
-    grid = max(cfg.vqa_grids)
-    world, store = WorldFiles(storage.join(demo, "world")), storage.join(demo, "features", f"grid{grid}")
-    study = StageBook(storage.join(demo, "number_questions"))
-    vqa_cfg = vqa_config(dataclasses.replace(cfg, seed=cfg.seed + 1), world, store, grid * grid,
-                         storage.join(study.out, "runs"), f"vqa-grid{grid}-seeds",
-                         cfg.epochs(cfg.vqa_epochs))
-    ensure_ray(cfg.num_cpus or None)
-    trained = study.run(f"grid{grid}_seeds", lambda: train_vqa_ensemble(vqa_cfg, seeds))
-    files = {}
-    for member in trained["members"]:
-        name = f"grid{grid}-seed{member['seed']}"
-        files[f"grid{grid} seed {member['seed']}"] = study.run(f"val_{name}", lambda: evaluate_vqa_model(
-            world, [member["checkpoint"]], store, name, storage.join(study.out, "results")))["results_file"]
-    return files
 
 
 def breakdown_table(runs: list[dict]) -> str:
@@ -149,12 +120,13 @@ def breakdown_table(runs: list[dict]) -> str:
 
 def model_family_and_seed(name: str) -> tuple[str | None, int | None]:
     """A demo model's name parsed: ("Up-Down", s) for ensemble member "member<s>",
-    ("grid<g>", s) for "grid<g> seed <s>", ("grid<g>", None) for the demo's own grid model
-    (trained at the world's seed), (None, None) for the ensemble and the prior."""
+    ("grid<g>", s) for "grid<g>-seed<s>", ("grid<g>", None) for a demo folder's grid model of
+    before the VQA seeds (one run, at the world's seed), (None, None) for the ensemble and the
+    prior."""
     if name.startswith("member"):
         return "Up-Down", int(name[len("member"):])
     if name.startswith("grid"):
-        grid, _, seed = name.partition(" seed ")
+        grid, _, seed = name.partition("-seed")
         return grid, int(seed) if seed else None
     return None, None
 
@@ -219,14 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("demos", nargs="+", help="finished demo folders")
     parser.add_argument("--png", default="", help="write the all-shapes picture here")
-    parser.add_argument("--grid-seeds", type=int, default=0,
-                        help="train the finest grid with this many more VQA seeds first")
     args = parser.parse_args(argv)
-    if args.grid_seeds < 0:
-        raise SystemExit(f"--grid-seeds must be at least 0, got {args.grid_seeds}")
     try:
-        runs = [demo_breakdown(d, train_grid_seeds(d, args.grid_seeds) if args.grid_seeds else None)
-                for d in args.demos]
+        runs = [demo_breakdown(d) for d in args.demos]
     except RayUpdownError as exc:  # a missing or malformed file of a demo folder: one line
         raise SystemExit(f"number_questions: error: {exc}") from None
     print(breakdown_table(runs))

@@ -88,7 +88,8 @@ def region_pictures(world, state: dict, figures: str, prefix: str,
 
 def vqa_attention_pictures(world, state: dict, figures: str, prefix: str) -> list[dict]:
     """Figure 6 style: the attention of VqaModel.forward(..., return_attention=True) for one
-    val question of each answer type, Up-Down (first ensemble member) and the largest grid."""
+    val question of each answer type, Up-Down (first ensemble member) and the largest grid (its
+    first seed, as the member's)."""
     from ray_updown.data.vqa import load_vqa
     from ray_updown.features.reader import FeatureStore
     from ray_updown.viz.attention import save_png, vqa_attention_figure
@@ -102,7 +103,7 @@ def vqa_attention_pictures(world, state: dict, figures: str, prefix: str) -> lis
     largest = max(state["vqa_grids"], key=lambda n: int(n[len("grid"):]))
     g = largest[len("grid"):]
     models = {"regions": ("Up-Down", state["ensemble"]["members"][0]["checkpoint"]),
-              largest: (f"ResNet {g}x{g}", state["vqa_grids"][largest]["checkpoint"])}
+              largest: (f"ResNet {g}x{g}", state["vqa_grids"][largest][0]["checkpoint"])}
     loaded = {feat: (label, load_vqa_checkpoint(checkpoint, "cpu"),
                      FeatureStore(state["stores"][feat]))
               for feat, (label, checkpoint) in models.items()}

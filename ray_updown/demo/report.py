@@ -46,25 +46,38 @@ def build_table1(captioning: dict) -> dict:
     return table
 
 
-def build_table4(vqa_scores: dict, ensemble: dict, grid_names: list[str]) -> dict:
-    """{"rows": {label: {overall, yes/no, number, other}}, "members": {label: overall},
-    "single": label, "ensemble": label}: the paper's Table 4 plus single vs ensemble."""
+def build_table4(vqa_scores: dict, ensemble: dict, grid_names: list[str],
+                 seeds: list[int]) -> dict:
+    """{"rows": {label: {overall, yes/no, number, other}}, "per_seed": {label: {"seed S": row}},
+    "members": {label: overall}, "single": label, "ensemble": label, "seeds": seeds}: the
+    paper's Table 4 plus single vs ensemble. Each grid row and the single model's row is the
+    mean over the VQA seeds (the single model's runs are the ensemble's first members)."""
     def row(scores: dict) -> dict:
         return {"overall": scores["overall"],
                 **{t: scores["per_answer_type"].get(t) for t in ANSWER_TYPES}}
 
-    members = ensemble["members"]
-    rows: dict[str, dict] = {}
+    per_seed: dict[str, dict] = {}
     for name in sorted(grid_names, key=lambda n: int(n[len("grid"):])):
         g = int(name[len("grid"):])
-        rows[f"ResNet {g}x{g}"] = row(vqa_scores[name])
-    single = f"Up-Down (single model, seed {members[0]['seed']})"
-    rows[single] = row(vqa_scores[f"member{members[0]['seed']}"])
+        per_seed[f"ResNet {g}x{g}"] = {f"seed {s}": row(vqa_scores[f"{name}-seed{s}"])
+                                        for s in seeds}
+    single = (f"Up-Down (single model, seed {seeds[0]})" if len(seeds) == 1 else
+              f"Up-Down (single model, mean of {len(seeds)} seeds)")
+    per_seed[single] = {f"seed {s}": row(vqa_scores[f"member{s}"]) for s in seeds}
+    rows = {label: _mean_row(list(runs.values())) for label, runs in per_seed.items()}
+    members = ensemble["members"]
     ens = f"Up-Down ensemble of {len(members)}"
     rows[ens] = row(vqa_scores["ensemble"])
     member_scores = {f"seed {m['seed']}": vqa_scores[f"member{m['seed']}"]["overall"]
                      for m in members}
-    return {"rows": rows, "members": member_scores, "single": single, "ensemble": ens}
+    return {"rows": rows, "per_seed": per_seed, "members": member_scores, "single": single,
+            "ensemble": ens, "seeds": list(seeds)}
+
+
+def _mean_row(rows: list[dict]) -> dict:
+    """The mean of each column over the seeds' rows (None where a seed has none)."""
+    return {key: None if any(r[key] is None for r in rows) else
+            round(sum(r[key] for r in rows) / len(rows), 2) for key in rows[0]}
 
 
 def targets_met(table1: dict, table4: dict) -> dict[str, dict]:
@@ -139,8 +152,9 @@ def draw_curves(state: dict, figures: str) -> dict[str, str]:
         cider[f"{run['label']} SCST"] = _series(run["scst"]["history"], "val_cider_d", xe_epochs)
     save("caption_val_cider.png", "Captioner val CIDEr-D (greedy), XE then SCST", cider,
          "epoch", "CIDEr-D")
-    vqa = {f"ResNet {name[len('grid'):]}x{name[len('grid'):]}": _series(run["history"], "val_accuracy")
-           for name, run in state["vqa_grids"].items()}
+    vqa = {f"ResNet {name[len('grid'):]}x{name[len('grid'):]} seed {run['seed']}":
+           _series(run["history"], "val_accuracy")
+           for name, runs in state["vqa_grids"].items() for run in runs[:1]}
     vqa.update({f"Up-Down seed {m['seed']}": _series(m.get("history", []), "val_accuracy")
                 for m in state["ensemble"]["members"]})
     save("vqa_val_accuracy.png", "VQA val accuracy (soft score of the top answer)", vqa,
@@ -186,12 +200,24 @@ def table4_markdown(table4: dict) -> list[str]:
     return lines
 
 
+def per_seed_markdown(table4: dict) -> list[str]:
+    """Table 4's single models per VQA seed: overall / number accuracy."""
+    seeds = table4["seeds"]
+    lines = ["| model | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|" + "---|" * len(seeds)]
+    for label, runs in table4["per_seed"].items():
+        lines.append(f"| {label} | " + " | ".join(
+            f"{_fmt(run['overall'], 2)} / {_fmt(run['number'], 2)}" for run in runs.values()) + " |")
+    return lines
+
+
 def write_report(out: str, world, state: dict, seconds: dict[str, float],
                  previous_seconds: dict[str, float], wall_seconds: float) -> dict:
     """Write <out>/report.md and its figures; returns {"report", "table1", "table4", ...}."""
     figures = storage.join(out, FIGURES_DIR)
     table1 = build_table1(state["captioning"])
-    table4 = build_table4(state["vqa_scores"], state["ensemble"], list(state["vqa_grids"]))
+    seeds = [run["seed"] for run in next(iter(state["vqa_grids"].values()))]
+    table4 = build_table4(state["vqa_scores"], state["ensemble"], list(state["vqa_grids"]), seeds)
     targets = targets_met(table1, table4)
     curves = {**draw_curves(state, figures), **draw_bars(table1, table4, figures)}
     caption_pictures = caption_attention_pictures(world, state, figures, FIGURES_DIR)
@@ -294,6 +320,12 @@ def vqa_section(out: str, state: dict, table4: dict) -> list[str]:
              "paper (VQA v2 val, single model): 63.2 overall, 80.3 yes/no, 42.8 number, 55.8 "
              "other; ResNet 7x7 59.4.", ""]
     lines += table4_markdown(table4)
+    seeds = table4["seeds"]
+    if len(seeds) > 1:
+        lines += ["", f"Each row but the ensemble is the mean over the VQA seeds {seeds[0]}-"
+                  f"{seeds[-1]}: each grid model trained with each seed, and Up-Down's runs are "
+                  "the ensemble's first members. Per seed, overall / number:", ""]
+        lines += per_seed_markdown(table4)
     return lines + ["", "Ensemble members (overall): " + ", ".join(
         f"{k} {v:.2f}" for k, v in table4["members"].items()) + f"; results files in "
         f"`{storage.join(out, 'results')}` (e.g. `{val_q['results_file'].rsplit('/', 1)[-1]}`).", ""]

@@ -14,9 +14,10 @@
                cross-entropy (eq. 9), then SCST (eq. 10-11) from the XE checkpoint, on Ray
                Train; beam search (5) on the Karpathy test split, the COCO server results
                file, BLEU/METEOR/ROUGE-L/CIDEr through pycocoevalcap (the paper's Table 1).
-5. VQA         the Up-Down VQA model (eq. 12-17) on the grids 1x1, 7x7, 14x14 (Ray Tune trials)
-               and an ensemble on regions whose first member is the single Up-Down model;
-               official accuracy per answer type on VQA val (the paper's Table 4).
+5. VQA         the Up-Down VQA model (eq. 12-17) on the grids 1x1, 7x7, 14x14 with each VQA
+               seed (Ray Tune trials) and an ensemble on regions whose first members are the
+               single Up-Down model's seeds; official accuracy per answer type on VQA val,
+               the means over the seeds (the paper's Table 4).
                Stages 4 and 5 run side by side (four tracks sharing the cluster's CPUs).
 6. report      <out>/report.md with the training curves, the miniature Tables 1 and 4, the
                targets and whether each was met, and attention pictures (figures 5-7).
@@ -105,6 +106,10 @@ class DemoConfig:
     # default: it meets no more targets on worlds 0-2 than raw features do (18 of 21 each, at
     # constant steps; docs/demo.md, "Tried: unit-length features").
     vqa_l2_normalize: bool = False
+    # Dropout between f_o and W_o (eq. 17), the re-implementation's 0.5 (the paper names none):
+    # without it most Up-Down seeds fall below the answer prior on counts of a colour or a
+    # class, which no model of the world learns (docs/demo.md, "Three seeds a model").
+    vqa_classifier_dropout: float = 0.5
     # 2e-2, reached by a linear warmup over the first 3 epochs: at Adamax's default 2e-3
     # every model stays at the answer priors for 10+ epochs on the world; at a constant 1e-2
     # some seeds never leave the yes/no prior within 30 epochs (docs/demo.md, "Warmup to 2e-2").
@@ -118,6 +123,11 @@ class DemoConfig:
     vqa_batch_size: int = 64
     vqa_answer_min_count: int = 9  # the paper's threshold
     ensemble_members: int = 3
+    # Each model of Table 4 trains with this many VQA seeds (S, S+1, ...): every grid, and
+    # Up-Down as the ensemble's first members; the table's rows and the VQA targets are their
+    # means. One seed's number accuracy moves by 3-6 points on the world's ~200 val number
+    # questions, as much as the models differ (docs/demo.md, "Three seeds a model").
+    vqa_seeds: int = 3
     # stages 4 and 5 run as four tracks (captioner on regions, on the grid, VQA grids, VQA
     # ensemble); Ray queues their runs for the CPUs; 1 = in turn
     parallel_tracks: int = 4
@@ -142,6 +152,12 @@ class DemoConfig:
             raise ConfigError("must be >= 0 (0 = the demo detector's default)",
                               record="detector_minutes")
         check_at_least(self, 0, "vqa_lr", "vqa_warmup_epochs")
+        if not 0 <= self.vqa_classifier_dropout < 1:
+            raise ConfigError(f"must be in [0, 1), got {self.vqa_classifier_dropout}",
+                              record="vqa_classifier_dropout")
+        if not 1 <= self.vqa_seeds <= self.ensemble_members:
+            raise ConfigError(f"must be between 1 and ensemble_members ({self.ensemble_members}), "
+                              f"got {self.vqa_seeds}", record="vqa_seeds")
         if not self.vqa_grids or min(self.vqa_grids) < 1:
             raise ConfigError(f"needs grid sizes >= 1, got {self.vqa_grids}", record="vqa_grids")
 
@@ -313,17 +329,28 @@ def caption_track(demo: DemoRun, stores: dict[str, str], feat: str) -> dict:
     return {"label": label, "xe": xe, "scst": scst}
 
 
-def vqa_grids_track(demo: DemoRun, stores: dict[str, str]) -> dict:
-    """The VQA model on each grid baseline, as Ray Tune trials."""
+def vqa_grids_track(demo: DemoRun, stores: dict[str, str]) -> dict[str, list[dict]]:
+    """The VQA model on each grid baseline with each VQA seed, as Ray Tune trials:
+    {"grid<g>": [its run per seed]}."""
     cfg, epochs = demo.cfg, demo.cfg.epochs(demo.cfg.vqa_epochs)
-    grid_configs = {f"grid{g}": vqa_config(cfg, demo.world, stores[f"grid{g}"], g * g, demo.runs,
-                                           f"vqa-grid{g}", epochs) for g in cfg.vqa_grids}
-    return demo.book.run("vqa_grids", lambda: train_vqa_trials(grid_configs, demo.runs,
-                                                               "vqa-grids"))
+    configs = {(f"grid{g}", seed): vqa_config(dataclasses.replace(cfg, seed=seed), demo.world,
+                                              stores[f"grid{g}"], g * g, demo.runs,
+                                              f"vqa-grid{g}", epochs)
+               for g in cfg.vqa_grids for seed in vqa_seeds(cfg)}
+    runs = demo.book.run("vqa_grids", lambda: train_vqa_trials(
+        {f"{grid}-seed{seed}": c for (grid, seed), c in configs.items()}, demo.runs, "vqa-grids"))
+    return {f"grid{g}": [runs[f"grid{g}-seed{seed}"] for seed in vqa_seeds(cfg)]
+            for g in cfg.vqa_grids}
+
+
+def vqa_seeds(cfg: DemoConfig) -> list[int]:
+    """The VQA seeds every model of Table 4 trains with."""
+    return [cfg.seed + k for k in range(cfg.vqa_seeds)]
 
 
 def vqa_ensemble_track(demo: DemoRun, detector: dict, stores: dict[str, str]) -> dict:
-    """The VQA ensemble on regions; its first member is the single Up-Down model."""
+    """The VQA ensemble on regions; its first `vqa_seeds` members are the single Up-Down
+    model's runs."""
     cfg = demo.cfg
     detector_boxes = cfg.max_regions or int(storage.read_json(storage.join(
         detector["detector"], "detector.json"))["config"].get("max_boxes", 100))
@@ -334,15 +361,18 @@ def vqa_ensemble_track(demo: DemoRun, detector: dict, stores: dict[str, str]) ->
 
 
 def score_vqa(demo: DemoRun, stores: dict[str, str], vqa_grids: dict, ensemble: dict) -> dict:
-    """The official VQA val accuracy of each member, the ensemble and each grid (Table 4)."""
+    """The official VQA val accuracy of each member, the ensemble and each grid's run per
+    seed ("grid<g>-seed<s>"): Table 4's numbers."""
     members = {f"member{m['seed']}": [m["checkpoint"]] for m in ensemble["members"]}
     models = {**members, "ensemble": [m["checkpoint"] for m in ensemble["members"]]}
     scores = {name: evaluate_vqa_model(demo.world, checkpoints, stores["regions"], name,
                                        demo.results)
               for name, checkpoints in models.items()}
-    for name, run in vqa_grids.items():
-        scores[name] = evaluate_vqa_model(demo.world, [run["checkpoint"]], stores[name], name,
-                                          demo.results)
+    for grid, runs in vqa_grids.items():
+        for run in runs:
+            name = f"{grid}-seed{run['seed']}"
+            scores[name] = evaluate_vqa_model(demo.world, [run["checkpoint"]], stores[grid],
+                                              name, demo.results)
     return scores
 
 

@@ -251,7 +251,8 @@ def vqa_config(cfg, world: WorldFiles, features: str, max_boxes: int, runs: str,
                          feature_cache_dir=os.path.join(runs, "feature_cache"))
     return VqaTrainConfig(data=data, model=VqaModelOptions(
                               preset="paper", hidden=cfg.vqa_hidden,
-                              l2_normalize_features=cfg.vqa_l2_normalize),
+                              l2_normalize_features=cfg.vqa_l2_normalize,
+                              classifier_dropout=cfg.vqa_classifier_dropout),
                           optimizer=cfg.vqa_optimizer, lr=cfg.vqa_lr or None,
                           warmup_epochs=cfg.vqa_warmup_epochs, epochs=epochs,
                           batch_size=cfg.vqa_batch_size, patience=cfg.vqa_patience,
@@ -260,11 +261,13 @@ def vqa_config(cfg, world: WorldFiles, features: str, max_boxes: int, runs: str,
 
 def train_vqa_trials(configs: dict[str, Any], root: str, experiment: str) -> dict[str, dict]:
     """Single VQA models as trials of one Ray Tune experiment (they share the cluster, one CPU
-    each); resumes an interrupted experiment. Tune starts trials in the order of its grid, so
-    the models with the most regions per image (the costliest epochs) queue first: a long
-    trial started last would run alone on one CPU while the others sit idle. Returns per
-    model, in the order given, its best checkpoint (by val accuracy) and every epoch's
-    metrics (Tune keeps them all; Ray Train keeps only those of retained checkpoints)."""
+    each); resumes an interrupted experiment. The configs differ only in their data section
+    (features, K) and their seed, and cover every store with every seed. Tune starts trials
+    seed by seed and, within a seed, in the order of its grid, so the models with the most
+    regions per image (the costliest epochs) queue first: a long trial started last would run
+    alone on one CPU while the others sit idle. Returns per model, in the order given, its
+    seed, its best checkpoint (by val accuracy) and every epoch's metrics (Tune keeps them
+    all; Ray Train keeps only those of retained checkpoints)."""
     from ray import tune
 
     from ray_updown.train.search import restore_or_new_tuner
@@ -274,14 +277,20 @@ def train_vqa_trials(configs: dict[str, Any], root: str, experiment: str) -> dic
 
     names = list(configs)
     first = next(iter(configs.values()))
-    by_features = {cfg.absolute().data.features: name for name, cfg in configs.items()}
+    by_trial = {(cfg.absolute().data.features, cfg.seed): name for name, cfg in configs.items()}
     trainable = tune_trainable(cpus_per_trial=1.0)
 
     def new_tuner():
-        # One trial per model: the models differ only in their data section (features, K).
         costliest_first = sorted(configs.values(), key=lambda c: -c.data.max_boxes)
-        datas = [cfg.absolute().to_dict()["data"] for cfg in costliest_first]
-        param_space = {**first.absolute().to_dict(), "data": tune.grid_search(datas)}
+        datas = list({c.absolute().data.features: c.absolute().to_dict()["data"]
+                      for c in costliest_first}.values())
+        seeds = sorted({c.seed for c in configs.values()})
+        if len(datas) * len(seeds) != len(by_trial):
+            raise ValueError(f"{experiment}: the VQA trials must pair every store with every "
+                             f"seed, got {sorted(by_trial)}")
+        # Tune varies "data" fastest (its keys in sorted order): seed by seed, costliest first.
+        param_space = {**first.absolute().to_dict(), "data": tune.grid_search(datas),
+                       "seed": tune.grid_search(seeds)}
         return tune.Tuner(trainable, param_space=param_space,
                           tune_config=tune.TuneConfig(trial_dirname_creator=_trial_dirname),
                           run_config=tune_run_config(first, root, experiment))
@@ -291,17 +300,19 @@ def train_vqa_trials(configs: dict[str, Any], root: str, experiment: str) -> dic
     for result in grid:
         if result.error is not None:
             raise result.error
-        name = by_features[result.config["data"]["features"]]
+        seed = int(result.config["seed"])
+        name = by_trial[(result.config["data"]["features"], seed)]
         pairs = [(m.get(METRIC, -math.inf), c) for c, m in (result.best_checkpoints or [])]
         best = max(pairs, key=lambda p: p[0])[1] if pairs else result.checkpoint
-        out[name] = {"checkpoint": checkpoint_uri(best, first.storage_path),
+        out[name] = {"seed": seed, "checkpoint": checkpoint_uri(best, first.storage_path),
                      "history": _vqa_history(result.metrics_dataframe)}
     return {n: out[n] for n in names}
 
 
 def _trial_dirname(trial) -> str:
-    """A short folder name per trial: its feature store's name (not every config value)."""
-    return f"{trial.trial_id}-{trial.config['data']['features'].rstrip('/').rsplit('/', 1)[-1]}"
+    """A short folder name per trial: its feature store's name and its seed."""
+    store = trial.config['data']['features'].rstrip('/').rsplit('/', 1)[-1]
+    return f"{trial.trial_id}-{store}-seed{trial.config['seed']}"
 
 
 def _vqa_history(frame) -> list[dict]:
