@@ -106,9 +106,9 @@ class DemoConfig:
     # default: it meets no more targets on worlds 0-2 than raw features do (18 of 21 each, at
     # constant steps; docs/demo.md, "Tried: unit-length features").
     vqa_l2_normalize: bool = False
-    # Dropout between f_o and W_o (eq. 17), the re-implementation's 0.5 (the paper names none):
-    # without it most Up-Down seeds fall below the answer prior on counts of a colour or a
-    # class, which no model of the world learns (docs/demo.md, "Three seeds a model").
+    # Dropout between f_o and W_o (eq. 17), the re-implementation's 0.5: without it most
+    # Up-Down seeds fall below the answer prior on counts of a colour or a class, which no
+    # model of the world learns (docs/demo.md, "Three seeds a model").
     vqa_classifier_dropout: float = 0.5
     # 2e-2, reached by a linear warmup over the first 3 epochs: at Adamax's default 2e-3
     # every model stays at the answer priors for 10+ epochs on the world; at a constant 1e-2
