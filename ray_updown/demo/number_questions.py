@@ -120,8 +120,8 @@ def breakdown_table(runs: list[dict]) -> str:
 
 def model_family_and_seed(name: str) -> tuple[str | None, int | None]:
     """A demo model's name parsed: ("Up-Down", s) for ensemble member "member<s>",
-    ("grid<g>", s) for "grid<g>-seed<s>", ("grid<g>", None) for a demo folder's grid model of
-    before the VQA seeds (one run, at the world's seed), (None, None) for the ensemble and the
+    ("grid<g>", s) for "grid<g>-seed<s>", ("grid<g>", None) for a bare "grid<g>" (a demo
+    folder whose grids ran once, at the world's seed), (None, None) for the ensemble and the
     prior."""
     if name.startswith("member"):
         return "Up-Down", int(name[len("member"):])

@@ -332,15 +332,13 @@ def caption_track(demo: DemoRun, stores: dict[str, str], feat: str) -> dict:
 def vqa_grids_track(demo: DemoRun, stores: dict[str, str]) -> dict[str, list[dict]]:
     """The VQA model on each grid baseline with each VQA seed, as Ray Tune trials:
     {"grid<g>": [its run per seed]}."""
-    cfg, epochs = demo.cfg, demo.cfg.epochs(demo.cfg.vqa_epochs)
-    configs = {(f"grid{g}", seed): vqa_config(dataclasses.replace(cfg, seed=seed), demo.world,
-                                              stores[f"grid{g}"], g * g, demo.runs,
-                                              f"vqa-grid{g}", epochs)
-               for g in cfg.vqa_grids for seed in vqa_seeds(cfg)}
-    runs = demo.book.run("vqa_grids", lambda: train_vqa_trials(
-        {f"{grid}-seed{seed}": c for (grid, seed), c in configs.items()}, demo.runs, "vqa-grids"))
-    return {f"grid{g}": [runs[f"grid{g}-seed{seed}"] for seed in vqa_seeds(cfg)]
-            for g in cfg.vqa_grids}
+    cfg, epochs, seeds = demo.cfg, demo.cfg.epochs(demo.cfg.vqa_epochs), vqa_seeds(demo.cfg)
+    configs = {f"grid{g}-seed{seed}": vqa_config(dataclasses.replace(cfg, seed=seed), demo.world,
+                                                 stores[f"grid{g}"], g * g, demo.runs,
+                                                 f"vqa-grid{g}", epochs)
+               for g in cfg.vqa_grids for seed in seeds}
+    runs = demo.book.run("vqa_grids", lambda: train_vqa_trials(configs, demo.runs, "vqa-grids"))
+    return {f"grid{g}": [runs[f"grid{g}-seed{seed}"] for seed in seeds] for g in cfg.vqa_grids}
 
 
 def vqa_seeds(cfg: DemoConfig) -> list[int]:

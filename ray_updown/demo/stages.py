@@ -276,20 +276,20 @@ def train_vqa_trials(configs: dict[str, Any], root: str, experiment: str) -> dic
     from ray_updown.vqa.train import tune_run_config, tune_trainable
 
     names = list(configs)
-    first = next(iter(configs.values()))
-    by_trial = {(cfg.absolute().data.features, cfg.seed): name for name, cfg in configs.items()}
+    absolute = {name: cfg.absolute() for name, cfg in configs.items()}
+    first = configs[names[0]]
+    by_trial = {(cfg.data.features, cfg.seed): name for name, cfg in absolute.items()}
     trainable = tune_trainable(cpus_per_trial=1.0)
 
     def new_tuner():
-        costliest_first = sorted(configs.values(), key=lambda c: -c.data.max_boxes)
-        datas = list({c.absolute().data.features: c.absolute().to_dict()["data"]
-                      for c in costliest_first}.values())
-        seeds = sorted({c.seed for c in configs.values()})
+        costliest_first = sorted(absolute.values(), key=lambda c: -c.data.max_boxes)
+        datas = list({c.data.features: c.to_dict()["data"] for c in costliest_first}.values())
+        seeds = sorted({c.seed for c in absolute.values()})
         if len(datas) * len(seeds) != len(by_trial):
             raise ValueError(f"{experiment}: the VQA trials must pair every store with every "
                              f"seed, got {sorted(by_trial)}")
         # Tune varies "data" fastest (its keys in sorted order): seed by seed, costliest first.
-        param_space = {**first.absolute().to_dict(), "data": tune.grid_search(datas),
+        param_space = {**absolute[names[0]].to_dict(), "data": tune.grid_search(datas),
                        "seed": tune.grid_search(seeds)}
         return tune.Tuner(trainable, param_space=param_space,
                           tune_config=tune.TuneConfig(trial_dirname_creator=_trial_dirname),
