@@ -20,7 +20,7 @@ the order they run; DIR/gpu_check.json is rewritten after each, so a time-out ke
 - fidelity:      with --checkpoint and --images: fp16 against fp32 on a trained detector
                  (share of images selecting the same regions, cosine of their features);
 - kernel_tests:  tests/test_select_kernel.py (the CUDA test and the interpreter test);
-- vqa_steps, vqa_epoch, vqa_loop, ensemble, captioner: training, fp32 and bf16
+- vqa_steps, vqa_profile, vqa_epoch, vqa_loop, ensemble, captioner: training, fp32 and bf16
                  (benchmarks/gpu_training.py's docstring).
 
 Every number comes from this run on this machine; nothing is carried over or estimated.
@@ -42,8 +42,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 # In the order they run: the kernel's correctness first, torch.compile (the slowest to warm up) last.
-SECTIONS = ("kernel_tests", "detector", "actor", "vqa_steps", "vqa_epoch", "vqa_loop", "ensemble",
-            "captioner", "ray", "fidelity", "compile")
+SECTIONS = ("kernel_tests", "detector", "actor", "vqa_steps", "vqa_profile", "vqa_epoch",
+            "vqa_loop", "ensemble", "captioner", "ray", "fidelity", "compile")
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)  # detector.py, stand_in.py
@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "fidelity": (half_fidelity, args.checkpoint, args.images, device),
                 "kernel_tests": (kernel_tests, args.dry),
                 "vqa_steps": (gpu_training.vqa_steps, args.dry, device),
+                "vqa_profile": (gpu_training.vqa_profile, args.dry, device),
                 "vqa_epoch": (gpu_training.vqa_epoch_figures, root, args.dry, device),
                 "vqa_loop": (gpu_training.vqa_loop, root, args.dry, device),
                 "ensemble": (gpu_training.ensemble, root, args.dry, device),

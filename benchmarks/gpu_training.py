@@ -4,7 +4,11 @@ Sections (each a function of gpu_check's; `dry` = CPU, tiny sizes, for the test 
 
 - vqa_steps:   `train_step` samples/s at batch 512 of the three VQA presets (paper,
                reimplementation, projection) in fp32 and bf16, at the paper's input sizes
-               (benchmarks/vqa.py `training_speed`);
+               (benchmarks/vqa.py `training_speed`); and the paper's preset with
+               `packed_questions=false` (no host sync a step), which stays off until this
+               judges it;
+- vqa_profile: where a step's time goes, per preset and precision (torch.profiler): wall and
+               device-busy time a step, kernels launched, the costliest operations;
 - vqa_epoch:   an epoch of a tenth of COCO (44,376 questions over 8,278 images x 36 x 2,048
                fp16, features on the device), paper preset, fp32 and bf16, the bare loop of
                benchmarks/vqa.py (`vqa_epoch`);
@@ -12,8 +16,8 @@ Sections (each a function of gpu_check's; `dry` = CPU, tiny sizes, for the test 
                process and by `train_vqa` (Ray Train, one GPU worker) where Ray is importable:
                the second epoch's samples/s of each;
 - ensemble:    4 trial processes sharing the GPU at once, each with its own features on the
-               device (as 4 Tune trials of 0.25 GPU): their summed samples/s and each one's
-               peak GPU memory. From these, *computed* (labelled so): how many COCO-sized
+               device (as 4 Tune trials of 0.25 GPU), in fp32 and then in bf16: their summed
+               samples/s and each one's peak GPU memory. From these, *computed* (labelled so): how many COCO-sized
                trials fit on this GPU and the wall clock of a 30-member x 30-epoch ensemble
                on 1 and on 8 such GPUs;
 - captioner:   XE (100 images x 5 captions) and SCST (beam 5, 100 images) steps of the
@@ -61,7 +65,64 @@ def vqa_steps(dry: bool, device: str) -> dict:
             out[f"{preset}_{precision}"] = figures["samples_per_s"]
         out[f"{preset}_parameters"] = figures["parameters"]
         out[f"{preset}_bf16_over_fp32"] = round(out[f"{preset}_bf16"] / out[f"{preset}_fp32"], 2)
+    for precision in ("fp32", "bf16"):  # the GRU on the padded batch: no host sync a step
+        figures = vqa.training_speed("paper", batch, steps, _device(device), precision,
+                                     packed_questions=False)
+        out[f"paper_unpacked_{precision}"] = figures["samples_per_s"]
+        out[f"paper_unpacked_over_packed_{precision}"] = round(
+            figures["samples_per_s"] / out[f"paper_{precision}"], 2)
     return {"batch": batch, "steps": steps, "samples_per_s": out}
+
+
+def vqa_profile(dry: bool, device: str) -> dict:
+    """Where a `train_step` goes, per preset and precision (torch.profiler): the step's wall
+    time, the device's busy time in it (a step that waits on the host shows busy < wall),
+    the kernels launched and the costliest operations, each with its time a step (on the
+    device; on the CPU where no kernel ran)."""
+    import vqa
+    from torch.profiler import ProfilerActivity, profile
+
+    from ray_updown.vqa.config import PRESETS, VqaModelOptions, VqaTrainConfig
+    from ray_updown.vqa.model import VqaModel
+    from ray_updown.vqa.train import build_optimizer, train_step
+
+    dev, batch_size, steps = _device(device), (8 if dry else 512), (1 if dry else 10)
+    sizes = dict(num_tokens=vqa.NUM_TOKENS, num_answers=vqa.NUM_ANSWERS, feat_dim=vqa.FEAT_DIM,
+                 question_len=vqa.QUESTION_LEN)
+    batch = vqa._batch(batch_size, dev)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    out = {"batch": batch_size, "steps": steps}
+    for preset in ("paper", "reimplementation", "projection"):
+        for precision in ("fp32", "bf16"):
+            model = VqaModel(PRESETS[preset](**sizes), seed=0).to(dev).train()
+            optimizer = build_optimizer(VqaTrainConfig(model=VqaModelOptions(preset=preset)),
+                                        model.parameters())
+            for _ in range(2):  # warm-up
+                train_step(model, optimizer, batch, 0.25, precision)
+            _sync(device)
+            with profile(activities=activities) as prof:
+                started = time.perf_counter()
+                for _ in range(steps):
+                    train_step(model, optimizer, batch, 0.25, precision)
+                _sync(device)
+                wall = (time.perf_counter() - started) / steps
+            out[f"{preset}_{precision}"] = _profile_summary(prof, wall, steps)
+    return out
+
+
+def _profile_summary(prof, wall: float, steps: int) -> dict:
+    import torch
+
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.time_range.elapsed_us() for e in kernels) / steps / 1e3
+
+    def self_us(event) -> float:  # on the device where kernels ran, else on the CPU
+        return event.self_device_time_total if kernels else event.self_cpu_time_total
+
+    costliest = sorted(prof.key_averages(), key=self_us, reverse=True)[:8]
+    return {"wall_ms": round(wall * 1e3, 2), "device_busy_ms": round(busy, 2),
+            "kernels": round(len(kernels) / steps), "costliest_on": "cuda" if kernels else "cpu",
+            "costliest_ms": {e.key[:80]: round(self_us(e) / steps / 1e3, 3) for e in costliest}}
 
 
 def _tenth(dry: bool) -> tuple[int, int, int]:
@@ -159,11 +220,16 @@ def vqa_loop(root: str, dry: bool, device: str) -> dict:
 
 
 def ensemble(root: str, dry: bool, device: str) -> dict:
-    """TRIALS_SHARING trial processes on one device at once, then the computed ensemble."""
+    """TRIALS_SHARING trial processes on one device at once, in fp32 and then in bf16, each
+    with the computed ensemble of its rate."""
+    return {precision: _trials_sharing(root, dry, device, precision) for precision in ("fp32", "bf16")}
+
+
+def _trials_sharing(root: str, dry: bool, device: str, precision: str) -> dict:
     store, cache = _store(root, dry)
     questions, images, batch = _tenth(dry)
     command = [sys.executable, os.path.abspath(__file__), "--trial", store, cache, str(questions),
-               str(images), str(batch), device]
+               str(images), str(batch), device, precision]
     started = time.perf_counter()
     count = 2 if dry else TRIALS_SHARING  # two CPU processes check the same code
     trials = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=HERE)
@@ -172,9 +238,9 @@ def ensemble(root: str, dry: bool, device: str) -> dict:
     if any(t.returncode for t in trials):
         raise RuntimeError(f"a trial process failed: {[t.returncode for t in trials]}")
     rate = sum(r["samples_per_s"] for r in results)
-    out = {"trials": count, "questions_each": questions, "images_each": images,
-           "wall_s": round(time.perf_counter() - started, 1), "summed_samples_per_s": round(rate, 1),
-           "per_trial": results}
+    out = {"trials": count, "precision": precision, "questions_each": questions,
+           "images_each": images, "wall_s": round(time.perf_counter() - started, 1),
+           "summed_samples_per_s": round(rate, 1), "per_trial": results}
     if device == "cuda":
         out["computed_from_these_measurements"] = computed_ensemble(results, rate)
     return out
@@ -197,14 +263,15 @@ def computed_ensemble(results: list[dict], rate: float) -> dict:
             "ensemble_wall_min_8_gpus": round(samples / rate / 8 / 60, 1)}
 
 
-def _trial(store: str, cache: str, questions: int, images: int, batch: int, device: str) -> None:
+def _trial(store: str, cache: str, questions: int, images: int, batch: int, device: str,
+           precision: str) -> None:
     """One trial process: an epoch to warm up, a timed one, its peak GPU memory; JSON out."""
     import torch
     import vqa
 
     dev = torch.device(device)
-    vqa.vqa_epoch(store, cache, questions, images, batch, dev)
-    epoch = vqa.vqa_epoch(store, cache, questions, images, batch, dev)
+    vqa.vqa_epoch(store, cache, questions, images, batch, dev, precision=precision)
+    epoch = vqa.vqa_epoch(store, cache, questions, images, batch, dev, precision=precision)
     cuda = device == "cuda"
     print(json.dumps({"samples_per_s": epoch["samples_per_s"], "epoch_s": epoch["epoch_s"],
                       "features_on_gpu_bytes": images * 36 * 2048 * 2 if cuda else 0,
@@ -260,5 +327,5 @@ def captioner_steps(dry: bool, device: str) -> dict:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--trial"]:
     sys.path.insert(0, HERE)
-    store_, cache_, questions_, images_, batch_, device_ = sys.argv[2:8]
-    _trial(store_, cache_, int(questions_), int(images_), int(batch_), device_)
+    store_, cache_, questions_, images_, batch_, device_, precision_ = sys.argv[2:9]
+    _trial(store_, cache_, int(questions_), int(images_), int(batch_), device_, precision_)

@@ -71,12 +71,12 @@ def _batch(batch_size: int, device: torch.device, seed: int = 0) -> dict:
 
 
 def training_speed(preset: str, batch_size: int, steps: int, device: torch.device,
-                   precision: str = "fp32") -> dict:
+                   precision: str = "fp32", packed_questions: bool = True) -> dict:
     """Samples/s of `train_step` for one preset (its own optimizer) at the paper's sizes."""
     from ray_updown.vqa.config import PRESETS, VqaModelOptions
 
     sizes = dict(num_tokens=NUM_TOKENS, num_answers=NUM_ANSWERS, feat_dim=FEAT_DIM,
-                 question_len=QUESTION_LEN)
+                 question_len=QUESTION_LEN, packed_questions=packed_questions)
     config = PRESETS[preset](**sizes)
     train_config = VqaTrainConfig(model=VqaModelOptions(preset=preset))
     model = VqaModel(config, seed=0).to(device).train()
@@ -95,6 +95,7 @@ def training_speed(preset: str, batch_size: int, steps: int, device: torch.devic
     return {"preset": preset, "precision": precision, "hidden": config.hidden,
             "nonlinearity": config.nonlinearity, "attention": config.attention,
             "weight_norm": config.weight_norm, "optimizer": train_config.optimizer_name(),
+            "packed_questions": packed_questions,
             "parameters": sum(p.numel() for p in model.parameters()),
             "batch": batch_size, "steps": steps, "seconds": round(seconds, 2),
             "samples_per_s": round(batch_size * steps / seconds, 1)}

@@ -208,6 +208,9 @@ def test_model_sections_keep_their_keys():
     vqa = load_config(VqaTrainConfig, None, ["model.preset=reimplementation",
                                              "model.hidden=256"]).model.base()
     assert (vqa.hidden, vqa.nonlinearity, vqa.weight_norm) == (256, "relu", True)
+    assert vqa.packed_questions  # the GRU's packed input stays the default until a GPU judges it
+    assert not load_config(VqaTrainConfig, None,
+                           ["model.packed_questions=false"]).model.base().packed_questions
     caption = load_config(CaptionTrainConfig, None, ["model.hidden_dim=64"])
     assert caption.model.hidden_dim == 64
     detector = load_config(DetectorTrainConfig, None, ["model.depth=18", "model.pooler=roipool"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -84,6 +85,20 @@ def test_question_padding_side_does_not_matter():
     assert torch.allclose(model(front, feats, mask), model(back, feats, mask), atol=1e-6)
     other = torch.tensor([[5, 7, 3, 0, 0]]).repeat(4, 1)
     assert not torch.allclose(model(other, feats, mask), model(back, feats, mask))
+
+
+def test_question_state_without_packing_equals_the_packed_one():
+    """The GPU's path (the padded batch, each state taken at its last real token, no host
+    copy of the lengths) gives the packed path's q, an empty question included."""
+    model = VqaModel(CONFIGS["paper"], seed=3)
+    unpacked = VqaModel(dataclasses.replace(CONFIGS["paper"], packed_questions=False), seed=3)
+    tokens, feats, mask = make_batch(batch_size=5)
+    tokens[3] = CONFIGS["paper"].pad_index  # no real token: both read one pad token
+    packed, padded = model.encode_question(tokens), unpacked.encode_question(tokens)
+    assert torch.allclose(packed, padded, atol=1e-6)
+    assert torch.allclose(model(tokens, feats, mask), unpacked(tokens, feats, mask), atol=1e-5)
+    # The state after the last real token differs from the state after the pads that follow it.
+    assert not torch.allclose(model.question_gru(model.word_embedding(tokens))[1][-1][0], padded[0])
 
 
 def test_gated_tanh_on_hand_set_weights():

@@ -40,6 +40,7 @@ class VqaModelOptions:
     l2_normalize_features: bool | None = None
     attention: Literal["concat", "projection"] | None = None
     attention_dropout: float | None = None
+    packed_questions: bool | None = None  # False: no host sync a step (GPUs; not measured yet)
 
     def overrides(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "preset" and v is not None}

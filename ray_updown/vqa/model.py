@@ -55,6 +55,10 @@ class VqaConfig:
     l2_normalize_features: bool = False  # Teney et al. L2-normalise each region feature
     attention: Literal["concat", "projection"] = "concat"  # paper: eq. 15; see the module doc
     attention_dropout: float | None = None  # before w_a; None: the same as `dropout`
+    # How the GRU reads the questions (the same q either way; `encode_question`): packed
+    # sequences, or the padded batch with no host copy of the lengths. False is for GPUs and
+    # stays off until measured on one (benchmarks/gpu_check.py, vqa_steps)
+    packed_questions: bool = True
 
     def validate(self) -> None:
         validate_fields(self)  # nonlinearity, attention
@@ -165,6 +169,13 @@ def nonlinear_layer(config: VqaConfig, in_dim: int, out_dim: int) -> nn.Module:
     return layer_class(in_dim, out_dim, config.weight_norm)
 
 
+def last_states(outputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """outputs[b, lengths[b] - 1] of a batch-first RNN's outputs [B, T, H]: each sequence's
+    state after its last real step, gathered on the outputs' device. [B, H]"""
+    at = (lengths - 1).to(outputs.device).view(-1, 1, 1).expand(-1, 1, outputs.shape[2])
+    return outputs.gather(1, at).squeeze(1)
+
+
 class VqaModel(nn.Module):
     """Up-Down VQA: GRU question encoding, top-down attention over regions, joint classifier.
 
@@ -219,18 +230,27 @@ class VqaModel(nn.Module):
         with torch.no_grad():
             self.word_embedding.weight.copy_(weights)
 
-    def encode_question(self, question_tokens: torch.Tensor) -> torch.Tensor:
-        """q = the GRU's final hidden state after the question's real (non-pad) tokens. [B, H]"""
+    def encode_question(self, question_tokens: torch.Tensor,
+                        packed: bool | None = None) -> torch.Tensor:
+        """q = the GRU's final hidden state after the question's real (non-pad) tokens. [B, H]
+
+        `packed` (None: the config's `packed_questions`) runs the GRU on packed sequences,
+        skipping the pad steps; pack_padded_sequence needs the lengths on the host, so on a GPU
+        every step waits there for its queue of kernels. Otherwise the GRU reads the whole
+        padded batch and each question's state is taken at its last real token: the same q,
+        with all T steps computed and no copy to the host.
+        """
         is_word = question_tokens != self.config.pad_index
         # Stable sort moves real tokens to the front in order, so front- and back-padding agree.
         order = torch.argsort((~is_word).to(torch.int8), dim=1, stable=True)
         tokens = torch.gather(question_tokens, 1, order)
-        lengths = is_word.sum(1).clamp(min=1).cpu()  # an empty question reads one pad token
+        lengths = is_word.sum(1).clamp(min=1)  # an empty question reads one pad token
         words = self.embedding_dropout(self.word_embedding(tokens))
-        packed = nn.utils.rnn.pack_padded_sequence(words, lengths, batch_first=True,
-                                                   enforce_sorted=False)
-        _, final = self.question_gru(packed)
-        return final[-1]
+        if packed if packed is not None else self.config.packed_questions:
+            sequences = nn.utils.rnn.pack_padded_sequence(words, lengths.cpu(), batch_first=True,
+                                                          enforce_sorted=False)
+            return self.question_gru(sequences)[1][-1]
+        return last_states(self.question_gru(words)[0], lengths)
 
     def attend(self, question: torch.Tensor, feats: torch.Tensor,
                mask: torch.Tensor) -> torch.Tensor:

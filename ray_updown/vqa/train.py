@@ -91,8 +91,11 @@ def batch_to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def train_step(model, optimizer, batch: dict, grad_clip: float, precision: str = "fp32") -> float:
-    """One update: BCE against soft scores (eq. 17), clipped gradients. Returns the loss."""
+def train_step(model, optimizer, batch: dict, grad_clip: float,
+               precision: str = "fp32") -> torch.Tensor:
+    """One update: BCE against soft scores (eq. 17), clipped gradients. Returns the loss as a
+    0-d tensor on the batch's device: reading it is the caller's choice, so that a GPU's
+    steps queue without waiting for each other."""
     with autocast(precision, batch["feats"].device):
         logits = model(batch["question_tokens"], batch["feats"], batch["mask"])
         loss = vqa_loss(logits.float(), batch["targets"])
@@ -101,7 +104,7 @@ def train_step(model, optimizer, batch: dict, grad_clip: float, precision: str =
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    return float(loss.detach())
+    return loss.detach()
 
 
 @torch.no_grad()
@@ -192,7 +195,8 @@ def run_vqa_loop(config: dict, session: Session) -> None:
             losses.append(train_step(ddp_model, optimizer, batch_to(batch, device), cfg.grad_clip,
                                      cfg.precision))
         seconds = time.perf_counter() - started
-        metrics = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else math.nan,
+        metrics = {"epoch": epoch + 1,
+                   "train_loss": float(torch.stack(losses).mean()) if losses else math.nan,
                    "samples_per_s": sum(len(b) for b in batches) * world / max(seconds, 1e-9)}
         if data.val is not None:
             metrics.update(evaluate(model, data.val, cfg.batch_size * 2, rank, world, device))

@@ -24,14 +24,20 @@ def test_gpu_check_dry_run_covers_every_section(ray_cluster, tmp_path):
         sys.path.pop(0)
     report = gpu_check.main(["--out", str(tmp_path), "--dry"])
     assert os.path.exists(tmp_path / "gpu_check.json")
-    for name in ("detector", "compile", "actor", "ray", "vqa_steps", "vqa_epoch", "vqa_loop",
-                 "ensemble", "captioner"):
+    for name in ("detector", "compile", "actor", "ray", "vqa_steps", "vqa_profile", "vqa_epoch",
+                 "vqa_loop", "ensemble", "captioner"):
         assert "error" not in report[name], report[name]
     steps = report["vqa_steps"]["samples_per_s"]
     assert steps["projection_parameters"] == 24_851_177 and steps["paper_bf16"] > 0
+    assert steps["paper_unpacked_fp32"] > 0 and steps["paper_unpacked_over_packed_bf16"] > 0
+    profiled = report["vqa_profile"]["projection_bf16"]
+    assert profiled["wall_ms"] > 0 and profiled["costliest_on"] == "cpu" and profiled["costliest_ms"]
     assert report["vqa_epoch"]["bf16"]["precision"] == "bf16"
     assert report["vqa_loop"]["ray_train"]["samples_per_s"] > 0  # Ray Train ran the loop
-    assert report["ensemble"]["trials"] == 2 and report["ensemble"]["summed_samples_per_s"] > 0
+    for precision in ("fp32", "bf16"):
+        shared = report["ensemble"][precision]
+        assert shared["trials"] == 2 and shared["summed_samples_per_s"] > 0
+        assert shared["precision"] == precision
     assert report["captioner"]["scst_bf16_images_per_s"] > 0
     assert report["ray_version"] != "not installed"
     assert report["actor"]["images"] == 12 and report["actor"]["errors"] == 0
