@@ -11,6 +11,7 @@ import re
 import pytest
 
 from ray_updown.demo import report as report_module
+from ray_updown.demo.counting import run_study
 from ray_updown.demo.number_questions import demo_breakdown
 from ray_updown.demo.report import (
     build_table1,
@@ -150,6 +151,19 @@ def test_demo_writes_the_report_with_every_section_and_a_rerun_skips_every_stage
     assert number["grid7-seed0"] == per_seed["ResNet 7x7"]["seed 0"]["number"]
     assert rows4["ResNet 7x7"]["number"] == pytest.approx(
         (number["grid7-seed0"] + number["grid7-seed1"]) / 2, abs=0.006)
+
+    # The counting study on the finished folder: both stores with both seeds as trials of one
+    # Tune experiment, the costliest (adaptive, up to 100 regions) first in each seed; a
+    # re-run reuses every step.
+    study = run_study(str(tmp_path / "demo"), 2)
+    trials = sorted(os.listdir(tmp_path / "demo" / "counting" / "runs" / "vqa-counting"))
+    trials = [t.split("-", 1)[1] for t in trials if re.fullmatch(r"\w+_\d{5}-\w+-seed\d+", t)]
+    assert trials == ["regions_adaptive-seed0", "regions-seed0", "regions_adaptive-seed1",
+                      "regions-seed1"]
+    assert set(study["vqa"]) == {"fixed10", "adaptive"}
+    assert all(len(study["vqa"][name]["number"]) == 2 for name in study["vqa"])
+    assert (tmp_path / "demo" / "counting" / "counting.png").read_bytes()[:8] == PNG_MAGIC
+    assert run_study(str(tmp_path / "demo"), 2) == study
 
 
 def test_stage_book_runs_a_stage_once_and_records_its_result(tmp_path):

@@ -138,25 +138,22 @@ def finished_demo(demo: str):
 
 def train_and_score(study, cfg, world, stores: dict[str, str], seeds: int) -> dict[str, list[dict]]:
     """The demo's single Up-Down VQA model on each store for `seeds` seeds (from the demo's
-    seed on): {store name: [VQA val scores per seed]}."""
-
+    seed on), every store with every seed as trials of one Tune experiment: {store name:
+    [VQA val scores per seed]}."""
     out = study.out
     runs = storage.join(out, "runs")
     epochs = cfg.epochs(cfg.vqa_epochs)
-    scores: dict[str, list[dict]] = {name: [] for name in stores}
-    for k in range(seeds):
-        seed_cfg = dataclasses.replace(cfg, seed=cfg.seed + k)
-        configs = {name: vqa_config(seed_cfg, world, store,
-                                    ADAPTIVE[1] if name == "adaptive" else cfg.max_regions,
-                                    runs, f"vqa-{name}-seed{seed_cfg.seed}", epochs)
-                   for name, store in stores.items()}
-        trained = study.run(f"vqa_seed{seed_cfg.seed}", lambda: train_vqa_trials(
-            configs, runs, f"vqa-seed{seed_cfg.seed}"))
-        for name, store in stores.items():
-            scores[name].append(study.run(f"val_{name}_seed{seed_cfg.seed}", lambda: evaluate_vqa_model(
-                world, [trained[name]["checkpoint"]], store, f"{name}-seed{seed_cfg.seed}",
-                storage.join(out, "results"))))
-    return scores
+    seed_list = [cfg.seed + k for k in range(seeds)]
+    configs = {f"{name}-seed{seed}": vqa_config(dataclasses.replace(cfg, seed=seed), world, store,
+                                                ADAPTIVE[1] if name == "adaptive" else cfg.max_regions,
+                                                runs, f"vqa-{name}", epochs)
+               for seed in seed_list for name, store in stores.items()}
+    trained = study.run("vqa_trials", lambda: train_vqa_trials(configs, runs, "vqa-counting"))
+    return {name: [study.run(f"val_{name}_seed{seed}", lambda: evaluate_vqa_model(
+                       world, [trained[f"{name}-seed{seed}"]["checkpoint"]], store,
+                       f"{name}-seed{seed}", storage.join(out, "results")))
+                   for seed in seed_list]
+            for name, store in stores.items()}
 
 
 def accuracies(scores: dict[str, list[dict]]) -> dict[str, dict]:
