@@ -246,7 +246,7 @@ class VqaModel(nn.Module):
         tokens = torch.gather(question_tokens, 1, order)
         lengths = is_word.sum(1).clamp(min=1)  # an empty question reads one pad token
         words = self.embedding_dropout(self.word_embedding(tokens))
-        if packed if packed is not None else self.config.packed_questions:
+        if self.config.packed_questions if packed is None else packed:
             sequences = nn.utils.rnn.pack_padded_sequence(words, lengths.cpu(), batch_first=True,
                                                           enforce_sorted=False)
             return self.question_gru(sequences)[1][-1]
