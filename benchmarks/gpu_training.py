@@ -82,21 +82,15 @@ def vqa_profile(dry: bool, device: str) -> dict:
     import vqa
     from torch.profiler import ProfilerActivity, profile
 
-    from ray_updown.vqa.config import PRESETS, VqaModelOptions, VqaTrainConfig
-    from ray_updown.vqa.model import VqaModel
-    from ray_updown.vqa.train import build_optimizer, train_step
+    from ray_updown.vqa.train import train_step
 
     dev, batch_size, steps = _device(device), (8 if dry else 512), (1 if dry else 10)
-    sizes = dict(num_tokens=vqa.NUM_TOKENS, num_answers=vqa.NUM_ANSWERS, feat_dim=vqa.FEAT_DIM,
-                 question_len=vqa.QUESTION_LEN)
     batch = vqa._batch(batch_size, dev)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     out = {"batch": batch_size, "steps": steps}
     for preset in ("paper", "reimplementation", "projection"):
         for precision in ("fp32", "bf16"):
-            model = VqaModel(PRESETS[preset](**sizes), seed=0).to(dev).train()
-            optimizer = build_optimizer(VqaTrainConfig(model=VqaModelOptions(preset=preset)),
-                                        model.parameters())
+            model, optimizer = vqa.preset_model(dev, preset)
             for _ in range(2):  # warm-up
                 train_step(model, optimizer, batch, 0.25, precision)
             _sync(device)

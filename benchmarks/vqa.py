@@ -73,14 +73,8 @@ def _batch(batch_size: int, device: torch.device, seed: int = 0) -> dict:
 def training_speed(preset: str, batch_size: int, steps: int, device: torch.device,
                    precision: str = "fp32", packed_questions: bool = True) -> dict:
     """Samples/s of `train_step` for one preset (its own optimizer) at the paper's sizes."""
-    from ray_updown.vqa.config import PRESETS, VqaModelOptions
-
-    sizes = dict(num_tokens=NUM_TOKENS, num_answers=NUM_ANSWERS, feat_dim=FEAT_DIM,
-                 question_len=QUESTION_LEN, packed_questions=packed_questions)
-    config = PRESETS[preset](**sizes)
-    train_config = VqaTrainConfig(model=VqaModelOptions(preset=preset))
-    model = VqaModel(config, seed=0).to(device).train()
-    optimizer = build_optimizer(train_config, model.parameters())
+    model, optimizer = preset_model(device, preset, packed_questions=packed_questions)
+    config = model.config
     batch = _batch(batch_size, device)
     for _ in range(2):  # warm-up (allocations, lazy imports, autotuning)
         train_step(model, optimizer, batch, 0.25, precision)
@@ -94,7 +88,7 @@ def training_speed(preset: str, batch_size: int, steps: int, device: torch.devic
     seconds = time.perf_counter() - started
     return {"preset": preset, "precision": precision, "hidden": config.hidden,
             "nonlinearity": config.nonlinearity, "attention": config.attention,
-            "weight_norm": config.weight_norm, "optimizer": train_config.optimizer_name(),
+            "weight_norm": config.weight_norm, "optimizer": type(optimizer).__name__.lower(),
             "packed_questions": packed_questions,
             "parameters": sum(p.numel() for p in model.parameters()),
             "batch": batch_size, "steps": steps, "seconds": round(seconds, 2),
@@ -189,12 +183,13 @@ def ensemble_wall_clock(members: int, epochs: int, num_cpus: int) -> dict:
 COCO_QUESTIONS, COCO_IMAGES = 443_757, 82_783  # VQA v2 train; COCO train2014 images
 
 
-def preset_model(device: torch.device, preset: str = "paper"):
-    """(model, its optimizer) of a preset at the paper's sizes."""
+def preset_model(device: torch.device, preset: str = "paper", **overrides):
+    """(model, its optimizer) of a preset at the paper's sizes, with `overrides` of its
+    VqaConfig fields."""
     from ray_updown.vqa.config import PRESETS, VqaModelOptions
 
     sizes = dict(num_tokens=NUM_TOKENS, num_answers=NUM_ANSWERS, feat_dim=FEAT_DIM,
-                 question_len=QUESTION_LEN)
+                 question_len=QUESTION_LEN, **overrides)
     model = VqaModel(PRESETS[preset](**sizes), seed=0).to(device).train()
     options = VqaTrainConfig(model=VqaModelOptions(preset=preset))
     return model, build_optimizer(options, model.parameters())

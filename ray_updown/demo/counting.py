@@ -33,7 +33,7 @@ import numpy as np
 from ray_updown import storage
 from ray_updown.data.vqa import ANSWER_TYPES
 from ray_updown.data.world import BACKDROP_CLASS, VG_ID_OFFSET
-from ray_updown.demo.run import load_demo_config
+from ray_updown.demo.run import load_demo_config, vqa_seeds
 from ray_updown.demo.stages import (
     StageBook,
     WorldFiles,
@@ -143,7 +143,7 @@ def train_and_score(study, cfg, world, stores: dict[str, str], seeds: int) -> di
     out = study.out
     runs = storage.join(out, "runs")
     epochs = cfg.epochs(cfg.vqa_epochs)
-    seed_list = [cfg.seed + k for k in range(seeds)]
+    seed_list = vqa_seeds(cfg, seeds)
     configs = {f"{name}-seed{seed}": vqa_config(dataclasses.replace(cfg, seed=seed), world, store,
                                                 ADAPTIVE[1] if name == "adaptive" else cfg.max_regions,
                                                 runs, f"vqa-{name}", epochs)

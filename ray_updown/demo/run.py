@@ -341,9 +341,10 @@ def vqa_grids_track(demo: DemoRun, stores: dict[str, str]) -> dict[str, list[dic
     return {f"grid{g}": [runs[f"grid{g}-seed{seed}"] for seed in seeds] for g in cfg.vqa_grids}
 
 
-def vqa_seeds(cfg: DemoConfig) -> list[int]:
-    """The VQA seeds every model of Table 4 trains with."""
-    return [cfg.seed + k for k in range(cfg.vqa_seeds)]
+def vqa_seeds(cfg: DemoConfig, count: int | None = None) -> list[int]:
+    """The VQA seeds S, S+1, ... from the demo's seed: `count` of them, by default the
+    `vqa_seeds` every model of Table 4 trains with."""
+    return [cfg.seed + k for k in range(cfg.vqa_seeds if count is None else count)]
 
 
 def vqa_ensemble_track(demo: DemoRun, detector: dict, stores: dict[str, str]) -> dict:
