@@ -57,3 +57,11 @@ def test_a_demo_folder_without_its_config_record_is_one_line_naming_the_file(tmp
     storage.write_json(str(tmp_path / "stages" / "extract_regions.json"), {"result": {}})
     with pytest.raises(SystemExit, match=r"counting: error: .*demo_config\.json: not a demo folder"):
         main(["--demo", str(tmp_path)])
+
+
+def test_fewer_than_one_seed_exits_with_one_line_before_any_work(tmp_path):
+    from ray_updown.demo.counting import main
+
+    with pytest.raises(SystemExit, match="--seeds must be at least 1, got 0"):
+        main(["--demo", str(tmp_path), "--seeds", "0"])
+    assert list(tmp_path.iterdir()) == []  # nothing written
